@@ -1,0 +1,324 @@
+"""Benchmark: our K-FAC fit and per-block GLM sweep vs laplace-torch on the same model and data.
+
+Random weights and synthetic images (the compute of the real study, not its numbers):
+
+(a) K-FAC GGN fit over all LoRA factors (exact Fisher, ``kfac='expand'`` as laplace-torch):
+    :func:`lib.laplace.curvature.fit_kron` vs ``KronLaplace.fit`` (CurvlinopsGGN), images/s.
+(b) the per-layer sweep of 25 posteriors (L single blocks, all, L leave-one-out) on ``--n-test``
+    images: ours = one perturbation bank + 25 ``subset_probs`` (probit and MC); laplace-torch =
+    its GLM predictive (probit) per subset, each subset's KronLaplace fitted with the other blocks
+    frozen (fit time excluded), run on as many images as ``--peer-budget-s`` allows and
+    EXTRAPOLATED linearly to ``--n-test``.
+(c) peak GPU memory of every phase; (d) max |Δp| between our probit and laplace-torch's probit
+    on the images both ran (ours at ``--n-samples`` and at ``--check-samples`` samples).
+
+Targets: sweep >= 20x faster, K-FAC fit >= 3x faster than laplace-torch.
+
+    python benchmarks/bench_laplace.py --device cuda --model vit_base_patch16_224 --img 224 \\
+        --classes 100 --r 16 --out bench.json
+    python benchmarks/bench_laplace.py --tiny --out bench_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from lib.config import LoraConfig, ModelConfig
+from lib.laplace.predictive import perturbation_bank, standard_subsets, subset_probs
+from lib.model import add_lora, build_backbone, lora_modules, n_blocks, set_fused_attention
+
+SIZES = {
+    "tiny": dict(model="vit_tiny_patch16_224", img=16, classes=10, r=2, n_test=256, batch_size=32, fit_n=64,
+                 fit_batch_size=16, peer_budget_s=30.0, check_samples=1024,
+                 kwargs=dict(patch_size=4, embed_dim=32, depth=12, num_heads=2)),
+    "full": dict(model="vit_base_patch16_224", img=224, classes=100, r=16, n_test=10_000, batch_size=64, fit_n=256,
+                 fit_batch_size=32, peer_budget_s=120.0, check_samples=256, kwargs={}),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="12-block width-32 ViT on 16 px images, CPU-sized defaults")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", help="timm name (default vit_base_patch16_224)")
+    p.add_argument("--img", type=int, help="image size (default 224)")
+    p.add_argument("--classes", type=int, help="default 100")
+    p.add_argument("--r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--n-test", type=int, help="test images of the sweep (default 10000)")
+    p.add_argument("--batch-size", type=int, help="bank batch size (default 64)")
+    p.add_argument("--k-chunk", type=int, default=None, help="tangents per vmap call (default: all)")
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--check-samples", type=int, help="samples of the fp32 bank of the (d) check (default 256)")
+    p.add_argument("--fit-n", type=int, help="images of the K-FAC fit benchmark (default 256)")
+    p.add_argument("--fit-batch-size", type=int, help="default 32")
+    p.add_argument("--peer-fit-n", type=int, default=16, help="images of each laplace-torch subset fit")
+    p.add_argument("--peer-budget-s", type=float, help="laplace-torch sweep time budget (default 120 s)")
+    p.add_argument("--peer-batch-size", type=int, default=4, help="first laplace-torch batch (halved on OOM)")
+    p.add_argument("--prior-precision", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="bank precision (default bf16 on CUDA)")
+    p.add_argument("--batching", choices=["shared", "folded", "both"], default="shared",
+                   help="vmap over tangents with a shared primal, a folded primal, or time both")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    for k, v in SIZES["tiny" if args.tiny else "full"].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.kwargs = {**args.kwargs, "img_size": args.img}
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    return args
+
+
+@contextmanager
+def timed(device: torch.device, record: dict, key: str):
+    """Wall time of the block (CUDA synchronised) into ``record[key]`` and peak memory into ``record[key + '_mem_gb']``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        record[key + "_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    record[key] = time.perf_counter() - t0
+
+
+def make_model(args, device):
+    model = add_lora(
+        build_backbone(ModelConfig(name=args.model, kwargs=args.kwargs), args.classes, seed=args.seed, device="cpu"),
+        LoraConfig(r=args.r, alpha=2.0 * args.r),
+        seed=args.seed,
+    )
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    with torch.no_grad():
+        for m in lora_modules(model):
+            m.B.weight.copy_(0.02 * torch.randn(m.B.weight.shape, generator=gen))
+    return model.to(device).eval()
+
+
+def synthetic(n, args, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, args.img, args.img, generator=gen)
+    y = torch.randint(0, args.classes, (n,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def batches(x, y, size):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def only_lora_trainable(model, blocks):
+    keep = {id(w) for m in lora_modules(model) if m.block in blocks for w in (m.A.weight, m.B.weight)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def peer_laplace(model, fit, blocks, prior_precision):
+    from laplace import KronLaplace
+    from laplace.curvature import CurvlinopsGGN
+
+    only_lora_trainable(model, blocks)
+    la = KronLaplace(model, "classification", prior_precision=prior_precision, backend=CurvlinopsGGN)
+    la.fit(_Loader(fit), progress_bar=False)
+    return la
+
+
+class _Loader:
+    """A list of (x, y) batches with the ``dataset`` length laplace-torch's fit reads."""
+
+    def __init__(self, data):
+        self.data = data
+        self.dataset = range(sum(len(b[1]) for b in data))
+
+    def __iter__(self):
+        return iter(self.data)
+
+    def __len__(self):
+        return len(self.data)
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def bench_fit(model, args, device, res):
+    from lib.laplace.curvature import fit_kron
+
+    fit_x, fit_y = synthetic(args.fit_n, args, args.seed + 10, device)
+    fit = batches(fit_x, fit_y, args.fit_batch_size)
+    set_fused_attention(model, True)
+    runs = {"ours_fp32": None}
+    if device.type == "cuda":
+        runs["ours_bf16"] = torch.bfloat16
+    for key, autocast in runs.items():
+        fit_kron(model, fit[:1], device=device, kfac="expand", fisher="exact", autocast_dtype=autocast, progress=False)
+        with timed(device, res, f"fit_{key}_s"):
+            fit_kron(model, fit, device=device, kfac="expand", fisher="exact", autocast_dtype=autocast, progress=False)
+    all_blocks = range(n_blocks(model))
+    peer_laplace(model, fit[:1], all_blocks, args.prior_precision)
+    with timed(device, res, "fit_peer_s"):
+        peer_laplace(model, fit, all_blocks, args.prior_precision)
+    for key in [*runs, "peer"]:
+        res[f"fit_{key}_img_per_s"] = args.fit_n / res[f"fit_{key}_s"]
+    res["fit_ratio_fp32"] = res["fit_peer_s"] / res["fit_ours_fp32_s"]
+    if "ours_bf16" in runs:
+        res["fit_ratio_bf16"] = res["fit_peer_s"] / res["fit_ours_bf16_s"]
+
+
+def sweep_subsets(L):
+    named = standard_subsets(L)
+    keys = [f"single {i}" for i in range(L)] + ["all"] + [f"all but {i}" for i in range(L)]
+    return {k: named[k] for k in keys}
+
+
+def bench_sweep(model, args, device, res):
+    from lib.laplace import KronPosterior, fit_kron
+
+    L = n_blocks(model)
+    subsets = sweep_subsets(L)
+    peer_fit = batches(*synthetic(args.peer_fit_n, args, args.seed + 20, device), args.fit_batch_size)
+    set_fused_attention(model, True)
+    posterior = KronPosterior(
+        fit_kron(model, peer_fit, device=device, kfac="expand", fisher="exact", progress=False),
+        prior_precision=args.prior_precision,
+    )
+    test_x, test_y = synthetic(args.n_test, args, args.seed + 30, device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    kw = dict(n_samples=args.n_samples, seed=args.seed, device=device, dtype=dtype, k_chunk=args.k_chunk,
+              store_device=device)
+    modes = ["shared", "folded"] if args.batching == "both" else [args.batching]
+    warm = batches(test_x[: args.batch_size], test_y[: args.batch_size], args.batch_size)
+    for mode in modes:
+        perturbation_bank(model, posterior, warm, tangent_batching=mode, **kw)
+        with timed(device, res, f"bank_{mode}_s"):
+            bank = perturbation_bank(model, posterior, batches(test_x, test_y, args.batch_size), tangent_batching=mode, **kw)
+    if len(modes) == 2:
+        res["bank_folded_over_shared"] = res["bank_folded_s"] / res["bank_shared_s"]
+    res["bank_s"] = res[f"bank_{modes[0]}_s"]
+    for method in ("probit", "mc"):
+        subset_probs(bank, subsets["all"], method=method)
+        with timed(device, res, f"subsets_{method}_s"):
+            probs = {k: subset_probs(bank, m, method=method) for k, m in subsets.items()}
+    res["ours_sweep_s"] = res["bank_s"] + res["subsets_probit_s"]
+
+    budget = args.peer_budget_s / len(subsets)
+    peer = {"images": {}, "time_s": {}, "batch": {}, "fit_s": 0.0, "oom": []}
+    diffs, diffs_check = [], []
+    for name, mask in subsets.items():
+        blocks = [i for i in range(L) if mask[i]]
+        t0 = time.perf_counter()
+        la = peer_laplace(model, peer_fit, blocks, args.prior_precision)
+        peer["fit_s"] += time.perf_counter() - t0
+        set_fused_attention(model, False)
+        bs, n, spent, out = args.peer_batch_size, 0, 0.0, []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        while n < args.n_test and (n == 0 or spent < budget):
+            xb = test_x[n : n + bs]
+            try:
+                if n == 0:
+                    la(xb[:1], pred_type="glm", link_approx="probit")
+                t0 = time.perf_counter()
+                p = la(xb, pred_type="glm", link_approx="probit")
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            except RuntimeError as err:
+                if not is_oom(err) or bs == 1:
+                    raise
+                peer["oom"].append(f"{name}: batch {bs}")
+                bs //= 2
+                torch.cuda.empty_cache()
+                continue
+            spent += time.perf_counter() - t0
+            out.append(p.float())
+            n += len(xb)
+        set_fused_attention(model, True)
+        if device.type == "cuda":
+            res.setdefault("peer_predict_mem_gb", 0.0)
+            res["peer_predict_mem_gb"] = max(res["peer_predict_mem_gb"], torch.cuda.max_memory_allocated(device) / 2**30)
+        peer["images"][name], peer["time_s"][name], peer["batch"][name] = n, spent, bs
+        theirs = torch.cat(out)
+        diffs.append((probs[name][:n] - theirs).abs().max().item())
+        diffs_check.append((theirs, name, n))
+    peer_per_image = sum(peer["time_s"][k] / peer["images"][k] for k in subsets)
+    res["peer_sweep_extrapolated_s"] = peer_per_image * args.n_test
+    res["peer_s_per_image_per_subset"] = peer_per_image / len(subsets)
+    res["peer_images_min"] = min(peer["images"].values())
+    res["peer_images_total"] = sum(peer["images"].values())
+    res["peer"] = peer
+    res["sweep_ratio"] = res["peer_sweep_extrapolated_s"] / res["ours_sweep_s"]
+    res["max_abs_dp_probit"] = max(diffs)
+
+    n_max = max(n for _, _, n in diffs_check)
+    check = perturbation_bank(model, posterior, batches(test_x[:n_max], test_y[:n_max], args.batch_size),
+                              **{**kw, "n_samples": args.check_samples, "dtype": torch.float32,
+                                 "k_chunk": min(args.check_samples, args.k_chunk or 256)})
+    res["max_abs_dp_probit_check"] = max(
+        (subset_probs(check, subsets[name], method="probit")[:n] - theirs).abs().max().item()
+        for theirs, name, n in diffs_check
+    )
+
+
+def report(res, args):
+    n = args.n_test
+    rows = [
+        ("(a) K-FAC fit, ours fp32", f"{res['fit_ours_fp32_img_per_s']:.1f} img/s", res.get("fit_ours_fp32_s_mem_gb")),
+    ]
+    if "fit_ours_bf16_img_per_s" in res:
+        rows.append(("(a) K-FAC fit, ours bf16", f"{res['fit_ours_bf16_img_per_s']:.1f} img/s", res.get("fit_ours_bf16_s_mem_gb")))
+    rows += [
+        ("(a) K-FAC fit, laplace-torch", f"{res['fit_peer_img_per_s']:.1f} img/s", res.get("fit_peer_s_mem_gb")),
+        (f"(b) ours: bank ({args.dtype}, K={args.n_samples}, N={n})", f"{res['bank_s']:.2f} s", res.get(f"bank_{args.batching if args.batching != 'both' else 'shared'}_s_mem_gb")),
+        ("(b) ours: 25 subset_probs probit", f"{res['subsets_probit_s']:.3f} s", res.get("subsets_probit_s_mem_gb")),
+        ("(b) ours: 25 subset_probs MC", f"{res['subsets_mc_s']:.3f} s", res.get("subsets_mc_s_mem_gb")),
+        ("(b) ours: sweep total (bank + probit)", f"{res['ours_sweep_s']:.2f} s", None),
+        (f"(b) laplace-torch sweep, EXTRAPOLATED to N={n}", f"{res['peer_sweep_extrapolated_s']:.1f} s", res.get("peer_predict_mem_gb")),
+    ]
+    print(f"\n{'quantity':<58} {'value':>16} {'peak GPU GiB':>13}")
+    for name, val, mem in rows:
+        print(f"{name:<58} {val:>16} {'' if mem is None else f'{mem:.2f}':>13}")
+    print(f"\nlaplace-torch sweep extrapolated linearly from {res['peer_images_min']} to "
+          f"{max(res['peer']['images'].values())} images per subset ({res['peer_images_total']} image-subsets; "
+          f"{res['peer_s_per_image_per_subset']:.4f} s per image per subset; subset fits {res['peer']['fit_s']:.1f} s "
+          f"excluded; OOM retries: {res['peer']['oom'] or 'none'})")
+    if "bank_folded_over_shared" in res:
+        print(f"tangent batching: folded / shared bank time = {res['bank_folded_over_shared']:.2f}")
+    fit_ratio = res.get("fit_ratio_bf16", res["fit_ratio_fp32"])
+    print(f"K-FAC fit speed-up vs laplace-torch: {res['fit_ratio_fp32']:.2f}x fp32"
+          + (f", {res['fit_ratio_bf16']:.2f}x bf16" if "fit_ratio_bf16" in res else "")
+          + f"  (target >= 3x: {'MET' if fit_ratio >= 3 else 'NOT MET'})")
+    print(f"sweep speed-up vs laplace-torch: {res['sweep_ratio']:.1f}x  (target >= 20x: "
+          f"{'MET' if res['sweep_ratio'] >= 20 else 'NOT MET'})")
+    print(f"(d) max |p_ours - p_laplace-torch| (probit) on shared images: {res['max_abs_dp_probit']:.2e} at "
+          f"K={args.n_samples}, {res['max_abs_dp_probit_check']:.2e} at K={args.check_samples} (fp32); "
+          "ours estimates diag(J Σ Jᵀ) from K samples, laplace-torch computes it exactly")
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = make_model(args, device)
+    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "torch": torch.__version__, "platform": platform.platform(),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+           "n_blocks": n_blocks(model), "n_lora_params": sum(w.numel() for m in lora_modules(model) for w in (m.A.weight, m.B.weight))}
+    print(f"{args.model} {args.kwargs} C={args.classes} r={args.r}: {res['n_blocks']} blocks, "
+          f"{res['n_lora_params']} LoRA params on {res['device_name']}")
+    bench_fit(model, args, device, res)
+    bench_sweep(model, args, device, res)
+    report(res, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

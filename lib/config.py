@@ -1,0 +1,319 @@
+"""Typed, frozen configuration of one profile (``params/<profile>.yml``).
+
+Every section is a frozen dataclass; :func:`load_params` parses a YAML file, rejects unknown or
+mistyped keys with a one-line :class:`ParamsError` that names the file, the key and the fix, and
+returns the validated plain ``dict`` that papermill injects into the chapters. Chapters turn that
+dict back into a :class:`Config` with :meth:`Config.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from lib.paths import PARAMS, ROOT
+
+
+CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+"""torchvision's folder of each real dataset inside ``data.root``."""
+
+
+class ParamsError(ValueError):
+    """A params file or dict is invalid; the message is one line naming the key and the fix."""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Seeded class-conditional synthetic images (CI profile)."""
+
+    n_train: int = 512
+    n_val: int = 256
+    n_test: int = 512
+    native_size: int = 32
+    noise: float = 0.6
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset, class subset and the seeded train/validation/test split.
+
+    ``root`` is relative to the repository root unless absolute. ``classes`` keeps only those
+    original class ids (relabelled 0..k-1 in the given order). The validation split is carved out
+    of the training set and is what prior precision and temperature are tuned on, never the test set.
+    """
+
+    name: Literal["synthetic", "cifar10", "cifar100"] = "synthetic"
+    root: str = "data"
+    download: bool = False
+    classes: tuple[int, ...] | None = None
+    num_classes: int = 10
+    train_per_class: int | None = None
+    val_size: int = 500
+    split_seed: int = 0
+    test_size: int | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A timm ViT by name; ``pretrained`` loads hub weights, ``checkpoint`` a local file instead."""
+
+    name: str = "vit_tiny_patch16_224"
+    pretrained: bool = False
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Backbone pre-training from scratch on a disjoint class subset (cifar10-transfer profile)."""
+
+    classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seed: int = 0
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 2
+    label_smoothing: float = 0.1
+    augment: bool = True
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (peft) on the attention and MLP projections of every block."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """MAP fine-tuning of LoRA + head: AdamW with cosine schedule.
+
+    ``weight_decay`` is the decoupled decay ``λ`` of AdamW applied to the LoRA parameters; see
+    :mod:`lib.train` for its correspondence to the Gaussian prior precision.
+    """
+
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    grad_clip: float | None = 1.0
+    augment: bool = False
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class LaplaceConfig:
+    """Laplace approximation over the LoRA parameters.
+
+    ``prior_init`` None starts from δ = λ·N, the prior precision the MAP training used (see
+    :mod:`lib.train`); ``rank`` truncates large Kronecker factors to their top eigenpairs.
+    ``fit_size`` limits the training examples used for the curvature (None: all).
+    """
+
+    structure: Literal["kron", "diag"] = "kron"
+    kfac: Literal["expand", "reduce"] = "reduce"
+    fisher: Literal["exact", "mc"] = "exact"
+    mc_samples: int = 1
+    prior_tuning: Literal["marglik", "none"] = "marglik"
+    prior_per_block: bool = True
+    prior_init: float | None = None
+    rank: int | None = None
+    restricted_prior: Literal["inherit", "retune"] = "inherit"
+    fit_size: int | None = None
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class PredictiveConfig:
+    """Linearised (GLM) predictive: MC over logits and probit."""
+
+    n_samples: int = 32
+    batch_size: int = 64
+    method: Literal["mc", "probit"] = "mc"
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Calibration bins, bootstrap size and the levels of every interval and test."""
+
+    n_bins: int = 15
+    n_boot: int = 2000
+    n_boot_shapley: int = 200
+    alpha: float = 0.05
+    top_k: int = 3
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Latency and memory measurement of the predictive for each choice of Bayesian blocks."""
+
+    batch_size: int = 64
+    n_warmup: int = 2
+    n_iters: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    """One profile: every section plus the training seeds and the device."""
+
+    profile: str = "smoke"
+    description: str = ""
+    seeds: tuple[int, ...] = (0,)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    laplace: LaplaceConfig = field(default_factory=LaplaceConfig)
+    predictive: PredictiveConfig = field(default_factory=PredictiveConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "Config":
+        """Build a validated config; ``source`` names the file in error messages."""
+        return _build(cls, d, source, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able dict (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The named sections as a plain dict, e.g. the inputs of an artifact stage."""
+        full = self.to_dict()
+        return {n: full[n] for n in names}
+
+    @property
+    def data_root(self) -> Path:
+        """``data.root`` resolved against the repository root."""
+        root = Path(self.data.root).expanduser()
+        return root if root.is_absolute() else ROOT / root
+
+
+def params_path(profile: str) -> Path:
+    """``params/<profile>.yml``."""
+    return PARAMS / f"{profile}.yml"
+
+
+def load_params(path: str | Path) -> dict[str, Any]:
+    """Read and validate a params YAML file; returns the full dict with defaults filled in.
+
+    Raises :class:`ParamsError` (one line) for a missing file, unknown/mistyped keys, wrong types,
+    or a missing data root for a dataset that cannot be downloaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in PARAMS.glob("*.yml"))) or "none"
+        raise ParamsError(
+            f"{path}: params file not found; pass one of the profiles in params/ ({available}) "
+            f"or create {path.name}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    cfg = Config.from_dict(raw, source=str(path))
+    check_data_root(cfg, source=str(path))
+    return cfg.to_dict()
+
+
+def check_data_root(cfg: Config, source: str = "params") -> None:
+    """Fail with one line when a real dataset's folder in ``data.root`` is missing and cannot be downloaded."""
+    if cfg.data.name == "synthetic" or cfg.data.download:
+        return
+    folder = cfg.data_root / CIFAR_DIRS[cfg.data.name]
+    if not folder.is_dir():
+        hint = (
+            "materialize the CIFAR-10 JPEG copy with `python -m lib.data materialize-cifar10 "
+            f"{cfg.data.root}`"
+            if cfg.data.name == "cifar10"
+            else "set data.download: true on a machine with internet"
+        )
+        raise ParamsError(
+            f"{source}: data.root '{cfg.data.root}' has no {CIFAR_DIRS[cfg.data.name]}/ ({folder} does not exist); {hint}, "
+            "or point data.root at a folder holding the torchvision-format dataset"
+        )
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
+    if dataclasses.is_dataclass(d):
+        d = dataclasses.asdict(d)
+    if not isinstance(d, Mapping):
+        raise ParamsError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            fix = f"did you mean '{prefix}{close[0]}'?" if close else "remove it"
+            raise ParamsError(
+                f"{source}: unknown key '{prefix}{key}'; {fix} (valid keys: {', '.join(names)})"
+            )
+        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, source, key)
+            except ParamsError as err:
+                errors.append(err)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{source}: '{key}' is {value!r}; use one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{source}: '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(args[0], v, source, key) for v in value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ParamsError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ParamsError(
+                f"{source}: '{key}' must be {tp.__name__}, got {value!r} ({type(value).__name__})"
+            )
+        return value
+    raise ParamsError(f"{source}: '{key}' has unsupported type {tp}")

@@ -1,0 +1,331 @@
+"""GGN / Fisher curvature of the softmax cross-entropy restricted to the LoRA parameters.
+
+The curvature is that of the *summed* negative log-likelihood ``L(θ) = Σ_n CE(f(x_n; θ), y_n)``
+(as laplace-torch uses, daxberger2021laplace): the generalised Gauss-Newton
+``GGN = Σ_n J_nᵀ Λ_n J_n`` with ``Λ_n = diag(p_n) − p_n p_nᵀ`` the Hessian of the cross-entropy in
+the logits (martens2020new). Only the LoRA ``A`` (``r × in``) and ``B`` (``out × r``) weights of
+every adapted linear map are covered; the head and the backbone stay at the MAP.
+
+Output gradients (``fisher``):
+
+* ``'exact'``: with ``Λ_n = S_n S_nᵀ``, ``S_n[:, c] = √p_nc (e_c − p_n)``, the GGN is
+  ``Σ_n Σ_c (J_nᵀ S_n[:, c])(J_nᵀ S_n[:, c])ᵀ``: ``C`` backward passes per batch, each
+  backpropagating the column ``c`` of every example's ``S_n`` at once.
+* ``'mc'``: the Monte-Carlo Fisher, ``mc_samples`` labels ``ỹ ~ Cat(p_n)`` per example and
+  backward passes of ``(p_n − e_ỹ)/√M`` (unbiased for the GGN; needed when ``C`` is large).
+
+Structures, both built from forward hooks on the LoRA ``A`` and ``B`` ``nn.Linear`` modules that
+keep their input ``a`` (``N × T × in``) and output (whose gradients ``g``, ``N × T × out``, are asked
+for directly with :func:`torch.autograd.grad`; no parameter gradient is formed):
+
+* K-FAC (martens2015optimizing): ``GGN_W ≈ G ⊗ X`` for the row-major ``vec(W)`` of each of ``A``
+  and ``B`` separately. Tokens share the weight, so the Kronecker factorisation needs a choice
+  (eschenhagen2023kronecker; normalisation as in curvlinops' ``KFACLinearOperator``):
+
+  - ``'expand'`` (tokens as extra examples): ``X = Σ_n Σ_t a_nt a_ntᵀ / (N T)``,
+    ``G = Σ_n Σ_t g_nt g_ntᵀ``;
+  - ``'reduce'`` (tokens aggregated first): ``X = Σ_n ā_n ā_nᵀ / N`` with ``ā_n`` the token mean,
+    ``G = Σ_n ĝ_n ĝ_nᵀ`` with ``ĝ_n = Σ_t g_nt`` the token sum.
+
+  The study uses ``'reduce'`` by default (``LaplaceConfig.kfac``): the ViT classifies from a single
+  pooled (class) token, one loss term per image, which is the *reduce* setting of
+  eschenhagen2023kronecker, where K-FAC-reduce is exact for deep linear networks with weight
+  sharing; it also needs ``T×`` less compute for the factor accumulation.
+  laplace-torch 0.3 (through curvlinops' ``KFACLinearOperator``) defaults to ``'expand'``.
+* Diagonal: ``diag GGN_W = Σ_n Σ_c (Σ_t g_ntc a_ntᵀ)²``, the per-example gradients of one module
+  at a time (``N × out × in``, never the whole model's).
+
+Everything is accumulated in float32 on ``device``; the forward may run under bfloat16 autocast
+on CUDA (``autocast_dtype``).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager, nullcontext
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lib.model import LoraModule, lora_modules
+
+Fisher = Literal["exact", "mc"]
+KfacApprox = Literal["expand", "reduce"]
+
+
+@dataclass
+class KronFactor:
+    """K-FAC of one weight ``W`` (``out × in``): ``GGN ≈ G ⊗ X`` in row-major ``vec(W)``.
+
+    ``G``: (out, out) output-gradient factor; ``X``: (in, in) input factor.
+    """
+
+    G: torch.Tensor
+    X: torch.Tensor
+
+
+@dataclass
+class _Common:
+    """Fields shared by both curvature structures.
+
+    ``blocks``: LoRA module name → transformer block; ``mean``: name → (``A``, ``B``) MAP weights
+    (``r × in``, ``out × r``); ``n_data``: examples seen; ``loss``: ``Σ_n CE`` at the MAP
+    (``−log p(D | θ_MAP)``); ``fisher``: ``'exact'`` or ``'mc'``.
+    """
+
+    blocks: dict[str, int]
+    mean: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    n_data: int
+    loss: float
+    fisher: str
+
+    @property
+    def names(self) -> list[str]:
+        """LoRA module names, ordered by block then name (as :func:`lib.model.lora_modules`)."""
+        return list(self.blocks)
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of transformer blocks (highest LoRA block index + 1)."""
+        return max(self.blocks.values()) + 1
+
+
+@dataclass
+class KronCurvature(_Common):
+    """K-FAC GGN: ``factors[name] = (KronFactor of A, KronFactor of B)``; ``kfac`` the variant."""
+
+    factors: dict[str, tuple[KronFactor, KronFactor]]
+    kfac: str
+
+    def scaled(self, n_data: int) -> "KronCurvature":
+        """The curvature extrapolated from the ``self.n_data`` examples seen to ``n_data``.
+
+        The GGN and the loss are sums over the data, so both are multiplied by
+        ``s = n_data / self.n_data`` (``G`` carries the factor; ``X`` is left as is).
+        """
+        s = n_data / self.n_data
+        factors = {n: tuple(KronFactor(f.G * s, f.X) for f in pair) for n, pair in self.factors.items()}
+        return dataclasses.replace(self, factors=factors, n_data=n_data, loss=self.loss * s)
+
+
+@dataclass
+class DiagCurvature(_Common):
+    """Diagonal GGN: ``diag[name] = (diag for A (r, in), diag for B (out, r))``."""
+
+    diag: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def scaled(self, n_data: int) -> "DiagCurvature":
+        """The curvature extrapolated to ``n_data`` examples (see :meth:`KronCurvature.scaled`)."""
+        s = n_data / self.n_data
+        diag = {n: tuple(d * s for d in pair) for n, pair in self.diag.items()}
+        return dataclasses.replace(self, diag=diag, n_data=n_data, loss=self.loss * s)
+
+
+def fit_kron(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device | str,
+    kfac: KfacApprox = "reduce",
+    fisher: Fisher = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+) -> KronCurvature:
+    """K-FAC GGN of the summed cross-entropy over ``batches`` of (images ``(N, 3, H, W)``, labels ``(N,)``).
+
+    See the module docstring for the factors of ``kfac='expand' | 'reduce'`` and the output
+    gradients of ``fisher='exact' | 'mc'`` (``generator`` on ``device`` seeds the MC labels).
+    """
+    if kfac not in ("expand", "reduce"):
+        raise ValueError(f"kfac is {kfac!r}; use 'expand' or 'reduce' (LaplaceConfig.kfac)")
+    acc = _accumulate(model, batches, device, "kron", kfac, fisher, mc_samples, generator, autocast_dtype, progress)
+    factors = {}
+    for name in acc["blocks"]:
+        pair = []
+        for s in acc["stats"][name]:
+            pair.append(KronFactor(G=s["G"], X=s["X"] / s["rows"]))
+        factors[name] = tuple(pair)
+    return KronCurvature(
+        blocks=acc["blocks"], mean=acc["mean"], n_data=acc["n_data"], loss=acc["loss"], fisher=fisher,
+        factors=factors, kfac=kfac,
+    )
+
+
+def fit_diag(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device | str,
+    fisher: Fisher = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+) -> DiagCurvature:
+    """Diagonal GGN of the summed cross-entropy over ``batches`` (see :func:`fit_kron`)."""
+    acc = _accumulate(model, batches, device, "diag", "expand", fisher, mc_samples, generator, autocast_dtype, progress)
+    diag = {name: tuple(s["D"] for s in acc["stats"][name]) for name in acc["blocks"]}
+    return DiagCurvature(
+        blocks=acc["blocks"], mean=acc["mean"], n_data=acc["n_data"], loss=acc["loss"], fisher=fisher, diag=diag
+    )
+
+
+def fit_curvature(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    structure: Literal["kron", "diag"],
+    device: torch.device | str,
+    kfac: KfacApprox = "reduce",
+    fisher: Fisher = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+) -> KronCurvature | DiagCurvature:
+    """:func:`fit_kron` or :func:`fit_diag` by ``structure`` (``LaplaceConfig.structure``)."""
+    kw = dict(device=device, fisher=fisher, mc_samples=mc_samples, generator=generator,
+              autocast_dtype=autocast_dtype, progress=progress)
+    if structure == "kron":
+        return fit_kron(model, batches, kfac=kfac, **kw)
+    if structure == "diag":
+        return fit_diag(model, batches, **kw)
+    raise ValueError(f"structure is {structure!r}; use 'kron' or 'diag' (LaplaceConfig.structure)")
+
+
+def output_vectors(
+    logits: torch.Tensor, fisher: Fisher, mc_samples: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Logit-space vectors ``V`` (S, N, C) with ``Σ_s V[s, n] V[s, n]ᵀ = Λ_n`` (exact) or its MC estimate.
+
+    exact: ``V[c, n] = √p_nc (e_c − p_n)`` (``S = C``); mc: ``V[m, n] = (p_n − e_ỹ)/√M``,
+    ``ỹ ~ Cat(p_n)`` (``S = M``).
+    """
+    p = logits.detach().float().softmax(-1)
+    n, c = p.shape
+    if fisher == "exact":
+        eye = torch.eye(c, device=p.device, dtype=p.dtype)
+        return p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])
+    if fisher == "mc":
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples is {mc_samples}; use a positive integer (LaplaceConfig.mc_samples)")
+        y = torch.multinomial(p, mc_samples, replacement=True, generator=generator).T
+        return (p[None] - F.one_hot(y, c).to(p.dtype)) / math.sqrt(mc_samples)
+    raise ValueError(f"fisher is {fisher!r}; use 'exact' or 'mc' (LaplaceConfig.fisher)")
+
+
+def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, generator, autocast_dtype, progress):
+    if fisher not in ("exact", "mc"):
+        raise ValueError(f"fisher is {fisher!r}; use 'exact' or 'mc' (LaplaceConfig.fisher)")
+    device = torch.device(device)
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRA modules; wrap it with lib.model.add_lora first")
+    linears = [lin for m in mods for lin in (m.A, m.B)]
+    stats = [_new_stats(lin, structure, device) for lin in linears]
+    use_autocast = autocast_dtype is not None and device.type == "cuda"
+    loss, n_data = 0.0, 0
+    with _lora_trainable(model, mods), _Recorder(linears) as rec:
+        for x, y in tqdm(batches, desc=f"{structure} GGN", disable=None if progress is None else not progress):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            rec.clear()
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if use_autocast else nullcontext()
+            with ctx:
+                logits = model(x)
+            logits = logits.float()
+            loss += float(F.cross_entropy(logits.detach(), y, reduction="sum"))
+            n_data += len(y)
+            vecs = output_vectors(logits, fisher, mc_samples, generator)
+            if structure == "kron":
+                for s, a in zip(stats, rec.inputs):
+                    _add_input_factor(s, _tokens(a.float()), kfac)
+            for k in range(len(vecs)):
+                grads = torch.autograd.grad(logits, rec.outputs, grad_outputs=vecs[k], retain_graph=k < len(vecs) - 1)
+                for s, a, g in zip(stats, rec.inputs, grads):
+                    g = _tokens(g.float())
+                    if structure == "kron":
+                        g = g.reshape(-1, g.shape[-1]) if kfac == "expand" else g.sum(1)
+                        s["G"].addmm_(g.T, g)
+                    else:
+                        s["D"].add_(torch.einsum("nto,nti->noi", g, _tokens(a.float())).square().sum(0))
+            del logits, grads, vecs
+            rec.clear()
+    return {
+        "blocks": {m.name: m.block for m in mods},
+        "mean": {m.name: (m.A.weight.detach().float().clone(), m.B.weight.detach().float().clone()) for m in mods},
+        "stats": {m.name: (stats[2 * i], stats[2 * i + 1]) for i, m in enumerate(mods)},
+        "n_data": n_data,
+        "loss": loss,
+    }
+
+
+def _new_stats(lin: nn.Linear, structure: str, device: torch.device) -> dict:
+    out, inp = lin.weight.shape
+    z = lambda *s: torch.zeros(*s, device=device, dtype=torch.float32)  # noqa: E731
+    if structure == "kron":
+        return {"G": z(out, out), "X": z(inp, inp), "rows": 0}
+    return {"D": z(out, inp)}
+
+
+def _add_input_factor(s: dict, a: torch.Tensor, kfac: str) -> None:
+    a = a.reshape(-1, a.shape[-1]) if kfac == "expand" else a.mean(1)
+    s["X"].addmm_(a.T, a)
+    s["rows"] += a.shape[0]
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(N, d) → (N, 1, d); (N, T, d) unchanged; (N, …, d) → (N, T, d)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+@contextmanager
+def _lora_trainable(model: nn.Module, mods: list[LoraModule]) -> Iterator[None]:
+    """Eval mode and ``requires_grad`` on every LoRA weight for the duration; restores both."""
+    params = [lin.weight for m in mods for lin in (m.A, m.B)]
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+class _Recorder:
+    """Forward hooks keeping each module's input (detached) and output (in the graph)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules = modules
+        self.index = {id(m): i for i, m in enumerate(modules)}
+        self.clear()
+
+    def clear(self) -> None:
+        self.inputs: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.outputs: list[torch.Tensor | None] = [None] * len(self.modules)
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        i = self.index[id(module)]
+        if self.outputs[i] is not None:
+            raise ValueError(f"LoRA module {module} was called twice in one forward; not supported")
+        self.inputs[i] = args[0].detach()
+        self.outputs[i] = output
+
+    def __enter__(self) -> "_Recorder":
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.clear()

@@ -1,0 +1,326 @@
+"""Linearised (GLM) predictive of a block-diagonal LoRA Laplace posterior, for every block subset.
+
+The GLM predictive (immer2021improving; daxberger2021laplace) replaces the network by its
+first-order expansion in the LoRA parameters around the MAP ``θ*``:
+``f_lin(x; θ) = f(x; θ*) + J(x)(θ − θ*)``. The posterior ``p_S(θ) = N(θ*, Σ_S)`` of a subset ``S``
+of Bayesian transformer blocks is block-diagonal across blocks, so the logit perturbation is a sum
+of independent per-block terms, ``J(x) δθ = Σ_{ℓ∈S} J_ℓ(x) δθ_ℓ`` with ``δθ_ℓ ~ N(0, Σ_ℓ)``.
+
+:func:`perturbation_bank` therefore computes once, for every block ``ℓ``, every test point ``x_n``
+and ``K`` parameter samples ``δθ_ℓ^(k)`` drawn once per block (shared by all points and by all
+subsets: common random numbers), the Jacobian-vector products
+``delta[ℓ, n, k] = J_ℓ(x_n) δθ_ℓ^(k)`` by forward-mode AD (baydin2018automatic). Only the tail of
+the network after block ``ℓ`` is differentiated: the block inputs are cached from a single prefix
+pass per batch. Any subset's predictive is then a masked sum over the bank
+(:func:`subset_probs`, :func:`iter_subset_probs`), e.g. all ``2^L`` subsets for exact Shapley values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jvp, vmap
+from tqdm.auto import tqdm
+
+from lib.model import lora_modules, n_blocks, unwrap, vit_parts
+
+
+class BlockPosterior(Protocol):
+    """What the bank needs of a posterior that is block-diagonal across transformer blocks."""
+
+    blocks: list[int]
+
+    def sample_block(self, block: int, n_samples: int, generator: torch.Generator) -> dict[str, tuple[Tensor, Tensor]]:
+        """Zero-mean samples ``{module name: (dA (K, r, in), dB (K, out, r))}`` from ``N(0, Σ_block)``."""
+
+
+@dataclass(frozen=True)
+class Bank:
+    """Per-block logit perturbations of the linearised predictive.
+
+    ``map_logits`` (N, C): ``f(x_n; θ*)``; ``labels`` (N,); ``delta`` (L, N, K, C), fp32:
+    ``delta[i, n, k] = J_{blocks[i]}(x_n) δθ_{blocks[i]}^(k)``; ``blocks``: the transformer block
+    index of each row of ``delta`` (subset masks index these rows).
+    """
+
+    map_logits: Tensor
+    labels: Tensor
+    delta: Tensor
+    blocks: tuple[int, ...]
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of rows ``L`` of ``delta``."""
+        return self.delta.shape[0]
+
+
+def block_generator(seed: int, block: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator from which block ``block``'s parameter samples are drawn.
+
+    Derived from ``(seed, block)`` by numpy's ``SeedSequence`` so a block's samples do not depend
+    on which other blocks are in the bank (common random numbers across banks and subsets).
+    ``device``: where the generator lives (the posterior's device).
+    """
+    state = np.random.SeedSequence([int(seed), int(block)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state & 0x7FFF_FFFF_FFFF_FFFF))
+
+
+def block_samples(posterior: BlockPosterior, block: int, n_samples: int, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """The ``n_samples`` samples of block ``block`` that :func:`perturbation_bank` uses.
+
+    Drawn with :func:`block_generator` on ``posterior.device`` (CPU if it has none).
+    """
+    device = getattr(posterior, "device", "cpu")
+    return posterior.sample_block(block, n_samples, block_generator(seed, block, device))
+
+
+def perturbation_bank(
+    model: nn.Module,
+    posterior: BlockPosterior,
+    batches: Iterable,
+    *,
+    n_samples: int,
+    seed: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    blocks: Iterable[int] | None = None,
+    k_chunk: int | None = None,
+    tangent_batching: Literal["shared", "folded"] = "shared",
+    store_device: torch.device | str = "cpu",
+) -> Bank:
+    """Per-block GLM logit perturbations ``J_ℓ(x_n) δθ_ℓ^(k)`` of every test point (see :class:`Bank`).
+
+    ``model``: a peft LoRA ViT (see :mod:`lib.model`) at the MAP; ``batches``: iterable of
+    ``(x (B, 3, H, W), y (B,))``; ``blocks``: the Bayesian blocks (default ``posterior.blocks``);
+    ``seed``: block ``ℓ``'s ``n_samples`` samples come from :func:`block_generator` ``(seed, ℓ)``.
+
+    For each batch the prefix ``embed, blocks[0..L-1]`` runs once (giving the MAP logits and every
+    block's input ``h_ℓ``); then for every ``ℓ`` one ``torch.func.jvp`` of the tail
+    ``head ∘ blocks[L-1] ∘ … ∘ blocks[ℓ]`` at ``h_ℓ`` w.r.t. block ``ℓ``'s LoRA factors, whose
+    tangent ``(dA, dB)`` enters each adapted map ``y = W x + s·B A x`` as ``s·(dB A x + B dA x)``.
+    The ``K`` tangents are batched by ``vmap`` in chunks of ``k_chunk``: ``"shared"`` keeps one
+    primal for all tangents, ``"folded"`` repeats the primal per tangent (as if the samples were
+    folded into the batch). ``dtype=torch.bfloat16`` runs primal and tangents under CUDA autocast;
+    the bank is accumulated in fp32 on ``store_device``. Fused attention is switched off during
+    the bank (it has no forward-mode AD) and restored afterwards.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if tangent_batching not in ("shared", "folded"):
+        raise ValueError(f"tangent_batching must be 'shared' or 'folded', got {tangent_batching!r}")
+    device = torch.device(device)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        raise ValueError("dtype=torch.bfloat16 (autocast) needs device='cuda'; use torch.float32 on CPU")
+    blocks = tuple(sorted(set(posterior.blocks if blocks is None else (int(b) for b in blocks))))
+    n_layers = n_blocks(model)
+    unknown = [b for b in blocks if b not in posterior.blocks or not 0 <= b < n_layers]
+    if not blocks or unknown:
+        raise ValueError(f"blocks {list(blocks)} must be a non-empty subset of posterior.blocks {posterior.blocks}")
+    k_chunk = n_samples if k_chunk is None else int(k_chunk)
+    if k_chunk < 1:
+        raise ValueError(f"k_chunk must be >= 1 or None, got {k_chunk}")
+
+    parts = vit_parts(model)
+    tangents = {b: _block_tangents(model, posterior, b, n_samples, seed, device) for b in blocks}
+    primals = {}
+    for b in blocks:
+        params = dict(parts.blocks[b].named_parameters())
+        primals[b] = {n: params[n].detach() for n in tangents[b]}
+
+    attn = [m for m in unwrap(model).modules() if hasattr(m, "fused_attn")]
+    fused = [m.fused_attn for m in attn]
+    was_training = model.training
+    map_logits, labels, deltas = [], [], []
+    try:
+        for m in attn:
+            m.fused_attn = False
+        model.eval()
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for x, y in tqdm(batches, total=total, desc="perturbation bank", disable=None):
+            x = x.to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                h = parts.embed(x)
+                inputs = {}
+                for i, block in enumerate(parts.blocks):
+                    if i in tangents:
+                        inputs[i] = h
+                    h = block(h)
+                map_logits.append(parts.head(h).float().to(store_device))
+                labels.append(y.to(store_device))
+                rows = []
+                for b in blocks:
+                    out = _tail_jvp(parts, b, inputs[b], primals[b], tangents[b], k_chunk, tangent_batching)
+                    rows.append(out.float().transpose(0, 1).to(store_device))  # (B, K, C)
+                deltas.append(torch.stack(rows))
+    finally:
+        for m, f in zip(attn, fused):
+            m.fused_attn = f
+        model.train(was_training)
+    if not map_logits:
+        raise ValueError("batches is empty; pass an iterable of (x, y) batches")
+    return Bank(
+        map_logits=torch.cat(map_logits),
+        labels=torch.cat(labels),
+        delta=torch.cat(deltas, dim=1),
+        blocks=blocks,
+    )
+
+
+def _block_tangents(
+    model: nn.Module, posterior: BlockPosterior, block: int, n_samples: int, seed: int, device: torch.device
+) -> dict[str, Tensor]:
+    """Block-relative LoRA parameter names → (K, *param.shape) tangents on ``device``."""
+    block_module = vit_parts(model).blocks[block]
+    rel = {id(p): n for n, p in block_module.named_parameters()}
+    mods = {m.name: m for m in lora_modules(model) if m.block == block}
+    samples = block_samples(posterior, block, n_samples, seed)
+    if set(samples) != set(mods):
+        raise ValueError(
+            f"posterior.sample_block({block}) returned modules {sorted(samples)}; "
+            f"expected the LoRA modules of block {block}: {sorted(mods)}"
+        )
+    out = {}
+    for name, (dA, dB) in samples.items():
+        m = mods[name]
+        for p, t in ((m.A.weight, dA), (m.B.weight, dB)):
+            if tuple(t.shape) != (n_samples, *p.shape):
+                raise ValueError(
+                    f"posterior sample for '{name}' has shape {tuple(t.shape)}; expected {(n_samples, *p.shape)}"
+                )
+            out[rel[id(p)]] = t.to(device=device, dtype=p.dtype)
+    return out
+
+
+def _tail_jvp(parts, block: int, h: Tensor, primals: dict, tangents: dict, k_chunk: int, batching: str) -> Tensor:
+    """``(K, B, C)`` tangents of the logits: JVP of the tail from block ``block`` at input ``h``."""
+    module = parts.blocks[block]
+    tail = parts.blocks[block + 1 :]
+
+    def logits(params: dict, z: Tensor) -> Tensor:
+        z = functional_call(module, params, (z,), strict=False)
+        for b in tail:
+            z = b(z)
+        return parts.head(z)
+
+    def tangent_out(t: dict, z: Tensor) -> Tensor:
+        return jvp(lambda p: logits(p, z), (primals,), (t,))[1]
+
+    k_total = next(iter(tangents.values())).shape[0]
+    outs = []
+    for start in range(0, k_total, k_chunk):
+        chunk = {n: t[start : start + k_chunk] for n, t in tangents.items()}
+        if batching == "shared":
+            outs.append(vmap(tangent_out, in_dims=(0, None))(chunk, h))
+        else:
+            k = next(iter(chunk.values())).shape[0]
+            outs.append(vmap(tangent_out, in_dims=(0, 0))(chunk, h.expand(k, *h.shape)))
+    return torch.cat(outs)
+
+
+def _mask(bank: Bank, subset: Tensor | int | Iterable[bool]) -> Tensor:
+    """A bool mask (L,) over the bank's rows from a bool mask or an int bitmask (bit i = row i)."""
+    L = bank.n_blocks
+    if isinstance(subset, (int, np.integer)) and not isinstance(subset, bool):
+        if not 0 <= int(subset) < 2**L:
+            raise ValueError(f"subset bitmask {subset} out of range [0, 2**{L})")
+        return torch.tensor([(int(subset) >> i) & 1 == 1 for i in range(L)])
+    mask = torch.as_tensor(subset)
+    if mask.dtype != torch.bool or mask.shape != (L,):
+        raise ValueError(
+            f"subset must be a bool mask of shape ({L},) over bank.blocks {bank.blocks} or an int bitmask; "
+            f"got dtype {mask.dtype}, shape {tuple(mask.shape)}"
+        )
+    return mask
+
+
+def _link(map_logits: Tensor, pert: Tensor, method: str) -> Tensor:
+    """Predictive probabilities from MAP logits (..., N, C) and perturbations (..., N, K, C)."""
+    if method == "mc":
+        return torch.softmax(map_logits.unsqueeze(-2) + pert, dim=-1).mean(dim=-2)
+    if method == "probit":
+        var = pert.square().mean(dim=-2)
+        return torch.softmax(map_logits / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+    raise ValueError(f"method must be 'mc' or 'probit', got {method!r}")
+
+
+def subset_probs(bank: Bank, subset: Tensor | int, *, method: Literal["mc", "probit"] = "mc") -> Tensor:
+    """Linearised predictive probabilities (N, C) of the posterior keeping the blocks in ``subset``.
+
+    ``subset``: bool mask (L,) over ``bank.blocks`` or an int bitmask (bit ``i`` ↔ ``bank.blocks[i]``).
+    With ``g_nk = Σ_{i∈S} delta[i, n, k]`` and ``f_n`` the MAP logits:
+
+    - ``"mc"``: ``p_n = (1/K) Σ_k softmax(f_n + g_nk)`` — probabilities are averaged, not logits
+      (immer2021improving);
+    - ``"probit"`` (extended probit, mackay1992evidence; daxberger2021laplace):
+      ``p_n = softmax(f_n / sqrt(1 + π/8 · v_n))`` with ``v_nc = (1/K) Σ_k g_nkc²``, an unbiased MC
+      estimate of ``diag(J Σ_S Jᵀ)`` (the samples are exactly zero-mean, so no mean is subtracted).
+
+    The empty subset gives ``softmax(f_n)``.
+    """
+    mask = _mask(bank, subset).to(bank.delta.device)
+    pert = torch.einsum("l,lnkc->nkc", mask.to(bank.delta.dtype), bank.delta)
+    return _link(bank.map_logits.to(pert), pert, method)
+
+
+def iter_subset_probs(
+    bank: Bank,
+    subsets: Tensor,
+    *,
+    method: Literal["mc", "probit"] = "mc",
+    chunk: int | None = None,
+    max_elements: int = 2**27,
+) -> Iterator[tuple[slice, Tensor]]:
+    """Yield ``(rows, probs)`` with ``probs`` (s, N, C) = :func:`subset_probs` of ``subsets[rows]``.
+
+    ``subsets``: bool (S, L). Each chunk of ``s`` subsets is one matrix product
+    ``(s, L) @ (L, N·K·C)`` followed by the link on the device of ``bank.delta``; ``chunk``
+    defaults to the most subsets whose perturbations fit in ``max_elements`` floats. Consume chunk
+    by chunk (e.g. an ECE per subset) to keep memory bounded for all ``2^L`` subsets.
+    """
+    subsets = torch.as_tensor(subsets)
+    L, N, K, C = bank.delta.shape
+    if subsets.dtype != torch.bool or subsets.ndim != 2 or subsets.shape[1] != L:
+        raise ValueError(f"subsets must be a bool tensor (S, {L}); got dtype {subsets.dtype}, shape {tuple(subsets.shape)}")
+    if chunk is None:
+        chunk = max(1, max_elements // (N * K * C))
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
+    flat = bank.delta.reshape(L, N * K * C)
+    masks = subsets.to(device=flat.device, dtype=flat.dtype)
+    f = bank.map_logits.to(flat)
+    for start in range(0, subsets.shape[0], chunk):
+        rows = slice(start, min(start + chunk, subsets.shape[0]))
+        pert = (masks[rows] @ flat).reshape(-1, N, K, C)
+        yield rows, _link(f, pert, method)
+
+
+def all_subset_probs(
+    bank: Bank, subsets: Tensor, *, method: Literal["mc", "probit"] = "mc", chunk: int | None = None
+) -> Tensor:
+    """All of :func:`iter_subset_probs` stacked: (S, N, C) on the bank's device (needs S·N·C floats)."""
+    return torch.cat([p for _, p in iter_subset_probs(bank, subsets, method=method, chunk=chunk)])
+
+
+def standard_subsets(L: int) -> dict[str, Tensor]:
+    """The named posteriors of the study as bool masks (L,).
+
+    ``"none"`` (MAP), ``"single ℓ"``, ``"all"``, ``"all but ℓ"`` (leave-one-out) for
+    ``ℓ = 0..L-1``, and ``"first k"``, ``"last k"`` for ``k = 1..L``.
+    """
+    if L < 1:
+        raise ValueError(f"L must be >= 1, got {L}")
+    eye = torch.eye(L, dtype=torch.bool)
+    out = {"none": torch.zeros(L, dtype=torch.bool), "all": torch.ones(L, dtype=torch.bool)}
+    out.update({f"single {i}": eye[i] for i in range(L)})
+    out.update({f"all but {i}": ~eye[i] for i in range(L)})
+    idx = torch.arange(L)
+    out.update({f"first {k}": idx < k for k in range(1, L + 1)})
+    out.update({f"last {k}": idx >= L - k for k in range(1, L + 1)})
+    return out

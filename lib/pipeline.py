@@ -1,0 +1,126 @@
+"""The study's stages, cached as hash-keyed artifacts (see :mod:`lib.artifacts`).
+
+``backbone`` (pre-training, cifar10-transfer only) → ``map`` (one per training seed) → later
+stages. Each stage's key hashes exactly the params it depends on plus its upstream keys, so a
+changed value retrains what depends on it and nothing else, and nothing is reused silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lib.artifacts import Stage, stage
+from lib.config import Config, ModelConfig
+from lib.data import Preprocess, Splits, pretrain_splits, splits_for
+from lib.model import add_lora, build_backbone, data_config
+from lib.train import FitSpec, fit, predict_logits
+
+
+@dataclass
+class MapRun:
+    """A trained MAP model of one seed with its data, preprocessing and training history."""
+
+    seed: int
+    model: nn.Module
+    splits: Splits
+    preprocess: Preprocess
+    history: list[dict]
+    stage: Stage
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """``device: auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("params device is 'cuda' but no GPU is visible; set device: auto or cpu")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _data_identity(cfg: Config) -> dict:
+    data = cfg.section("data")["data"]
+    data.pop("root")
+    data.pop("download")
+    return data
+
+
+def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
+    """Pre-train the backbone from scratch on ``pretrain.classes`` (or None without a pretrain section).
+
+    The full ViT is trained with AdamW (decoupled decay), label smoothing, crop/flip augmentation
+    and a cosine schedule; the saved file ``backbone.pt`` is a timm state dict whose head is
+    discarded when fine-tuning.
+    """
+    if cfg.pretrain is None:
+        return None
+    p = cfg.pretrain
+    st = stage("backbone", {"data": _data_identity(cfg), "model": cfg.section("model")["model"], "pretrain": dataclasses.asdict(p)})
+    if st.done:
+        return st
+    splits = pretrain_splits(cfg)
+    model = build_backbone(cfg.model, splits.num_classes, seed=p.seed, device=device, init_seed=p.seed)
+    pre = Preprocess.from_data_config(data_config(model))
+    spec = FitSpec(
+        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, warmup_epochs=p.warmup_epochs, grad_clip=1.0,
+        augment=p.augment, decoupled_wd=p.weight_decay, label_smoothing=p.label_smoothing,
+        compile=p.compile,
+    )
+    history = fit(model, [q for q in model.parameters()], splits.train, splits.val, spec,
+                  preprocess=pre, device=device, seed=p.seed, ckpt=st.file("checkpoint.pt"), desc="pretrain")
+    torch.save(model.state_dict(), st.file("backbone.pt"))
+    st.file("history.json").write_text(json.dumps(history, indent=1))
+    st.mark_done()
+    return st
+
+
+def _finetune_model_cfg(cfg: Config, backbone: Stage | None) -> ModelConfig:
+    if backbone is None:
+        return cfg.model
+    return dataclasses.replace(cfg.model, pretrained=False, checkpoint=str(backbone.file("backbone.pt")))
+
+
+def map_run(cfg: Config, seed: int, device: torch.device) -> MapRun:
+    """Train (or load) the LoRA MAP model of one seed; saves the trainable weights and history."""
+    backbone = backbone_stage(cfg, device)
+    st = stage(
+        "map",
+        {"data": _data_identity(cfg), **cfg.section("model", "lora", "train"), "seed": seed},
+        upstream=[backbone] if backbone else [],
+    )
+    splits = splits_for(cfg)
+    model = build_backbone(_finetune_model_cfg(cfg, backbone), splits.num_classes, seed=seed, device=device)
+    model.requires_grad_(False)
+    model = add_lora(model, cfg.lora, seed=seed).to(device)
+    pre = Preprocess.from_data_config(data_config(model))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if st.done:
+        state = torch.load(st.file("map.pt"), map_location=device, weights_only=True)
+        with torch.no_grad():
+            for p, saved in zip(trainable, state):
+                p.copy_(saved)
+        history = json.loads(st.file("history.json").read_text())
+    else:
+        t = cfg.train
+        spec = FitSpec(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, warmup_epochs=t.warmup_epochs,
+                       grad_clip=t.grad_clip, augment=t.augment, l2=t.weight_decay, compile=t.compile)
+        history = fit(model, trainable, splits.train, splits.val, spec, preprocess=pre, device=device,
+                      seed=seed, ckpt=st.file("checkpoint.pt"), desc=f"LoRA seed {seed}")
+        torch.save([p.detach().cpu() for p in trainable], st.file("map.pt"))
+        st.file("history.json").write_text(json.dumps(history, indent=1))
+        for name, split in (("val", splits.val), ("test", splits.test)):
+            torch.save(predict_logits(model, split, preprocess=pre, device=device), st.file(f"{name}_logits.pt"))
+        st.mark_done()
+    model.eval()
+    return MapRun(seed, model, splits, pre, history, st)
+
+
+def backbone_history(cfg: Config, device: torch.device) -> list[dict] | None:
+    """Pre-training history of the backbone (None for profiles without pre-training)."""
+    st = backbone_stage(cfg, device)
+    return None if st is None else json.loads(st.file("history.json").read_text())
+

@@ -1,0 +1,345 @@
+"""Execute the book's chapters with papermill and freeze their outputs with a provenance record.
+
+``python -m lib.runner run --profile P [--chapter C]`` executes ``chapters/<C>.ipynb`` for every
+chapter listed in ``_quarto.yml`` (``index`` last, because it summarises the others) with the
+injected ``profile`` and validated ``params``, writes ``_freeze/<P>/<C>.ipynb`` and the record
+``_freeze/<P>/<C>.json`` and appends a "Provenance" markdown cell to the executed notebook.
+
+``python -m lib.runner link [--profile P]`` (re)creates the committed symlinks ``index.ipynb`` and
+``book/<C>.ipynb`` that Quarto renders, pointing into ``_freeze/<P>/``, and records ``P`` as
+``book-profile`` in ``_quarto.yml``. ``run`` never touches the links.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import yaml
+
+from lib import paths
+from lib.provenance import environment, lib_sha256, notebook_sha256, params_sha256
+
+INDEX = "index"
+
+
+class RunnerError(RuntimeError):
+    """A chapter is missing, misconfigured or failed; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the book lives; :meth:`from_root` gives the repository layout under ``root``."""
+
+    root: Path
+    chapters: Path
+    freeze: Path
+    params: Path
+    quarto: Path
+    failed: Path
+
+    @classmethod
+    def from_root(cls, root: Path) -> "Layout":
+        root = Path(root)
+        return cls(
+            root=root,
+            chapters=root / "chapters",
+            freeze=root / "_freeze",
+            params=root / "params",
+            quarto=root / "_quarto.yml",
+            failed=root / "_failed",
+        )
+
+
+REPO = Layout.from_root(paths.ROOT)
+
+
+def read_quarto(layout: Layout = REPO) -> dict[str, Any]:
+    """The parsed ``_quarto.yml``."""
+    if not layout.quarto.is_file():
+        raise RunnerError(f"{layout.quarto} not found; the chapter list is read from it")
+    return yaml.safe_load(layout.quarto.read_text()) or {}
+
+
+def _entries(items: Any) -> list[str]:
+    out: list[str] = []
+    for item in items or []:
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            out.extend(_entries(item.get("chapters")))
+            if isinstance(item.get("part"), str) and item["part"].endswith((".ipynb", ".qmd", ".md")):
+                out.append(item["part"])
+    return out
+
+
+def book_entries(layout: Layout = REPO) -> list[str]:
+    """The book's chapter files in reading order, as written in ``_quarto.yml`` (``book.chapters``)."""
+    book = read_quarto(layout).get("book") or {}
+    entries = _entries(book.get("chapters")) + _entries(book.get("appendices"))
+    if not entries:
+        raise RunnerError(f"{layout.quarto}: book.chapters is empty; list the chapter notebooks there")
+    return entries
+
+
+def book_chapters(layout: Layout = REPO) -> list[str]:
+    """Chapter names (file stems) in reading order, e.g. ``["index", "01-introduction", ...]``."""
+    return [Path(e).stem for e in book_entries(layout)]
+
+
+def execution_order(chapters: list[str]) -> list[str]:
+    """Reading order with ``index`` moved last (it summarises the other chapters)."""
+    return [c for c in chapters if c != INDEX] + [c for c in chapters if c == INDEX]
+
+
+def book_profile(layout: Layout = REPO) -> str:
+    """The ``book-profile`` key of ``_quarto.yml`` (the profile the committed links point to)."""
+    profile = read_quarto(layout).get("book-profile")
+    if not isinstance(profile, str) or not profile:
+        raise RunnerError(f"{layout.quarto}: set a top-level 'book-profile: <profile>' key")
+    return profile
+
+
+def _params_cell_check(nb: nbformat.NotebookNode, src: Path) -> None:
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            return
+    raise RunnerError(
+        f"{src}: no cell tagged 'parameters'; add a code cell with `profile = \"smoke\"` and "
+        "`params = {}` and tag it 'parameters'"
+    )
+
+
+def _provenance_cell(record: Mapping[str, Any], params_file: str) -> nbformat.NotebookNode:
+    seeds = record.get("seeds")
+    sha = record["git_sha"] or "none (no commit)"
+    if record["git_dirty"]:
+        sha += " (uncommitted changes)"
+    rows = [
+        ("Profile", f"`{record['profile']}`"),
+        ("Params file", f"`{params_file}`"),
+        ("Params SHA-256", f"`{record['params_sha256'][:16]}`"),
+        ("Seeds", ", ".join(map(str, seeds)) if seeds else "—"),
+        ("Git commit", f"`{sha}`"),
+        ("Device", record["device"]),
+        ("torch / timm / peft", f"{record['torch']} / {record['timm']} / {record['peft']}"),
+        ("Executed", record["started_at"]),
+        ("Wall time", f"{record['wall_time_s']:.1f} s"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    text = (
+        "## Provenance {.unnumbered .unlisted}\n\n"
+        f"| Item | Value |\n|:--|:--|\n{table}\n"
+    )
+    cell = nbformat.v4.new_markdown_cell(text)
+    cell.metadata["tags"] = ["provenance"]
+    return cell
+
+
+def _failure_message(err: Exception, chapter: str, profile: str, kept: Path) -> str:
+    """Name the failing cell by its index in the source notebook and its first line."""
+    where = "a cell"
+    try:
+        nb = nbformat.read(kept, as_version=4)
+        added = {"injected-parameters", "papermill-error-cell-tag"}
+        source_cells = [c for c in nb.cells if not added & set(c.get("metadata", {}).get("tags", []))]
+        for i, cell in enumerate(source_cells):
+            if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+                first = (cell.source.strip().splitlines() or [""])[0][:80]
+                where = f"cell {i} (`{first}`)"
+                break
+    except (OSError, ValueError):
+        pass
+    detail = f"{getattr(err, 'ename', type(err).__name__)}: {getattr(err, 'evalue', err)}"
+    return (
+        f"chapter {chapter} (profile {profile}) failed in {where} of chapters/{chapter}.ipynb: "
+        f"{detail} — the executed notebook with the traceback is {kept}"
+    )
+
+
+def run_chapter(
+    chapter: str,
+    profile: str,
+    params: Mapping[str, Any],
+    params_file: Path,
+    layout: Layout = REPO,
+    kernel_name: str = "python3",
+) -> dict[str, Any]:
+    """Execute one chapter; write ``_freeze/<profile>/<chapter>.ipynb`` and ``.json``; return the record."""
+    import papermill as pm
+
+    src = layout.chapters / f"{chapter}.ipynb"
+    if not src.is_file():
+        raise RunnerError(f"chapter {chapter}: source notebook {src} not found")
+    _params_cell_check(nbformat.read(src, as_version=4), src)
+    out_dir = layout.freeze / profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment(layout.root)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"lla-{chapter}-") as tmp:
+        tmp_out = Path(tmp) / f"{chapter}.ipynb"
+        try:
+            pm.execute_notebook(
+                str(src),
+                str(tmp_out),
+                parameters={"profile": profile, "params": dict(params)},
+                kernel_name=kernel_name,
+                cwd=str(layout.root),
+                log_output=True,
+                progress_bar=True,
+            )
+        except Exception as err:
+            kept = layout.failed / profile / f"{chapter}.ipynb"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            if tmp_out.is_file():
+                shutil.copyfile(tmp_out, kept)
+            raise RunnerError(_failure_message(err, chapter, profile, kept)) from err
+        wall = time.perf_counter() - t0
+        versions = env["versions"]
+        record = {
+            "chapter": chapter,
+            "profile": profile,
+            "params_file": params_file.relative_to(layout.root).as_posix()
+            if params_file.is_relative_to(layout.root)
+            else str(params_file),
+            "params": dict(params),
+            "params_sha256": params_sha256(params),
+            "source_sha256": notebook_sha256(src),
+            "lib_sha256": lib_sha256(layout.root),
+            "git_sha": env["git_sha"],
+            "git_dirty": env["git_dirty"],
+            "device": env["device"],
+            "python": versions["python"],
+            "torch": versions["torch"],
+            "timm": versions["timm"],
+            "peft": versions["peft"],
+            "laplace_torch": versions["laplace-torch"],
+            "seeds": list(params["seeds"]) if "seeds" in params else None,
+            "started_at": started.isoformat(timespec="seconds"),
+            "wall_time_s": round(wall, 1),
+        }
+        nb = nbformat.read(tmp_out, as_version=4)
+        nb.cells.append(_provenance_cell(record, record["params_file"]))
+        nbformat.write(nb, out_dir / f"{chapter}.ipynb")
+    (out_dir / f"{chapter}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (layout.failed / profile / f"{chapter}.ipynb").unlink(missing_ok=True)
+    return record
+
+
+def _default_loader(path: Path) -> dict[str, Any]:
+    from lib.config import ParamsError, load_params
+
+    try:
+        return load_params(path)
+    except ParamsError as err:
+        raise RunnerError(str(err)) from None
+
+
+def run(
+    profile: str,
+    chapter: str | None = None,
+    layout: Layout = REPO,
+    loader: Callable[[Path], dict[str, Any]] | None = None,
+    kernel_name: str = "python3",
+) -> list[dict[str, Any]]:
+    """Execute every chapter of ``_quarto.yml`` (or only ``chapter``) for ``profile``, in order.
+
+    All sources are checked before anything runs; the first failing chapter stops the run.
+    """
+    params_file = layout.params / f"{profile}.yml"
+    params = (loader or _default_loader)(params_file)
+    chapters = book_chapters(layout)
+    if chapter is not None:
+        if chapter not in chapters:
+            raise RunnerError(
+                f"chapter {chapter!r} is not in {layout.quarto.name}; choose one of {', '.join(chapters)}"
+            )
+        todo = [chapter]
+    else:
+        todo = execution_order(chapters)
+    missing = [c for c in todo if not (layout.chapters / f"{c}.ipynb").is_file()]
+    if missing:
+        raise RunnerError(
+            f"chapter source(s) missing: {', '.join(f'chapters/{c}.ipynb' for c in missing)} "
+            f"(listed in {layout.quarto.name}); write them or remove them from book.chapters"
+        )
+    records = []
+    for i, name in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {name} (profile {profile})", file=sys.stderr, flush=True)
+        rec = run_chapter(name, profile, params, params_file, layout, kernel_name)
+        print(f"[{i}/{len(todo)}] {name} done in {rec['wall_time_s']:.1f} s", file=sys.stderr, flush=True)
+        records.append(rec)
+    return records
+
+
+def _set_book_profile(layout: Layout, profile: str) -> None:
+    text = layout.quarto.read_text()
+    new, n = re.subn(r"(?m)^book-profile:.*$", f"book-profile: {profile}", text)
+    if n != 1:
+        raise RunnerError(f"{layout.quarto}: expected exactly one top-level 'book-profile:' line")
+    if new != text:
+        layout.quarto.write_text(new)
+
+
+def link(profile: str | None = None, layout: Layout = REPO) -> list[Path]:
+    """Point ``index.ipynb`` and ``book/<chapter>.ipynb`` at ``_freeze/<profile>/``.
+
+    Returns the links whose target does not exist yet (they are created anyway and reported).
+    """
+    profile = profile or book_profile(layout)
+    dangling = []
+    for entry in book_entries(layout):
+        link_path = layout.root / entry
+        target = layout.freeze / profile / f"{Path(entry).stem}.ipynb"
+        link_path.parent.mkdir(parents=True, exist_ok=True)
+        if link_path.is_symlink() or link_path.exists():
+            if not link_path.is_symlink():
+                raise RunnerError(f"{link_path} is a regular file; the book entries must be symlinks")
+            link_path.unlink()
+        link_path.symlink_to(os.path.relpath(target, link_path.parent))
+        if not target.is_file():
+            dangling.append(link_path)
+    _set_book_profile(layout, profile)
+    return dangling
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib.runner", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="execute chapters into _freeze/<profile>/")
+    p_run.add_argument("--profile", required=True, help="params/<profile>.yml")
+    p_run.add_argument("--chapter", help="only this chapter (file stem, e.g. 04-attribution)")
+    p_link = sub.add_parser("link", help="point index.ipynb and book/*.ipynb at _freeze/<profile>/")
+    p_link.add_argument("--profile", help="default: book-profile in _quarto.yml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.INFO)
+    try:
+        if args.cmd == "run":
+            run(args.profile, args.chapter or None)
+        else:
+            for path in link(args.profile):
+                print(f"warning: {path.relative_to(REPO.root)} points to a chapter not frozen yet "
+                      f"(run `make run PROFILE={args.profile or book_profile()}`)", file=sys.stderr)
+    except RunnerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""lib.config: every params file validates; bad keys, types, files and data roots fail in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lib.config import (
+    CIFAR_DIRS,
+    Config,
+    LaplaceConfig,
+    ModelConfig,
+    ParamsError,
+    PretrainConfig,
+    TrainConfig,
+    load_params,
+    params_path,
+)
+from lib.paths import PARAMS
+
+PROFILES = sorted(p.stem for p in PARAMS.glob("*.yml"))
+
+
+def _raw(profile: str) -> dict:
+    return yaml.safe_load(params_path(profile).read_text())
+
+
+def _write(tmp_path: Path, raw: dict, name: str = "bad.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _with_data_root(raw: dict, tmp_path: Path) -> dict:
+    """``raw`` with a real dataset's root moved to ``tmp_path`` holding an empty torchvision folder."""
+    if raw["data"]["name"] in CIFAR_DIRS and not raw["data"].get("download", False):
+        (tmp_path / CIFAR_DIRS[raw["data"]["name"]]).mkdir(exist_ok=True)
+        raw = {**raw, "data": {**raw["data"], "root": str(tmp_path)}}
+    return raw
+
+
+def _one_line_error(path: Path) -> str:
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    assert str(path) in msg, msg
+    return msg
+
+
+def test_there_are_the_three_profiles():
+    assert {"smoke", "cifar10-transfer", "vit-b16-cifar100"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_params_file_validates(profile, tmp_path):
+    raw = _with_data_root(_raw(profile), tmp_path)
+    path = _write(tmp_path, raw, f"{profile}.yml")
+    params = load_params(path)
+    assert params["profile"] == raw["profile"] == profile
+    cfg = Config.from_dict(params)
+    # every value written in the file survives validation (lists become tuples in the dataclass)
+    for section, values in raw.items():
+        if isinstance(values, dict) and section != "data":
+            for key, value in values.items():
+                got = getattr(getattr(cfg, section), key)
+                expect = tuple(value) if isinstance(value, list) else value
+                assert got == expect, f"{profile}: {section}.{key} = {got!r}, file says {value!r}"
+    assert cfg.seeds == tuple(raw["seeds"])
+    assert cfg.data.name == raw["data"]["name"]
+
+
+def test_cifar10_transfer_profile_sections():
+    cfg = Config.from_dict(_raw("cifar10-transfer"))
+    assert isinstance(cfg.pretrain, PretrainConfig)
+    assert set(cfg.pretrain.classes).isdisjoint(cfg.data.classes)
+    assert cfg.data.num_classes == len(cfg.data.classes)
+    assert Config.from_dict(_raw("smoke")).pretrain is None
+
+
+def test_round_trip_from_dict_to_dict():
+    for profile in PROFILES:
+        cfg = Config.from_dict(_raw(profile))
+        d = cfg.to_dict()
+        assert Config.from_dict(d) == cfg
+        assert isinstance(d["seeds"], list) and isinstance(d["lora"]["targets"], list)
+    default = Config()
+    assert Config.from_dict(default.to_dict()) == default
+    assert Config.from_dict({}) == default
+
+
+@pytest.mark.parametrize(
+    ("edit", "dotted", "suggestion"),
+    [
+        (lambda raw: raw["train"].update(lrr=raw["train"].pop("lr")), "train.lrr", "train.lr"),
+        (lambda raw: raw.update(seedz=raw.pop("seeds")), "seedz", "seeds"),
+        (lambda raw: raw["data"]["synthetic"].update(n_trian=10), "data.synthetic.n_trian", "data.synthetic.n_train"),
+    ],
+)
+def test_unknown_key_names_file_key_and_suggestion(edit, dotted, suggestion, tmp_path):
+    raw = _raw("smoke")
+    edit(raw)
+    path = _write(tmp_path, raw)
+    msg = _one_line_error(path)
+    assert f"unknown key '{dotted}'" in msg, msg
+    assert f"did you mean '{suggestion}'" in msg, msg
+
+
+def test_unknown_key_without_close_match_says_remove(tmp_path):
+    raw = _raw("smoke")
+    raw["train"]["zzzzzz"] = 1
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert "'train.zzzzzz'" in msg and "remove it" in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "epochs", "3", "'train.epochs' must be int, got '3' (str)"),
+        ("train", "epochs", 3.0, "'train.epochs' must be int, got 3.0 (float)"),
+        ("train", "epochs", True, "'train.epochs' must be int, got True (bool)"),
+        ("train", "lr", "fast", "'train.lr' must be float, got 'fast'"),
+        ("train", "grad_clip", "x", "'train.grad_clip' must be float, got 'x'"),
+        ("data", "classes", 5, "'data.classes' must be a list, got 5"),
+        ("model", "kwargs", [1], "'model.kwargs' must be a mapping, got [1]"),
+        ("lora", "targets", ["qkv", 3], "'lora.targets' must be str, got 3 (int)"),
+    ],
+)
+def test_wrong_type_names_the_key(section, key, value, expected, tmp_path):
+    raw = _raw("smoke")
+    raw[section][key] = value
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert expected in msg, msg
+
+
+def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
+    raw = _raw("smoke")
+    raw["train"].update(lr=1, grad_clip=None)
+    cfg = Config.from_dict(load_params(_write(tmp_path, raw, "ok.yml")))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.grad_clip is None
+
+
+def test_section_that_is_not_a_mapping(tmp_path):
+    raw = _raw("smoke")
+    raw["train"] = [1, 2]
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert "'train' must be a mapping" in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "options"),
+    [
+        ("laplace", "structure", "full", ("'kron'", "'diag'")),
+        ("laplace", "fisher", "empirical", ("'exact'", "'mc'")),
+        ("predictive", "method", "laplace", ("'mc'", "'probit'")),
+        (None, "device", "tpu", ("'auto'", "'cpu'", "'cuda'")),
+        ("data", "name", "mnist", ("'synthetic'", "'cifar10'", "'cifar100'")),
+    ],
+)
+def test_literal_rejected_with_options(section, key, value, options, tmp_path):
+    raw = _raw("smoke")
+    (raw if section is None else raw[section])[key] = value
+    msg = _one_line_error(_write(tmp_path, raw))
+    dotted = key if section is None else f"{section}.{key}"
+    assert f"'{dotted}' is '{value}'" in msg, msg
+    for option in options:
+        assert option in msg, msg
+
+
+def test_missing_file_names_file_and_lists_profiles(tmp_path):
+    path = tmp_path / "nope.yml"
+    msg = _one_line_error(path)
+    assert "not found" in msg
+    for profile in PROFILES:
+        assert profile in msg, msg
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "syntax.yml"
+    bad.write_text("train: {epochs: 3\n")
+    assert "not valid YAML" in _one_line_error(bad)
+    listy = tmp_path / "list.yml"
+    listy.write_text("- 1\n- 2\n")
+    assert "must be a mapping" in _one_line_error(listy)
+
+
+def test_missing_cifar10_root_names_data_root_and_fix(tmp_path):
+    raw = _raw("cifar10-transfer")
+    raw["data"]["root"] = str(tmp_path / "absent")
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert "data.root" in msg and str(tmp_path / "absent") in msg, msg
+    assert "python -m lib.data materialize-cifar10" in msg, msg
+
+
+def test_cifar10_root_without_the_dataset_folder_is_rejected(tmp_path):
+    """An existing root that lacks ``cifar-10-batches-py/`` is as unusable as a missing one."""
+    raw = _raw("cifar10-transfer")
+    raw["data"]["root"] = str(tmp_path)
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert "data.root" in msg and "cifar-10-batches-py" in msg, msg
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    assert load_params(_write(tmp_path, raw))["data"]["root"] == str(tmp_path)
+
+
+def test_missing_cifar100_root_suggests_download(tmp_path):
+    raw = _raw("vit-b16-cifar100")
+    raw["data"].update(root=str(tmp_path / "absent"), download=False)
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert "data.root" in msg and "data.download: true" in msg, msg
+    raw["data"]["download"] = True  # downloadable: the root need not exist yet
+    assert load_params(_write(tmp_path, raw))["data"]["download"] is True
+
+
+def test_relative_data_root_resolves_against_repo():
+    from lib.paths import ROOT
+
+    cfg = Config.from_dict({"data": {"name": "cifar10", "root": "data"}})
+    assert cfg.data_root == ROOT / "data"
+    cfg = Config.from_dict({"data": {"name": "cifar10", "root": "/abs/where"}})
+    assert cfg.data_root == Path("/abs/where")
+
+
+def test_section_selects_plain_dicts():
+    cfg = Config.from_dict({"train": {"lr": 0.5}, "model": {"kwargs": {"img_size": 16}}})
+    sec = cfg.section("model", "train")
+    assert set(sec) == {"model", "train"}
+    assert sec["train"]["lr"] == 0.5 and sec["model"]["kwargs"] == {"img_size": 16}
+    assert cfg.train == TrainConfig(lr=0.5) and cfg.model == ModelConfig(kwargs={"img_size": 16})
+    assert cfg.laplace == LaplaceConfig()

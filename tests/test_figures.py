@@ -1,0 +1,160 @@
+"""Tests for lib.figures: every plot function runs on small data and draws what it should."""
+
+import io
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.container import BarContainer
+from matplotlib.figure import Figure
+
+from lib.calibration import prepare_reliability
+from lib.figures import (
+    PALETTE,
+    plot_cumulative,
+    plot_delta_ranked,
+    plot_delta_scatter,
+    plot_leave_one_out,
+    plot_pareto,
+    plot_rank_heatmap,
+    plot_reliability,
+    plot_shapley,
+    prepare_pareto,
+)
+from lib.stats import rank_probabilities
+
+matplotlib.use("Agg")
+L = 5
+
+
+def _delta_frame(gen):
+    delta = torch.randn(L, generator=gen).numpy() * 0.01
+    return pd.DataFrame({"layer": [f"b{i}" for i in range(L)], "delta": delta,
+                         "lower": delta - 0.004, "upper": delta + 0.004})
+
+
+def _bars(ax):
+    return [p for c in ax.containers if isinstance(c, BarContainer) for p in c.patches]
+
+
+def _check_text(fig):
+    for ax in fig.axes:
+        for lab in (ax.get_xlabel(), ax.get_ylabel()):
+            if lab:
+                assert len(lab) > 3
+        for t in ax.get_xticklabels() + ax.get_yticklabels():
+            assert t.get_fontsize() >= 8
+    buf = io.BytesIO()
+    fig.savefig(buf, format="pdf")
+    assert buf.tell() > 1000
+
+
+def test_plot_reliability_small_multiples():
+    gen = torch.Generator().manual_seed(0)
+    probs = (2 * torch.randn(300, 4, generator=gen)).softmax(1)
+    labels = torch.randint(0, 4, (300,), generator=gen)
+    probs[:2] = torch.nn.functional.one_hot(labels[:2], 4).float()
+    data = {name: prepare_reliability(probs ** t / (probs ** t).sum(1, keepdim=True), labels, 10)
+            for name, t in [("Deterministic", 1.0), ("Bayes (block 3)", 0.7), ("All blocks", 0.5)]}
+    fig = plot_reliability(data)
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 6
+    for j, rd in enumerate(data.values()):
+        top, bottom = fig.axes[j], fig.axes[3 + j]
+        assert len(_bars(top)) == int((rd.count[:10] > 0).sum())
+        assert len(_bars(bottom)) == 10
+        assert bottom.get_xlabel() == "Top-label confidence"
+    assert fig.axes[0].get_ylabel() and fig.axes[3].get_ylabel()
+    assert [ax.get_title() for ax in fig.axes[:3]] == list(data)
+    _check_text(fig)
+
+
+def test_plot_delta_ranked_bars_sorted_with_zero_line():
+    df = _delta_frame(torch.Generator().manual_seed(1))
+    fig = plot_delta_ranked(df)
+    ax = fig.axes[0]
+    heights = [b.get_height() for b in _bars(ax)]
+    assert len(heights) == L
+    assert np.allclose(heights, np.sort(df["delta"].to_numpy())[::-1] * 100)
+    assert any(np.allclose(line.get_ydata(), 0) for line in ax.get_lines())
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(df.sort_values("delta", ascending=False)["layer"])
+    assert "pp" in ax.get_ylabel() and ax.get_xlabel()
+    _check_text(fig)
+
+
+@pytest.mark.parametrize("xlabel", ["Block depth (index)", "ΔAccuracy (pp)", "ΔNLL (nats)", "Prior precision (1)"])
+def test_plot_delta_scatter(xlabel):
+    df = _delta_frame(torch.Generator().manual_seed(2)).assign(x=np.arange(L, dtype=float))
+    df["x_lower"], df["x_upper"], df["label"] = df["x"] - 0.2, df["x"] + 0.2, df["layer"]
+    fig = plot_delta_scatter(df, xlabel=xlabel)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == xlabel
+    pts = ax.get_lines()[0]
+    assert len(pts.get_xdata()) == L
+    assert len(ax.texts) == L
+    with pytest.raises(ValueError, match="missing columns"):
+        plot_delta_scatter(df.drop(columns=["upper"]), xlabel=xlabel)
+    _check_text(fig)
+
+
+def test_plot_rank_heatmap():
+    samples = torch.randn(200, L, generator=torch.Generator().manual_seed(3))
+    df = pd.DataFrame(rank_probabilities(samples).numpy(), index=[f"b{i}" for i in range(L)], columns=range(1, L + 1))
+    fig = plot_rank_heatmap(df)
+    ax = fig.axes[0]
+    assert ax.images[0].get_array().shape == (L, L)
+    assert len(ax.get_yticklabels()) == L and len(ax.get_xticklabels()) == L
+    assert len(fig.axes) == 2  # heat map + colorbar
+    assert fig.axes[1].get_ylabel() == "Bootstrap probability"
+    _check_text(fig)
+
+
+def test_plot_shapley_one_bar_per_layer():
+    df = _delta_frame(torch.Generator().manual_seed(4)).rename(columns={"delta": "phi"})
+    fig = plot_shapley(df)
+    ax = fig.axes[0]
+    assert len(_bars(ax)) == L
+    assert np.allclose([b.get_height() for b in _bars(ax)], df["phi"].to_numpy() * 100)
+    assert ax.get_xlabel() and ax.get_ylabel()
+    _check_text(fig)
+
+
+def test_plot_cumulative_and_leave_one_out():
+    k = np.arange(1, L + 1)
+    df = pd.DataFrame({"k": k, "first_k": k * 0.002, "first_k_lower": k * 0.001, "first_k_upper": k * 0.003,
+                       "last_k": k * 0.001, "last_k_lower": k * 0.0, "last_k_upper": k * 0.002})
+    fig = plot_cumulative(df)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["First k blocks", "Last k blocks"]
+    assert len(ax.collections) == 2  # two CI bands
+    _check_text(fig)
+    loo = _delta_frame(torch.Generator().manual_seed(5))
+    fig = plot_leave_one_out(loo, reference=0.01)
+    ax = fig.axes[0]
+    assert len(ax.get_lines()[0].get_xdata()) == L
+    assert any(np.allclose(line.get_ydata(), 1.0) for line in ax.get_lines())  # reference in pp
+    _check_text(fig)
+
+
+def test_plot_pareto_highlights_front():
+    cost = torch.tensor([1.0, 2.0, 3.0, 4.0, 2.5])
+    delta = torch.tensor([0.001, 0.004, 0.003, 0.006, 0.002])
+    df = prepare_pareto([f"p{i}" for i in range(5)], cost, delta, delta - 0.001, delta + 0.001)
+    assert df["front"].tolist() == [True, True, False, True, False]
+    fig = plot_pareto(df)
+    ax = fig.axes[0]
+    front_line = [line for line in ax.get_lines() if line.get_label() == "Pareto front"][0]
+    assert np.allclose(front_line.get_xdata(), [1.0, 2.0, 4.0])
+    assert len(ax.texts) == 3
+    assert ax.collections[-1].get_offsets().shape[0] == 2  # dominated points
+    _check_text(fig)
+
+
+def test_palette_is_okabe_ito_and_axes_can_be_passed():
+    assert PALETTE[:3] == ["#0072B2", "#D55E00", "#009E73"]
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert plot_shapley(_delta_frame(torch.Generator().manual_seed(6)).rename(columns={"delta": "phi"}), ax=ax) is fig

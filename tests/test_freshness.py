@@ -1,0 +1,56 @@
+"""Frozen outputs in _freeze/ are up to date with the chapter sources and params files.
+
+A record ``_freeze/<profile>/<chapter>.json`` is fresh when the hash of the current
+``chapters/<chapter>.ipynb`` (cell types and sources only) and of the validated
+``params/<profile>.yml`` equal the hashes stored when the chapter was executed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lib.config import load_params, params_path
+from lib.paths import CHAPTERS, FREEZE
+from lib.provenance import notebook_sha256, params_sha256
+from lib.runner import book_chapters
+
+pytestmark = pytest.mark.freshness
+
+RECORDS = sorted(FREEZE.glob("*/*.json"))
+
+
+def _id(path):
+    return f"{path.parent.name}/{path.stem}"
+
+
+@pytest.mark.parametrize("record_path", RECORDS, ids=[_id(p) for p in RECORDS])
+def test_frozen_chapter_is_fresh(record_path):
+    record = json.loads(record_path.read_text())
+    profile, chapter = record_path.parent.name, record_path.stem
+    rerun = f"make run PROFILE={profile} CHAPTER={chapter}"
+    assert record.get("chapter") == chapter and record.get("profile") == profile, (
+        f"{record_path} describes {record.get('profile')}/{record.get('chapter')}; {rerun}"
+    )
+    assert (record_path.with_suffix(".ipynb")).is_file(), f"{chapter} ({profile}): executed notebook missing; {rerun}"
+    source = CHAPTERS / f"{chapter}.ipynb"
+    assert source.is_file(), (
+        f"{chapter} ({profile}): chapters/{chapter}.ipynb no longer exists; delete "
+        f"_freeze/{profile}/{chapter}.* or restore the chapter"
+    )
+    assert notebook_sha256(source) == record["source_sha256"], (
+        f"chapter {chapter} changed since it was frozen for profile {profile}; {rerun}"
+    )
+    params = load_params(params_path(profile))
+    assert params_sha256(params) == record["params_sha256"], (
+        f"params/{profile}.yml changed since chapter {chapter} was frozen; {rerun}"
+    )
+
+
+@pytest.mark.parametrize("chapter", book_chapters())
+def test_every_book_chapter_has_a_frozen_smoke_output(chapter):
+    frozen = FREEZE / "smoke" / f"{chapter}.json"
+    assert frozen.is_file() and frozen.with_suffix(".ipynb").is_file(), (
+        f"chapter {chapter} has no frozen smoke output; make run PROFILE=smoke CHAPTER={chapter}"
+    )

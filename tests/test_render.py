@@ -1,0 +1,197 @@
+"""The offline renderer on a tiny executed book: figures, tables, cross-refs, citations, PDF."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lib.render import RenderError, render_book
+from lib.render.convert import attach_table_caption, cell_options, mark_refs, parse_attrs, resolve_refs
+from lib.render.convert import Label
+from lib.render.tables import html_table_to_pipe
+
+QUARTO = """\
+project: {type: book, output-dir: _book}
+book-profile: t
+book:
+  title: "A Tiny Book: Tests"
+  author: "Tester"
+  chapters:
+    - index.ipynb
+    - book/01-intro.ipynb
+    - book/02-results.ipynb
+bibliography: references.bib
+format:
+  html: {code-fold: true}
+  pdf: {echo: false}
+"""
+
+BIB = """\
+@inproceedings{guo2017calibration,
+  title = {On Calibration of Modern Neural Networks},
+  author = {Guo, Chuan and Pleiss, Geoff and Sun, Yu and Weinberger, Kilian Q.},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year = {2017}
+}
+"""
+
+
+def _png() -> str:
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([0, 1], [0, 1])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=40)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _code(source: str, outputs: list) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(source)
+    cell.outputs = outputs
+    return cell
+
+
+def _write_book(root: Path) -> None:
+    (root / "_quarto.yml").write_text(QUARTO)
+    (root / "references.bib").write_text(BIB)
+    frozen = root / "_freeze" / "t"
+    frozen.mkdir(parents=True)
+    md, new_out = nbformat.v4.new_markdown_cell, nbformat.v4.new_output
+    table_html = (
+        '<div><style scoped>th {color: red}</style><table border="1" class="dataframe">'
+        "<thead><tr><th></th><th>ece</th></tr><tr><th>block</th><th></th></tr></thead>"
+        "<tbody><tr><th>0</th><td>0.031</td></tr><tr><th>1</th><td>0.012</td></tr></tbody></table></div>"
+    )
+    chapters = {
+        "index": [md("# Preface {.unnumbered}\n\nSee @fig-rel and @sec-method.")],
+        "01-intro": [
+            md("# Introduction {#sec-intro}\n\n## Method {#sec-method}\n\nMiscalibration [@guo2017calibration]; "
+               "@fig-rel shows it and @tbl-ece lists it.\n\n::: {.callout-note}\nA note.\n:::\n\n"
+               "$$\na = b\n$$ {#eq-ab}"),
+            _code('#| label: fig-rel\n#| fig-cap: "A reliability diagram."\nplot()',
+                  [new_out("display_data", data={"image/png": _png(), "text/plain": "<Figure>"})]),
+            _code('#| label: tbl-ece\n#| tbl-cap: "ECE per block."\ndf',
+                  [new_out("execute_result", data={"text/html": table_html, "text/plain": "df"},
+                           execution_count=1)]),
+            _code("#| echo: false\nsecret_code()", [new_out("stream", name="stdout", text="visible output\n")]),
+        ],
+        "02-results": [
+            md("# Results\n\nBack to @fig-rel, @sec-intro and [-@eq-ab]."),
+            _code("from IPython.display import Markdown",
+                  [new_out("display_data", data={"text/markdown": "Markdown **output** citing @tbl-ece."})]),
+        ],
+    }
+    for name, cells in chapters.items():
+        nb = nbformat.v4.new_notebook()
+        nb.cells = cells
+        nbformat.write(nb, frozen / f"{name}.ipynb")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("book")
+    _write_book(root)
+    result = render_book(root, profile="t")
+    return root, result
+
+
+def test_html_pages_crossrefs_figures_tables_citations(rendered):
+    root, result = rendered
+    out = root / "_book"
+    assert result.index == out / "index.html" and result.index.is_file()
+    intro = (out / "01-intro.html").read_text()
+    text = re.sub(r"<[^>]+>", "", intro)
+    assert "Figure 1.1" in text and "Table 1.1" in text
+    assert "Figure 1.1: A reliability diagram." in text and "Table 1.1: ECE per block." in text
+    assert '<a href="#fig-rel">Figure 1.1</a>' in intro
+    imgs = re.findall(r'<img src="([^"]+)"', intro)
+    assert imgs and all((out / src).is_file() for src in imgs)
+    assert "1.1" in text and "Method" in text  # numbered section
+    assert "Guo et al. 2017" in text and "On Calibration of Modern Neural Networks" in text
+    assert "secret_code" not in intro and "visible output" in intro
+    assert "<details" in intro and "plot()" in intro  # code folded, not dropped
+    assert '<td style="text-align: right;">0.031</td>' in intro
+    assert "| block |" not in intro and "<th" in intro and "block" in text
+    assert "(1.1)" in text  # equation number
+    assert 'class="callout' in intro
+    results = (out / "02-results.html").read_text()
+    assert '<a href="01-intro.html#fig-rel">Figure 1.1</a>' in results
+    assert '<a href="01-intro.html">Chapter 1</a>' in results
+    assert '<a href="01-intro.html#eq-ab">(1.1)</a>' in results
+    assert "<strong>output</strong>" in results and "01-intro.html#tbl-ece" in results
+    index = (out / "index.html").read_text()
+    assert "A Tiny Book: Tests" in index and "01-intro.html#sec-method" in index
+    for page in ("index.html", "01-intro.html", "02-results.html", "references.html"):
+        html = (out / page).read_text()
+        assert 'class="sidebar"' in html and all(p in html for p in ("01-intro.html", "02-results.html"))
+        assert "http://" not in html.replace("http://www.w3.org", "") and "cdn" not in html.lower()
+    refs = (out / "references.html").read_text()
+    assert "On Calibration of Modern Neural Networks" in refs
+    assert not result.warnings, result.warnings
+
+
+def test_pdf_is_written(rendered):
+    root, result = rendered
+    assert result.pdf == root / "_book" / "a-tiny-book-tests.pdf"
+    assert result.pdf.read_bytes()[:4] == b"%PDF"
+    typ = (root / "_render" / "book.typ").read_text()
+    assert "Figure 1.1: A reliability diagram." in typ and "#link(<fig-rel>)[Figure 1.1]" in typ
+    assert "secret_code" not in typ and "plot()" not in typ  # format.pdf.echo: false
+    assert "On Calibration of Modern Neural Networks" in typ
+
+
+def test_missing_notebook_is_an_error(tmp_path):
+    _write_book(tmp_path)
+    (tmp_path / "_freeze" / "t" / "02-results.ipynb").unlink()
+    with pytest.raises(RenderError, match=r"02-results.*make run PROFILE=t"):
+        render_book(tmp_path, profile="t", pdf=False)
+
+
+def test_unresolved_reference_is_reported(tmp_path):
+    _write_book(tmp_path)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Results\n\nSee @fig-nowhere.")]
+    nbformat.write(nb, tmp_path / "_freeze" / "t" / "02-results.ipynb")
+    result = render_book(tmp_path, profile="t", pdf=False)
+    assert any("@fig-nowhere" in w for w in result.warnings)
+    assert "?@fig-nowhere" in (tmp_path / "_book" / "02-results.html").read_text()
+
+
+def test_cell_options_and_attrs():
+    opts, code = cell_options('#| label: fig-a\n#| fig-cap: "Cap: x"\n#| echo: false\nprint(1)')
+    assert opts == {"label": "fig-a", "fig-cap": "Cap: x", "echo": False} and code == "print(1)"
+    assert parse_attrs('#sec-a .unnumbered title="T x"') == ("sec-a", ["unnumbered"], {"title": "T x"})
+    assert parse_attrs("-") == (None, ["unnumbered"], {})
+
+
+def test_refs_resolution_forms():
+    labels = {"fig-a": Label("fig-a", "fig", "2.3", "", "c"), "sec-b": Label("sec-b", "sec", "", "Intro", "c")}
+    warnings: list[str] = []
+    md = mark_refs("@fig-a, [@fig-a; @sec-b], [-@fig-a], mail a@fig-a.org, @guo2017. @fig-z")
+    out = resolve_refs(md, labels, lambda lb: f"#{lb.id}", warnings, "c")
+    assert out.startswith("[Figure 2.3](#fig-a), [Figure 2.3](#fig-a) and [Intro](#sec-b), [2.3](#fig-a)")
+    assert "a@fig-a.org" in out and "@guo2017." in out and "**?\\@fig-z**" in out
+    assert warnings == ["c: unresolved cross-reference @fig-z"]
+
+
+def test_table_conversion_and_caption():
+    html = ("<table><thead><tr><th></th><th colspan='2'>ece</th></tr><tr><th>b</th><th>map</th><th>la</th>"
+            "</tr></thead><tbody><tr><th rowspan='2'>0</th><td>1</td><td>x|y</td></tr><tr><td>2</td><td>3</td>"
+            "</tr></tbody></table>")
+    table = html_table_to_pipe(html)
+    assert table.splitlines() == [
+        "| b | ece map | ece la |", "|--:|--:|:--|", "| 0 | 1 | x\\|y |", "|  | 2 | 3 |",
+    ]
+    assert html_table_to_pipe("<p>no table</p>") is None
+    md = attach_table_caption("intro\n\n" + table + "\n\nafter", ": cap {#tbl-x}")
+    assert md.split("\n")[2:8] == table.splitlines() + ["", ": cap {#tbl-x}"]

@@ -1,0 +1,332 @@
+"""Tests for lib.stats: exact references, hand-worked cases and coverage simulations."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from lib.calibration import ece, ece_from_weights
+from lib.stats import (
+    bca_interval,
+    bootstrap_pvalues,
+    delta_ece,
+    hierarchical_bootstrap,
+    holm,
+    jackknife_delta_ece,
+    paired_bootstrap,
+    pareto_front,
+    percentile_interval,
+    rank_confidence_set,
+    rank_probabilities,
+    rank_samples,
+    shapley_interaction,
+    shapley_values,
+)
+
+SHIFT = torch.tensor([0.0, 0.02, 0.03], dtype=torch.float64)
+FLIP = torch.tensor([0.05, 0.05, 0.1], dtype=torch.float64)
+GAP = 0.15
+
+
+def _studies(k, n, gen, n_classes=3):
+    """k independent synthetic studies with a computable population Delta (vectorised).
+
+    Deterministic confidence c ~ U(0.55, 0.95), correct y ~ Bern(c - GAP): over-confident by GAP in
+    every bin. Posterior l: confidence c - SHIFT[l] * u (u ~ U(0, 2)), prediction changed with
+    probability FLIP[l] (so correctness y' = y xor flip). Accuracy stays below confidence in every
+    bin, hence population binned ECE = E[conf - correct] and
+    Delta(l) = SHIFT[l] * E[u] + FLIP[l] * (1 - 2 E[y]) = SHIFT[l] - 0.2 * FLIP[l].
+
+    Returns probs_det (k, n, C), probs_bayes (k, P, n, C), labels (k, n).
+    """
+    p = len(SHIFT)
+    c = 0.55 + 0.4 * torch.rand(k, n, generator=gen, dtype=torch.float64)
+    y = torch.rand(k, n, generator=gen, dtype=torch.float64) < c - GAP
+    labels = torch.where(y, 0, 1)
+
+    def probs(conf, pred):
+        out = ((1 - conf) / (n_classes - 1))[..., None].repeat_interleave(n_classes, -1)
+        return out.scatter_(-1, pred[..., None], conf[..., None])
+
+    det = probs(c, torch.zeros(k, n, dtype=torch.int64))
+    u = 2 * torch.rand(k, p, n, generator=gen, dtype=torch.float64)
+    flip = torch.rand(k, p, n, generator=gen, dtype=torch.float64) < FLIP[:, None]
+    bayes = probs(c[:, None] - SHIFT[:, None] * u, flip.long())
+    return det, bayes, labels
+
+
+def _study(n, gen):
+    det, bayes, labels = _studies(1, n, gen)
+    return det[0], bayes[0], labels[0]
+
+
+TRUE_DELTA = SHIFT - 0.2 * FLIP
+
+
+def _random_models(n, p, c, gen):
+    logits = 2 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    det = logits.softmax(1)
+    temps = 0.5 + 2 * torch.rand(p, 1, 1, generator=gen, dtype=torch.float64)
+    return det, (logits[None] / temps).softmax(2), labels
+
+
+def test_delta_ece_equals_difference_of_ece():
+    gen = torch.Generator().manual_seed(0)
+    det, bayes, labels = _random_models(500, 4, 5, gen)
+    ref = torch.stack([ece(det, labels, 15) - ece(b, labels, 15) for b in bayes])
+    assert torch.allclose(delta_ece(det, bayes, labels), ref, atol=1e-12)
+
+
+def test_paired_bootstrap_equals_explicit_resampling():
+    gen = torch.Generator().manual_seed(1)
+    det, bayes, labels = _random_models(300, 3, 5, gen)
+    res = paired_bootstrap(det, bayes, labels, 40, torch.Generator().manual_seed(9), n_bins=10, chunk_size=64)
+    idx = torch.randint(0, 300, (40, 300), generator=torch.Generator().manual_seed(9))
+    ref = torch.stack([delta_ece(det[i], bayes[:, i], labels[i], 10) for i in idx])
+    assert torch.allclose(res.samples, ref, atol=1e-12)
+    assert torch.allclose(res.estimate, delta_ece(det, bayes, labels, 10), atol=1e-12)
+    # chunking over R consumes the same random stream: identical draws
+    res2 = paired_bootstrap(det, bayes, labels, 40, torch.Generator().manual_seed(9), n_bins=10, chunk_size=7)
+    assert torch.equal(res2.samples, res.samples)
+
+
+def test_jackknife_closed_form_equals_leave_one_out():
+    gen = torch.Generator().manual_seed(2)
+    det, bayes, labels = _random_models(60, 3, 4, gen)
+    jk = jackknife_delta_ece(det, bayes, labels, 10)
+    keep = ~torch.eye(60, dtype=torch.bool)
+    ref = torch.stack([delta_ece(det[k], bayes[:, k], labels[k], 10) for k in keep])
+    assert torch.allclose(jk, ref, atol=1e-12)
+
+
+def _bca_reference(samples, estimate, jack, alpha):
+    """Textbook BCa (Efron 1987) in numpy, one column at a time."""
+    lo, hi = [], []
+    for j in range(samples.shape[1]):
+        s = np.sort(samples[:, j])
+        frac = (np.sum(s < estimate[j]) + 0.5 * np.sum(s == estimate[j])) / len(s)
+        z0 = norm.ppf(np.clip(frac, 0.5 / len(s), 1 - 0.5 / len(s)))
+        d = jack[:, j].mean() - jack[:, j]
+        a = np.sum(d**3) / (6 * np.sum(d**2) ** 1.5)
+        qs = [norm.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))) for z in norm.ppf([alpha / 2, 1 - alpha / 2])]
+        lo.append(np.quantile(s, qs[0]))
+        hi.append(np.quantile(s, qs[1]))
+    return np.array(lo), np.array(hi)
+
+
+def test_bca_matches_reference_formula():
+    gen = torch.Generator().manual_seed(3)
+    det, bayes, labels = _random_models(400, 4, 5, gen)
+    res = paired_bootstrap(det, bayes, labels, 999, gen, n_bins=10)
+    jk = jackknife_delta_ece(det, bayes, labels, 10)
+    lo, hi = bca_interval(res.samples, res.estimate, jk, alpha=0.1)
+    rlo, rhi = _bca_reference(res.samples.numpy(), res.estimate.numpy(), jk.numpy(), 0.1)
+    assert np.allclose(lo.numpy(), rlo, atol=1e-12) and np.allclose(hi.numpy(), rhi, atol=1e-12)
+    plo, phi = percentile_interval(res.samples, 0.1)
+    assert np.allclose(plo.numpy(), np.quantile(res.samples.numpy(), 0.05, axis=0))
+    assert np.allclose(phi.numpy(), np.quantile(res.samples.numpy(), 0.95, axis=0))
+
+
+def test_bootstrap_intervals_cover_true_delta():
+    """1000 simulated studies (N=1000, R=500): 95% intervals cover the population Delta 93-97%.
+
+    For speed, the studies of a batch share the bootstrap multiplicities (each study's bootstrap is
+    still an ordinary paired bootstrap, computed with ``ece_from_weights`` exactly as in
+    ``paired_bootstrap``, whose draws are checked against explicit resampling above).
+    """
+    gen = torch.Generator().manual_seed(2024)
+    n_studies, batch, n, r, p = 1000, 100, 1000, 500, len(SHIFT)
+    cover_pct = torch.zeros(p)
+    cover_bca = torch.zeros(p)
+    for _ in range(n_studies // batch):
+        det, bayes, labels = _studies(batch, n, gen)
+        conf_d, pred_d = det.max(-1)
+        conf_b, pred_b = bayes.max(-1)
+        conf = torch.cat([conf_d[:, None], conf_b], 1).reshape(batch * (p + 1), n)
+        correct = torch.cat([(pred_d == labels)[:, None], pred_b == labels[:, None]], 1).reshape(batch * (p + 1), n)
+        idx = torch.randint(0, n, (r, n), generator=gen)
+        w = torch.zeros(r, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(r, n, dtype=torch.float64))
+        e = ece_from_weights(conf, correct.double(), w, 10).reshape(r, batch, p + 1)
+        samples = (e[..., :1] - e[..., 1:]).reshape(r, batch * p)
+        estimate = torch.stack([delta_ece(det[i], bayes[i], labels[i], 10) for i in range(batch)]).reshape(-1)
+        jack = torch.cat([jackknife_delta_ece(det[i], bayes[i], labels[i], 10) for i in range(batch)], 1)
+        truth = TRUE_DELTA.repeat(batch)
+        lo, hi = percentile_interval(samples)
+        cover_pct += ((lo <= truth) & (truth <= hi)).double().reshape(batch, p).sum(0)
+        lo, hi = bca_interval(samples, estimate, jack)
+        cover_bca += ((lo <= truth) & (truth <= hi)).double().reshape(batch, p).sum(0)
+    cover_pct /= n_studies
+    cover_bca /= n_studies
+    assert ((cover_pct >= 0.93) & (cover_pct <= 0.97)).all(), cover_pct
+    assert ((cover_bca >= 0.93) & (cover_bca <= 0.97)).all(), cover_bca
+
+
+def test_hierarchical_bootstrap_estimate_and_variance():
+    gen = torch.Generator().manual_seed(4)
+    seeds = [_study(800, gen) for _ in range(4)]
+    res = hierarchical_bootstrap(seeds, 2000, torch.Generator().manual_seed(5), n_bins=10)
+    per_seed = torch.stack([delta_ece(*s, n_bins=10) for s in seeds])
+    assert torch.allclose(res.estimate, per_seed.mean(0), atol=1e-12)
+    # Var* of the two-level bootstrap mean = (between-seed plug-in variance + mean within-seed
+    # bootstrap variance) / S for S seeds.
+    within = torch.stack([paired_bootstrap(*s, 2000, torch.Generator().manual_seed(6 + i), n_bins=10).samples.var(0)
+                          for i, s in enumerate(seeds)]).mean(0)
+    between = per_seed.var(0, unbiased=False)
+    expected = (between + within) / len(seeds)
+    ratio = res.samples.var(0) / expected
+    assert ((ratio > 0.85) & (ratio < 1.15)).all(), ratio
+    # identical seeds: only within-seed noise remains, Var* = within / S
+    same = hierarchical_bootstrap([seeds[0]] * 4, 2000, torch.Generator().manual_seed(7), n_bins=10)
+    w0 = paired_bootstrap(*seeds[0], 2000, torch.Generator().manual_seed(8), n_bins=10).samples.var(0)
+    ratio0 = same.samples.var(0) / (w0 / 4)
+    assert ((ratio0 > 0.85) & (ratio0 < 1.15)).all(), ratio0
+
+
+def test_rank_samples_and_probabilities_hand_worked():
+    s = torch.tensor([[0.3, 0.1, 0.2], [0.1, 0.3, 0.2], [0.3, 0.2, 0.1], [0.5, 0.4, 0.0]])
+    assert torch.equal(rank_samples(s), torch.tensor([[1, 3, 2], [3, 1, 2], [1, 2, 3], [1, 2, 3]]))
+    expected = torch.tensor([[0.75, 0.0, 0.25], [0.25, 0.5, 0.25], [0.0, 0.5, 0.5]])
+    assert torch.allclose(rank_probabilities(s), expected)
+
+
+def test_rank_confidence_set_coverage_simulation():
+    """Gaussian studies: estimate ~ N(Delta, Sigma), bootstrap ~ N(estimate, Sigma)."""
+    gen = torch.Generator().manual_seed(10)
+    p, reps, r = 6, 500, 500
+    delta = torch.tensor([0.05, 0.045, 0.03, 0.02, 0.01, 0.0], dtype=torch.float64)
+    a = torch.randn(p, p, generator=gen, dtype=torch.float64)
+    cov = (0.5 * a @ a.T / p + 0.5 * torch.eye(p, dtype=torch.float64)) * 0.01**2
+    chol = torch.linalg.cholesky(cov)
+    true_rank = torch.arange(1, p + 1)
+    hit_top, hit_all, certain_top, size = 0, 0, 0, 0
+    for _ in range(reps):
+        est = delta + chol @ torch.randn(p, generator=gen, dtype=torch.float64)
+        boot = est + torch.randn(r, p, generator=gen, dtype=torch.float64) @ chol.T
+        cs = rank_confidence_set(est, boot, k=1, alpha=0.05)
+        hit_top += bool(cs.top_k_candidates[0])
+        hit_all += bool(((cs.lower <= true_rank) & (true_rank <= cs.upper)).all())
+        certain_top += bool(cs.top_k_certain[1:].any())  # a wrong layer declared surely top-1
+        size += int(cs.top_k_candidates.sum())
+    assert hit_top / reps >= 0.95
+    assert hit_all / reps >= 0.93
+    assert certain_top / reps <= 0.05
+    assert size / reps < 4  # informative: excludes clearly worse layers
+
+
+def test_rank_confidence_set_separated_layers():
+    est = torch.tensor([0.3, 0.2, 0.1, 0.0], dtype=torch.float64)
+    boot = est + 0.001 * torch.randn(1000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cs = rank_confidence_set(est, boot, k=2)
+    assert torch.equal(cs.lower, torch.tensor([1, 2, 3, 4])) and torch.equal(cs.upper, torch.tensor([1, 2, 3, 4]))
+    assert cs.top_k_candidates.tolist() == [True, True, False, False]
+    assert cs.top_k_certain.tolist() == [True, True, False, False]
+
+
+def test_bootstrap_pvalues_and_holm_hand_worked():
+    samples = torch.tensor([[-1.0, 1.0], [0.5, 2.0], [1.0, 3.0], [0.0, -0.5]])
+    assert torch.allclose(bootstrap_pvalues(samples), torch.tensor([3 / 5, 2 / 5]))
+    p = torch.tensor([0.01, 0.04, 0.03, 0.005])
+    # sorted 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> cummax 0.02, 0.03, 0.06, 0.06
+    adjusted, reject = holm(p, alpha=0.05)
+    assert torch.allclose(adjusted, torch.tensor([0.03, 0.06, 0.06, 0.02]))
+    assert reject.tolist() == [True, False, False, True]
+    adjusted, _ = holm(torch.tensor([0.5, 0.6]))
+    assert torch.allclose(adjusted, torch.tensor([1.0, 1.0]))
+
+
+def _brute_force_shapley(v, n):
+    phi = torch.zeros(n, dtype=torch.float64)
+    perms = list(itertools.permutations(range(n)))
+    for perm in perms:
+        mask = 0
+        for player in perm:
+            phi[player] += v[mask | (1 << player)] - v[mask]
+            mask |= 1 << player
+    return phi / len(perms)
+
+
+def test_shapley_matches_permutations_and_axioms():
+    gen = torch.Generator().manual_seed(12)
+    n = 4
+    v = torch.randn(1 << n, generator=gen, dtype=torch.float64)
+    v[0] = 0.0
+    phi = shapley_values(v)
+    assert torch.allclose(phi, _brute_force_shapley(v, n), atol=1e-12)
+    assert torch.allclose(phi.sum(), v[-1] - v[0], atol=1e-12)  # efficiency
+    # null player 2 and symmetric players 0, 1 in a structured game
+    masks = torch.arange(1 << n)
+    bit = lambda k: ((masks >> k) & 1).double()  # noqa: E731
+    game = 0.3 * (bit(0) + bit(1)) + 0.5 * bit(0) * bit(1) * bit(3) + 0.1 * bit(3)
+    phi_g = shapley_values(game)
+    assert abs(float(phi_g[2])) < 1e-12
+    assert torch.allclose(phi_g[0], phi_g[1], atol=1e-12)
+    assert torch.allclose(phi_g, _brute_force_shapley(game, n), atol=1e-12)
+    # vectorised over leading dims (bootstrap resamples)
+    vb = torch.randn(5, 3, 1 << n, generator=gen, dtype=torch.float64)
+    phib = shapley_values(vb)
+    assert phib.shape == (5, 3, n)
+    assert torch.allclose(phib[2, 1], _brute_force_shapley(vb[2, 1], n), atol=1e-12)
+
+
+def test_shapley_twelve_players_additive_game():
+    n = 12
+    w = torch.linspace(-1, 1, n, dtype=torch.float64)
+    masks = torch.arange(1 << n)
+    bits = ((masks[:, None] >> torch.arange(n)) & 1).double()
+    v = bits @ w
+    assert torch.allclose(shapley_values(v), w, atol=1e-10)
+    assert torch.allclose(shapley_interaction(v), torch.zeros(n - 1, dtype=torch.float64), atol=1e-10)
+
+
+def test_shapley_interaction_matches_definition():
+    gen = torch.Generator().manual_seed(13)
+    n = 4
+    v = torch.randn(1 << n, generator=gen, dtype=torch.float64)
+    ref = []
+    for i, j in [(0, 1), (1, 2), (2, 3)]:
+        others = [k for k in range(n) if k not in (i, j)]
+        total = 0.0
+        for r in range(len(others) + 1):
+            for sub in itertools.combinations(others, r):
+                s = sum(1 << k for k in sub)
+                w = math.factorial(r) * math.factorial(n - r - 2) / math.factorial(n - 1)
+                total += w * (v[s | 1 << i | 1 << j] - v[s | 1 << i] - v[s | 1 << j] + v[s])
+        ref.append(total)
+    assert torch.allclose(shapley_interaction(v), torch.tensor(ref, dtype=torch.float64), atol=1e-12)
+    # pure pairwise synergy between players 1 and 2 only
+    masks = torch.arange(1 << n)
+    game = (((masks >> 1) & 1) * ((masks >> 2) & 1)).double()
+    assert torch.allclose(shapley_interaction(game), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-12)
+
+
+def test_pareto_front_hand_worked():
+    cost = torch.tensor([1.0, 2.0, 3.0, 2.0, 4.0])
+    value = torch.tensor([0.1, 0.3, 0.2, 0.3, 0.5])
+    assert pareto_front(cost, value).tolist() == [True, True, False, True, True]
+
+
+def test_bad_input_raises():
+    det = torch.full((4, 3), 1 / 3)
+    with pytest.raises(ValueError, match="probs_bayes"):
+        delta_ece(det, det, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="2\\^L"):
+        shapley_values(torch.zeros(6))
+    with pytest.raises(ValueError, match="generator"):
+        paired_bootstrap(det, det[None], torch.zeros(4, dtype=torch.int64), 10, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bootstrap_matches_cpu_estimate():
+    gen = torch.Generator().manual_seed(14)
+    det, bayes, labels = _random_models(2000, 5, 10, gen)
+    res = paired_bootstrap(det.cuda(), bayes.cuda(), labels.cuda(), 300, torch.Generator(device="cuda").manual_seed(0))
+    assert res.samples.device.type == "cuda"
+    assert torch.allclose(res.estimate.cpu(), delta_ece(det, bayes, labels), atol=1e-12)
+    jk = jackknife_delta_ece(det.cuda(), bayes.cuda(), labels.cuda())
+    assert torch.allclose(jk.cpu(), jackknife_delta_ece(det, bayes, labels), atol=1e-12)
+    v = torch.randn(64, 1 << 10, device="cuda", dtype=torch.float64)
+    assert torch.allclose(shapley_values(v).cpu(), shapley_values(v.cpu()), atol=1e-10)
