@@ -38,8 +38,8 @@ SIZES = {
     "tiny": dict(model="vit_tiny_patch16_224", img=16, classes=10, r=2, n_test=256, batch_size=32, fit_n=64,
                  fit_batch_size=16, peer_budget_s=30.0, check_samples=1024,
                  kwargs=dict(patch_size=4, embed_dim=32, depth=12, num_heads=2)),
-    "full": dict(model="vit_base_patch16_224", img=224, classes=100, r=16, n_test=10_000, batch_size=64, fit_n=256,
-                 fit_batch_size=32, peer_budget_s=120.0, check_samples=256, kwargs={}),
+    "full": dict(model="vit_base_patch16_224", img=224, classes=100, r=16, n_test=600, batch_size=32, fit_n=64,
+                 fit_batch_size=16, peer_budget_s=120.0, check_samples=64, kwargs={}),
 }
 
 
@@ -51,14 +51,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--img", type=int, help="image size (default 224)")
     p.add_argument("--classes", type=int, help="default 100")
     p.add_argument("--r", type=int, help="LoRA rank (default 16)")
-    p.add_argument("--n-test", type=int, help="test images of the sweep (default 10000)")
-    p.add_argument("--batch-size", type=int, help="bank batch size (default 64)")
+    p.add_argument("--n-test", type=int, help="test images of the sweep (default 600: ~6 min in all on an H100)")
+    p.add_argument("--batch-size", type=int, help="bank batch size (default 32)")
     p.add_argument("--k-chunk", type=int, default=None, help="tangents per vmap call (default: all)")
     p.add_argument("--n-samples", type=int, default=32)
-    p.add_argument("--check-samples", type=int, help="samples of the fp32 bank of the (d) check (default 256)")
-    p.add_argument("--fit-n", type=int, help="images of the K-FAC fit benchmark (default 256)")
-    p.add_argument("--fit-batch-size", type=int, help="default 32")
-    p.add_argument("--peer-fit-n", type=int, default=16, help="images of each laplace-torch subset fit")
+    p.add_argument("--check-samples", type=int, help="samples of the fp32 bank of the (d) check (default 64)")
+    p.add_argument("--fit-n", type=int, help="images of the K-FAC fit benchmark (default 64)")
+    p.add_argument("--fit-batch-size", type=int, help="default 16")
+    p.add_argument("--peer-fit-n", type=int, default=4, help="images of each laplace-torch subset fit")
     p.add_argument("--peer-budget-s", type=float, help="laplace-torch sweep time budget (default 120 s)")
     p.add_argument("--peer-batch-size", type=int, default=4, help="first laplace-torch batch (halved on OOM)")
     p.add_argument("--prior-precision", type=float, default=1.0)
@@ -88,6 +88,8 @@ def timed(device: torch.device, record: dict, key: str):
         torch.cuda.synchronize(device)
         record[key + "_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     record[key] = time.perf_counter() - t0
+    mem = f", peak {record[key + '_mem_gb']:.2f} GiB" if device.type == "cuda" else ""
+    print(f"  {key}: {record[key]:.2f}{mem}", flush=True)
 
 
 def make_model(args, device):

@@ -12,6 +12,7 @@ ECE differences are stored as fractions and *displayed in percentage points* (x 
 
 from __future__ import annotations
 
+import io
 from typing import Mapping, Sequence
 
 import matplotlib as mpl
@@ -36,6 +37,11 @@ __all__ = [
     "plot_leave_one_out",
     "prepare_pareto",
     "plot_pareto",
+    "prepare_training_curves",
+    "plot_training_curves",
+    "plot_block_quantities",
+    "plot_latency",
+    "plot_delta_scatter_grid",
 ]
 
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
@@ -57,6 +63,28 @@ STYLE = {
 """rc settings applied while a figure is drawn."""
 
 WIDTH = 6.5
+DPI = 150
+
+
+def figure_png(fig: Figure) -> bytes:
+    """PNG bytes of ``fig`` at :data:`DPI` (how notebooks display the figures of this module)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _register_notebook_display() -> None:
+    """Let IPython display a bare ``Figure`` (no pyplot, any backend) as PNG."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
+
+
+_register_notebook_display()
 PP = 100.0  # fraction -> percentage points
 DELTA_LABEL = "ΔECE = ECE$_\\mathrm{det}$ − ECE$_\\mathrm{Bayes}$ (pp)"
 
@@ -307,4 +335,100 @@ def plot_pareto(data: pd.DataFrame, ax: Axes | None = None, xlabel: str = "Infer
         ax.set_xlabel(xlabel)
         ax.set_ylabel(DELTA_LABEL)
         ax.legend(frameon=False, loc="lower right")
+    return fig
+
+
+def prepare_training_curves(histories: Mapping[str, Sequence[Mapping]]) -> pd.DataFrame:
+    """Long DataFrame (``run``, ``epoch``, ``train_loss``, ``val_loss``, ``val_acc``) from
+    :func:`lib.train.fit` histories keyed by run name (e.g. ``"pre-training"``, ``"seed 0"``)."""
+    rows = [{"run": run, **{k: h[k] for k in ("epoch", "train_loss", "val_loss", "val_acc")}}
+            for run, hist in histories.items() for h in hist]
+    if not rows:
+        raise ValueError("prepare_training_curves: histories are empty")
+    return pd.DataFrame(rows)
+
+
+def plot_training_curves(data: pd.DataFrame, ax: Sequence[Axes] | None = None) -> Figure:
+    """Training and validation loss (left) and validation accuracy (right) per epoch and run."""
+    _require(data, ["run", "epoch", "train_loss", "val_loss", "val_acc"], "plot_training_curves")
+    with mpl.rc_context(STYLE):
+        if ax is None:
+            fig = Figure(figsize=(WIDTH, 2.6), layout="constrained")
+            axes = fig.subplots(1, 2)
+        else:
+            axes = list(ax)
+            fig = axes[0].get_figure()
+        for i, (run, d) in enumerate(data.groupby("run", sort=False)):
+            c = PALETTE[i % len(PALETTE)]
+            axes[0].plot(d.epoch, d.train_loss, "-", color=c, label=f"{run} (train)")
+            axes[0].plot(d.epoch, d.val_loss, "--", color=c, label=f"{run} (val.)")
+            axes[1].plot(d.epoch, d.val_acc * 100, "-", color=c, label=run)
+        axes[0].set_xlabel("Epoch")
+        axes[0].set_ylabel("Cross-entropy (nats)")
+        axes[1].set_xlabel("Epoch")
+        axes[1].set_ylabel("Validation accuracy (%)")
+        axes[0].legend(frameon=False, ncol=1 if data.run.nunique() < 3 else 2, fontsize=7)
+    return fig
+
+
+def plot_block_quantities(data: pd.DataFrame, columns: Sequence[tuple[str, str]], ax: Sequence[Axes] | None = None) -> Figure:
+    """Per-block bars of several posterior quantities, one panel each, with seed ranges.
+
+    Args:
+        data: DataFrame with ``block`` and, for each ``(column, label)`` in ``columns``, ``column``
+            (mean over seeds) and optional ``column_min``/``column_max`` (range over seeds).
+        columns: the quantities to draw and their axis labels (log scale).
+    """
+    _require(data, ["block", *[c for c, _ in columns]], "plot_block_quantities")
+    with mpl.rc_context(STYLE):
+        if ax is None:
+            fig = Figure(figsize=(WIDTH, 2.4), layout="constrained")
+            axes = fig.subplots(1, len(columns), sharex=True, squeeze=False)[0]
+        else:
+            axes = list(ax)
+            fig = axes[0].get_figure()
+        for a, (col, label) in zip(axes, columns):
+            v = data[col].to_numpy(float)
+            err = None
+            if {f"{col}_min", f"{col}_max"} <= set(data.columns):
+                err = np.abs(np.stack([v - data[f"{col}_min"].to_numpy(float), data[f"{col}_max"].to_numpy(float) - v]))
+            a.bar(data.block, v, yerr=err, color=PALETTE[0], ecolor="0.3", capsize=1.5)
+            a.set_yscale("log")
+            a.set_xlabel("Block")
+            a.set_ylabel(label)
+    return fig
+
+
+def plot_latency(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
+    """Latency per image of each block choice (bars) with the deterministic model as a line.
+
+    Args:
+        data: DataFrame with ``posterior``, ``ms_per_image``; the row ``"deterministic"`` is the line.
+    """
+    _require(data, ["posterior", "ms_per_image"], "plot_latency")
+    with mpl.rc_context(STYLE):
+        fig, ax = _new(ax, 2.8)
+        det = data[data.posterior == "deterministic"].ms_per_image
+        rest = data[data.posterior != "deterministic"]
+        ax.bar(range(len(rest)), rest.ms_per_image, color=PALETTE[0])
+        ax.set_xticks(range(len(rest)), rest.posterior, rotation=90)
+        if len(det):
+            ax.axhline(float(det.iloc[0]), color=PALETTE[1], linestyle="--", label="Deterministic (MAP)")
+            ax.legend(frameon=False)
+        ax.set_ylabel("Latency (ms per image)")
+    return fig
+
+
+def plot_delta_scatter_grid(panels: Mapping[str, pd.DataFrame]) -> Figure:
+    """Several :func:`plot_delta_scatter` panels side by side (2 per row), keyed by x-axis label."""
+    if not panels:
+        raise ValueError("plot_delta_scatter_grid: panels must not be empty")
+    rows = (len(panels) + 1) // 2
+    with mpl.rc_context(STYLE):
+        fig = Figure(figsize=(WIDTH, 2.5 * rows), layout="constrained")
+        axes = fig.subplots(rows, 2, squeeze=False).ravel()
+        for a, (xlabel, df) in zip(axes, panels.items()):
+            plot_delta_scatter(df, ax=a, xlabel=xlabel)
+        for a in axes[len(panels):]:
+            a.set_visible(False)
     return fig

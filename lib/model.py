@@ -86,16 +86,17 @@ def _create(cfg: ModelConfig) -> nn.Module:
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        head_keys = {k for k in state if k.startswith("head.")}
-        missing, unexpected = model.load_state_dict(
-            {k: v for k, v in state.items() if k not in head_keys}, strict=False
-        )
-        missing = [k for k in missing if not k.startswith("head.")]
-        if missing or unexpected:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or mismatched:
             raise ValueError(
                 f"model.checkpoint '{cfg.checkpoint}' does not fit {cfg.name} {kwargs}: "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {mismatched[:3]}"
             )
+        model.load_state_dict(state, strict=False)
     else:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
     return model

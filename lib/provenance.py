@@ -103,9 +103,13 @@ def _git(root: Path, *args: str) -> str | None:
 def git_state(root: Path = ROOT) -> dict[str, Any]:
     """``{"git_sha": commit or None, "git_dirty": bool or None}``.
 
-    ``git_dirty`` ignores ``_freeze/``, which a run itself rewrites.
+    ``git_dirty`` ignores ``_freeze/``, which a run itself rewrites. Where the checkout has no
+    ``.git`` (a copy of the working tree sent to a GPU machine), the commit the copy was made from
+    is taken from the environment variable ``LLA_GIT_SHA`` (with ``git_dirty`` unknown).
     """
     sha = _git(root, "rev-parse", "--verify", "--quiet", "HEAD")
+    if not sha and os.environ.get("LLA_GIT_SHA"):
+        return {"git_sha": os.environ["LLA_GIT_SHA"], "git_dirty": None}
     status = _git(root, "status", "--porcelain", "--", ".", ":(exclude)_freeze")
     return {"git_sha": sha or None, "git_dirty": None if status is None else bool(status)}
 

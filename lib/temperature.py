@@ -28,7 +28,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int
         return loss
 
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -83,3 +83,54 @@ def dense_ggn(model: torch.nn.Module, x: torch.Tensor, weights: list[torch.Tenso
     p = f(*[w.detach() for w in weights]).double().softmax(-1)
     lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     return torch.einsum("nca,ncd,ndb->ab", J, lam, J)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op torch thread (tiny tensors are slower with a thread pool on a
+    busy 2-core machine); restores the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def dump_cifar_pickle(path, obj: dict, bytes_keys: bool = False) -> None:
+    """Pickle ``obj`` (protocol 2) like the CIFAR files; ``bytes_keys`` makes keys and names bytes."""
+    import pickle
+
+    if bytes_keys:
+        obj = {k.encode(): ([v.encode() for v in obj[k]] if k.endswith("names") else obj[k]) for k in obj}
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh, protocol=2)
+
+
+def write_fake_cifar10(root, per_batch: int = 40, n_test: int = 30, *, bytes_keys: bool = False) -> dict:
+    """Fabricated ``root/cifar-10-batches-py/`` of random uint8 images (labels of batch k: (i + k) % 10,
+    test: i % 10); returns the arrays written (``train``, ``train_labels``, ``test``, ``test_labels``)."""
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for k in range(1, 6):
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [(i + k) % 10 for i in range(per_batch)]
+        dump_cifar_pickle(folder / f"data_batch_{k}", {
+            "batch_label": f"training batch {k} of 5", "labels": labels, "data": data,
+            "filenames": [f"img_{k}_{i}.png" for i in range(per_batch)],
+        }, bytes_keys)
+        xs.append(data)
+        ys += labels
+    test = rng.integers(0, 256, size=(n_test, 3072), dtype=np.uint8)
+    test_labels = [i % 10 for i in range(n_test)]
+    dump_cifar_pickle(folder / "test_batch", {
+        "batch_label": "testing batch 1 of 1", "labels": test_labels, "data": test,
+        "filenames": [f"t_{i}.png" for i in range(n_test)],
+    }, bytes_keys)
+    dump_cifar_pickle(folder / "batches.meta", {"label_names": CIFAR10_NAMES, "num_cases_per_batch": per_batch, "num_vis": 3072}, bytes_keys)
+    return {"train": np.concatenate(xs), "train_labels": np.array(ys), "test": test, "test_labels": np.array(test_labels)}

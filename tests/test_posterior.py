@@ -43,6 +43,14 @@ def _laplace_torch(model, x, y, structure, blocks=None):
     return la, cov.double()[perm][:, perm], prec.double()[perm][:, perm]
 
 
+def _assert_inverse_within_bound(post, prec_ref):
+    """Our covariance vs inv(reference precision) within ‖C‖‖C_ref‖‖P − P_ref‖ (+ fp64 slack)."""
+    cov, cov_ref = post.dense_covariance(), torch.linalg.inv(prec_ref)
+    norm = lambda m: torch.linalg.matrix_norm(m, ord=2)  # noqa: E731
+    bound = norm(cov) * norm(cov_ref) * norm(post.dense_precision() - prec_ref)
+    assert norm(cov - cov_ref) <= 1.01 * bound + 1e-9 * norm(cov_ref)
+
+
 def _rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
@@ -50,13 +58,18 @@ def _rel(a, b):
 @pytest.mark.parametrize("structure", ["kron", "diag"])
 def test_covariance_and_evidence_match_laplace_torch(tiny_lora_vit, tiny_batch, structure):
     """Same curvature variant ('expand', laplace-torch's default) and per-block δ: dense precision,
-    covariance and log marginal likelihood agree. laplace-torch eigendecomposes in fp32, so the
-    covariance (which amplifies the eigenvector error of near-null directions by 1/δ) gets 2e-4."""
+    covariance and log marginal likelihood agree. Both libraries accumulate the factors in fp32, so
+    the precisions differ by ~1e-6 relative; a covariance inverts that difference with the
+    amplification of near-null directions, C₁ − C₂ = C₁ (P₂ − P₁) C₂, so the covariance is checked
+    against the float64 inverse of laplace-torch's precision within that exact perturbation bound
+    ``‖C₁ − C₂‖ ≤ ‖C₁‖ ‖C₂‖ ‖P₁ − P₂‖`` (spectral norms), and against laplace-torch's own fp32
+    covariance to 5e-3."""
     x, y = tiny_batch
     post = build_posterior(_curvature(tiny_lora_vit, x, y, structure), prior_precision=DELTA, prior_tuning="none")
     la, cov, prec = _laplace_torch(tiny_lora_vit, x, y, structure)
     assert _rel(post.dense_precision(), prec) < 1e-5
-    assert _rel(post.dense_covariance(), cov) < 2e-4
+    _assert_inverse_within_bound(post, prec)
+    assert _rel(post.dense_covariance(), cov) < 5e-3
     ours = post.log_marginal_likelihood()
     ref = la.log_marginal_likelihood().double()
     assert abs(float(ours - ref)) < 1e-5 * abs(float(ref))
@@ -70,9 +83,10 @@ def test_restrict_equals_fitting_with_other_blocks_frozen(tiny_lora_vit, tiny_ba
     x, y = tiny_batch
     post = build_posterior(_curvature(tiny_lora_vit, x, y, structure), prior_precision=DELTA, prior_tuning="none")
     sub = post.restrict([1])
-    la, cov, _ = _laplace_torch(tiny_lora_vit, x, y, structure, blocks=[1])
+    la, cov, prec = _laplace_torch(tiny_lora_vit, x, y, structure, blocks=[1])
     assert sub.blocks == [1]
-    assert _rel(sub.dense_covariance(), cov) < 2e-4
+    _assert_inverse_within_bound(sub, prec)
+    assert _rel(sub.dense_covariance(), cov) < 5e-3
     ref = la.log_marginal_likelihood().double()
     assert abs(float(sub.log_marginal_likelihood() - ref)) < 1e-5 * abs(float(ref))
     zero = sub.variance_block(0)

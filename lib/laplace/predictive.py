@@ -18,6 +18,7 @@ pass per batch. Any subset's predictive is then a masked sum over the bank
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Protocol
 
@@ -57,6 +58,17 @@ class Bank:
     def n_blocks(self) -> int:
         """Number of rows ``L`` of ``delta``."""
         return self.delta.shape[0]
+
+
+def load_forward_ad() -> None:
+    """Import torch's forward-AD decompositions now, without torch's own deprecation warning.
+
+    torch ≥ 2.14 registers them through ``torch.jit.script`` on first use of forward AD and warns
+    about its own call; importing them here first keeps that warning out of the book's outputs.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit.script.*")
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
 def block_generator(seed: int, block: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -127,8 +139,9 @@ def perturbation_bank(
     if k_chunk < 1:
         raise ValueError(f"k_chunk must be >= 1 or None, got {k_chunk}")
 
+    load_forward_ad()
     parts = vit_parts(model)
-    tangents = {b: _block_tangents(model, posterior, b, n_samples, seed, device) for b in blocks}
+    tangents = {b: block_tangents(model, posterior, b, n_samples, seed, device) for b in blocks}
     primals = {}
     for b in blocks:
         params = dict(parts.blocks[b].named_parameters())
@@ -173,7 +186,7 @@ def perturbation_bank(
     )
 
 
-def _block_tangents(
+def block_tangents(
     model: nn.Module, posterior: BlockPosterior, block: int, n_samples: int, seed: int, device: torch.device
 ) -> dict[str, Tensor]:
     """Block-relative LoRA parameter names → (K, *param.shape) tangents on ``device``."""

@@ -39,6 +39,7 @@ class Book:
     entries: list[Entry]
     code_fold: bool = True
     pdf_echo: bool = True
+    warning: bool = True
     profile: str | None = None
 
     @classmethod
@@ -79,6 +80,7 @@ class Book:
             entries=entries,
             code_fold=html.get("code-fold", True) is not False if isinstance(html, dict) else True,
             pdf_echo=pdf.get("echo", True) is not False if isinstance(pdf, dict) else True,
+            warning=(cfg.get("execute") or {}).get("warning", True) is not False,
             profile=profile or cfg.get("book-profile"),
         )
 
@@ -90,7 +92,7 @@ class Book:
         """Convert every chapter for ``target``; numbers chapters (the first entry is unnumbered)."""
         conv = Converter(
             target, fig_dir, fig_href,
-            echo=self.pdf_echo if target == "pdf" else True, code_fold=self.code_fold,
+            echo=self.pdf_echo if target == "pdf" else True, code_fold=self.code_fold, warning=self.warning,
         )
         docs, number = [], 0
         for i, entry in enumerate(self.entries):

@@ -2,7 +2,7 @@
 
 Markdown cells pass through with their headings numbered (``## T {#sec-x}`` → ``4.2 T``), callouts
 given a title, captioned markdown figures/tables/equations numbered. Code cells honour the Quarto
-cell options in leading ``#|`` lines (``label``, ``fig-cap``, ``tbl-cap``, ``fig-alt``, ``echo``,
+cell options in leading ``#|`` lines (``label``, ``fig-cap``, ``tbl-cap``, ``fig-alt``, ``echo``, ``warning``,
 ``output``, ``include``, ``code-fold``); their outputs become Markdown: images are written to files
 and embedded as pandoc figures (id from ``label``, caption from ``fig-cap``), HTML tables (pandas)
 become pipe tables captioned from ``tbl-cap``, ``text/markdown`` displays are inlined, streams become
@@ -193,8 +193,10 @@ class _Numbering:
 class Converter:
     """Converts the notebooks of one book for one target (``"html"`` or ``"pdf"``)."""
 
-    def __init__(self, target: str, fig_dir: Path, fig_href: str, echo: bool, code_fold: bool):
+    def __init__(self, target: str, fig_dir: Path, fig_href: str, echo: bool, code_fold: bool,
+                 warning: bool = True):
         self.target = target
+        self.warning = warning
         self.fig_dir = fig_dir
         self.fig_href = fig_href.rstrip("/")
         self.echo = echo
@@ -312,7 +314,10 @@ class Converter:
             parts.append(f"{fence_for(code)} python\n{code}\n{fence_for(code)}")
         if options.get("output") is not False:
             fig_done = tbl_done = False
+            warning = options.get("warning", self.warning) is not False
             for k, out in enumerate(cell.get("outputs", [])):
+                if not warning and out.get("output_type") == "stream" and out.get("name") == "stderr":
+                    continue
                 md, kind = self._output(out, f"{doc.name}-cell{index}-{k}", doc)
                 if not md:
                     continue

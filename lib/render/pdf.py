@@ -18,6 +18,11 @@ from lib.render.pandoc import PandocError, pandoc
 ASSETS = Path(__file__).parent / "assets"
 
 
+TYPST_RENAMED = {"times.circle": "times.o", "plus.circle": "plus.o", "minus.circle": "minus.o",
+                 "dot.circle": "dot.o", "div.circle": "div.o"}
+"""Math symbols pandoc still writes with modifiers that the typst wheel (0.14+) renamed."""
+
+
 def book_markdown(book: Book, work: Path) -> tuple[str, list[str]]:
     """The whole book as one pandoc Markdown document (figures written under ``work/figures``)."""
     docs = book.convert("pdf", work / "figures", "figures")
@@ -53,6 +58,8 @@ def write_pdf(book: Book, out: Path, work: Path) -> Path:
         args += ["--citeproc", f"--bibliography={book.bibliography}", "-M", "suppress-bibliography=false"]
     (work / "book.md").write_text(markdown)
     source, _ = pandoc(markdown, args, cwd=str(work))
+    for old, new in TYPST_RENAMED.items():
+        source = source.replace(old, new)
     typ = work / "book.typ"
     typ.write_text(source)
     pdf = out / f"{book.slug()}.pdf"

@@ -1,0 +1,250 @@
+"""Cross-seed attribution of the calibration gain to transformer blocks.
+
+From the cached per-seed predictions of :mod:`lib.study`: Δ_ECE of every named posterior with
+bootstrap intervals (hierarchical over seeds × test examples when there are ≥ 2 seeds,
+davison1997bootstrap; paired BCa otherwise, efron1987better), the accompanying NLL / Brier /
+accuracy changes, Holm-corrected tests of "block ℓ improves calibration" (holm1979simple), the
+bootstrap distribution of the single-block ranks with a simultaneous rank confidence set
+(mogstad2024inference), and exact Shapley values of the blocks (shapley1953value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from lib.calibration import prepare_reliability
+from lib.config import StatsConfig
+from lib.stats import (
+    bca_interval,
+    bootstrap_pvalues,
+    delta_ece,
+    hierarchical_bootstrap,
+    holm,
+    jackknife_delta_ece,
+    paired_bootstrap,
+    percentile_interval,
+    rank_confidence_set,
+    rank_probabilities,
+    shapley_interaction,
+    shapley_values,
+)
+from lib.study import SeedStudy
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Δ_ECE of the named posteriors: ``table`` (one row per posterior) and the bootstrap
+    ``samples`` (R, P) of the seed-averaged Δ in the order of ``table.posterior``."""
+
+    table: pd.DataFrame
+    samples: torch.Tensor
+
+    def singles(self) -> pd.DataFrame:
+        """Rows of the single-block posteriors, ordered by block."""
+        return self.table[self.table.kind == "single"].sort_values("block").reset_index(drop=True)
+
+    def single_samples(self) -> torch.Tensor:
+        """Bootstrap samples (R, L) of the single-block Δ, columns ordered by block."""
+        rows = self.table.index[self.table.kind == "single"].to_numpy()
+        order = self.table.loc[rows, "block"].to_numpy().argsort()
+        return self.samples[:, torch.as_tensor(rows[order])]
+
+
+def _kind(name: str) -> tuple[str, int]:
+    if name == "all":
+        return "all", -1
+    if name.startswith("single "):
+        return "single", int(name.split()[1])
+    if name.startswith("all but "):
+        return "leave-one-out", int(name.split()[2])
+    head, k = name.split()
+    return f"{head}-k", int(k)
+
+
+def attribution(studies: list[SeedStudy], stats: StatsConfig, device: torch.device) -> Attribution:
+    """Δ_ECE = ECE_det − ECE_S (positive: S improves calibration) for every named posterior S.
+
+    Interval: percentile of the two-level bootstrap (seeds, then test examples) of the
+    seed-averaged Δ with ≥ 2 seeds, BCa of the paired bootstrap with one seed. ``d_nll`` and
+    ``d_brier`` are det − S (positive: better), ``d_acc`` is S − det; all means over seeds.
+    ``p_holm``/``improves``: Holm-adjusted one-sided bootstrap test of Δ(ℓ) > 0 over the family
+    of single-block posteriors.
+    """
+    named = [s.named() for s in studies]
+    names = [n for n in named[0]["names"] if n != "none"]
+    per_seed = []
+    for d in named:
+        idx = torch.tensor([d["names"].index(n) for n in names])
+        per_seed.append((d["det"].to(device), d["probs"][idx].to(device), d["labels"].to(device)))
+    g = torch.Generator(device=device).manual_seed(0)
+    if len(per_seed) >= 2:
+        res = hierarchical_bootstrap(per_seed, stats.n_boot, g, n_bins=stats.n_bins)
+        lower, upper = percentile_interval(res.samples, stats.alpha)
+        interval = "hierarchical percentile"
+    else:
+        res = paired_bootstrap(*per_seed[0], stats.n_boot, g, n_bins=stats.n_bins)
+        jack = jackknife_delta_ece(*per_seed[0], n_bins=stats.n_bins)
+        lower, upper = bca_interval(res.samples, res.estimate, jack, stats.alpha)
+        interval = "paired BCa"
+    per_seed_delta = torch.stack([delta_ece(*ps, n_bins=stats.n_bins) for ps in per_seed]).cpu()
+    metrics = [s.metrics().set_index("posterior") for s in studies]
+
+    def change(col: str, sign: float) -> list[float]:
+        return [sum(sign * (m.loc[n, col] - m.loc["none", col]) for m in metrics) / len(metrics) for n in names]
+
+    table = pd.DataFrame({
+        "posterior": names,
+        "kind": [_kind(n)[0] for n in names],
+        "block": [_kind(n)[1] for n in names],
+        "delta": res.estimate.cpu().numpy(),
+        "lower": lower.cpu().numpy(),
+        "upper": upper.cpu().numpy(),
+        "seed_sd": per_seed_delta.std(0).numpy() if len(studies) > 1 else float("nan"),
+        "d_nll": change("nll", -1.0),
+        "d_brier": change("brier", -1.0),
+        "d_acc": change("accuracy", 1.0),
+        "ece": [sum(m.loc[n, "ece"] for m in metrics) / len(metrics) for n in names],
+        "interval": interval,
+    })
+    for i, s in enumerate(studies):
+        table[f"delta_seed{s.seed}"] = per_seed_delta[i].numpy()
+    singles = (table.kind == "single").to_numpy()
+    pvals = bootstrap_pvalues(res.samples.cpu())
+    adj, reject = holm(pvals[torch.from_numpy(singles.copy())], stats.alpha)
+    table["p_holm"] = float("nan")
+    table["improves"] = False
+    table.loc[singles, "p_holm"] = adj.numpy()
+    table.loc[singles, "improves"] = reject.numpy()
+    return Attribution(table=table, samples=res.samples.cpu())
+
+
+def rank_analysis(att: Attribution, stats: StatsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rank probabilities (blocks × ranks) and per-block rank confidence intervals.
+
+    The second frame has ``block``, ``delta``, ``rank`` (point), ``rank_lower``, ``rank_upper``
+    (simultaneous 1−α), ``p_top_k`` (bootstrap probability of being in the top k),
+    ``top_k_candidate`` (cannot be excluded from the top k) and ``surely_top_k``.
+    """
+    singles = att.singles()
+    samples = att.single_samples()
+    est = torch.as_tensor(singles.delta.to_numpy())
+    probs = rank_probabilities(samples)
+    blocks = [f"block {b}" for b in singles.block]
+    heat = pd.DataFrame(probs.numpy(), index=blocks, columns=range(1, len(blocks) + 1))
+    k = min(stats.top_k, len(blocks))
+    rcs = rank_confidence_set(est, samples, k=k, alpha=stats.alpha)
+    point = (-est).argsort().argsort() + 1
+    ranks = pd.DataFrame({
+        "block": singles.block.to_numpy(),
+        "delta": est.numpy(),
+        "rank": point.numpy(),
+        "rank_lower": rcs.lower.numpy(),
+        "rank_upper": rcs.upper.numpy(),
+        "p_top_k": probs[:, :k].sum(1).numpy(),
+        "top_k_candidate": rcs.top_k_candidates.numpy(),
+        "surely_top_k": rcs.top_k_certain.numpy(),
+    })
+    return heat, ranks
+
+
+def shapley(studies: list[SeedStudy], alpha: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Exact Shapley values of the blocks for v(S) = ECE_det − ECE_S, and adjacent interactions.
+
+    Per seed, v is evaluated for all 2^L subsets on the test set and on R paired bootstrap
+    resamples (:func:`lib.study.subset_predictions`); values are averaged over seeds and the
+    percentile interval is over the example-level resamples (seeds held fixed).
+    """
+    vals, inter = [], []
+    for s in studies:
+        e = s.subset_ece()
+        v = e[:, :1] - e
+        vals.append(shapley_values(v.double()))
+        inter.append(shapley_interaction(v.double()))
+    phi = torch.stack(vals).mean(0)
+    iij = torch.stack(inter).mean(0)
+    L = phi.shape[1]
+    lo, hi = percentile_interval(phi[1:], alpha)
+    ilo, ihi = percentile_interval(iij[1:], alpha)
+    values = pd.DataFrame({"layer": [f"block {b}" for b in range(L)], "block": range(L), "phi": phi[0].numpy(),
+                           "lower": lo.numpy(), "upper": hi.numpy()})
+    pairs = pd.DataFrame({"pair": [f"{b}–{b + 1}" for b in range(L - 1)], "interaction": iij[0].numpy(),
+                          "lower": ilo.numpy(), "upper": ihi.numpy()})
+    return values, pairs
+
+
+def cumulative(att: Attribution) -> pd.DataFrame:
+    """Δ of the first-k and last-k posteriors with intervals, one row per k."""
+    t = att.table
+    out = {"k": sorted(t[t.kind == "first-k"].block)}
+    for kind, col in (("first-k", "first_k"), ("last-k", "last_k")):
+        sub = t[t.kind == kind].set_index("block").loc[out["k"]]
+        out[col], out[f"{col}_lower"], out[f"{col}_upper"] = sub.delta.to_numpy(), sub.lower.to_numpy(), sub.upper.to_numpy()
+    return pd.DataFrame(out)
+
+
+def leave_one_out(att: Attribution) -> pd.DataFrame:
+    """Δ of the all-but-ℓ posteriors, one row per removed block ℓ."""
+    t = att.table[att.table.kind == "leave-one-out"].sort_values("block")
+    return pd.DataFrame({"layer": [f"block {b}" for b in t.block], "block": t.block.to_numpy(),
+                         "delta": t.delta.to_numpy(), "lower": t.lower.to_numpy(), "upper": t.upper.to_numpy()})
+
+
+def prepare_ranked(att: Attribution) -> pd.DataFrame:
+    """Single blocks and the all-block posterior as ``layer``, ``delta``, ``lower``, ``upper`` rows."""
+    t = att.table[att.table.kind.isin(["single", "all"])]
+    return pd.DataFrame({"layer": [f"block {b}" if k == "single" else "all blocks" for k, b in zip(t.kind, t.block)],
+                         "delta": t.delta.to_numpy(), "lower": t.lower.to_numpy(), "upper": t.upper.to_numpy()})
+
+
+def prepare_reliability_panels(study: SeedStudy, block: int, n_bins: int) -> dict:
+    """Reliability data of one seed: deterministic, temperature-scaled, Bayes(block), all blocks."""
+    d = study.named()
+    probs = dict(zip(d["names"], d["probs"]))
+    return {
+        "Deterministic": prepare_reliability(d["det"], d["labels"], n_bins),
+        "Temperature scaled": prepare_reliability(d["ts"], d["labels"], n_bins),
+        f"Bayes (block {block})": prepare_reliability(probs[f"single {block}"], d["labels"], n_bins),
+        "Bayes (all blocks)": prepare_reliability(probs["all"], d["labels"], n_bins),
+    }
+
+
+def prepare_scatter_panels(att: Attribution, blocks: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """ΔECE of single blocks against depth, Δ accuracy, Δ NLL and the per-block curvature trace."""
+    s = att.singles()
+    per_block = blocks.set_index("block").loc[s.block]
+    base = {"delta": s.delta.to_numpy(), "lower": s.lower.to_numpy(), "upper": s.upper.to_numpy(),
+            "label": s.block.to_numpy()}
+    return {
+        "Block depth (index)": pd.DataFrame({"x": s.block.to_numpy(), **{k: v for k, v in base.items() if k != "label"}}),
+        "Δ accuracy (pp, Bayes − det.)": pd.DataFrame({"x": 100 * s.d_acc.to_numpy(), **base}),
+        "Δ NLL (nats, det. − Bayes)": pd.DataFrame({"x": s.d_nll.to_numpy(), **base}),
+        "Curvature trace tr GGN$_\\ell$ (log scale)": pd.DataFrame(
+            {"x": per_block.curvature_trace.to_numpy(), **base}),
+    }
+
+
+def interval_comparison(study: SeedStudy, stats: StatsConfig, device: torch.device) -> pd.DataFrame:
+    """Percentile vs BCa intervals of the single-block Δ on one seed's test set (paired bootstrap)."""
+    d = study.named()
+    names = [n for n in d["names"] if n.startswith("single ")]
+    idx = torch.tensor([d["names"].index(n) for n in names])
+    args = (d["det"].to(device), d["probs"][idx].to(device), d["labels"].to(device))
+    g = torch.Generator(device=device).manual_seed(1)
+    res = paired_bootstrap(*args, stats.n_boot, g, n_bins=stats.n_bins)
+    plo, phi = percentile_interval(res.samples, stats.alpha)
+    blo, bhi = bca_interval(res.samples, res.estimate, jackknife_delta_ece(*args, n_bins=stats.n_bins), stats.alpha)
+    return pd.DataFrame({"block": [int(n.split()[1]) for n in names], "delta": res.estimate.cpu().numpy(),
+                         "percentile_lower": plo.cpu().numpy(), "percentile_upper": phi.cpu().numpy(),
+                         "bca_lower": blo.cpu().numpy(), "bca_upper": bhi.cpu().numpy()})
+
+
+def block_subsets(n_blocks: int) -> dict[str, list[int]]:
+    """The block choices the deployment chapter prices: single blocks, first-k, last-k (k ≥ 2)."""
+    out = {f"single {b}": [b] for b in range(n_blocks)}
+    out.update({f"first {k}": list(range(k)) for k in range(2, n_blocks)})
+    out.update({f"last {k}": list(range(n_blocks - k, n_blocks)) for k in range(2, n_blocks)})
+    out["all"] = list(range(n_blocks))
+    return out

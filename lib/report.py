@@ -1,0 +1,276 @@
+"""Result tables of the book and the sentences that state them, generated from the numbers.
+
+Chapters call these so that every number in the prose comes from the run that produced the
+figures; nothing is typed by hand. ΔECE and its intervals are shown in percentage points (pp).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lib.calibration import calibration_summary
+from lib.config import Config
+from lib.model import count_parameters, data_config, n_blocks
+from lib.paths import FREEZE
+from lib.pipeline import MapRun
+
+PP = 100.0
+
+
+def results_dir(profile: str) -> Path:
+    """``_freeze/<profile>/results/``: the CSV tables the chapters save next to their outputs."""
+    path = FREEZE / profile / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_table(df: pd.DataFrame, profile: str, name: str) -> Path:
+    """Write ``df`` to ``_freeze/<profile>/results/<name>.csv`` and return the path."""
+    path = results_dir(profile) / f"{name}.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+def load_table(profile: str, name: str) -> pd.DataFrame:
+    """Read a table saved by :func:`save_table`; a missing table names the chapter to run."""
+    path = results_dir(profile) / f"{name}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run the chapter that saves it: make run PROFILE={profile}")
+    return pd.read_csv(path)
+
+
+def pp(x: float) -> str:
+    """A fraction as signed percentage points, e.g. ``+1.23``."""
+    return f"{PP * x:+.2f}"
+
+
+def ci(delta: float, lower: float, upper: float) -> str:
+    """``+1.23 [+0.80, +1.70]`` (pp)."""
+    return f"{pp(delta)} [{pp(lower)}, {pp(upper)}]"
+
+
+def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
+    """Data, model, LoRA and training settings of the profile as a two-column table."""
+    s, d = run.splits, data_config(run.model)
+    counts = count_parameters(run.model)
+    data = cfg.data
+    rows = [
+        ("Dataset", data.name if data.classes is None else f"{data.name}, classes {list(data.classes)}"),
+        ("Classes (fine-tuning)", ", ".join(s.class_names)),
+        ("Train / validation / test images", f"{len(s.train):,} / {len(s.val):,} / {len(s.test):,}"),
+        ("Backbone", cfg.model.name + (f" {cfg.model.kwargs}" if cfg.model.kwargs else "")),
+        ("Backbone weights", "pre-trained by this project (see below)" if cfg.pretrain
+         else ("timm pretrained" if cfg.model.pretrained else "random initialisation (frozen)")),
+        ("Input", f"{d['input_size'][1]}×{d['input_size'][2]} px, mean {d['mean']}, std {d['std']}"),
+        ("Transformer blocks", str(n_blocks(run.model))),
+        ("LoRA", f"r = {cfg.lora.r}, α = {cfg.lora.alpha:g} on {', '.join(cfg.lora.targets)} of every block"),
+        ("Trainable parameters", f"{counts['lora']:,} LoRA + {counts['head']:,} head (frozen: {counts['frozen']:,})"),
+        ("Fine-tuning", f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, Adam lr {cfg.train.lr:g}, cosine, "
+                        f"L2 λ = {cfg.train.weight_decay:g}"),
+        ("Prior precision implied by λ (δ = λN)", f"{cfg.train.weight_decay * len(s.train):g}"),
+        ("Training seeds", ", ".join(map(str, cfg.seeds))),
+    ]
+    if cfg.pretrain:
+        p = cfg.pretrain
+        rows.insert(5, ("Backbone pre-training", f"classes {list(p.classes)}, {p.epochs} epochs, batch {p.batch_size}, "
+                                                  f"AdamW lr {p.lr:g}, wd {p.weight_decay:g}, label smoothing {p.label_smoothing:g}"))
+    return pd.DataFrame(rows, columns=["Setting", "Value"])
+
+
+def deterministic_table(runs: list[MapRun], n_bins: int) -> pd.DataFrame:
+    """Test metrics of the deterministic (MAP) model per seed, from the cached test logits."""
+    rows = []
+    for r in runs:
+        logits = torch.load(r.stage.file("test_logits.pt"), weights_only=True)
+        m = calibration_summary(torch.softmax(logits.float(), -1), r.splits.test.y, n_bins)
+        rows.append({"seed": r.seed, "accuracy": m["accuracy"], "ece": m["ece"], "signed_ece": m["signed_ece"],
+                     "nll": m["nll"], "brier": m["brier"], "val_accuracy": r.history[-1]["val_acc"],
+                     "train_seconds": sum(h["seconds"] for h in r.history)})
+    return pd.DataFrame(rows)
+
+
+def display_layer_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Attribution rows formatted for reading: ΔECE with interval, Δ NLL/Brier/accuracy, Holm p."""
+    out = pd.DataFrame({
+        "Posterior": table.posterior,
+        "ECE (%)": (PP * table.ece).round(2),
+        "ΔECE, pp [95% CI]": [ci(d, lo, hi) for d, lo, hi in zip(table.delta, table.lower, table.upper)],
+        "ΔNLL": table.d_nll.map(lambda v: f"{v:+.3f}"),
+        "ΔBrier": table.d_brier.map(lambda v: f"{v:+.4f}"),
+        "Δacc. (pp)": table.d_acc.map(pp),
+    })
+    if "p_holm" in table:
+        out["Holm p"] = table.p_holm.map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+    return out
+
+
+def _blocks_text(blocks: list[int]) -> str:
+    blocks = sorted(blocks)
+    if not blocks:
+        return "no block"
+    if blocks == list(range(blocks[0], blocks[-1] + 1)) and len(blocks) > 2:
+        return f"blocks {blocks[0]}–{blocks[-1]}"
+    if len(blocks) == 1:
+        return f"block {blocks[0]}"
+    return "blocks " + ", ".join(map(str, blocks[:-1])) + f" and {blocks[-1]}"
+
+
+def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, alpha: float, top_k: int) -> str:
+    """One paragraph: which single blocks carry the gain, how sure the ranking is, Shapley shares."""
+    singles = table[table.kind == "single"].sort_values("delta", ascending=False)
+    full = table[table.kind == "all"].iloc[0]
+    top = singles.iloc[0]
+    improving = singles[singles.improves].block.tolist()
+    sure = ranks[ranks.surely_top_k].block.tolist()
+    cands = ranks[ranks.top_k_candidate].block.tolist()
+    shap = shapley.sort_values("phi", ascending=False)
+    total = shapley.phi.sum()
+    share = shap.phi.iloc[0] / total if total > 0 else float("nan")
+    parts = [
+        f"Making all blocks Bayesian changes the ECE by {ci(full.delta, full.lower, full.upper)} pp "
+        f"(positive = better calibrated) with an accuracy change of {pp(full.d_acc)} pp.",
+        f"Among single blocks, {_blocks_text([int(top.block)])} gives the largest gain, "
+        f"{ci(top.delta, top.lower, top.upper)} pp.",
+    ]
+    if improving:
+        parts.append(f"After Holm correction at α = {alpha:g}, {_blocks_text(improving)} improve calibration on their own.")
+    else:
+        parts.append(f"After Holm correction at α = {alpha:g}, no single block improves calibration significantly on its own.")
+    parts.append(
+        f"The {100 * (1 - alpha):.0f}% simultaneous rank confidence set cannot exclude {_blocks_text(cands)} "
+        f"from the top {top_k}"
+        + (f" and certifies {_blocks_text(sure)} as members." if sure else "; no block is certified as a member.")
+    )
+    if total > 0:
+        parts.append(f"By Shapley value, {shap.layer.iloc[0]} accounts for {100 * share:.0f}% of the all-block gain "
+                     f"(Shapley values sum to {pp(total)} pp).")
+    return " ".join(parts)
+
+
+def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, alpha: float) -> str:
+    """What the data do and do not support, from the tests and rank sets."""
+    singles = table[table.kind == "single"]
+    sig = singles[singles.improves].block.tolist()
+    worse = singles[singles.upper < 0].block.tolist()
+    unclear = singles[(singles.lower <= 0) & (singles.upper >= 0)].block.tolist()
+    width = float((singles.upper - singles.lower).median())
+    out = [
+        f"With {n_seeds} training seed{'s' if n_seeds > 1 else ''}, the median 95% interval of a single-block ΔECE is "
+        f"{PP * width:.2f} pp wide.",
+        (f"Supported: {_blocks_text(sig)} improve{'s' if len(sig) == 1 else ''} calibration (Holm-adjusted one-sided "
+         f"test, family-wise error {alpha:g}).") if sig else
+        "Not supported: that any single block, on its own, improves calibration (no Holm-adjusted test rejects).",
+    ]
+    if worse:
+        out.append(f"{_blocks_text(worse).capitalize()} make{'s' if len(worse) == 1 else ''} calibration worse "
+                   "(interval entirely below zero).")
+    if unclear:
+        out.append(f"For {_blocks_text(unclear)} the data cannot tell the sign of the effect.")
+    sure = ranks[ranks.surely_top_k].block.tolist()
+    out.append(f"Rank statements: {_blocks_text(sure)} {'is' if len(sure) == 1 else 'are'} certainly in the top group."
+               if sure else "Rank statements: no block is certainly in the top group; the ranking beyond the point "
+                            "estimates is not supported at this sample size.")
+    return " ".join(out)
+
+
+def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float) -> str:
+    """Concrete advice from the Pareto front of (extra latency, ΔECE)."""
+    if full_delta <= 0:
+        return ("On this profile the all-block Laplace does not improve ECE, so no Bayesian-block choice can be "
+                "recommended for calibration; temperature scaling (below) is the cheaper alternative.")
+    f = front[front.front & (front.delta > 0)].sort_values("cost")
+    good = f[f.delta >= 0.8 * full_delta]
+    pick = good.iloc[0] if len(good) else f.sort_values("delta").iloc[-1]
+    frac = pick.delta / full_delta
+    cost_frac = pick.cost / full_cost if full_cost > 0 else float("nan")
+    return (f"Make **{pick['name']}** Bayesian: it recovers {100 * frac:.0f}% of the all-block calibration gain "
+            f"({pp(pick.delta)} vs {pp(full_delta)} pp ΔECE) at {100 * cost_frac:.0f}% of the all-block extra latency.")
+
+
+def deterministic_summary(det: pd.DataFrame) -> str:
+    """The deterministic model's test accuracy and ECE across seeds."""
+    acc, e, s = det.accuracy, det.ece, det.signed_ece
+    direction = "over-confident" if s.mean() > 0 else "under-confident"
+    return (f"Across {len(det)} seed{'s' if len(det) > 1 else ''}, the MAP model reaches "
+            f"{PP * acc.mean():.1f}% test accuracy (range {PP * acc.min():.1f}–{PP * acc.max():.1f}%) with an ECE of "
+            f"{PP * e.mean():.2f}% (range {PP * e.min():.2f}–{PP * e.max():.2f}%); its signed calibration error of "
+            f"{pp(s.mean())} pp says it is {direction} on average.")
+
+
+def block_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per-block posterior quantities: mean over seeds with ``_min``/``_max`` over seeds."""
+    stacked = pd.concat(summaries)
+    cols = ["prior_precision", "curvature_trace", "variance_trace", "effective_params"]
+    g = stacked.groupby("block")[cols]
+    out = g.mean()
+    for c in cols:
+        out[f"{c}_min"], out[f"{c}_max"] = g.min()[c], g.max()[c]
+    out["n_params"] = stacked.groupby("block").n_params.first()
+    return out.reset_index()
+
+
+def posterior_summary(blocks: pd.DataFrame) -> str:
+    """Where the posterior is widest and how the tuned prior varies over depth."""
+    var, delta = blocks.set_index("block").variance_trace, blocks.set_index("block").prior_precision
+    return (f"The tuned prior precision ranges from {delta.min():.3g} (block {delta.idxmin()}) to {delta.max():.3g} "
+            f"(block {delta.idxmax()}). The posterior is widest in block {var.idxmax()} (total variance "
+            f"{var.max():.3g}) and narrowest in block {var.idxmin()} ({var.min():.3g}).")
+
+
+def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pareto: pd.DataFrame, cfg: Config) -> str:
+    """The book's answer in one paragraph, from the saved result tables."""
+    singles = table[table.kind == "single"].sort_values("delta", ascending=False)
+    full = table[table.kind == "all"].iloc[0]
+    top = singles.head(3)
+    sure = ranks[ranks.surely_top_k].block.tolist()
+    sig = singles[singles.improves].block.tolist()
+    shap = shapley.sort_values("phi", ascending=False)
+    total = shapley.phi.sum()
+    full_cost = float(pareto.loc[pareto.name == "all", "cost"].iloc[0]) if (pareto.name == "all").any() else float("nan")
+    text = [
+        f"On the `{cfg.profile}` profile, the Laplace posterior over all LoRA blocks changes the ECE by "
+        f"{ci(full.delta, full.lower, full.upper)} pp (accuracy {pp(full.d_acc)} pp).",
+        "Ranked by their own ΔECE, the top single blocks are "
+        + ", ".join(f"block {int(r.block)} ({pp(r.delta)} pp)" for r in top.itertuples()) + ".",
+        (f"Only {_blocks_text(sig)} pass{'es' if len(sig) == 1 else ''} a Holm-corrected test on their own."
+         if sig else "No single block passes a Holm-corrected test on its own."),
+        (f"The rank confidence set certifies {_blocks_text(sure)} as top-{cfg.stats.top_k}." if sure
+         else f"No block is certified as top-{cfg.stats.top_k} by the simultaneous rank confidence set."),
+    ]
+    if total > 0:
+        lead = shap.head(2)
+        text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
+                    + " and ".join(f"{r.layer} ({100 * r.phi / total:.0f}%)" for r in lead.itertuples())
+                    + " first.")
+    text.append(recommendation(pareto, float(full.delta), full_cost))
+    return " ".join(text)
+
+
+def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.DataFrame) -> pd.DataFrame:
+    """Deterministic, temperature scaling and the given posteriors: ECE, NLL, accuracy (means over
+    seeds) and extra latency per image."""
+    names = ["none", "temperature scaling", *choices]
+    label = {"none": "deterministic (MAP)", "temperature scaling": "temperature scaling (validation-fitted)"}
+    extra = latency.set_index("posterior").extra_ms
+    rows = []
+    for n in names:
+        vals = pd.concat([m.set_index("posterior").loc[[n]] for m in metrics])
+        rows.append({"method": label.get(n, f"Laplace, {n}"), "ECE (%)": round(PP * vals.ece.mean(), 2),
+                     "NLL": round(vals.nll.mean(), 4), "accuracy (%)": round(PP * vals.accuracy.mean(), 2),
+                     "extra ms / image": round(float(extra.get(n, 0.0)), 4)})
+    return pd.DataFrame(rows)
+
+
+def laplace_fit_table(stages: list, seeds: list[int]) -> pd.DataFrame:
+    """Laplace fit per seed (from each ``laplace`` stage's ``info.json``): images, time, evidence, device."""
+    rows = []
+    for seed, st in zip(seeds, stages):
+        info = json.loads(st.file("info.json").read_text())
+        rows.append({"seed": seed, "fit_images": info["fit_images"], "fit_seconds": info["fit_seconds"],
+                     "fit_images_per_s": info["fit_images_per_s"], "prior_init": info["prior_init"],
+                     "log_marginal_likelihood": info["log_marginal_likelihood"], "device": info["environment"]["device"]})
+    return pd.DataFrame(rows)

@@ -1,0 +1,53 @@
+"""lib.deploy: the serving-time GLM predictive equals the study's per-block bank for any subset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib.deploy import GLMPredictor, latency_table, time_call
+from lib.laplace import build_posterior, fit_kron
+from lib.laplace.predictive import perturbation_bank, subset_probs
+from lib.model import unwrap
+
+
+@pytest.fixture
+def fitted(tiny_lora_vit, tiny_batch, one_thread):
+    x, y = tiny_batch
+    curv = fit_kron(tiny_lora_vit, [(x, y)], device="cpu", kfac="reduce")
+    return tiny_lora_vit, build_posterior(curv, prior_precision=torch.tensor([4.0, 2.0, 8.0]), prior_tuning="none"), x, y
+
+
+@pytest.mark.parametrize("blocks", [[0], [2], [0, 2], [0, 1, 2]])
+def test_predictor_equals_bank_subset(fitted, blocks):
+    """One tail JVP with all blocks' tangents = the sum of the bank's per-block terms (same samples)."""
+    model, post, x, y = fitted
+    bank = perturbation_bank(model, post, [(x, y)], n_samples=6, seed=3, device="cpu")
+    mask = torch.tensor([b in blocks for b in bank.blocks])
+    pred = GLMPredictor(model, post, blocks, n_samples=6, seed=3, device=torch.device("cpu"))
+    assert torch.allclose(pred(x), subset_probs(bank, mask, method="mc"), atol=1e-5)
+
+
+def test_predictor_depends_on_samples(fitted):
+    """A different seed gives different samples, hence a different predictive (the test can fail)."""
+    model, post, x, _ = fitted
+    a = GLMPredictor(model, post, [0, 1], n_samples=4, seed=0, device=torch.device("cpu"))(x)
+    b = GLMPredictor(model, post, [0, 1], n_samples=4, seed=1, device=torch.device("cpu"))(x)
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_latency_table_rows_and_fused_attention_restored(fitted):
+    model, post, x, _ = fitted
+    fused = [m.fused_attn for m in unwrap(model).modules() if hasattr(m, "fused_attn")]
+    table = latency_table(model, post, x, {"single 0": [0], "all": [0, 1, 2]}, n_samples=2, seed=0,
+                          device=torch.device("cpu"), n_warmup=0, n_iters=1)
+    assert list(table.posterior) == ["deterministic", "single 0", "all"]
+    assert (table.ms_per_image > 0).all() and table.extra_ms.iloc[0] == 0
+    assert list(table.first_block) == [-1, 0, 0]
+    assert [m.fused_attn for m in unwrap(model).modules() if hasattr(m, "fused_attn")] == fused
+
+
+def test_time_call_median_counts_calls():
+    calls = []
+    sec, mem = time_call(lambda: calls.append(1), n_warmup=2, n_iters=5, device=torch.device("cpu"))
+    assert len(calls) == 7 and sec >= 0 and mem is None
