@@ -65,7 +65,13 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     cost = torch.arange(len(names), dtype=torch.float64)
     delta = torch.tensor([t.loc[n, "delta"] for n in names], dtype=torch.float64)
     pareto = pd.DataFrame({"name": names, "cost": cost.numpy(), "delta": delta.numpy(), "front": pareto_front(cost, delta).numpy()})
-    assert "`smoke`" in answer(att.table, ranks, values, pareto, tiny_cfg)
+    base = pd.DataFrame({"method": ["deterministic (MAP)", "temperature scaling (validation-fitted)",
+                                    *[f"Laplace, {n}" for n in names]],
+                         "ECE (%)": [5.0, 1.0, *[3.0] * len(names)], "accuracy (%)": [90.0, 90.0, *[80.0] * len(names)]})
+    text = answer(att.table, ranks, values, pareto, base, tiny_cfg)
+    assert "`smoke`" in text
+    if t.loc["all", "delta"] > 0:
+        assert "Temperature scaling" in text and "-10.00 pp" in text
 
 
 def test_retune_with_shared_prior_is_refused(tiny_cfg):

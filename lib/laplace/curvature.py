@@ -50,7 +50,7 @@ from typing import Iterable, Iterator, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lib.model import LoraModule, lora_modules
 

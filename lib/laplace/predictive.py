@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from lib.model import lora_modules, n_blocks, unwrap, vit_parts
 
