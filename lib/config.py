@@ -210,11 +210,11 @@ def params_path(profile: str) -> Path:
     return PARAMS / f"{profile}.yml"
 
 
-def load_params(path: str | Path) -> dict[str, Any]:
+def load_params(path: str | Path, *, check_data: bool = True) -> dict[str, Any]:
     """Read and validate a params YAML file; returns the full dict with defaults filled in.
 
     Raises :class:`ParamsError` (one line) for a missing file, unknown/mistyped keys, wrong types,
-    or a missing data root for a dataset that cannot be downloaded.
+    or (with ``check_data``) a missing data root for a dataset that cannot be downloaded.
     """
     path = Path(path)
     if not path.is_file():
@@ -230,7 +230,8 @@ def load_params(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     cfg = Config.from_dict(raw, source=str(path))
-    check_data_root(cfg, source=str(path))
+    if check_data:
+        check_data_root(cfg, source=str(path))
     return cfg.to_dict()
 
 

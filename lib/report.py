@@ -62,7 +62,8 @@ def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
         ("Dataset", data.name if data.classes is None else f"{data.name}, classes {list(data.classes)}"),
         ("Classes (fine-tuning)", ", ".join(s.class_names)),
         ("Train / validation / test images", f"{len(s.train):,} / {len(s.val):,} / {len(s.test):,}"),
-        ("Backbone", cfg.model.name + (f" {cfg.model.kwargs}" if cfg.model.kwargs else "")),
+        ("Backbone", cfg.model.name + (" (" + ", ".join(f"{k} {v}" for k, v in cfg.model.kwargs.items()) + ")"
+                                       if cfg.model.kwargs else "")),
         ("Backbone weights", "pre-trained by this project (see below)" if cfg.pretrain
          else ("timm pretrained" if cfg.model.pretrained else "random initialisation (frozen)")),
         ("Input", f"{d['input_size'][1]}×{d['input_size'][2]} px, mean {d['mean']}, std {d['std']}"),

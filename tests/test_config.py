@@ -230,3 +230,15 @@ def test_section_selects_plain_dicts():
     assert sec["train"]["lr"] == 0.5 and sec["model"]["kwargs"] == {"img_size": 16}
     assert cfg.train == TrainConfig(lr=0.5) and cfg.model == ModelConfig(kwargs={"img_size": 16})
     assert cfg.laplace == LaplaceConfig()
+
+
+def test_check_data_false_skips_only_the_data_root(tmp_path):
+    """Hashing a profile (freshness test, CI) needs no dataset; validation of keys still applies."""
+    path = tmp_path / "p.yml"
+    path.write_text("data: {name: cifar10, root: /nonexistent, num_classes: 10}\n")
+    with pytest.raises(ParamsError, match="data.root"):
+        load_params(path)
+    assert load_params(path, check_data=False)["data"]["root"] == "/nonexistent"
+    path.write_text("data: {name: cifar10, roott: /nonexistent}\n")
+    with pytest.raises(ParamsError, match="data.root"):
+        load_params(path, check_data=False)

@@ -42,7 +42,7 @@ def test_frozen_chapter_is_fresh(record_path):
     assert notebook_sha256(source) == record["source_sha256"], (
         f"chapter {chapter} changed since it was frozen for profile {profile}; {rerun}"
     )
-    params = load_params(params_path(profile))
+    params = load_params(params_path(profile), check_data=False)  # CI has no real data; hashing needs none
     assert params_sha256(params) == record["params_sha256"], (
         f"params/{profile}.yml changed since chapter {chapter} was frozen; {rerun}"
     )

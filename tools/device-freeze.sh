@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Execute every chapter of a profile on the lent GPU machine and return the frozen outputs.
+#
+# That machine has torch/timm/peft but no jupyter stack and no internet. Before the call, in the
+# repository root here:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
+#       -d .whl -r tools/device-wheels.txt
+#   mkdir -p .carry && cp -r ../shared/data/cifar10-jpeg .carry/
+# (both folders git-ignored, 60 MB together), then run this script there with `.whl` and `.carry`
+# carried and LLA_GIT_SHA set to the commit being executed:
+#   LLA_GIT_SHA=<sha> bash tools/device-freeze.sh cifar10-transfer
+# The executed notebooks, records and result tables come back as $OUT/freeze.tgz; unpack it in the
+# repository root, check `git status`, then `make link BOOK_PROFILE=<profile> && make book`.
+set -uo pipefail
+profile=${1:?usage: device-freeze.sh PROFILE}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=agg
+python3 -m lib.data materialize-cifar10 data --source .carry/cifar10-jpeg || exit 1
+start=$(date +%s)
+python3 -m lib.runner run --profile "$profile" 2>&1 \
+  | grep -v -E "Warning|warnings.warn|Executing Cell|Ending Cell|cell/s\]|^\s*$" | tail -200
+rc=${PIPESTATUS[0]}
+echo "runner exit $rc after $(( $(date +%s) - start )) s"
+tar czf "$OUT/freeze.tgz" "_freeze/$profile" $( [ -d _failed ] && echo _failed )
+find artifacts \( -name info.json -o -name history.json -o -name blocks.csv -o -name metrics.csv \) -print0 \
+  | tar czf "$OUT/artifacts-small.tgz" --null -T -
+exit "$rc"
