@@ -221,7 +221,7 @@ def prepare_scatter_panels(att: Attribution, blocks: pd.DataFrame) -> dict[str, 
         "Block depth (index)": pd.DataFrame({"x": s.block.to_numpy(), **{k: v for k, v in base.items() if k != "label"}}),
         "Δ accuracy (pp, Bayes − det.)": pd.DataFrame({"x": 100 * s.d_acc.to_numpy(), **base}),
         "Δ NLL (nats, det. − Bayes)": pd.DataFrame({"x": s.d_nll.to_numpy(), **base}),
-        "Curvature trace tr GGN$_\\ell$ (log scale)": pd.DataFrame(
+        "Curvature trace tr GGN$_\\ell$ (block's K-FAC)": pd.DataFrame(
             {"x": per_block.curvature_trace.to_numpy(), **base}),
     }
 

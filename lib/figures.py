@@ -176,7 +176,8 @@ def plot_delta_ranked(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
         ax.bar(x, df["delta"].to_numpy(float) * PP, color=colors, yerr=_yerr(df, "delta", "lower", "upper"),
                error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.2"})
         ax.axhline(0, color="0.2", linewidth=0.8)
-        ax.set_xticks(x, [str(v) for v in df["layer"]], rotation=90 if len(df) > 14 else 0)
+        crowded = len(df) > 6
+        ax.set_xticks(x, [str(v) for v in df["layer"]], rotation=45 if crowded else 0, ha="right" if crowded else "center")
         ax.set_xlabel("Posterior (blocks with Laplace covariance), ranked")
         ax.set_ylabel(DELTA_LABEL)
     return fig
