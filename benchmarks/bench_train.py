@@ -66,7 +66,6 @@ def main() -> None:
     plain = build_backbone(mcfg, args.classes, seed=0, device=device).eval()
     with torch.no_grad(), torch.autocast(**amp):
         results["infer_plain"] = args.batch / timed(lambda: plain(x), args.iters, device)
-    del plain
 
     model = build_backbone(mcfg, args.classes, seed=0, device=device)
     model.requires_grad_(False)

@@ -11,6 +11,7 @@ tail, i.e. with how early the first Bayesian block sits, and linearly in K.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Callable
 
 import pandas as pd
@@ -124,7 +125,7 @@ def latency_table(model: nn.Module, posterior: BlockPosterior, x: Tensor, subset
              "peak_mib": mem}]
     for name, blocks in subsets.items():
         pred = GLMPredictor(model, posterior, blocks, n_samples=n_samples, seed=seed, device=device, dtype=dtype)
-        sec, mem = time_call(lambda: pred(x), n_warmup=n_warmup, n_iters=n_iters, device=device)
+        sec, mem = time_call(partial(pred, x), n_warmup=n_warmup, n_iters=n_iters, device=device)
         rows.append({"posterior": name, "n_blocks": len(blocks), "first_block": min(blocks),
                      "ms_per_image": 1e3 * sec / len(x), "peak_mib": mem})
     table = pd.DataFrame(rows)

@@ -29,7 +29,6 @@ from lib.calibration import (
 def _probs_from_conf(conf, correct, n_classes=3):
     """Rows with top class 0 at probability conf; label 0 iff correct."""
     conf = torch.as_tensor(conf, dtype=torch.float64)
-    n = conf.shape[0]
     probs = ((1 - conf) / (n_classes - 1))[:, None].repeat(1, n_classes)
     probs[:, 0] = conf
     labels = torch.where(torch.as_tensor(correct, dtype=torch.bool), 0, 1)

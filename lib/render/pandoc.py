@@ -21,7 +21,7 @@ def pandoc_path() -> str:
     except (ImportError, OSError):
         found = shutil.which("pandoc")
         if not found:
-            raise PandocError("pandoc not found; install pypandoc-binary (pip install -r requirements.txt)")
+            raise PandocError("pandoc not found; install pypandoc-binary (pip install -r requirements.txt)") from None
         return found
 
 
