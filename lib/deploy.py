@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from lib.laplace.predictive import BlockPosterior, block_tangents, load_forward_ad
-from lib.model import set_fused_attention, unwrap, vit_parts
+from lib.model import fused_attention_off, vit_parts
 
 
 class GLMPredictor:
@@ -59,14 +59,8 @@ class GLMPredictor:
 
         Fused attention (no forward-mode AD) is switched off for the call and restored after it.
         """
-        attn = [m for m in unwrap(self.model).modules() if hasattr(m, "fused_attn")]
-        fused = [m.fused_attn for m in attn]
-        set_fused_attention(self.model, False)
-        try:
+        with fused_attention_off(self.model):
             return self._predict(x)
-        finally:
-            for m, f in zip(attn, fused):
-                m.fused_attn = f
 
     def _predict(self, x: Tensor) -> Tensor:
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)

@@ -9,9 +9,10 @@ bare ``proj`` pattern would match it. The classifier head is replaced and traine
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import timm
 import torch
@@ -204,6 +205,21 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> None:
     for module in unwrap(model).modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = enabled
+
+
+@contextmanager
+def fused_attention_off(model: nn.Module) -> Iterator[None]:
+    """Run the body with timm's fused SDPA attention off (forward-mode AD needs it off), then
+    restore every attention module's own setting, also when the body raises."""
+    attn = [m for m in unwrap(model).modules() if hasattr(m, "fused_attn")]
+    saved = [m.fused_attn for m in attn]
+    try:
+        for m in attn:
+            m.fused_attn = False
+        yield
+    finally:
+        for m, f in zip(attn, saved):
+            m.fused_attn = f
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -20,6 +20,7 @@ from lib.model import (
     lora_block_index,
     lora_modules,
     n_blocks,
+    fused_attention_off,
     set_fused_attention,
     unwrap,
     vit_parts,
@@ -214,3 +215,14 @@ def test_set_fused_attention_toggles_every_attention_module(tiny_lora_vit, tiny_
         assert all(m.fused_attn is True for m in attn)
         fused = tiny_lora_vit(x)
     assert torch.allclose(eager, fused, atol=1e-5)
+
+
+def test_fused_attention_off_restores_each_module_also_on_error(tiny_lora_vit):
+    attn = [m for m in unwrap(tiny_lora_vit).modules() if hasattr(m, "fused_attn")]
+    attn[0].fused_attn = False
+    before = [m.fused_attn for m in attn]
+    assert any(before)
+    with pytest.raises(RuntimeError), fused_attention_off(tiny_lora_vit):
+        assert not any(m.fused_attn for m in attn)
+        raise RuntimeError("body failed")
+    assert [m.fused_attn for m in attn] == before

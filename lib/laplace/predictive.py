@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from tqdm import tqdm
 
-from lib.model import lora_modules, n_blocks, unwrap, vit_parts
+from lib.model import fused_attention_off, lora_modules, n_blocks, vit_parts
 
 
 class BlockPosterior(Protocol):
@@ -147,34 +147,29 @@ def perturbation_bank(
         params = dict(parts.blocks[b].named_parameters())
         primals[b] = {n: params[n].detach() for n in tangents[b]}
 
-    attn = [m for m in unwrap(model).modules() if hasattr(m, "fused_attn")]
-    fused = [m.fused_attn for m in attn]
     was_training = model.training
     map_logits, labels, deltas = [], [], []
     try:
-        for m in attn:
-            m.fused_attn = False
-        model.eval()
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for x, y in tqdm(batches, total=total, desc="perturbation bank", disable=None):
-            x = x.to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                h = parts.embed(x)
-                inputs = {}
-                for i, block in enumerate(parts.blocks):
-                    if i in tangents:
-                        inputs[i] = h
-                    h = block(h)
-                map_logits.append(parts.head(h).float().to(store_device))
-                labels.append(y.to(store_device))
-                rows = []
-                for b in blocks:
-                    out = _tail_jvp(parts, b, inputs[b], primals[b], tangents[b], k_chunk, tangent_batching)
-                    rows.append(out.float().transpose(0, 1).to(store_device))  # (B, K, C)
-                deltas.append(torch.stack(rows))
+        with fused_attention_off(model):
+            model.eval()
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for x, y in tqdm(batches, total=total, desc="perturbation bank", disable=None):
+                x = x.to(device)
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    h = parts.embed(x)
+                    inputs = {}
+                    for i, block in enumerate(parts.blocks):
+                        if i in tangents:
+                            inputs[i] = h
+                        h = block(h)
+                    map_logits.append(parts.head(h).float().to(store_device))
+                    labels.append(y.to(store_device))
+                    rows = []
+                    for b in blocks:
+                        out = _tail_jvp(parts, b, inputs[b], primals[b], tangents[b], k_chunk, tangent_batching)
+                        rows.append(out.float().transpose(0, 1).to(store_device))  # (B, K, C)
+                    deltas.append(torch.stack(rows))
     finally:
-        for m, f in zip(attn, fused):
-            m.fused_attn = f
         model.train(was_training)
     if not map_logits:
         raise ValueError("batches is empty; pass an iterable of (x, y) batches")
