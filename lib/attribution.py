@@ -192,9 +192,10 @@ def leave_one_out(att: Attribution) -> pd.DataFrame:
                          "delta": t.delta.to_numpy(), "lower": t.lower.to_numpy(), "upper": t.upper.to_numpy()})
 
 
-def prepare_ranked(att: Attribution) -> pd.DataFrame:
-    """Single blocks and the all-block posterior as ``layer``, ``delta``, ``lower``, ``upper`` rows."""
-    t = att.table[att.table.kind.isin(["single", "all"])]
+def prepare_ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Single blocks and the all-block posterior of an attribution table (:attr:`Attribution.table`,
+    or its saved copy) as ``layer``, ``delta``, ``lower``, ``upper`` rows for the ranked bar plot."""
+    t = table[table.kind.isin(["single", "all"])]
     return pd.DataFrame({"layer": [f"block {b}" if k == "single" else "all blocks" for k, b in zip(t.kind, t.block)],
                          "delta": t.delta.to_numpy(), "lower": t.lower.to_numpy(), "upper": t.upper.to_numpy()})
 

@@ -40,12 +40,6 @@ class SeedStudy:
     bank: Stage
     subsets: Stage
 
-    def laplace_info(self) -> dict:
-        return json.loads(self.laplace.file("info.json").read_text())
-
-    def block_summary(self) -> pd.DataFrame:
-        return pd.read_csv(self.laplace.file("blocks.csv"))
-
     def named(self) -> dict:
         return torch.load(self.subsets.file("named.pt"), weights_only=True)
 
@@ -54,9 +48,6 @@ class SeedStudy:
 
     def subset_ece(self) -> torch.Tensor:
         return torch.load(self.subsets.file("subset_ece.pt"), weights_only=True)
-
-    def bank_info(self) -> dict:
-        return json.loads(self.bank.file("info.json").read_text())
 
 
 def _sync(device: torch.device) -> None:
@@ -173,8 +164,8 @@ def subset_predictions(cfg: Config, run: MapRun, bank: Bank, bank_stage: Stage, 
     n, L = len(labels), bank.n_blocks
     g = torch.Generator(device=device).manual_seed(run.seed)
     draws = torch.randint(n, (sc.n_boot_shapley, n), generator=g, device=device)
-    weights = torch.ones(sc.n_boot_shapley + 1, n, device=device)
-    weights[1:] = 0
+    weights = torch.zeros(sc.n_boot_shapley + 1, n, device=device)
+    weights[0] = 1  # row 0: the test set itself; rows 1..R: bootstrap multiplicities
     weights[1:].scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
     bits = (torch.arange(2**L, device=device)[:, None] >> torch.arange(L, device=device)) & 1
     out = torch.empty(sc.n_boot_shapley + 1, 2**L)
