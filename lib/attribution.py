@@ -130,7 +130,7 @@ def rank_analysis(att: Attribution, stats: StatsConfig) -> tuple[pd.DataFrame, p
     """
     singles = att.singles()
     samples = att.single_samples()
-    est = torch.as_tensor(singles.delta.to_numpy())
+    est = torch.tensor(singles.delta.to_numpy())
     probs = rank_probabilities(samples)
     blocks = [f"block {b}" for b in singles.block]
     heat = pd.DataFrame(probs.numpy(), index=blocks, columns=range(1, len(blocks) + 1))

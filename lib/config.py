@@ -99,10 +99,11 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """MAP fine-tuning of LoRA + head: AdamW with cosine schedule.
+    """MAP fine-tuning of LoRA + head: Adam with warm-up and cosine schedule.
 
-    ``weight_decay`` is the decoupled decay ``λ`` of AdamW applied to the LoRA parameters; see
-    :mod:`lib.train` for its correspondence to the Gaussian prior precision.
+    ``weight_decay`` is the *coupled* L2 coefficient ``λ`` on the mean loss (part of the
+    objective, not AdamW's decoupled decay), so that the optimum is the MAP under the Gaussian
+    prior of precision ``δ = λ·N``; see :mod:`lib.train`.
     """
 
     epochs: int = 2
@@ -121,7 +122,9 @@ class LaplaceConfig:
 
     ``prior_init`` None starts from δ = λ·N, the prior precision the MAP training used (see
     :mod:`lib.train`); ``rank`` truncates large Kronecker factors to their top eigenpairs.
-    ``fit_size`` limits the training examples used for the curvature (None: all).
+    ``fit_size`` limits the training examples used for the curvature (None: all);
+    ``class_chunk`` output vectors share one batched backward pass in the curvature fit (a speed
+    knob: same factors, peak memory grows with it; see :mod:`lib.laplace.curvature`).
     """
 
     structure: Literal["kron", "diag"] = "kron"
@@ -135,15 +138,26 @@ class LaplaceConfig:
     restricted_prior: Literal["inherit", "retune"] = "inherit"
     fit_size: int | None = None
     batch_size: int = 64
+    class_chunk: int = 10
 
 
 @dataclass(frozen=True)
 class PredictiveConfig:
-    """Linearised (GLM) predictive: MC over logits and probit."""
+    """Linearised (GLM) predictive: MC over logits and probit.
+
+    ``scale``: ``'val_nll'`` multiplies each subset's posterior covariance by ``κ_S``, the value
+    of a log grid (``scale_range`` end points, ``scale_points`` values) with the lowest
+    validation NLL, computed from a perturbation bank of the first ``scale_images`` validation
+    images (None: all); ``'none'`` keeps ``κ = 1`` (:mod:`lib.laplace.scale`).
+    """
 
     n_samples: int = 32
     batch_size: int = 64
     method: Literal["mc", "probit"] = "mc"
+    scale: Literal["none", "val_nll"] = "none"
+    scale_range: tuple[float, ...] = (1e-4, 10.0)
+    scale_points: int = 26
+    scale_images: int | None = None
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,15 @@ class GLMPredictor:
     """Serving-time linearised predictive ``p(y|x) ≈ (1/K) Σ_k softmax(f(x) + J_S(x) δθ^(k))``.
 
     ``blocks``: the Bayesian blocks S; samples ``δθ^(k)`` are drawn once at construction with the
-    same generators as :func:`lib.laplace.predictive.perturbation_bank` (seed, block), so the
-    predictive equals the bank's :func:`~lib.laplace.predictive.subset_probs` for S.
+    same generators as :func:`lib.laplace.predictive.perturbation_bank` (seed, block), and scaled
+    by ``√scale`` (the covariance scale ``κ_S``, :mod:`lib.laplace.scale`), so the predictive
+    equals the bank's :func:`~lib.laplace.predictive.subset_probs` for S at that scale.
     """
 
     def __init__(self, model: nn.Module, posterior: BlockPosterior, blocks: list[int], *, n_samples: int,
-                 seed: int, device: torch.device, dtype: torch.dtype = torch.float32):
+                 seed: int, device: torch.device, dtype: torch.dtype = torch.float32, scale: float = 1.0):
+        if not scale >= 0:
+            raise ValueError(f"scale must be >= 0, got {scale}")
         load_forward_ad()
         self.model, self.device, self.dtype = model, device, dtype
         self.parts = vit_parts(model)
@@ -43,7 +46,7 @@ class GLMPredictor:
         for b in self.blocks:
             for name, t in block_tangents(model, posterior, b, n_samples, seed, device).items():
                 key = f"{b - self.start}.{name}"
-                self.tangents[key] = t
+                self.tangents[key] = t * scale**0.5
                 self.primals[key] = self.tail.get_parameter(key).detach()
 
     def _tail(self, params: dict, h: Tensor) -> Tensor:

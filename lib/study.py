@@ -1,9 +1,10 @@
 """The study per training seed — Laplace fit, perturbation bank, subset predictions — as cached stages.
 
 ``map`` (:mod:`lib.pipeline`) → ``laplace`` (curvature + tuned prior, :mod:`lib.laplace`) →
-``bank`` (per-block GLM logit perturbations of the test set) → ``subsets`` (predictive
-probabilities of the study's named posteriors, temperature-scaling baseline, and the bootstrap
-ECE of all 2^L block subsets for Shapley values). Each stage records where it was computed.
+``bank`` (per-block GLM logit perturbations of the test set; ``bank_val`` the same for the
+validation images when the covariance scale is tuned, :mod:`lib.laplace.scale`) → ``subsets``
+(predictive probabilities of the study's named posteriors, temperature-scaling baseline, and the
+bootstrap ECE of all 2^L block subsets for Shapley values). Each stage records where it was computed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from lib.artifacts import Stage, stage
 from lib.calibration import calibration_summary, ece_from_weights
@@ -23,6 +25,7 @@ from lib.data import Split, batches
 from lib.laplace.curvature import fit_curvature
 from lib.laplace.posterior import LaplacePosterior, build_posterior
 from lib.laplace.predictive import Bank, iter_subset_probs, perturbation_bank, standard_subsets
+from lib.laplace.scale import scale_grid, tune_scales, validation_nll
 from lib.pipeline import MapRun, map_run
 from lib.provenance import environment
 from lib.temperature import apply_temperature, fit_temperature
@@ -31,7 +34,7 @@ from lib.train import prior_precision
 
 @dataclass
 class SeedStudy:
-    """All cached stages of one training seed."""
+    """All cached stages of one training seed (``val_bank``: only when the covariance scale is tuned)."""
 
     seed: int
     run: MapRun
@@ -39,12 +42,16 @@ class SeedStudy:
     laplace: Stage
     bank: Stage
     subsets: Stage
+    val_bank: Stage | None = None
 
     def named(self) -> dict:
         return torch.load(self.subsets.file("named.pt"), weights_only=True)
 
     def metrics(self) -> pd.DataFrame:
         return pd.read_csv(self.subsets.file("metrics.csv"))
+
+    def scales(self) -> pd.DataFrame:
+        return pd.read_csv(self.subsets.file("scales.csv"))
 
     def subset_ece(self) -> torch.Tensor:
         return torch.load(self.subsets.file("subset_ece.pt"), weights_only=True)
@@ -91,6 +98,7 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
         run.model, batches(train, lc.batch_size, preprocess=run.preprocess, device=device),
         structure=lc.structure, device=device, kfac=lc.kfac, fisher=lc.fisher, mc_samples=lc.mc_samples,
         generator=torch.Generator(device=device).manual_seed(run.seed), autocast_dtype=_amp(device),
+        class_chunk=lc.class_chunk,
     )
     _sync(device)
     fit_s = time.perf_counter() - t0
@@ -109,16 +117,27 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
     return st, post
 
 
-def build_bank(cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device) -> tuple[Stage, Bank]:
-    """The per-block perturbation bank of the test split (cached, CPU fp32)."""
+def build_bank(
+    cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device, split: str = "test"
+) -> tuple[Stage, Bank]:
+    """The per-block perturbation bank of the ``'test'`` or ``'val'`` split (cached, CPU fp32).
+
+    The validation bank (for the covariance scale, ``predictive.scale``) covers the first
+    ``predictive.scale_images`` validation images (all when None).
+    """
     pc = cfg.predictive
-    st = stage("bank", {"predictive": dataclasses.asdict(pc)}, upstream=[lap])
+    data = {"test": run.splits.test, "val": run.splits.val}[split]
+    if split == "val" and pc.scale_images is not None:
+        data = Split(data.x[: pc.scale_images], data.y[: pc.scale_images])
+    st = stage("bank" if split == "test" else "bank_val",
+               {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data)},
+               upstream=[lap])
     if st.done:
         return st, Bank(**torch.load(st.file("bank.pt"), weights_only=True))
     _sync(device)
     t0 = time.perf_counter()
     bank = perturbation_bank(
-        run.model, post, batches(run.splits.test, pc.batch_size, preprocess=run.preprocess, device=device),
+        run.model, post, batches(data, pc.batch_size, preprocess=run.preprocess, device=device),
         n_samples=pc.n_samples, seed=run.seed, device=device,
         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
     )
@@ -126,40 +145,84 @@ def build_bank(cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, dev
     seconds = time.perf_counter() - t0
     torch.save(dataclasses.asdict(bank), st.file("bank.pt"))
     st.file("info.json").write_text(json.dumps({
-        "seconds": seconds, "images": len(run.splits.test), "n_samples": pc.n_samples,
+        "seconds": seconds, "images": len(data), "split": split, "n_samples": pc.n_samples,
         "blocks": list(bank.blocks), "environment": environment(),
     }, indent=1))
     st.mark_done()
     return st, bank
 
 
-def subset_predictions(cfg: Config, run: MapRun, bank: Bank, bank_stage: Stage, device: torch.device) -> Stage:
+def _scales(cfg: Config, val_bank: Bank | None, subsets: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Covariance scales κ (S,) of bool ``subsets`` (S, L) and their validation NLL grid (S, G) or None."""
+    pc = cfg.predictive
+    if pc.scale == "none":
+        return torch.ones(subsets.shape[0], dtype=torch.float64), None
+    if len(pc.scale_range) != 2:
+        raise ValueError(f"predictive.scale_range is {list(pc.scale_range)}; give two numbers [low, high]")
+    grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
+    return tune_scales(_on(val_bank, device), subsets, grid, method=pc.method)
+
+
+def _on(bank: Bank, device: torch.device) -> Bank:
+    return Bank(bank.map_logits.to(device), bank.labels.to(device), bank.delta.to(device), bank.blocks)
+
+
+def subset_predictions(
+    cfg: Config, run: MapRun, bank: Bank, bank_stage: Stage, device: torch.device,
+    val: tuple[Stage, Bank] | None = None,
+) -> Stage:
     """Named posteriors' probabilities + metrics, temperature scaling, and all-subset bootstrap ECEs.
 
-    Files: ``named.pt`` {names, masks (P, L), probs (P, N, C), labels, det (N, C), ts (N, C),
-    temperature}; ``metrics.csv`` (one row per named posterior and 'temperature scaling');
-    ``subset_ece.pt`` (R+1, 2^L): ECE of every block subset (bit ℓ of the column index ⇔ block ℓ
-    Bayesian) on the test set (row 0) and on R paired bootstrap resamples of it (rows 1..R, the
-    same resamples for every subset).
+    ``val``: the validation bank (stage, bank), needed when ``predictive.scale`` is ``'val_nll'``;
+    every subset then predicts with its own covariance scale ``κ_S`` (:mod:`lib.laplace.scale`).
+
+    Files: ``named.pt`` {names, masks (P, L), scales (P,), probs (P, N, C), labels, det (N, C),
+    ts (N, C), temperature}; ``metrics.csv`` (one row per named posterior and 'temperature
+    scaling', with its ``scale``); ``scales.csv`` (per named posterior: κ, validation NLL at κ and
+    at κ = 1, test metrics at κ = 1); ``subset_ece.pt`` (R+1, 2^L): ECE of every block subset (bit
+    ℓ of the column index ⇔ block ℓ Bayesian) at its κ_S on the test set (row 0) and on R paired
+    bootstrap resamples of it (rows 1..R, the same resamples for every subset).
     """
-    sc, method = cfg.stats, cfg.predictive.method
-    st = stage("subsets", {"stats": dataclasses.asdict(sc), "method": method}, upstream=[bank_stage])
+    sc, pc = cfg.stats, cfg.predictive
+    if pc.scale != "none" and val is None:
+        raise ValueError("predictive.scale is 'val_nll' but no validation bank was given; use run_seed")
+    scale_inputs = {k: getattr(pc, k) for k in ("method", "scale", "scale_range", "scale_points")}
+    st = stage("subsets", {"stats": dataclasses.asdict(sc), **scale_inputs},
+               upstream=[bank_stage, *([val[0]] if pc.scale != "none" else [])])
     if st.done:
         return st
-    bank_dev = Bank(bank.map_logits.to(device), bank.labels.to(device), bank.delta.to(device), bank.blocks)
+    method = pc.method
+    bank_dev = _on(bank, device)
+    val_bank = val[1] if val is not None else None
     labels = bank_dev.labels
     named = standard_subsets(bank.n_blocks)
     masks = torch.stack(list(named.values()))
-    probs = torch.cat([p for _, p in iter_subset_probs(bank_dev, masks, method=method)]).cpu()
+    scales, val_nll = _scales(cfg, val_bank, masks, device)
+    probs = torch.cat([p for _, p in iter_subset_probs(bank_dev, masks, method=method, scales=scales)]).cpu()
+    unscaled = torch.cat([p for _, p in iter_subset_probs(bank_dev, masks, method=method)]).cpu()
     det = torch.softmax(bank.map_logits.float(), -1)
     val_logits = torch.load(run.stage.file("val_logits.pt"), weights_only=True)
     temperature = fit_temperature(val_logits, run.splits.val.y)
     ts = apply_temperature(bank.map_logits, temperature)
-    rows = [{"posterior": n, **calibration_summary(p, bank.labels, sc.n_bins)} for n, p in zip(named, probs)]
-    rows.append({"posterior": "temperature scaling", **calibration_summary(ts, bank.labels, sc.n_bins)})
+    rows = [{"posterior": n, "scale": float(k), **calibration_summary(p, bank.labels, sc.n_bins)}
+            for n, k, p in zip(named, scales, probs)]
+    rows.append({"posterior": "temperature scaling", "scale": float("nan"),
+                 **calibration_summary(ts, bank.labels, sc.n_bins)})
     pd.DataFrame(rows).to_csv(st.file("metrics.csv"), index=False)
-    torch.save({"names": list(named), "masks": masks, "probs": probs, "labels": bank.labels, "det": det,
-                "ts": ts, "temperature": temperature}, st.file("named.pt"))
+    if val_nll is not None:
+        val_unit = validation_nll(_on(val_bank, device), masks, torch.ones(1, dtype=torch.float64), method=method)[:, 0]
+    scale_rows = []
+    for i, (n, k, p) in enumerate(zip(named, scales, unscaled)):
+        m = calibration_summary(p, bank.labels, sc.n_bins)
+        scale_rows.append({
+            "posterior": n, "scale": float(k),
+            "val_nll": float(val_nll[i].min()) if val_nll is not None else float("nan"),
+            "val_nll_unscaled": float(val_unit[i]) if val_nll is not None else float("nan"),
+            **{f"{key}_unscaled": m[key] for key in ("accuracy", "ece", "nll")},
+        })
+    pd.DataFrame(scale_rows).to_csv(st.file("scales.csv"), index=False)
+    torch.save({"names": list(named), "masks": masks, "scales": scales, "probs": probs, "labels": bank.labels,
+                "det": det, "ts": ts, "temperature": temperature}, st.file("named.pt"))
 
     n, L = len(labels), bank.n_blocks
     g = torch.Generator(device=device).manual_seed(run.seed)
@@ -167,13 +230,15 @@ def subset_predictions(cfg: Config, run: MapRun, bank: Bank, bank_stage: Stage, 
     weights = torch.zeros(sc.n_boot_shapley + 1, n, device=device)
     weights[0] = 1  # row 0: the test set itself; rows 1..R: bootstrap multiplicities
     weights[1:].scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
-    bits = (torch.arange(2**L, device=device)[:, None] >> torch.arange(L, device=device)) & 1
+    bits = ((torch.arange(2**L)[:, None] >> torch.arange(L)) & 1).bool()
+    all_scales, _ = _scales(cfg, val_bank, bits, device)
     out = torch.empty(sc.n_boot_shapley + 1, 2**L)
-    for rows_, p in iter_subset_probs(bank_dev, bits.bool(), method=method):
+    for rows_, p in iter_subset_probs(bank_dev, bits.to(device), method=method, scales=all_scales):
         conf, pred = p.max(-1)
         correct = (pred == labels).to(conf.dtype)
         out[:, rows_] = ece_from_weights(conf, correct, weights, sc.n_bins).cpu()
     torch.save(out, st.file("subset_ece.pt"))
+    torch.save(all_scales, st.file("subset_scales.pt"))
     st.mark_done()
     return st
 
@@ -183,8 +248,9 @@ def run_seed(cfg: Config, seed: int, device: torch.device) -> SeedStudy:
     run = map_run(cfg, seed, device)
     lap, post = fit_laplace(cfg, run, device)
     bank_stage, bank = build_bank(cfg, run, post, lap, device)
-    subsets = subset_predictions(cfg, run, bank, bank_stage, device)
-    return SeedStudy(seed, run, post, lap, bank_stage, subsets)
+    val = build_bank(cfg, run, post, lap, device, split="val") if cfg.predictive.scale != "none" else None
+    subsets = subset_predictions(cfg, run, bank, bank_stage, device, val)
+    return SeedStudy(seed, run, post, lap, bank_stage, subsets, val[0] if val else None)
 
 
 def run_all(cfg: Config, device: torch.device) -> list[SeedStudy]:

@@ -1,4 +1,4 @@
-"""MAP training: AdamW with linear warm-up and cosine decay, resumable, seeded.
+"""MAP training: Adam with coupled L2 (the Gaussian prior), linear warm-up and cosine decay, resumable, seeded.
 
 The Gaussian prior is exact. Fine-tuning minimises the mean negative log posterior
 

@@ -171,8 +171,36 @@ def test_mc_fisher_converges_to_ggn(tiny_batch):
     assert torch.equal(once.factors[name][1].G, again.factors[name][1].G)
 
 
+@pytest.mark.parametrize("structure,kfac,fisher", [
+    ("kron", "expand", "exact"), ("kron", "reduce", "exact"), ("diag", "expand", "exact"), ("kron", "reduce", "mc"),
+])
+@pytest.mark.parametrize("chunk", [2, 64])
+def test_batched_backward_equals_one_pass_per_class(tiny_lora_vit, tiny_batch, structure, kfac, fisher, chunk):
+    """class_chunk > 1 (one vmapped backward for several output vectors, fused attention off) gives
+    the factors of one backward pass per vector; 2 leaves a remainder chunk, 64 > C takes them all."""
+    x, y = tiny_batch
+    kw = dict(device="cpu", fisher=fisher, mc_samples=3)
+    fit = (lambda **k: fit_kron(tiny_lora_vit, _batches(x, y), kfac=kfac, **kw, **k)) if structure == "kron" else (
+        lambda **k: fit_diag(tiny_lora_vit, _batches(x, y), **kw, **k))
+    attn = [m for m in unwrap(tiny_lora_vit).modules() if hasattr(m, "fused_attn")]
+    fused = [m.fused_attn for m in attn]
+    one = fit(class_chunk=1, generator=torch.Generator().manual_seed(0))
+    many = fit(class_chunk=chunk, generator=torch.Generator().manual_seed(0))
+    for name in one.names:
+        if structure == "kron":
+            for a, b in zip(many.factors[name], one.factors[name]):
+                assert _close(a.G, b.G, rtol=1e-5) and _close(a.X, b.X, rtol=1e-6), name
+        else:
+            for a, b in zip(many.diag[name], one.diag[name]):
+                assert _close(a, b, rtol=1e-5), name
+    assert abs(many.loss - one.loss) <= 1e-6 * one.loss
+    assert attn and [m.fused_attn for m in attn] == fused  # restored after the batched fit
+
+
 def test_bad_arguments(tiny_lora_vit, tiny_batch):
     x, y = tiny_batch
+    with pytest.raises(ValueError, match="class_chunk"):
+        fit_kron(tiny_lora_vit, [(x, y)], device="cpu", class_chunk=0)
     with pytest.raises(ValueError, match="kfac"):
         fit_kron(tiny_lora_vit, [(x, y)], device="cpu", kfac="mean")
     with pytest.raises(ValueError, match="fisher"):

@@ -28,6 +28,17 @@ def test_predictor_equals_bank_subset(fitted, blocks):
     assert torch.allclose(pred(x), subset_probs(bank, mask, method="mc"), atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.05, 3.0])
+def test_predictor_scale_equals_bank_scale(fitted, scale):
+    """Serving with covariance scale κ equals the bank's subset predictive at κ; κ = 0 is the MAP."""
+    model, post, x, y = fitted
+    bank = perturbation_bank(model, post, [(x, y)], n_samples=6, seed=3, device="cpu")
+    pred = GLMPredictor(model, post, [1, 2], n_samples=6, seed=3, device=torch.device("cpu"), scale=scale)
+    assert torch.allclose(pred(x), subset_probs(bank, 0b110, method="mc", scale=scale), atol=1e-5)
+    if scale == 0.0:
+        assert torch.allclose(pred(x), torch.softmax(bank.map_logits, -1), atol=1e-5)
+
+
 def test_predictor_depends_on_samples(fitted):
     """A different seed gives different samples, hence a different predictive (the test can fail)."""
     model, post, x, _ = fitted

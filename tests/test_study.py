@@ -10,8 +10,11 @@ from lib.attribution import attribution, block_subsets, cumulative, leave_one_ou
 from lib.calibration import ece
 from lib.config import Config, ParamsError, load_params
 from lib.paths import PARAMS
-from lib.report import answer, attribution_summary, statistics_summary
+from lib.report import (answer, attribution_summary, display_scale_table, scale_summary, scale_table,
+                        statistics_summary)
 from lib.stats import pareto_front
+from lib.laplace.predictive import Bank, subset_probs
+from lib.laplace.scale import scale_grid, tune_scales
 from lib.study import run_all, run_seed
 
 
@@ -55,7 +58,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert abs(values.phi.sum() - t.loc["all", "delta"]) < 1e-6  # efficiency: Shapley sums to Δ(all)
     assert len(pairs) == 2
     heat, ranks = rank_analysis(att, tiny_cfg.stats)
-    assert heat.shape == (3, 3) and torch.allclose(torch.tensor(heat.sum(1).to_numpy(), dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    assert heat.shape == (3, 3) and torch.allclose(torch.tensor(heat.sum(axis=1).to_numpy(), dtype=torch.float64), torch.ones(3, dtype=torch.float64))
     assert list(cumulative(att).k) == [1, 2, 3] and len(leave_one_out(att)) == 3
 
     text = attribution_summary(att.table, ranks, values, 0.05, 2) + statistics_summary(att.table, ranks, 2, 0.05)
@@ -72,6 +75,45 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert "`smoke`" in text
     if t.loc["all", "delta"] > 0:
         assert "Temperature scaling" in text and "-10.00 pp" in text
+
+
+def test_covariance_scale_tuned_on_validation_bank(tiny_cfg):
+    """predictive.scale='val_nll': every named and every one of the 2^L subsets predicts at the κ_S
+    that minimises the NLL of its validation-bank predictive; the test set is never used."""
+    d = tiny_cfg.to_dict()
+    d["seeds"] = [0]
+    d["predictive"].update(scale="val_nll", scale_range=[1e-3, 10.0], scale_points=9, scale_images=40)
+    cfg = Config.from_dict(d)
+    st = run_seed(cfg, 0, torch.device("cpu"))
+    val = Bank(**torch.load(st.val_bank.file("bank.pt"), weights_only=True))
+    assert val.delta.shape[1] == 40 and torch.equal(val.labels, st.run.splits.val.y[:40])
+    grid = scale_grid(1e-3, 10.0, 9)
+    named = st.named()
+    kappa, _ = tune_scales(val, named["masks"], grid)
+    assert torch.equal(named["scales"], kappa)
+    bank = Bank(**torch.load(st.bank.file("bank.pt"), weights_only=True))
+    i = named["names"].index("all")
+    assert torch.allclose(named["probs"][i], subset_probs(bank, named["masks"][i], scale=float(kappa[i])), atol=1e-6)
+    metrics = st.metrics().set_index("posterior")
+    assert abs(metrics.loc["all", "scale"] - float(kappa[i])) < 1e-12
+    bits = ((torch.arange(8)[:, None] >> torch.arange(3)) & 1).bool()
+    all_k, _ = tune_scales(val, bits, grid)
+    e = st.subset_ece()
+    full = subset_probs(bank, 7, scale=float(all_k[7]))
+    assert abs(float(e[0, 7]) - float(ece(full, bank.labels, cfg.stats.n_bins))) < 1e-5
+    scales = pd.read_csv(st.subsets.file("scales.csv")).set_index("posterior")
+    assert scales.loc["all", "val_nll"] <= scales.loc["all", "val_nll_unscaled"] + 1e-9
+    unscaled = subset_probs(bank, named["masks"][i])
+    assert abs(scales.loc["all", "ece_unscaled"] - float(ece(unscaled, bank.labels, cfg.stats.n_bins))) < 1e-5
+    table = scale_table([st.metrics()], [st.scales()]).set_index("posterior")
+    assert list(table.index) == ["deterministic (MAP)", "all", "single 0", "single 1", "single 2"]
+    assert abs(table.loc["all", "κ median"] - float(kappa[i])) < 1e-12
+    assert abs(table.loc["all", "ECE % κ_S"] - 100 * metrics.loc["all", "ece"]) < 1e-9
+    assert abs(table.loc["all", "ECE % κ=1"] - 100 * scales.loc["all", "ece_unscaled"]) < 1e-9
+    text = scale_summary(table.reset_index(), cfg)
+    assert f"κ = {float(kappa[i]):.3g}" in text and "own κ_S" in text
+    shown = display_scale_table(table.reset_index())
+    assert shown.iloc[0]["κ_S [range]"] == "–" and len(shown) == 5
 
 
 def test_retune_with_shared_prior_is_refused(tiny_cfg):

@@ -14,8 +14,7 @@
 # repository root, check `git status`, then `make link BOOK_PROFILE=<profile> && make book`.
 set -uo pipefail
 profile=${1:?usage: device-freeze.sh PROFILE}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=agg
+source tools/device-env.sh
 python3 -m lib.data materialize-cifar10 data --source .carry/cifar10-jpeg || exit 1
 start=$(date +%s)
 python3 -m lib.runner run --profile "$profile" 2>&1 \

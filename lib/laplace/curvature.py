@@ -9,8 +9,12 @@ every adapted linear map are covered; the head and the backbone stay at the MAP.
 Output gradients (``fisher``):
 
 * ``'exact'``: with ``Λ_n = S_n S_nᵀ``, ``S_n[:, c] = √p_nc (e_c − p_n)``, the GGN is
-  ``Σ_n Σ_c (J_nᵀ S_n[:, c])(J_nᵀ S_n[:, c])ᵀ``: ``C`` backward passes per batch, each
-  backpropagating the column ``c`` of every example's ``S_n`` at once.
+  ``Σ_n Σ_c (J_nᵀ S_n[:, c])(J_nᵀ S_n[:, c])ᵀ``: ``C`` vector-Jacobian products per batch, each
+  backpropagating the column ``c`` of every example's ``S_n`` at once. ``class_chunk`` of them
+  run as one batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``, a
+  ``vmap`` over the cotangents: ``class_chunk×`` larger matrix products, one pass over the graph
+  instead of ``class_chunk``); timm's fused attention is switched off for it, since the fused
+  SDPA backward kernels have no batching rule on every device.
 * ``'mc'``: the Monte-Carlo Fisher, ``mc_samples`` labels ``ỹ ~ Cat(p_n)`` per example and
   backward passes of ``(p_n − e_ỹ)/√M`` (unbiased for the GGN; needed when ``C`` is large).
 
@@ -52,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lib.model import LoraModule, lora_modules
+from lib.model import LoraModule, fused_attention_off, lora_modules
 
 Fisher = Literal["exact", "mc"]
 KfacApprox = Literal["expand", "reduce"]
@@ -136,16 +140,19 @@ def fit_kron(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    class_chunk: int = 1,
     progress: bool | None = None,
 ) -> KronCurvature:
     """K-FAC GGN of the summed cross-entropy over ``batches`` of (images ``(N, 3, H, W)``, labels ``(N,)``).
 
-    See the module docstring for the factors of ``kfac='expand' | 'reduce'`` and the output
-    gradients of ``fisher='exact' | 'mc'`` (``generator`` on ``device`` seeds the MC labels).
+    See the module docstring for the factors of ``kfac='expand' | 'reduce'``, the output
+    gradients of ``fisher='exact' | 'mc'`` (``generator`` on ``device`` seeds the MC labels) and
+    ``class_chunk`` (output vectors per batched backward pass; peak memory grows with it).
     """
     if kfac not in ("expand", "reduce"):
         raise ValueError(f"kfac is {kfac!r}; use 'expand' or 'reduce' (LaplaceConfig.kfac)")
-    acc = _accumulate(model, batches, device, "kron", kfac, fisher, mc_samples, generator, autocast_dtype, progress)
+    acc = _accumulate(model, batches, device, "kron", kfac, fisher, mc_samples, generator, autocast_dtype,
+                      class_chunk, progress)
     factors = {}
     for name in acc["blocks"]:
         pair = []
@@ -167,10 +174,12 @@ def fit_diag(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    class_chunk: int = 1,
     progress: bool | None = None,
 ) -> DiagCurvature:
     """Diagonal GGN of the summed cross-entropy over ``batches`` (see :func:`fit_kron`)."""
-    acc = _accumulate(model, batches, device, "diag", "expand", fisher, mc_samples, generator, autocast_dtype, progress)
+    acc = _accumulate(model, batches, device, "diag", "expand", fisher, mc_samples, generator, autocast_dtype,
+                      class_chunk, progress)
     diag = {name: tuple(s["D"] for s in acc["stats"][name]) for name in acc["blocks"]}
     return DiagCurvature(
         blocks=acc["blocks"], mean=acc["mean"], n_data=acc["n_data"], loss=acc["loss"], fisher=fisher, diag=diag
@@ -188,11 +197,12 @@ def fit_curvature(
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    class_chunk: int = 1,
     progress: bool | None = None,
 ) -> KronCurvature | DiagCurvature:
     """:func:`fit_kron` or :func:`fit_diag` by ``structure`` (``LaplaceConfig.structure``)."""
     kw = dict(device=device, fisher=fisher, mc_samples=mc_samples, generator=generator,
-              autocast_dtype=autocast_dtype, progress=progress)
+              autocast_dtype=autocast_dtype, class_chunk=class_chunk, progress=progress)
     if structure == "kron":
         return fit_kron(model, batches, kfac=kfac, **kw)
     if structure == "diag":
@@ -221,9 +231,12 @@ def output_vectors(
     raise ValueError(f"fisher is {fisher!r}; use 'exact' or 'mc' (LaplaceConfig.fisher)")
 
 
-def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, generator, autocast_dtype, progress):
+def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, generator, autocast_dtype,
+                class_chunk, progress):
     if fisher not in ("exact", "mc"):
         raise ValueError(f"fisher is {fisher!r}; use 'exact' or 'mc' (LaplaceConfig.fisher)")
+    if not isinstance(class_chunk, int) or class_chunk < 1:
+        raise ValueError(f"class_chunk is {class_chunk!r}; use a positive integer (LaplaceConfig.class_chunk)")
     device = torch.device(device)
     mods = lora_modules(model)
     if not mods:
@@ -231,8 +244,9 @@ def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, gen
     linears = [lin for m in mods for lin in (m.A, m.B)]
     stats = [_new_stats(lin, structure, device) for lin in linears]
     use_autocast = autocast_dtype is not None and device.type == "cuda"
+    attention = fused_attention_off(model) if class_chunk > 1 else nullcontext()
     loss, n_data = 0.0, 0
-    with _lora_trainable(model, mods), _Recorder(linears) as rec:
+    with _lora_trainable(model, mods), _Recorder(linears) as rec, attention:
         for x, y in tqdm(batches, desc=f"{structure} GGN", disable=None if progress is None else not progress):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             rec.clear()
@@ -246,15 +260,16 @@ def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, gen
             if structure == "kron":
                 for s, a in zip(stats, rec.inputs):
                     _add_input_factor(s, _tokens(a.float()), kfac)
-            for k in range(len(vecs)):
-                grads = torch.autograd.grad(logits, rec.outputs, grad_outputs=vecs[k], retain_graph=k < len(vecs) - 1)
+            for k0 in range(0, len(vecs), class_chunk):
+                grads = _output_grads(logits, rec.outputs, vecs[k0 : k0 + class_chunk],
+                                      retain=k0 + class_chunk < len(vecs))
                 for s, a, g in zip(stats, rec.inputs, grads):
-                    g = _tokens(g.float())
+                    g = g.float().reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
                     if structure == "kron":
-                        g = g.reshape(-1, g.shape[-1]) if kfac == "expand" else g.sum(1)
+                        g = g.reshape(-1, g.shape[-1]) if kfac == "expand" else g.sum(2).reshape(-1, g.shape[-1])
                         s["G"].addmm_(g.T, g)
                     else:
-                        s["D"].add_(torch.einsum("nto,nti->noi", g, _tokens(a.float())).square().sum(0))
+                        s["D"].add_(torch.einsum("knto,nti->knoi", g, _tokens(a.float())).square().sum((0, 1)))
             del logits, grads, vecs
             rec.clear()
     return {
@@ -264,6 +279,19 @@ def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, gen
         "n_data": n_data,
         "loss": loss,
     }
+
+
+def _output_grads(
+    logits: torch.Tensor, outputs: list[torch.Tensor], vecs: torch.Tensor, *, retain: bool
+) -> tuple[torch.Tensor, ...]:
+    """``vecs`` (k, N, C) pulled back to every recorded output: tensors (k, *output.shape).
+
+    ``k = 1`` is a plain backward pass; ``k > 1`` one batched pass (``is_grads_batched``).
+    """
+    if len(vecs) == 1:
+        grads = torch.autograd.grad(logits, outputs, grad_outputs=vecs[0], retain_graph=retain)
+        return tuple(g[None] for g in grads)
+    return torch.autograd.grad(logits, outputs, grad_outputs=vecs, retain_graph=retain, is_grads_batched=True)
 
 
 def _new_stats(lin: nn.Linear, structure: str, device: torch.device) -> dict:

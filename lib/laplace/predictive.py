@@ -258,11 +258,14 @@ def _link(map_logits: Tensor, pert: Tensor, method: str) -> Tensor:
     raise ValueError(f"method must be 'mc' or 'probit', got {method!r}")
 
 
-def subset_probs(bank: Bank, subset: Tensor | int, *, method: Literal["mc", "probit"] = "mc") -> Tensor:
+def subset_probs(
+    bank: Bank, subset: Tensor | int, *, method: Literal["mc", "probit"] = "mc", scale: float = 1.0
+) -> Tensor:
     """Linearised predictive probabilities (N, C) of the posterior keeping the blocks in ``subset``.
 
     ``subset``: bool mask (L,) over ``bank.blocks`` or an int bitmask (bit ``i`` ↔ ``bank.blocks[i]``).
-    With ``g_nk = Σ_{i∈S} delta[i, n, k]`` and ``f_n`` the MAP logits:
+    ``scale`` ``κ`` multiplies the covariance, ``Σ_S → κ Σ_S``, i.e. the perturbations by ``√κ``
+    (:mod:`lib.laplace.scale`). With ``g_nk = √κ Σ_{i∈S} delta[i, n, k]`` and ``f_n`` the MAP logits:
 
     - ``"mc"``: ``p_n = (1/K) Σ_k softmax(f_n + g_nk)`` — probabilities are averaged, not logits
       (immer2021improving);
@@ -272,8 +275,10 @@ def subset_probs(bank: Bank, subset: Tensor | int, *, method: Literal["mc", "pro
 
     The empty subset gives ``softmax(f_n)``.
     """
+    if not scale >= 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
     mask = _mask(bank, subset).to(bank.delta.device)
-    pert = torch.einsum("l,lnkc->nkc", mask.to(bank.delta.dtype), bank.delta)
+    pert = torch.einsum("l,lnkc->nkc", mask.to(bank.delta.dtype) * math.sqrt(scale), bank.delta)
     return _link(bank.map_logits.to(pert), pert, method)
 
 
@@ -282,13 +287,15 @@ def iter_subset_probs(
     subsets: Tensor,
     *,
     method: Literal["mc", "probit"] = "mc",
+    scales: Tensor | None = None,
     chunk: int | None = None,
     max_elements: int = 2**27,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Yield ``(rows, probs)`` with ``probs`` (s, N, C) = :func:`subset_probs` of ``subsets[rows]``.
 
-    ``subsets``: bool (S, L). Each chunk of ``s`` subsets is one matrix product
-    ``(s, L) @ (L, N·K·C)`` followed by the link on the device of ``bank.delta``; ``chunk``
+    ``subsets``: bool (S, L); ``scales``: covariance scales ``κ`` (S,) (None: all 1). Each chunk of
+    ``s`` subsets is one matrix product ``(s, L) @ (L, N·K·C)`` of the masks weighted by ``√κ``,
+    followed by the link on the device of ``bank.delta``; ``chunk``
     defaults to the most subsets whose perturbations fit in ``max_elements`` floats. Consume chunk
     by chunk (e.g. an ECE per subset) to keep memory bounded for all ``2^L`` subsets.
     """
@@ -302,6 +309,11 @@ def iter_subset_probs(
         raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
     flat = bank.delta.reshape(L, N * K * C)
     masks = subsets.to(device=flat.device, dtype=flat.dtype)
+    if scales is not None:
+        scales = torch.as_tensor(scales)
+        if scales.shape != (subsets.shape[0],) or not bool((scales >= 0).all()):
+            raise ValueError(f"scales must be non-negative, shape ({subsets.shape[0]},); got shape {tuple(scales.shape)}")
+        masks = masks * scales.to(masks).sqrt()[:, None]
     f = bank.map_logits.to(flat)
     for start in range(0, subsets.shape[0], chunk):
         rows = slice(start, min(start + chunk, subsets.shape[0]))
@@ -310,10 +322,11 @@ def iter_subset_probs(
 
 
 def all_subset_probs(
-    bank: Bank, subsets: Tensor, *, method: Literal["mc", "probit"] = "mc", chunk: int | None = None
+    bank: Bank, subsets: Tensor, *, method: Literal["mc", "probit"] = "mc", scales: Tensor | None = None,
+    chunk: int | None = None,
 ) -> Tensor:
     """All of :func:`iter_subset_probs` stacked: (S, N, C) on the bank's device (needs S·N·C floats)."""
-    return torch.cat([p for _, p in iter_subset_probs(bank, subsets, method=method, chunk=chunk)])
+    return torch.cat([p for _, p in iter_subset_probs(bank, subsets, method=method, scales=scales, chunk=chunk)])
 
 
 def standard_subsets(L: int) -> dict[str, Tensor]:
