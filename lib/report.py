@@ -199,6 +199,8 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
             f"{100 * pick.cost / full_cost:.0f}% of the all-block extra latency "
             f"({pick.cost:.3g} ms per image); its accuracy changes by "
             f"{row['accuracy (%)'] - det['accuracy (%)']:+.2f} pp.")
+    if {"lower", "upper"} <= set(front.columns):
+        text += _uncertain(front)
     if ts["ECE (%)"] <= row["ECE (%)"]:
         text += (f" Temperature scaling, fitted on the validation set, reaches a lower ECE ({ts['ECE (%)']:.2f}% vs "
                  f"{row['ECE (%)']:.2f}%) at no extra cost and without changing accuracy, so on this profile it is "
@@ -208,6 +210,16 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
         text += (f" It also beats temperature scaling ({row['ECE (%)']:.2f}% vs {ts['ECE (%)']:.2f}% ECE), "
                  "which costs nothing at prediction time.")
     return text
+
+
+def _uncertain(front: pd.DataFrame) -> str:
+    """A caveat when the all-block gain's 95% interval includes zero (empty string otherwise)."""
+    full = front[front.name == "all"]
+    if full.empty or float(full.lower.iloc[0]) > 0:
+        return ""
+    r = full.iloc[0]
+    return (f" The advice is tentative: the all-block gain's 95% interval, {ci(r.delta, r.lower, r.upper)} pp, "
+            "includes zero, so the test set cannot tell these choices apart from no change.")
 
 
 def deterministic_summary(det: pd.DataFrame) -> str:

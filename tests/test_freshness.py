@@ -54,3 +54,4 @@ def test_every_book_chapter_has_a_frozen_smoke_output(chapter):
     assert frozen.is_file() and frozen.with_suffix(".ipynb").is_file(), (
         f"chapter {chapter} has no frozen smoke output; make run PROFILE=smoke CHAPTER={chapter}"
     )
+
