@@ -17,7 +17,8 @@ profile=${1:?usage: device-freeze.sh PROFILE}
 source tools/device-env.sh
 python3 -m lib.data materialize-cifar10 data --source .carry/cifar10-jpeg || exit 1
 start=$(date +%s)
-python3 -m lib.runner run --profile "$profile" 2>&1 \
+# Stop the runner before the device call's own limit (600 s) so that what finished still comes back.
+timeout -s INT "${FREEZE_LIMIT_S:-530}" python3 -m lib.runner run --profile "$profile" 2>&1 \
   | grep -v -E "Warning|warnings.warn|Executing Cell|Ending Cell|cell/s\]|^\s*$" | tail -200
 rc=${PIPESTATUS[0]}
 echo "runner exit $rc after $(( $(date +%s) - start )) s"

@@ -14,7 +14,9 @@ Output gradients (``fisher``):
   run as one batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``, a
   ``vmap`` over the cotangents: ``class_chunk×`` larger matrix products, one pass over the graph
   instead of ``class_chunk``); timm's fused attention is switched off for it, since the fused
-  SDPA backward kernels have no batching rule on every device.
+  SDPA backward kernels have no batching rule on every device. The LayerNorm, GELU and softmax
+  backward kernels have none either (torch 2.14) and run once per vector through PyTorch's
+  vmap fallback; the matrix products, most of the work, are batched.
 * ``'mc'``: the Monte-Carlo Fisher, ``mc_samples`` labels ``ỹ ~ Cat(p_n)`` per example and
   backward passes of ``(p_n − e_ỹ)/√M`` (unbiased for the GGN; needed when ``C`` is large).
 
