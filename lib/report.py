@@ -323,7 +323,10 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
     total = shapley.phi.sum()
     full_cost = float(pareto.loc[pareto.name == "all", "cost"].iloc[0]) if (pareto.name == "all").any() else float("nan")
     text = [
-        f"On the `{cfg.profile}` profile, the Laplace posterior over all LoRA blocks changes the ECE by "
+        f"On the `{cfg.profile}` profile, the Laplace posterior over all LoRA blocks"
+        + (" (each posterior with its covariance scale tuned on validation NLL, @sec-attribution-scale)"
+           if cfg.predictive.scale != "none" else "")
+        + " changes the ECE by "
         f"{ci(full.delta, full.lower, full.upper)} pp (accuracy {pp(full.d_acc)} pp).",
         "Ranked by their own ΔECE, the top single blocks are "
         + ", ".join(f"block {int(r.block)} ({pp(r.delta)} pp)" for r in top.itertuples()) + ".",

@@ -72,7 +72,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
                                     *[f"Laplace, {n}" for n in names]],
                          "ECE (%)": [5.0, 1.0, *[3.0] * len(names)], "accuracy (%)": [90.0, 90.0, *[80.0] * len(names)]})
     text = answer(att.table, ranks, values, pareto, base, tiny_cfg)
-    assert "`smoke`" in text
+    assert "`smoke`" in text and "@sec-attribution-scale" in text  # smoke tunes the covariance scale
     if t.loc["all", "delta"] > 0:
         assert "Temperature scaling" in text and "-10.00 pp" in text
 
