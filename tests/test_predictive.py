@@ -147,6 +147,36 @@ def test_mc_logit_covariance_converges_to_J_sigma_Jt(tiny_lora_vit, tiny_batch, 
         assert ((emp - exact).abs() <= 5 * se).all()
 
 
+@pytest.mark.parametrize("blocks,chunk", [(None, 10), ([0, 2], 3), ([1], 1)])
+def test_reverse_mode_bank_equals_forward_mode(tiny_lora_vit, tiny_batch, posterior, blocks, chunk):
+    """mode='reverse' (output gradients × sampled weights) gives the forward-mode JVP bank with the
+    same samples, for any block set and class chunking; fused attention flags are restored."""
+    x, y = tiny_batch
+    kw = dict(n_samples=7, seed=4, device="cpu", blocks=blocks)
+    fused = [m.fused_attn for m in unwrap(tiny_lora_vit).modules() if hasattr(m, "fused_attn")]
+    grad_flags = [p.requires_grad for p in tiny_lora_vit.parameters()]
+    fwd = perturbation_bank(tiny_lora_vit, posterior, batches_of(x, y, 4), mode="forward", **kw)
+    rev = perturbation_bank(tiny_lora_vit, posterior, batches_of(x, y, 4), mode="reverse", class_chunk=chunk, **kw)
+    assert rev.blocks == fwd.blocks and torch.equal(rev.labels, fwd.labels)
+    assert torch.allclose(rev.map_logits, fwd.map_logits, atol=1e-5)
+    assert fwd.delta.abs().max() > 1e-2
+    assert torch.allclose(rev.delta, fwd.delta, atol=1e-5, rtol=1e-4)
+    assert [m.fused_attn for m in unwrap(tiny_lora_vit).modules() if hasattr(m, "fused_attn")] == fused
+    assert [p.requires_grad for p in tiny_lora_vit.parameters()] == grad_flags
+
+
+def test_auto_mode_picks_reverse_only_when_classes_do_not_exceed_samples(tiny_lora_vit, tiny_batch, posterior, monkeypatch):
+    import lib.laplace.predictive as P
+
+    x, y = tiny_batch
+    calls = []
+    real = P._reverse_bank
+    monkeypatch.setattr(P, "_reverse_bank", lambda *a, **k: calls.append(1) or real(*a, **k))
+    perturbation_bank(tiny_lora_vit, posterior, [(x, y)], n_samples=4, seed=0, device="cpu")  # C = 4 <= K = 4
+    perturbation_bank(tiny_lora_vit, posterior, [(x, y)], n_samples=3, seed=0, device="cpu")  # C = 4 > K = 3
+    assert calls == [1]
+
+
 def test_mc_averages_probabilities_not_logits_hand_case():
     delta = torch.tensor([[4.0, 0.0], [-4.0, 0.0]]).reshape(1, 1, 2, 2)
     bank = Bank(map_logits=torch.tensor([[1.0, 0.0]]), labels=torch.tensor([0]), delta=delta, blocks=(0,))

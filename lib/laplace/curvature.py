@@ -248,7 +248,7 @@ def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, gen
     use_autocast = autocast_dtype is not None and device.type == "cuda"
     attention = fused_attention_off(model) if class_chunk > 1 else nullcontext()
     loss, n_data = 0.0, 0
-    with _lora_trainable(model, mods), _Recorder(linears) as rec, attention:
+    with lora_trainable(model, mods), Recorder(linears) as rec, attention:
         for x, y in tqdm(batches, desc=f"{structure} GGN", disable=None if progress is None else not progress):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             rec.clear()
@@ -263,7 +263,7 @@ def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, gen
                 for s, a in zip(stats, rec.inputs):
                     _add_input_factor(s, _tokens(a.float()), kfac)
             for k0 in range(0, len(vecs), class_chunk):
-                grads = _output_grads(logits, rec.outputs, vecs[k0 : k0 + class_chunk],
+                grads = output_grads(logits, rec.outputs, vecs[k0 : k0 + class_chunk],
                                       retain=k0 + class_chunk < len(vecs))
                 for s, a, g in zip(stats, rec.inputs, grads):
                     g = g.float().reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
@@ -283,7 +283,7 @@ def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, gen
     }
 
 
-def _output_grads(
+def output_grads(
     logits: torch.Tensor, outputs: list[torch.Tensor], vecs: torch.Tensor, *, retain: bool
 ) -> tuple[torch.Tensor, ...]:
     """``vecs`` (k, N, C) pulled back to every recorded output: tensors (k, *output.shape).
@@ -316,7 +316,7 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def _lora_trainable(model: nn.Module, mods: list[LoraModule]) -> Iterator[None]:
+def lora_trainable(model: nn.Module, mods: list[LoraModule]) -> Iterator[None]:
     """Eval mode and ``requires_grad`` on every LoRA weight for the duration; restores both."""
     params = [lin.weight for m in mods for lin in (m.A, m.B)]
     flags = [p.requires_grad for p in params]
@@ -332,7 +332,7 @@ def _lora_trainable(model: nn.Module, mods: list[LoraModule]) -> Iterator[None]:
         model.train(was_training)
 
 
-class _Recorder:
+class Recorder:
     """Forward hooks keeping each module's input (detached) and output (in the graph)."""
 
     def __init__(self, modules: list[nn.Module]):
@@ -351,7 +351,7 @@ class _Recorder:
         self.inputs[i] = args[0].detach()
         self.outputs[i] = output
 
-    def __enter__(self) -> "_Recorder":
+    def __enter__(self) -> "Recorder":
         self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
         return self
 

@@ -11,7 +11,10 @@ and ``K`` parameter samples ``δθ_ℓ^(k)`` drawn once per block (shared by all
 subsets: common random numbers), the Jacobian-vector products
 ``delta[ℓ, n, k] = J_ℓ(x_n) δθ_ℓ^(k)`` by forward-mode AD (baydin2018automatic). Only the tail of
 the network after block ``ℓ`` is differentiated: the block inputs are cached from a single prefix
-pass per batch. Any subset's predictive is then a masked sum over the bank
+pass per batch. The same bank can be computed in reverse mode (one backward pass per class, then
+per-example Jacobians contracted with the samples), which is cheaper when the number of classes
+``C`` is small against ``K``; ``perturbation_bank(mode='auto')`` picks it when ``C ≤ K``.
+Any subset's predictive is then a masked sum over the bank
 (:func:`subset_probs`, :func:`iter_subset_probs`), e.g. all ``2^L`` subsets for exact Shapley values.
 """
 
@@ -28,7 +31,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from tqdm import tqdm
 
-from lib.model import fused_attention_off, lora_modules, n_blocks, vit_parts
+from lib.laplace.curvature import Recorder, lora_trainable, output_grads
+from lib.model import fused_attention_off, lora_modules, n_blocks, unwrap, vit_parts
 
 
 class BlockPosterior(Protocol):
@@ -104,6 +108,8 @@ def perturbation_bank(
     k_chunk: int | None = None,
     tangent_batching: Literal["shared", "folded"] = "shared",
     store_device: torch.device | str = "cpu",
+    mode: Literal["auto", "forward", "reverse"] = "auto",
+    class_chunk: int = 10,
 ) -> Bank:
     """Per-block GLM logit perturbations ``J_ℓ(x_n) δθ_ℓ^(k)`` of every test point (see :class:`Bank`).
 
@@ -120,6 +126,13 @@ def perturbation_bank(
     folded into the batch). ``dtype=torch.bfloat16`` runs primal and tangents under CUDA autocast;
     the bank is accumulated in fp32 on ``store_device``. Fused attention is switched off during
     the bank (it has no forward-mode AD) and restored afterwards.
+
+    ``mode='reverse'`` computes the same numbers (same samples) from the other side: one forward
+    pass and ``C`` vector-Jacobian products (``class_chunk`` per batched backward,
+    :func:`lib.laplace.curvature.output_grads`) give every adapted map's output gradients
+    ``g_nct``; with its inputs ``a_nt``, ``J_W(x_n)_c δW = Σ_t g_nctᵀ δW a_nt``, so
+    ``delta[ℓ, n, k, c] = Σ_{W∈ℓ} ⟨Σ_t g_nct a_ntᵀ, δW^(k)⟩``. Its cost grows with ``C`` instead of
+    with ``K`` times the tail depth; ``'auto'`` takes it when ``C ≤ K``.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -138,6 +151,11 @@ def perturbation_bank(
     k_chunk = n_samples if k_chunk is None else int(k_chunk)
     if k_chunk < 1:
         raise ValueError(f"k_chunk must be >= 1 or None, got {k_chunk}")
+    if mode not in ("auto", "forward", "reverse"):
+        raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
+    if mode == "reverse" or (mode == "auto" and unwrap(model).num_classes <= n_samples):
+        return _reverse_bank(model, posterior, batches, blocks, n_samples=n_samples, seed=seed, device=device,
+                             dtype=dtype, class_chunk=class_chunk, store_device=store_device)
 
     load_forward_ad()
     parts = vit_parts(model)
@@ -179,6 +197,58 @@ def perturbation_bank(
         delta=torch.cat(deltas, dim=1),
         blocks=blocks,
     )
+
+
+def _reverse_bank(model, posterior, batches, blocks, *, n_samples, seed, device, dtype, class_chunk,
+                  store_device) -> Bank:
+    """:func:`perturbation_bank` in reverse mode (see there): output gradients, not tangents."""
+    mods = [m for m in lora_modules(model) if m.block in blocks]
+    linears, samples, rows = [], [], []
+    for b in blocks:
+        drawn = block_samples(posterior, b, n_samples, seed)
+        own = {m.name: m for m in mods if m.block == b}
+        if set(drawn) != set(own):
+            raise ValueError(f"posterior.sample_block({b}) returned modules {sorted(drawn)}; "
+                             f"expected the LoRA modules of block {b}: {sorted(own)}")
+        for name, (dA, dB) in drawn.items():
+            for lin, d in ((own[name].A, dA), (own[name].B, dB)):
+                if tuple(d.shape) != (n_samples, *lin.weight.shape):
+                    raise ValueError(f"posterior sample for '{name}' has shape {tuple(d.shape)}; "
+                                     f"expected {(n_samples, *lin.weight.shape)}")
+                linears.append(lin)
+                samples.append(d.to(device=device, dtype=torch.float32))
+                rows.append(blocks.index(b))
+    was_training = model.training
+    map_logits, labels, deltas = [], [], []
+    try:
+        with fused_attention_off(model), lora_trainable(model, mods), Recorder(linears) as rec:
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for x, y in tqdm(batches, total=total, desc="perturbation bank (reverse)", disable=None):
+                rec.clear()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    logits = model(x.to(device))
+                logits = logits.float()
+                n, c = logits.shape
+                vecs = torch.eye(c, device=device)[:, None, :].expand(c, n, c)
+                delta = torch.zeros(len(blocks), n, n_samples, c, device=device)
+                for k0 in range(0, c, class_chunk):
+                    grads = output_grads(logits, rec.outputs, vecs[k0 : k0 + class_chunk],
+                                         retain=k0 + class_chunk < c)
+                    for row, d, a, g in zip(rows, samples, rec.inputs, grads):
+                        g = g.float().reshape(g.shape[0], n, -1, g.shape[-1])
+                        jac = torch.einsum("knto,nti->knoi", g, a.float().reshape(n, -1, a.shape[-1]))
+                        delta[row, :, :, k0 : k0 + g.shape[0]] += torch.einsum("knoi,soi->nsk", jac, d)
+                map_logits.append(logits.detach().to(store_device))
+                labels.append(y.to(store_device))
+                deltas.append(delta.to(store_device))
+                del logits, grads
+                rec.clear()
+    finally:
+        model.train(was_training)
+    if not map_logits:
+        raise ValueError("batches is empty; pass an iterable of (x, y) batches")
+    return Bank(map_logits=torch.cat(map_logits), labels=torch.cat(labels), delta=torch.cat(deltas, dim=1),
+                blocks=blocks)
 
 
 def block_tangents(
