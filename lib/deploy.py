@@ -1,26 +1,29 @@
 """Deployment cost of a Bayesian-block choice: the GLM predictive as it would be served.
 
 A deployed model needs only the summed perturbation ``Σ_{ℓ∈S} J_ℓ δθ_ℓ``, not the per-block terms
-of the study's bank, so one forward-mode pass suffices: run the network without tangents up to the
-first Bayesian block ``ℓ₀ = min S`` (shared by all samples), then one ``torch.func.jvp`` of the tail
+of the study's bank. Forward mode: run the network without tangents up to the first Bayesian
+block ``ℓ₀ = min S`` (shared by all samples), then one ``torch.func.jvp`` of the tail
 ``head ∘ blocks[L-1] ∘ … ∘ blocks[ℓ₀]`` w.r.t. the LoRA factors of every block in S with the K
-posterior samples as batched tangents (immer2021improving). Its cost grows with the depth of the
-tail, i.e. with how early the first Bayesian block sits, and linearly in K.
+posterior samples as batched tangents (immer2021improving); its cost grows with the depth of the
+tail and linearly in K. Reverse mode: one forward pass and C backward passes from the logits to
+``ℓ₀``, whose per-example Jacobians are contracted with the K samples; its cost grows with the
+depth of the tail and with the number of classes C, hardly with K.
 """
 
 from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Callable
+from typing import Callable, Literal
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from lib.laplace.predictive import BlockPosterior, block_tangents, load_forward_ad
-from lib.model import fused_attention_off, vit_parts
+from lib.laplace.predictive import (BlockPosterior, block_tangents, load_forward_ad, reverse_delta, reverse_mode,
+                                   reverse_samples)
+from lib.model import fused_attention_off, unwrap, vit_parts
 
 
 class GLMPredictor:
@@ -30,16 +33,31 @@ class GLMPredictor:
     same generators as :func:`lib.laplace.predictive.perturbation_bank` (seed, block), and scaled
     by ``√scale`` (the covariance scale ``κ_S``, :mod:`lib.laplace.scale`), so the predictive
     equals the bank's :func:`~lib.laplace.predictive.subset_probs` for S at that scale.
+
+    ``mode='forward'``: the network up to the first Bayesian block ``ℓ₀ = min S`` once, then one
+    JVP of the tail per sample (batched by ``vmap``); ``'reverse'``: one forward pass and ``C``
+    backward passes to ``ℓ₀`` (``class_chunk`` per batched backward) whose per-example Jacobians
+    are contracted with the samples (:func:`lib.laplace.predictive.reverse_delta`); ``'auto'``
+    takes reverse when ``C ≤ K``, as the bank does.
     """
 
     def __init__(self, model: nn.Module, posterior: BlockPosterior, blocks: list[int], *, n_samples: int,
-                 seed: int, device: torch.device, dtype: torch.dtype = torch.float32, scale: float = 1.0):
+                 seed: int, device: torch.device, dtype: torch.dtype = torch.float32, scale: float = 1.0,
+                 mode: Literal["auto", "forward", "reverse"] = "auto", class_chunk: int = 10):
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
-        load_forward_ad()
-        self.model, self.device, self.dtype = model, device, dtype
+        if mode not in ("auto", "forward", "reverse"):
+            raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
+        self.model, self.device, self.dtype, self.class_chunk = model, device, dtype, class_chunk
         self.parts = vit_parts(model)
         self.blocks = sorted(blocks)
+        self.reverse = bool(self.blocks) and (
+            mode == "reverse" or (mode == "auto" and unwrap(model).num_classes <= n_samples))
+        if self.reverse:
+            self.rs = reverse_samples(model, posterior, tuple(self.blocks), n_samples, seed, device)
+            self.rs.samples = [d * scale**0.5 for d in self.rs.samples]
+            return
+        load_forward_ad()
         self.start = self.blocks[0] if self.blocks else len(self.parts.blocks)
         self.tail = nn.ModuleList(self.parts.blocks[self.start:])
         self.primals, self.tangents = {}, {}
@@ -56,13 +74,17 @@ class GLMPredictor:
             h = functional_call(blk, own, (h,), strict=False) if own else blk(h)
         return self.parts.head(h)
 
-    @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
         """Predictive probabilities (B, C) for images ``x`` (B, 3, H, W).
 
-        Fused attention (no forward-mode AD) is switched off for the call and restored after it.
+        Fused attention (no forward-mode AD, no batched backward) is switched off for the call
+        and restored after it.
         """
-        with fused_attention_off(self.model):
+        if self.reverse:
+            with reverse_mode(self.model, self.rs) as rec:
+                f, delta = reverse_delta(self.model, self.rs, rec, x, dtype=self.dtype, class_chunk=self.class_chunk)
+            return torch.softmax(f.unsqueeze(1) + delta.sum(0), -1).mean(1)
+        with torch.no_grad(), fused_attention_off(self.model):
             return self._predict(x)
 
     def _predict(self, x: Tensor) -> Tensor:
@@ -111,19 +133,21 @@ def latency_table(model: nn.Module, posterior: BlockPosterior, x: Tensor, subset
     """Latency (ms per image) and peak extra memory of the GLM predictive for each block choice.
 
     Row ``"deterministic"`` is the plain MAP forward pass with fused attention (the merged-weights
-    cost is lower still); the Bayesian rows run the GLM predictive without fused attention;
-    ``extra_ms`` is each row's latency minus the deterministic one.
+    cost is lower still); the Bayesian rows run the GLM predictive (:class:`GLMPredictor` in its
+    ``'auto'`` mode, recorded in ``mode``) without fused attention; ``extra_ms`` is each row's
+    latency minus the deterministic one.
     """
     model.eval()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         sec, mem = time_call(lambda: model(x), n_warmup=n_warmup, n_iters=n_iters, device=device)
-    rows = [{"posterior": "deterministic", "n_blocks": 0, "first_block": -1, "ms_per_image": 1e3 * sec / len(x),
+    rows = [{"posterior": "deterministic", "n_blocks": 0, "first_block": -1, "mode": "", "ms_per_image": 1e3 * sec / len(x),
              "peak_mib": mem}]
     for name, blocks in subsets.items():
         pred = GLMPredictor(model, posterior, blocks, n_samples=n_samples, seed=seed, device=device, dtype=dtype)
         sec, mem = time_call(partial(pred, x), n_warmup=n_warmup, n_iters=n_iters, device=device)
         rows.append({"posterior": name, "n_blocks": len(blocks), "first_block": min(blocks),
+                     "mode": "reverse" if pred.reverse else "forward",
                      "ms_per_image": 1e3 * sec / len(x), "peak_mib": mem})
     table = pd.DataFrame(rows)
     table["extra_ms"] = table.ms_per_image - table.ms_per_image.iloc[0]

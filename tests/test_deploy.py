@@ -18,13 +18,16 @@ def fitted(tiny_lora_vit, tiny_batch, one_thread):
     return tiny_lora_vit, build_posterior(curv, prior_precision=torch.tensor([4.0, 2.0, 8.0]), prior_tuning="none"), x, y
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
 @pytest.mark.parametrize("blocks", [[0], [2], [0, 2], [0, 1, 2]])
-def test_predictor_equals_bank_subset(fitted, blocks):
-    """One tail JVP with all blocks' tangents = the sum of the bank's per-block terms (same samples)."""
+def test_predictor_equals_bank_subset(fitted, blocks, mode):
+    """One tail JVP with all blocks' tangents (forward), or the reverse-mode perturbation, equals
+    the sum of the bank's per-block terms (same samples, the bank in forward mode)."""
     model, post, x, y = fitted
-    bank = perturbation_bank(model, post, [(x, y)], n_samples=6, seed=3, device="cpu")
+    bank = perturbation_bank(model, post, [(x, y)], n_samples=6, seed=3, device="cpu", mode="forward")
     mask = torch.tensor([b in blocks for b in bank.blocks])
-    pred = GLMPredictor(model, post, blocks, n_samples=6, seed=3, device=torch.device("cpu"))
+    pred = GLMPredictor(model, post, blocks, n_samples=6, seed=3, device=torch.device("cpu"), mode=mode)
+    assert pred.reverse == (mode == "reverse")
     assert torch.allclose(pred(x), subset_probs(bank, mask, method="mc"), atol=1e-5)
 
 
@@ -33,8 +36,9 @@ def test_predictor_scale_equals_bank_scale(fitted, scale):
     """Serving with covariance scale κ equals the bank's subset predictive at κ; κ = 0 is the MAP."""
     model, post, x, y = fitted
     bank = perturbation_bank(model, post, [(x, y)], n_samples=6, seed=3, device="cpu")
-    pred = GLMPredictor(model, post, [1, 2], n_samples=6, seed=3, device=torch.device("cpu"), scale=scale)
-    assert torch.allclose(pred(x), subset_probs(bank, 0b110, method="mc", scale=scale), atol=1e-5)
+    for mode in ("forward", "reverse"):
+        pred = GLMPredictor(model, post, [1, 2], n_samples=6, seed=3, device=torch.device("cpu"), scale=scale, mode=mode)
+        assert torch.allclose(pred(x), subset_probs(bank, 0b110, method="mc", scale=scale), atol=1e-5)
     if scale == 0.0:
         assert torch.allclose(pred(x), torch.softmax(bank.map_logits, -1), atol=1e-5)
 
@@ -54,7 +58,8 @@ def test_latency_table_rows_and_fused_attention_restored(fitted):
                           device=torch.device("cpu"), n_warmup=0, n_iters=1)
     assert list(table.posterior) == ["deterministic", "single 0", "all"]
     assert (table.ms_per_image > 0).all() and table.extra_ms.iloc[0] == 0
-    assert list(table.first_block) == [-1, 0, 0]
+    assert list(table.first_block) == [-1, 0, 0] and list(table["mode"]) == ["", "forward", "forward"]  # C = 4 > K = 2
+
     assert [m.fused_attn for m in unwrap(model).modules() if hasattr(m, "fused_attn")] == fused
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal, Protocol
 
@@ -199,9 +200,24 @@ def perturbation_bank(
     )
 
 
-def _reverse_bank(model, posterior, batches, blocks, *, n_samples, seed, device, dtype, class_chunk,
-                  store_device) -> Bank:
-    """:func:`perturbation_bank` in reverse mode (see there): output gradients, not tangents."""
+@dataclass
+class ReverseSamples:
+    """Posterior samples laid out for the reverse-mode bank: for every adapted ``nn.Linear``
+    (``linears``, the LoRA ``A`` and ``B`` of the blocks), its samples ``δW`` (K, out, in) fp32 and
+    the row of its block in the bank (``rows``)."""
+
+    linears: list[nn.Module]
+    samples: list[Tensor]
+    rows: list[int]
+    blocks: tuple[int, ...]
+    n_samples: int
+
+
+def reverse_samples(
+    model: nn.Module, posterior: BlockPosterior, blocks: tuple[int, ...], n_samples: int, seed: int,
+    device: torch.device,
+) -> ReverseSamples:
+    """Draw block ``ℓ``'s samples with :func:`block_samples` ``(seed, ℓ)`` (the forward mode's samples)."""
     mods = [m for m in lora_modules(model) if m.block in blocks]
     linears, samples, rows = [], [], []
     for b in blocks:
@@ -218,33 +234,64 @@ def _reverse_bank(model, posterior, batches, blocks, *, n_samples, seed, device,
                 linears.append(lin)
                 samples.append(d.to(device=device, dtype=torch.float32))
                 rows.append(blocks.index(b))
+    return ReverseSamples(linears, samples, rows, tuple(blocks), n_samples)
+
+
+def reverse_delta(
+    model: nn.Module, rs: ReverseSamples, rec: Recorder, x: Tensor, *, dtype: torch.dtype, class_chunk: int
+) -> tuple[Tensor, Tensor]:
+    """MAP logits (B, C) and per-block perturbations (L_S, B, K, C) of one batch ``x`` in reverse mode.
+
+    Needs the model in eval mode with the LoRA weights of ``rs`` requiring grad and ``rec``
+    recording ``rs.linears`` (see :func:`_reverse_bank`): ``C`` one-hot output vectors are pulled
+    back to every recorded output (``class_chunk`` per batched backward), and
+    ``delta[ℓ, n, k, c] = Σ_{W∈ℓ} ⟨Σ_t g_nct a_ntᵀ, δW^(k)⟩``.
+    """
+    rec.clear()
+    device = x.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = model(x)
+    logits = logits.float()
+    n, c = logits.shape
+    vecs = torch.eye(c, device=device)[:, None, :].expand(c, n, c)
+    delta = torch.zeros(len(rs.blocks), n, rs.n_samples, c, device=device)
+    for k0 in range(0, c, class_chunk):
+        grads = output_grads(logits, rec.outputs, vecs[k0 : k0 + class_chunk], retain=k0 + class_chunk < c)
+        for row, d, a, g in zip(rs.rows, rs.samples, rec.inputs, grads):
+            g = g.float().reshape(g.shape[0], n, -1, g.shape[-1])
+            jac = torch.einsum("knto,nti->knoi", g, a.float().reshape(n, -1, a.shape[-1]))
+            delta[row, :, :, k0 : k0 + g.shape[0]] += torch.einsum("knoi,soi->nsk", jac, d)
+    rec.clear()
+    return logits.detach(), delta
+
+
+@contextmanager
+def reverse_mode(model: nn.Module, rs: ReverseSamples) -> Iterator[Recorder]:
+    """Fused attention off, eval mode, LoRA weights of ``rs`` requiring grad and their maps recorded
+    for :func:`reverse_delta`; everything is restored on exit."""
+    mods = [m for m in lora_modules(model) if m.block in rs.blocks]
     was_training = model.training
-    map_logits, labels, deltas = [], [], []
     try:
-        with fused_attention_off(model), lora_trainable(model, mods), Recorder(linears) as rec:
-            total = len(batches) if hasattr(batches, "__len__") else None
-            for x, y in tqdm(batches, total=total, desc="perturbation bank (reverse)", disable=None):
-                rec.clear()
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                    logits = model(x.to(device))
-                logits = logits.float()
-                n, c = logits.shape
-                vecs = torch.eye(c, device=device)[:, None, :].expand(c, n, c)
-                delta = torch.zeros(len(blocks), n, n_samples, c, device=device)
-                for k0 in range(0, c, class_chunk):
-                    grads = output_grads(logits, rec.outputs, vecs[k0 : k0 + class_chunk],
-                                         retain=k0 + class_chunk < c)
-                    for row, d, a, g in zip(rows, samples, rec.inputs, grads):
-                        g = g.float().reshape(g.shape[0], n, -1, g.shape[-1])
-                        jac = torch.einsum("knto,nti->knoi", g, a.float().reshape(n, -1, a.shape[-1]))
-                        delta[row, :, :, k0 : k0 + g.shape[0]] += torch.einsum("knoi,soi->nsk", jac, d)
-                map_logits.append(logits.detach().to(store_device))
-                labels.append(y.to(store_device))
-                deltas.append(delta.to(store_device))
-                del logits, grads
-                rec.clear()
+        with fused_attention_off(model), lora_trainable(model, mods), Recorder(rs.linears) as rec:
+            yield rec
     finally:
         model.train(was_training)
+
+
+def _reverse_bank(model, posterior, batches, blocks, *, n_samples, seed, device, dtype, class_chunk,
+                  store_device) -> Bank:
+    """:func:`perturbation_bank` in reverse mode (see there): output gradients, not tangents."""
+    if class_chunk < 1:
+        raise ValueError(f"class_chunk must be >= 1, got {class_chunk}")
+    rs = reverse_samples(model, posterior, blocks, n_samples, seed, device)
+    map_logits, labels, deltas = [], [], []
+    with reverse_mode(model, rs) as rec:
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for x, y in tqdm(batches, total=total, desc="perturbation bank (reverse)", disable=None):
+            logits, delta = reverse_delta(model, rs, rec, x.to(device), dtype=dtype, class_chunk=class_chunk)
+            map_logits.append(logits.to(store_device))
+            labels.append(y.to(store_device))
+            deltas.append(delta.to(store_device))
     if not map_logits:
         raise ValueError("batches is empty; pass an iterable of (x, y) batches")
     return Bank(map_logits=torch.cat(map_logits), labels=torch.cat(labels), delta=torch.cat(deltas, dim=1),
