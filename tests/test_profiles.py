@@ -1,0 +1,69 @@
+"""The shipped profiles run end to end through the study with their own settings.
+
+``vit-b16-cifar100`` cannot download here, so its data and weights are fabricated in the real
+formats (torchvision's ``cifar-100-python/`` pickles, a timm state-dict file) and only sizes are
+shrunk; everything else (MC-Fisher K-FAC-reduce, per-block evidence prior, K = 32 samples, the
+validation-tuned covariance scale, 100 classes, hence the forward-mode bank) is the profile's.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+from lib.config import Config, load_params
+from lib.paths import PARAMS
+from lib.study import run_seed
+from conftest import write_fake_cifar10
+from test_data import make_cifar100
+
+
+def test_vit_b16_profile_runs_on_fabricated_cifar100_and_checkpoint(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "artifacts"))
+    make_cifar100(tmp_path / "data", n_train=60, n_test=24)
+    kwargs = dict(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+    ckpt = tmp_path / "vit.pt"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).state_dict(), ckpt)
+    d = load_params(PARAMS / "vit-b16-cifar100.yml", check_data=False)
+    d["device"] = "cpu"
+    d["data"].update(root=str(tmp_path / "data"), download=False, val_size=12)
+    d["model"] = {"name": "vit_tiny_patch16_224", "pretrained": False, "checkpoint": str(ckpt), "kwargs": kwargs}
+    d["train"].update(epochs=1, batch_size=16, compile=False)
+    d["laplace"].update(batch_size=16)
+    d["predictive"].update(batch_size=12, scale_images=10)
+    d["stats"].update(n_boot=20, n_boot_shapley=4)
+    cfg = Config.from_dict(d)
+    assert (cfg.laplace.fisher, cfg.laplace.kfac, cfg.predictive.n_samples, cfg.predictive.scale) == ("mc", "reduce", 32, "val_nll")
+
+    st = run_seed(cfg, 0, torch.device("cpu"))
+    named = st.named()
+    assert named["probs"].shape == (len(named["names"]), 24, 100)
+    assert torch.allclose(named["probs"].sum(-1), torch.ones(len(named["names"]), 24), atol=1e-5)
+    assert st.val_bank is not None and st.subset_ece().shape == (5, 2**2)
+    scales = st.scales().set_index("posterior")
+    assert (scales.scale > 0).all() and scales.loc["all", "val_nll"] <= scales.loc["all", "val_nll_unscaled"] + 1e-9
+
+
+def test_cifar10_transfer_profile_runs_on_fabricated_cifar10(tmp_path, monkeypatch, one_thread):
+    """Pre-training on classes 0-4, LoRA on 5-9, exact-GGN K-FAC-reduce with the batched class
+    backward, 5 classes <= K = 32 samples, hence the reverse-mode bank, and the covariance scale."""
+    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "artifacts"))
+    write_fake_cifar10(tmp_path / "data", per_batch=40, n_test=60)
+    d = load_params(PARAMS / "cifar10-transfer.yml", check_data=False)
+    d["device"] = "cpu"
+    d["data"].update(root=str(tmp_path / "data"), train_per_class=12, val_size=15)
+    d["model"]["kwargs"] = dict(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2)
+    d["pretrain"].update(epochs=1, batch_size=32, compile=False)
+    d["train"].update(epochs=1, batch_size=16)
+    d["laplace"].update(batch_size=16)
+    d["predictive"].update(batch_size=16)
+    d["stats"].update(n_boot=20, n_boot_shapley=4)
+    cfg = Config.from_dict(d)
+    assert (cfg.laplace.fisher, cfg.laplace.class_chunk, cfg.data.num_classes, cfg.predictive.n_samples) == ("exact", 10, 5, 32)
+
+    st = run_seed(cfg, 0, torch.device("cpu"))
+    named = st.named()
+    n_test = len(st.run.splits.test)
+    assert n_test > 0 and named["probs"].shape == (len(named["names"]), n_test, 5)
+    assert st.subset_ece().shape == (5, 2**3) and torch.isfinite(st.subset_ece()).all()
+    assert st.run.stage.path != st.laplace.path and st.val_bank is not None
