@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
 from lib.laplace.predictive import (BlockPosterior, block_tangents, load_forward_ad, reverse_delta, reverse_mode,
-                                   reverse_samples)
-from lib.model import fused_attention_off, unwrap, vit_parts
+                                   reverse_samples, uses_reverse_mode)
+from lib.model import fused_attention_off, vit_parts
 
 
 class GLMPredictor:
@@ -46,13 +46,10 @@ class GLMPredictor:
                  mode: Literal["auto", "forward", "reverse"] = "auto", class_chunk: int = 10):
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
-        if mode not in ("auto", "forward", "reverse"):
-            raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
         self.model, self.device, self.dtype, self.class_chunk = model, device, dtype, class_chunk
         self.parts = vit_parts(model)
         self.blocks = sorted(blocks)
-        self.reverse = bool(self.blocks) and (
-            mode == "reverse" or (mode == "auto" and unwrap(model).num_classes <= n_samples))
+        self.reverse = uses_reverse_mode(model, n_samples, mode) and bool(self.blocks)
         if self.reverse:
             self.rs = reverse_samples(model, posterior, tuple(self.blocks), n_samples, seed, device)
             self.rs.samples = [d * scale**0.5 for d in self.rs.samples]

@@ -152,15 +152,21 @@ def build_bank(
     return st, bank
 
 
-def _scales(cfg: Config, val_bank: Bank | None, subsets: Tensor, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """Covariance scales κ (S,) of bool ``subsets`` (S, L) and their validation NLL grid (S, G) or None."""
+def _scales(
+    cfg: Config, val_bank: Bank | None, subsets: Tensor, device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Covariance scales κ (S,) of bool ``subsets`` (S, L), with the validation NLL over the grid
+    (S, G) and at κ = 1 (S,) when they are tuned (None otherwise)."""
     pc = cfg.predictive
     if pc.scale == "none":
-        return torch.ones(subsets.shape[0], dtype=torch.float64), None
+        return torch.ones(subsets.shape[0], dtype=torch.float64), None, None
     if len(pc.scale_range) != 2:
         raise ValueError(f"predictive.scale_range is {list(pc.scale_range)}; give two numbers [low, high]")
     grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
-    return tune_scales(_on(val_bank, device), subsets, grid, method=pc.method)
+    val_dev = _on(val_bank, device)
+    scales, nll = tune_scales(val_dev, subsets, grid, method=pc.method)
+    unit = validation_nll(val_dev, subsets, torch.ones(1, dtype=torch.float64), method=pc.method)[:, 0]
+    return scales, nll, unit
 
 
 def _on(bank: Bank, device: torch.device) -> Bank:
@@ -195,43 +201,42 @@ def subset_predictions(
     bank_dev = _on(bank, device)
     val_bank = val[1] if val is not None else None
     labels = bank_dev.labels
-    named = standard_subsets(bank.n_blocks)
+    n, L = len(labels), bank.n_blocks
+    named = standard_subsets(L)
     masks = torch.stack(list(named.values()))
-    scales, val_nll = _scales(cfg, val_bank, masks, device)
+    bits = ((torch.arange(2**L)[:, None] >> torch.arange(L)) & 1).bool()  # row s: the subset with bitmask s
+    all_scales, all_nll, all_unit = _scales(cfg, val_bank, bits, device)
+    index = (masks.long() << torch.arange(L)).sum(1)  # each named posterior's bitmask
+    scales = all_scales[index]
     probs = torch.cat([p for _, p in iter_subset_probs(bank_dev, masks, method=method, scales=scales)]).cpu()
     unscaled = torch.cat([p for _, p in iter_subset_probs(bank_dev, masks, method=method)]).cpu()
     det = torch.softmax(bank.map_logits.float(), -1)
     val_logits = torch.load(run.stage.file("val_logits.pt"), weights_only=True)
     temperature = fit_temperature(val_logits, run.splits.val.y)
     ts = apply_temperature(bank.map_logits, temperature)
-    rows = [{"posterior": n, "scale": float(k), **calibration_summary(p, bank.labels, sc.n_bins)}
-            for n, k, p in zip(named, scales, probs)]
+    rows = [{"posterior": name, "scale": float(k), **calibration_summary(p, bank.labels, sc.n_bins)}
+            for name, k, p in zip(named, scales, probs)]
     rows.append({"posterior": "temperature scaling", "scale": float("nan"),
                  **calibration_summary(ts, bank.labels, sc.n_bins)})
     pd.DataFrame(rows).to_csv(st.file("metrics.csv"), index=False)
-    if val_nll is not None:
-        val_unit = validation_nll(_on(val_bank, device), masks, torch.ones(1, dtype=torch.float64), method=method)[:, 0]
     scale_rows = []
-    for i, (n, k, p) in enumerate(zip(named, scales, unscaled)):
+    for name, i, k, p in zip(named, index, scales, unscaled):
         m = calibration_summary(p, bank.labels, sc.n_bins)
         scale_rows.append({
-            "posterior": n, "scale": float(k),
-            "val_nll": float(val_nll[i].min()) if val_nll is not None else float("nan"),
-            "val_nll_unscaled": float(val_unit[i]) if val_nll is not None else float("nan"),
+            "posterior": name, "scale": float(k),
+            "val_nll": float(all_nll[i].min()) if all_nll is not None else float("nan"),
+            "val_nll_unscaled": float(all_unit[i]) if all_unit is not None else float("nan"),
             **{f"{key}_unscaled": m[key] for key in ("accuracy", "ece", "nll")},
         })
     pd.DataFrame(scale_rows).to_csv(st.file("scales.csv"), index=False)
     torch.save({"names": list(named), "masks": masks, "scales": scales, "probs": probs, "labels": bank.labels,
                 "det": det, "ts": ts, "temperature": temperature}, st.file("named.pt"))
 
-    n, L = len(labels), bank.n_blocks
     g = torch.Generator(device=device).manual_seed(run.seed)
     draws = torch.randint(n, (sc.n_boot_shapley, n), generator=g, device=device)
     weights = torch.zeros(sc.n_boot_shapley + 1, n, device=device)
     weights[0] = 1  # row 0: the test set itself; rows 1..R: bootstrap multiplicities
     weights[1:].scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
-    bits = ((torch.arange(2**L)[:, None] >> torch.arange(L)) & 1).bool()
-    all_scales, _ = _scales(cfg, val_bank, bits, device)
     out = torch.empty(sc.n_boot_shapley + 1, 2**L)
     for rows_, p in iter_subset_probs(bank_dev, bits.to(device), method=method, scales=all_scales):
         conf, pred = p.max(-1)

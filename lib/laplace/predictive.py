@@ -152,9 +152,7 @@ def perturbation_bank(
     k_chunk = n_samples if k_chunk is None else int(k_chunk)
     if k_chunk < 1:
         raise ValueError(f"k_chunk must be >= 1 or None, got {k_chunk}")
-    if mode not in ("auto", "forward", "reverse"):
-        raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
-    if mode == "reverse" or (mode == "auto" and unwrap(model).num_classes <= n_samples):
+    if uses_reverse_mode(model, n_samples, mode):
         return _reverse_bank(model, posterior, batches, blocks, n_samples=n_samples, seed=seed, device=device,
                              dtype=dtype, class_chunk=class_chunk, store_device=store_device)
 
@@ -213,27 +211,47 @@ class ReverseSamples:
     n_samples: int
 
 
+def uses_reverse_mode(model: nn.Module, n_samples: int, mode: Literal["auto", "forward", "reverse"]) -> bool:
+    """Whether ``mode`` means reverse mode for ``model``: ``'auto'`` takes it when ``C ≤ K``."""
+    if mode not in ("auto", "forward", "reverse"):
+        raise ValueError(f"mode must be 'auto', 'forward' or 'reverse', got {mode!r}")
+    return mode == "reverse" or (mode == "auto" and unwrap(model).num_classes <= n_samples)
+
+
+def _checked_samples(
+    model: nn.Module, posterior: BlockPosterior, block: int, n_samples: int, seed: int
+) -> list[tuple[nn.Module, Tensor]]:
+    """Block ``block``'s samples (:func:`block_samples`) as ``(LoRA nn.Linear, δW (K, out, in))``
+    pairs, ``A`` then ``B`` of each module, after checking modules and shapes against the model."""
+    mods = {m.name: m for m in lora_modules(model) if m.block == block}
+    drawn = block_samples(posterior, block, n_samples, seed)
+    if set(drawn) != set(mods):
+        raise ValueError(
+            f"posterior.sample_block({block}) returned modules {sorted(drawn)}; "
+            f"expected the LoRA modules of block {block}: {sorted(mods)}"
+        )
+    out = []
+    for name, (dA, dB) in drawn.items():
+        for lin, d in ((mods[name].A, dA), (mods[name].B, dB)):
+            if tuple(d.shape) != (n_samples, *lin.weight.shape):
+                raise ValueError(
+                    f"posterior sample for '{name}' has shape {tuple(d.shape)}; expected {(n_samples, *lin.weight.shape)}"
+                )
+            out.append((lin, d))
+    return out
+
+
 def reverse_samples(
     model: nn.Module, posterior: BlockPosterior, blocks: tuple[int, ...], n_samples: int, seed: int,
     device: torch.device,
 ) -> ReverseSamples:
     """Draw block ``ℓ``'s samples with :func:`block_samples` ``(seed, ℓ)`` (the forward mode's samples)."""
-    mods = [m for m in lora_modules(model) if m.block in blocks]
     linears, samples, rows = [], [], []
-    for b in blocks:
-        drawn = block_samples(posterior, b, n_samples, seed)
-        own = {m.name: m for m in mods if m.block == b}
-        if set(drawn) != set(own):
-            raise ValueError(f"posterior.sample_block({b}) returned modules {sorted(drawn)}; "
-                             f"expected the LoRA modules of block {b}: {sorted(own)}")
-        for name, (dA, dB) in drawn.items():
-            for lin, d in ((own[name].A, dA), (own[name].B, dB)):
-                if tuple(d.shape) != (n_samples, *lin.weight.shape):
-                    raise ValueError(f"posterior sample for '{name}' has shape {tuple(d.shape)}; "
-                                     f"expected {(n_samples, *lin.weight.shape)}")
-                linears.append(lin)
-                samples.append(d.to(device=device, dtype=torch.float32))
-                rows.append(blocks.index(b))
+    for row, b in enumerate(blocks):
+        for lin, d in _checked_samples(model, posterior, b, n_samples, seed):
+            linears.append(lin)
+            samples.append(d.to(device=device, dtype=torch.float32))
+            rows.append(row)
     return ReverseSamples(linears, samples, rows, tuple(blocks), n_samples)
 
 
@@ -270,12 +288,8 @@ def reverse_mode(model: nn.Module, rs: ReverseSamples) -> Iterator[Recorder]:
     """Fused attention off, eval mode, LoRA weights of ``rs`` requiring grad and their maps recorded
     for :func:`reverse_delta`; everything is restored on exit."""
     mods = [m for m in lora_modules(model) if m.block in rs.blocks]
-    was_training = model.training
-    try:
-        with fused_attention_off(model), lora_trainable(model, mods), Recorder(rs.linears) as rec:
-            yield rec
-    finally:
-        model.train(was_training)
+    with fused_attention_off(model), lora_trainable(model, mods), Recorder(rs.linears) as rec:
+        yield rec
 
 
 def _reverse_bank(model, posterior, batches, blocks, *, n_samples, seed, device, dtype, class_chunk,
@@ -302,25 +316,9 @@ def block_tangents(
     model: nn.Module, posterior: BlockPosterior, block: int, n_samples: int, seed: int, device: torch.device
 ) -> dict[str, Tensor]:
     """Block-relative LoRA parameter names → (K, *param.shape) tangents on ``device``."""
-    block_module = vit_parts(model).blocks[block]
-    rel = {id(p): n for n, p in block_module.named_parameters()}
-    mods = {m.name: m for m in lora_modules(model) if m.block == block}
-    samples = block_samples(posterior, block, n_samples, seed)
-    if set(samples) != set(mods):
-        raise ValueError(
-            f"posterior.sample_block({block}) returned modules {sorted(samples)}; "
-            f"expected the LoRA modules of block {block}: {sorted(mods)}"
-        )
-    out = {}
-    for name, (dA, dB) in samples.items():
-        m = mods[name]
-        for p, t in ((m.A.weight, dA), (m.B.weight, dB)):
-            if tuple(t.shape) != (n_samples, *p.shape):
-                raise ValueError(
-                    f"posterior sample for '{name}' has shape {tuple(t.shape)}; expected {(n_samples, *p.shape)}"
-                )
-            out[rel[id(p)]] = t.to(device=device, dtype=p.dtype)
-    return out
+    rel = {id(p): n for n, p in vit_parts(model).blocks[block].named_parameters()}
+    return {rel[id(lin.weight)]: d.to(device=device, dtype=lin.weight.dtype)
+            for lin, d in _checked_samples(model, posterior, block, n_samples, seed)}
 
 
 def _tail_jvp(parts, block: int, h: Tensor, primals: dict, tangents: dict, k_chunk: int, batching: str) -> Tensor:
