@@ -5,7 +5,8 @@ bootstrap intervals (hierarchical over seeds × test examples when there are ≥
 davison1997bootstrap; paired BCa otherwise, efron1987better), the accompanying NLL / Brier /
 accuracy changes, Holm-corrected tests of "block ℓ improves calibration" (holm1979simple), the
 bootstrap distribution of the single-block ranks with a simultaneous rank confidence set
-(mogstad2024inference), and exact Shapley values of the blocks (shapley1953value).
+(mogstad2024inference), exact Shapley values of the blocks (shapley1953value), and the Monte Carlo
+error of Δ from the predictive's posterior samples next to its test-set error.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from lib.calibration import prepare_reliability
 from lib.config import StatsConfig
+from lib.laplace.predictive import subset_sample_probs
 from lib.stats import (
     bca_interval,
     bootstrap_pvalues,
@@ -24,6 +26,7 @@ from lib.stats import (
     hierarchical_bootstrap,
     holm,
     jackknife_delta_ece,
+    mc_error_delta_ece,
     paired_bootstrap,
     percentile_interval,
     rank_confidence_set,
@@ -240,6 +243,33 @@ def interval_comparison(study: SeedStudy, stats: StatsConfig, device: torch.devi
     return pd.DataFrame({"block": [int(n.split()[1]) for n in names], "delta": res.estimate.cpu().numpy(),
                          "percentile_lower": plo.cpu().numpy(), "percentile_upper": phi.cpu().numpy(),
                          "bca_lower": blo.cpu().numpy(), "bca_upper": bhi.cpu().numpy()})
+
+
+def mc_error(study: SeedStudy, stats: StatsConfig, device: torch.device) -> pd.DataFrame:
+    """Monte Carlo vs test-set error of Δ_ECE on one seed, for every single block and all blocks.
+
+    Per posterior (at its covariance scale κ_S): ``delta``; ``mc_se``, the bootstrap standard error
+    over the K posterior samples with the test set fixed, and ``halving``, the mean change of Δ when
+    a random half of the samples is kept (:func:`lib.stats.mc_error_delta_ece`); ``test_se``, the
+    standard deviation of the paired bootstrap over test images with the samples fixed
+    (efron1993introduction); ``mc_share`` = ``mc_se / test_se``.
+    """
+    d = study.named()
+    names = sorted((n for n in d["names"] if n.startswith("single ")), key=lambda n: int(n.split()[1])) + ["all"]
+    idx = torch.tensor([d["names"].index(n) for n in names])
+    det, labels = d["det"].to(device), d["labels"].to(device)
+    g = torch.Generator(device=device).manual_seed(study.seed)
+    test_se = paired_bootstrap(det, d["probs"][idx].to(device), labels, stats.n_boot, g, n_bins=stats.n_bins).samples.std(0)
+    bank = study.test_bank()
+    bank = type(bank)(bank.map_logits.to(device), bank.labels.to(device), bank.delta.to(device), bank.blocks)
+    rows = []
+    for name, i, se in zip(names, idx.tolist(), test_se.cpu().tolist()):
+        sp = subset_sample_probs(bank, d["masks"][i], scale=float(d["scales"][i]))
+        res = mc_error_delta_ece(det, sp, labels, stats.n_boot_mc, g, n_bins=stats.n_bins)
+        rows.append({"posterior": name, "block": _kind(name)[1], "delta": float(res.estimate),
+                     "mc_se": float(res.se), "halving": float(res.halving), "test_se": se,
+                     "mc_share": float(res.se) / se if se > 0 else float("nan")})
+    return pd.DataFrame(rows)
 
 
 def block_subsets(n_blocks: int) -> dict[str, list[int]]:

@@ -162,11 +162,17 @@ class PredictiveConfig:
 
 @dataclass(frozen=True)
 class StatsConfig:
-    """Calibration bins, bootstrap size and the levels of every interval and test."""
+    """Calibration bins, bootstrap sizes and the levels of every interval and test.
+
+    ``n_boot`` resamples test images (and seeds) for every interval; ``n_boot_shapley`` does so for
+    the ECE of all 2^L subsets; ``n_boot_mc`` resamples the predictive's posterior samples for its
+    Monte Carlo error (:func:`lib.stats.mc_error_delta_ece`).
+    """
 
     n_bins: int = 15
     n_boot: int = 2000
     n_boot_shapley: int = 200
+    n_boot_mc: int = 200
     alpha: float = 0.05
     top_k: int = 3
 

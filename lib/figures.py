@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lib.calibration import ReliabilityData
 from lib.stats import pareto_front
@@ -109,6 +110,13 @@ def _yerr(df: pd.DataFrame, value: str, lower: str, upper: str) -> np.ndarray:
     return np.abs(np.stack([v - df[lower].to_numpy(float), df[upper].to_numpy(float) - v])) * PP
 
 
+def _label_ticks(ax: Axes, labels: Sequence) -> None:
+    """One tick per bar/point, labelled; slanted when more than 6 (e.g. 12 transformer blocks)."""
+    crowded = len(labels) > 6
+    ax.set_xticks(np.arange(len(labels)), [str(v) for v in labels], rotation=45 if crowded else 0,
+                  ha="right" if crowded else "center")
+
+
 def plot_reliability(data: Mapping[str, ReliabilityData], ax: Sequence[Sequence[Axes]] | None = None) -> Figure:
     """Reliability diagrams as small multiples, one column per model, with count histograms.
 
@@ -176,8 +184,7 @@ def plot_delta_ranked(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
         ax.bar(x, df["delta"].to_numpy(float) * PP, color=colors, yerr=_yerr(df, "delta", "lower", "upper"),
                error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.2"})
         ax.axhline(0, color="0.2", linewidth=0.8)
-        crowded = len(df) > 6
-        ax.set_xticks(x, [str(v) for v in df["layer"]], rotation=45 if crowded else 0, ha="right" if crowded else "center")
+        _label_ticks(ax, df["layer"])
         ax.set_xlabel("Posterior (blocks with Laplace covariance), ranked")
         ax.set_ylabel(DELTA_LABEL)
     return fig
@@ -187,7 +194,9 @@ def plot_delta_scatter(data: pd.DataFrame, ax: Axes | None = None, xlabel: str =
     """Scatter of Delta_ECE against a per-posterior quantity, with CI bars on both axes if given.
 
     Use for Delta_ECE vs depth, vs Delta accuracy, vs Delta NLL, vs prior precision / curvature
-    trace: put that quantity in ``x`` and name it, with units, in ``xlabel``.
+    trace: put that quantity in ``x`` and name it, with units, in ``xlabel``. Integer-valued ``x``
+    (block indices) gets integer ticks; positive ``x`` spanning more than a factor of 20 (e.g.
+    curvature traces) a log axis.
 
     Args:
         data: DataFrame with columns ``x``, ``delta``, ``lower``, ``upper``; optional
@@ -208,6 +217,11 @@ def plot_delta_scatter(data: pd.DataFrame, ax: Axes | None = None, xlabel: str =
             for xi, yi, lab in zip(x, data["delta"].to_numpy(float) * PP, data["label"]):
                 ax.annotate(str(lab), (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=8)
         ax.axhline(0, color="0.2", linewidth=0.8)
+        finite = x[np.isfinite(x)]
+        if len(finite) and np.all(finite == np.round(finite)):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        elif len(finite) and finite.min() > 0 and finite.max() > 20 * finite.min():
+            ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(DELTA_LABEL)
     return fig
@@ -248,7 +262,7 @@ def plot_shapley(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
         ax.bar(x, data["phi"].to_numpy(float) * PP, color=PALETTE[2], yerr=_yerr(data, "phi", "lower", "upper"),
                error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.2"})
         ax.axhline(0, color="0.2", linewidth=0.8)
-        ax.set_xticks(x, [str(v) for v in data["layer"]])
+        _label_ticks(ax, data["layer"])
         ax.set_xlabel("Transformer block")
         ax.set_ylabel("Shapley value of ΔECE (pp)")
     return fig
@@ -293,7 +307,7 @@ def plot_leave_one_out(data: pd.DataFrame, ax: Axes | None = None, reference: fl
         if reference is not None:
             ax.axhline(reference * PP, color=PALETTE[1], linestyle="--", linewidth=1, label="All blocks")
         ax.axhline(0, color="0.2", linewidth=0.8)
-        ax.set_xticks(x, [str(v) for v in data["layer"]])
+        _label_ticks(ax, data["layer"])
         ax.set_xlabel("Left-out block l")
         ax.set_ylabel(DELTA_LABEL)
         ax.legend(frameon=False)

@@ -178,6 +178,41 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
     return " ".join(out)
 
 
+def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
+    """Monte Carlo error of ΔECE next to its test-set error, from :func:`lib.attribution.mc_error`.
+
+    Monte Carlo noise is called material for a posterior when ``mc_se > test_se / 2`` (adding it in
+    quadrature would widen an interval by more than 12%) or when halving the samples moves Δ by
+    more than half its test-set standard error.
+    """
+    share = table.mc_share
+    worst = table.loc[share.idxmax()]
+    out = [
+        f"With K = {n_samples} posterior samples the Monte Carlo standard error of ΔECE is at most "
+        f"{PP * table.mc_se.max():.2f} pp (median {PP * table.mc_se.median():.2f} pp): "
+        f"{100 * share.median():.0f}% of the test-set standard error at the median and "
+        f"{100 * worst.mc_share:.0f}% at most ({worst.posterior})."
+    ]
+    noisy = table[share > 0.5].posterior.tolist()
+    if noisy:
+        out.append(f"For {', '.join(noisy)} Monte Carlo noise is comparable to test-set noise: their intervals in "
+                   "@sec-attribution, which resample test images and seeds at fixed samples, understate the "
+                   "uncertainty, and more samples (`predictive.n_samples`) are needed before their ranks are read.")
+    else:
+        widen = (1 + float(worst.mc_share) ** 2) ** 0.5 - 1
+        out.append(f"Adding it in quadrature would widen an interval by at most {100 * widen:.0f}%, so the intervals of "
+                   "@sec-attribution, which resample test images and seeds at fixed samples, are not materially "
+                   "too narrow.")
+    moved = (table.halving.abs() / table.test_se)
+    drift = table.loc[moved.idxmax()]
+    out.append(f"Halving the number of samples changes ΔECE by at most {PP * table.halving.abs().max():.2f} pp "
+               f"({100 * float(moved.max()):.0f}% of the test-set standard error, {drift.posterior})" +
+               (", so ΔECE has settled at this K." if moved.max() <= 0.5 else
+                "; ΔECE still moves with the number of samples, so the values at this K may differ from the "
+                "infinite-sample ones by a noticeable fraction of their uncertainty."))
+    return " ".join(out)
+
+
 def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, baseline: pd.DataFrame) -> str:
     """Concrete advice from the Pareto front of (extra latency, ΔECE), checked against the baselines.
 
@@ -308,7 +343,21 @@ def scale_summary(table: pd.DataFrame, cfg: Config) -> str:
     return (raw + f" The validation NLL selects κ = {full['κ median']:.3g} for it (median over seeds; grid "
             f"{grid[0]:g}–{grid[1]:g}, {cfg.predictive.scale_points} points), which gives {full['acc % κ_S']:.1f}% "
             f"accuracy and {full['ECE % κ_S']:.2f}% ECE; single blocks select κ between {singles['κ min'].min():.3g} and "
-            f"{singles['κ max'].max():.3g}. All results below use each subset's own κ_S.")
+            f"{singles['κ max'].max():.3g}. All results below use each subset's own κ_S." + _grid_edges(t, grid))
+
+
+def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
+    """A caveat naming the posteriors whose κ_S sits at an end of the grid (on any seed)."""
+    named = t.drop(index="deterministic (MAP)")
+    out = []
+    for col, end, word, fix in (("κ max", grid[1], "upper", "raise its upper end"),
+                                ("κ min", grid[0], "lower", "lower its lower end")):
+        hit = named[named[col] >= end * (1 - 1e-9)] if word == "upper" else named[named[col] <= end * (1 + 1e-9)]
+        if len(hit):
+            out.append(f" For {', '.join(hit.index)} the selected κ is at the {word} end of the grid on at least one "
+                       f"seed, so the validation optimum may lie beyond it (to check, {fix} in "
+                       "`predictive.scale_range`).")
+    return "".join(out)
 
 
 def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pareto: pd.DataFrame,

@@ -56,6 +56,10 @@ class SeedStudy:
     def subset_ece(self) -> torch.Tensor:
         return torch.load(self.subsets.file("subset_ece.pt"), weights_only=True)
 
+    def test_bank(self) -> Bank:
+        """The perturbation bank of the test set (CPU fp32)."""
+        return Bank(**torch.load(self.bank.file("bank.pt"), weights_only=True))
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -193,7 +197,10 @@ def subset_predictions(
     if pc.scale != "none" and val is None:
         raise ValueError("predictive.scale is 'val_nll' but no validation bank was given; use run_seed")
     scale_inputs = {k: getattr(pc, k) for k in ("method", "scale", "scale_range", "scale_points")}
-    st = stage("subsets", {"stats": dataclasses.asdict(sc), **scale_inputs},
+    # Only the stats fields this stage uses: changing an interval level or bootstrap size that the
+    # chapters apply later must not recompute the predictions of all 2^L subsets.
+    stats_inputs = {"n_bins": sc.n_bins, "n_boot_shapley": sc.n_boot_shapley}
+    st = stage("subsets", {"stats": stats_inputs, **scale_inputs},
                upstream=[bank_stage, *([val[0]] if pc.scale != "none" else [])])
     if st.done:
         return st

@@ -99,6 +99,29 @@ def test_plot_delta_scatter(xlabel):
     _check_text(fig)
 
 
+def test_scatter_axis_follows_the_quantity():
+    """Block indices get integer ticks; a positive quantity spanning > 20x (curvature traces) a log axis;
+    anything else stays linear."""
+    base = _delta_frame(torch.Generator().manual_seed(6))
+    blocks = plot_delta_scatter(base.assign(x=np.arange(L, dtype=float)), xlabel="Block depth (index)").axes[0]
+    assert blocks.get_xscale() == "linear"
+    assert all(float(t) == round(float(t)) for t in blocks.get_xticks())
+    trace = plot_delta_scatter(base.assign(x=np.geomspace(1.5, 4000.0, L)), xlabel="Curvature trace").axes[0]
+    assert trace.get_xscale() == "log"
+    acc = plot_delta_scatter(base.assign(x=np.linspace(-0.2, 1.6, L)), xlabel="Δ accuracy (pp)").axes[0]
+    assert acc.get_xscale() == "linear"
+
+
+def test_twelve_block_labels_are_slanted():
+    twelve = pd.DataFrame({"layer": [f"block {b}" for b in range(12)], "phi": np.linspace(-0.002, 0.003, 12)})
+    twelve["lower"], twelve["upper"] = twelve.phi - 0.001, twelve.phi + 0.001
+    for fig in (plot_shapley(twelve), plot_leave_one_out(twelve.rename(columns={"phi": "delta"}))):
+        labels = fig.axes[0].get_xticklabels()
+        assert [t.get_text() for t in labels] == list(twelve.layer) and labels[0].get_rotation() == 45
+    few = plot_shapley(twelve.head(4)).axes[0].get_xticklabels()
+    assert few[0].get_rotation() == 0
+
+
 def test_plot_rank_heatmap():
     samples = torch.randn(200, L, generator=torch.Generator().manual_seed(3))
     df = pd.DataFrame(rank_probabilities(samples).numpy(), index=[f"b{i}" for i in range(L)], columns=range(1, L + 1))

@@ -46,7 +46,7 @@ def test_vit_b16_profile_runs_on_fabricated_cifar100_and_checkpoint(tmp_path, mo
 
 def test_cifar10_transfer_profile_runs_on_fabricated_cifar10(tmp_path, monkeypatch, one_thread):
     """Pre-training on classes 0-4, LoRA on 5-9, exact-GGN K-FAC-reduce with the batched class
-    backward, 5 classes <= K = 32 samples, hence the reverse-mode bank, and the covariance scale."""
+    backward, 5 classes <= K = 128 samples, hence the reverse-mode bank, and the covariance scale."""
     monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "artifacts"))
     write_fake_cifar10(tmp_path / "data", per_batch=40, n_test=60)
     d = load_params(PARAMS / "cifar10-transfer.yml", check_data=False)
@@ -59,7 +59,7 @@ def test_cifar10_transfer_profile_runs_on_fabricated_cifar10(tmp_path, monkeypat
     d["predictive"].update(batch_size=16)
     d["stats"].update(n_boot=20, n_boot_shapley=4)
     cfg = Config.from_dict(d)
-    assert (cfg.laplace.fisher, cfg.laplace.class_chunk, cfg.data.num_classes, cfg.predictive.n_samples) == ("exact", 10, 5, 32)
+    assert (cfg.laplace.fisher, cfg.laplace.class_chunk, cfg.data.num_classes, cfg.predictive.n_samples) == ("exact", 10, 5, 128)
 
     st = run_seed(cfg, 0, torch.device("cpu"))
     named = st.named()

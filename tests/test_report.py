@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from lib.report import recommendation
+from lib.config import Config
+from lib.report import mc_error_summary, recommendation, scale_summary
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -38,3 +39,43 @@ def test_caveat_when_the_all_block_interval_includes_zero_and_ts_wins():
 def test_no_recommendation_without_an_all_block_gain():
     text = recommendation(_front(-0.02), -0.001, 4.0, _baseline(5.1))
     assert text.startswith("On this profile the all-block Laplace does not improve ECE") and "3.00%" in text
+
+
+def _mc(mc_se: list[float], halving: list[float]) -> pd.DataFrame:
+    test_se = [0.004, 0.004, 0.005]
+    return pd.DataFrame({"posterior": ["single 0", "single 1", "all"], "block": [0, 1, -1], "delta": [0.01] * 3,
+                         "mc_se": mc_se, "halving": halving, "test_se": test_se,
+                         "mc_share": [m / t for m, t in zip(mc_se, test_se)]})
+
+
+def test_mc_error_summary_small_monte_carlo_error():
+    text = mc_error_summary(_mc([0.0004, 0.0008, 0.0005], [-0.0002, 0.0001, -0.0005]), 32)
+    assert text.startswith("With K = 32 posterior samples the Monte Carlo standard error of ΔECE is at most 0.08 pp")
+    assert "10% of the test-set standard error at the median and 20% at most (single 1)" in text
+    assert "widen an interval by at most 2%" in text and "not materially too narrow" in text
+    assert "changes ΔECE by at most 0.05 pp (10% of the test-set standard error, all), so ΔECE has settled" in text
+
+
+def test_mc_error_summary_flags_noisy_posteriors_and_drift():
+    text = mc_error_summary(_mc([0.0004, 0.0030, 0.0005], [-0.0002, 0.0001, -0.0040]), 8)
+    assert "For single 1 Monte Carlo noise is comparable to test-set noise" in text and "understate" in text
+    assert "(80% of the test-set standard error, all); ΔECE still moves" in text
+
+
+def _scales(kmin: list[float], kmax: list[float]) -> pd.DataFrame:
+    nan = float("nan")
+    return pd.DataFrame({
+        "posterior": ["deterministic (MAP)", "all", "single 0", "single 1"],
+        "κ median": [nan, *kmin], "κ min": [nan, *kmin], "κ max": [nan, *kmax],
+        "ECE % κ=1": [5.0, 9.0, 6.0, 5.5], "ECE % κ_S": [5.0, 3.0, 4.0, 4.5],
+        "acc % κ=1": [90.0, 50.0, 88.0, 89.0], "acc % κ_S": [90.0, 89.0, 90.0, 90.0],
+    })
+
+
+def test_scale_summary_flags_kappa_at_the_grid_ends():
+    cfg = Config.from_dict({"predictive": {"scale": "val_nll", "scale_range": [1e-4, 10.0]}})
+    inside = scale_summary(_scales([0.01, 0.1, 0.5], [0.02, 0.2, 0.9]), cfg)
+    assert "end of the grid" not in inside and "κ = 0.01 for it" in inside
+    edges = scale_summary(_scales([0.0001, 0.1, 2.0], [0.0002, 0.2, 10.0]), cfg)
+    assert "For single 1 the selected κ is at the upper end of the grid" in edges
+    assert "For all the selected κ is at the lower end of the grid" in edges and "`predictive.scale_range`" in edges

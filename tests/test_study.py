@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.attribution import attribution, block_subsets, cumulative, leave_one_out, rank_analysis, shapley
+from lib.attribution import attribution, block_subsets, cumulative, leave_one_out, mc_error, rank_analysis, shapley
 from lib.calibration import ece
 from lib.config import Config, ParamsError, load_params
 from lib.paths import PARAMS
-from lib.report import (answer, attribution_summary, display_scale_table, scale_summary, scale_table,
-                        statistics_summary)
-from lib.stats import pareto_front
+from lib.report import (answer, attribution_summary, display_scale_table, mc_error_summary, scale_summary,
+                        scale_table, statistics_summary)
+from lib.stats import delta_ece, pareto_front
 from lib.laplace.predictive import Bank, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales
 from lib.study import run_all, run_seed
@@ -54,6 +54,18 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
         s.named()["probs"][s.named()["names"].index("single 1")], s.named()["labels"], 10)) for s in studies) / 2
     assert abs(t.loc["single 1", "delta"] - mean_delta) < 1e-6
 
+    mc = mc_error(studies[0], tiny_cfg.stats, cpu).set_index("posterior")
+    assert list(mc.index) == ["single 0", "single 1", "single 2", "all"]
+    d0 = studies[0].named()
+    for name in mc.index:  # Δ of the K-sample predictive at κ_S is the study's Δ of that posterior
+        p = d0["probs"][d0["names"].index(name)]
+        ref = float(delta_ece(d0["det"], p[None], d0["labels"], tiny_cfg.stats.n_bins)[0])
+        assert abs(mc.loc[name, "delta"] - ref) < 1e-6
+    assert (mc.mc_se > 0).all() and (mc.test_se > 0).all()
+    assert torch.allclose(torch.tensor(mc.mc_share.to_numpy()), torch.tensor((mc.mc_se / mc.test_se).to_numpy()))
+    text = mc_error_summary(mc.reset_index(), tiny_cfg.predictive.n_samples)
+    assert "K = 4" in text and f"{100 * mc.mc_se.max():.2f} pp" in text
+
     values, pairs = shapley(studies, tiny_cfg.stats.alpha)
     assert abs(values.phi.sum() - t.loc["all", "delta"]) < 1e-6  # efficiency: Shapley sums to Δ(all)
     assert len(pairs) == 2
@@ -75,6 +87,18 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert "`smoke`" in text and "@sec-attribution-scale" in text  # smoke tunes the covariance scale
     if t.loc["all", "delta"] > 0:
         assert "Temperature scaling" in text and "-10.00 pp" in text
+
+
+def test_subsets_stage_keyed_by_the_stats_it_uses(tiny_cfg):
+    """Interval levels and bootstrap sizes applied by the chapters reuse the cached subset predictions;
+    the number of ECE bins, which the stage uses, does not."""
+    cpu = torch.device("cpu")
+    base = run_seed(tiny_cfg, 0, cpu)
+    d = tiny_cfg.to_dict()
+    d["stats"].update(alpha=0.1, n_boot=30, n_boot_mc=50, top_k=2)
+    assert run_seed(Config.from_dict(d), 0, cpu).subsets.path == base.subsets.path
+    d["stats"]["n_bins"] = 7
+    assert run_seed(Config.from_dict(d), 0, cpu).subsets.path != base.subsets.path
 
 
 def test_covariance_scale_tuned_on_validation_bank(tiny_cfg):

@@ -397,6 +397,20 @@ def subset_probs(
     return _link(bank.map_logits.to(pert), pert, method)
 
 
+def subset_sample_probs(bank: Bank, subset: Tensor | int, *, scale: float = 1.0) -> Tensor:
+    """Per-sample softmax probabilities (K, N, C) of the posterior keeping the blocks in ``subset``.
+
+    ``p_k[n] = softmax(f_n + √κ Σ_{i∈S} delta[i, n, k])``; their mean over ``k`` is the ``"mc"``
+    predictive of :func:`subset_probs`; the Monte Carlo error of a statistic of that mean is
+    estimated from them (:func:`lib.stats.mc_error_delta_ece`).
+    """
+    if not scale >= 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    mask = _mask(bank, subset).to(bank.delta.device)
+    pert = torch.einsum("l,lnkc->knc", mask.to(bank.delta.dtype) * math.sqrt(scale), bank.delta)
+    return torch.softmax(bank.map_logits.to(pert)[None] + pert, dim=-1)
+
+
 def iter_subset_probs(
     bank: Bank,
     subsets: Tensor,
