@@ -50,13 +50,15 @@ test-unit: $(STAMP)
 
 # nbval re-executes the frozen smoke notebooks (kernel of this venv, cwd = the notebook's folder, so
 # chapters must locate files through lib.paths) and, being lax, compares only the outputs of cells
-# marked `# NBVAL_CHECK_OUTPUT`, after tests/nbval_sanitize.cfg. With no frozen smoke notebook there
+# marked `# NBVAL_CHECK_OUTPUT`, after tests/nbval_sanitize.cfg; the tables the chapters save go to a
+# temporary folder (LLA_RESULTS), not over the frozen ones. With no frozen smoke notebook there
 # is nothing to run (the freshness test reports that); with notebooks, pytest's exit code 5
 # ("no tests collected") means nbval did not collect them and is a failure.
 test-nbval: $(STAMP)
 	@shopt -s nullglob; nbs=(_freeze/smoke/*.ipynb); \
 	if [ $${#nbs[@]} -eq 0 ]; then echo "nbval: no notebooks in _freeze/smoke/, nothing to run"; exit 0; fi; \
-	$(PY) -m pytest -q -p no:cacheprovider -o testpaths= --nbval-lax --nbval-current-env \
+	results=$$(mktemp -d); trap 'rm -rf "$$results"' EXIT; \
+	LLA_RESULTS=$$results $(PY) -m pytest -q -p no:cacheprovider -o testpaths= --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 900 "$${nbs[@]}"
 
 clean:

@@ -7,6 +7,7 @@ figures; nothing is typed by hand. ΔECE and its intervals are shown in percenta
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -22,8 +23,13 @@ PP = 100.0
 
 
 def results_dir(profile: str) -> Path:
-    """``_freeze/<profile>/results/``: the CSV tables the chapters save next to their outputs."""
-    path = FREEZE / profile / "results"
+    """``_freeze/<profile>/results/``: the CSV tables the chapters save next to their outputs.
+
+    ``$LLA_RESULTS/<profile>/`` instead when that variable is set: ``make test`` re-executes the
+    frozen notebooks with it pointing at a temporary folder, so tests never rewrite frozen tables.
+    """
+    env = os.environ.get("LLA_RESULTS")
+    path = Path(env) / profile if env else FREEZE / profile / "results"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -79,3 +79,13 @@ def test_scale_summary_flags_kappa_at_the_grid_ends():
     edges = scale_summary(_scales([0.0001, 0.1, 2.0], [0.0002, 0.2, 10.0]), cfg)
     assert "For single 1 the selected κ is at the upper end of the grid" in edges
     assert "For all the selected κ is at the lower end of the grid" in edges and "`predictive.scale_range`" in edges
+
+
+def test_saved_tables_go_to_lla_results_when_set(tmp_path, monkeypatch):
+    from lib.paths import FREEZE
+    from lib.report import load_table, results_dir, save_table
+
+    assert results_dir("smoke") == FREEZE / "smoke" / "results"
+    monkeypatch.setenv("LLA_RESULTS", str(tmp_path))
+    path = save_table(pd.DataFrame({"a": [1, 2]}), "smoke", "probe")
+    assert path == tmp_path / "smoke" / "probe.csv" and list(load_table("smoke", "probe").a) == [1, 2]
