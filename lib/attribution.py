@@ -18,7 +18,7 @@ import torch
 
 from lib.calibration import prepare_reliability
 from lib.config import StatsConfig
-from lib.laplace.predictive import subset_sample_probs
+from lib.laplace.predictive import sample_mixture
 from lib.stats import (
     bca_interval,
     bootstrap_pvalues,
@@ -245,12 +245,12 @@ def interval_comparison(study: SeedStudy, stats: StatsConfig, device: torch.devi
                          "bca_lower": blo.cpu().numpy(), "bca_upper": bhi.cpu().numpy()})
 
 
-def mc_error(study: SeedStudy, stats: StatsConfig, device: torch.device) -> pd.DataFrame:
+def mc_error(study: SeedStudy, stats: StatsConfig, method: str, device: torch.device) -> pd.DataFrame:
     """Monte Carlo vs test-set error of Δ_ECE on one seed, for every single block and all blocks.
 
-    Per posterior (at its covariance scale κ_S): ``delta``; ``mc_se``, the bootstrap standard error
-    over the K posterior samples with the test set fixed, and ``halving``, the mean change of Δ when
-    a random half of the samples is kept (:func:`lib.stats.mc_error_delta_ece`); ``test_se``, the
+    Per posterior (at its covariance scale κ_S, with the predictive ``method``): ``delta``;
+    ``mc_se``, the bootstrap standard error over the K posterior samples with the test set fixed,
+    and ``halving``, the mean change of Δ when a random half of the samples is kept (:func:`lib.stats.mc_error_delta_ece`); ``test_se``, the
     standard deviation of the paired bootstrap over test images with the samples fixed
     (efron1993introduction); ``mc_share`` = ``mc_se / test_se``.
     """
@@ -264,8 +264,8 @@ def mc_error(study: SeedStudy, stats: StatsConfig, device: torch.device) -> pd.D
     bank = type(bank)(bank.map_logits.to(device), bank.labels.to(device), bank.delta.to(device), bank.blocks)
     rows = []
     for name, i, se in zip(names, idx.tolist(), test_se.cpu().tolist()):
-        sp = subset_sample_probs(bank, d["masks"][i], scale=float(d["scales"][i]))
-        res = mc_error_delta_ece(det, sp, labels, stats.n_boot_mc, g, n_bins=stats.n_bins)
+        mix = sample_mixture(bank, d["masks"][i], method=method, scale=float(d["scales"][i]))
+        res = mc_error_delta_ece(det, labels, mix, bank.delta.shape[2], stats.n_boot_mc, g, n_bins=stats.n_bins)
         rows.append({"posterior": name, "block": _kind(name)[1], "delta": float(res.estimate),
                      "mc_se": float(res.se), "halving": float(res.halving), "test_se": se,
                      "mc_share": float(res.se) / se if se > 0 else float("nan")})

@@ -201,7 +201,9 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     ]
     noisy = table[share > 0.5].posterior.tolist()
     if noisy:
-        out.append(f"For {', '.join(noisy)} Monte Carlo noise is comparable to test-set noise: their intervals in "
+        which = ("every posterior in the table" if len(noisy) == len(table) else
+                 ", ".join("the all-block posterior" if n == "all" else n for n in noisy))
+        out.append(f"For {which} Monte Carlo noise is comparable to test-set noise: their intervals in "
                    "@sec-attribution, which resample test images and seeds at fixed samples, understate the "
                    "uncertainty, and more samples (`predictive.n_samples`) are needed before their ranks are read.")
     else:
@@ -360,7 +362,8 @@ def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
                                 ("κ min", grid[0], "lower", "lower its lower end")):
         hit = named[named[col] >= end * (1 - 1e-9)] if word == "upper" else named[named[col] <= end * (1 + 1e-9)]
         if len(hit):
-            out.append(f" For {', '.join(hit.index)} the selected κ is at the {word} end of the grid on at least one "
+            names = ", ".join("the all-block posterior" if n == "all" else n for n in hit.index)
+            out.append(f" For {names} the selected κ is at the {word} end of the grid on at least one "
                        f"seed, so the validation optimum may lie beyond it (to check, {fix} in "
                        "`predictive.scale_range`).")
     return "".join(out)

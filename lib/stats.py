@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -257,73 +257,63 @@ class MonteCarloError:
     halving: Tensor
 
 
-def _delta_of_mixtures(probs_det: Tensor, sample_probs: Tensor, weights: Tensor, labels: Tensor,
-                       n_bins: int, max_elements: int) -> Tensor:
-    """Delta (R,) of the predictives ``sum_k weights[r, k] p_k`` (weights (R, K)), chunked over R."""
-    k, n, c = sample_probs.shape
-    chunk = max(1, max_elements // (n * c))
-    flat = sample_probs.reshape(k, n * c)
-    return torch.cat([
-        delta_ece(probs_det, (weights[i : i + chunk] @ flat).reshape(-1, n, c), labels, n_bins)
-        for i in range(0, weights.shape[0], chunk)
-    ])
-
-
 def mc_error_delta_ece(
     probs_det: Tensor,
-    sample_probs: Tensor,
     labels: Tensor,
+    mixture: Callable[[Tensor], Tensor],
+    n_samples: int,
     n_resamples: int,
     generator: torch.Generator,
     n_bins: int = 15,
     n_halvings: int = 8,
-    max_elements: int = 2**25,
+    chunk_size: int = 32,
 ) -> MonteCarloError:
     """Monte Carlo error of Delta: bootstrap over the posterior samples of the predictive.
 
-    The predictive is the mean ``p = (1/K) sum_k p_k`` of K per-sample probability tables. Each
-    replicate redraws the K samples with replacement (multinomial multiplicities ``w_k``) and
-    recomputes ``Delta(sum_k w_k p_k / K)`` on the same test examples; ``se`` is the standard
-    deviation of the replicates :cite:`efron1993introduction`. This is the error from drawing K
-    posterior samples, conditional on the test set; the bootstraps over test examples (and seeds)
-    give the error from the test set at fixed samples. The delete-one jackknife is not used: ECE
-    bins confidences and takes absolute values, and for such non-smooth statistics the jackknife
-    overstates the standard error (3-4x in the simulation of the test suite), while this bootstrap
-    matches the spread of Delta over independent sample sets.
+    ``mixture`` maps weights (R, K) on the K posterior samples (rows summing to 1) to predictive
+    probabilities (R, N, C) (:func:`lib.laplace.predictive.sample_mixture`); uniform weights give
+    the predictive that was used. Each bootstrap replicate redraws the K samples with replacement
+    (multinomial multiplicities / K) and recomputes Delta on the same test examples; ``se`` is the
+    standard deviation of the replicates :cite:`efron1993introduction`. This is the error from
+    drawing K posterior samples, conditional on the test set; the bootstraps over test examples
+    (and seeds) give the error from the test set at fixed samples. The samples perturb every test
+    example at once (one parameter draw moves all logits), so the error does not average out over
+    the test set. The delete-one jackknife is not used: ECE bins confidences and takes absolute
+    values, and for such non-smooth statistics the jackknife overstates the standard error (3-4x in
+    the simulation of the test suite), while this bootstrap matches the spread of Delta over
+    independent sample sets.
 
     ``halving`` is ``mean_h Delta(K/2 samples) - Delta(K)`` over ``n_halvings`` random splits into
     two halves (both halves used): how much Delta moves when the sample count is halved, a direct
-    check that K is large enough (Monte Carlo noise inflates ECE, so Delta is biased downwards at
-    small K).
+    check that K is large enough.
 
     Args:
-        probs_det: (N, C). sample_probs: (K, N, C), K >= 2. labels: (N,) int64.
-        n_resamples: R bootstrap replicates. generator: seeded, on the data's device.
-        n_bins: M. n_halvings: H random splits. max_elements: mixtures computed at once x N x C.
+        probs_det: (N, C). labels: (N,) int64. mixture: as above. n_samples: K >= 2.
+        n_resamples: R >= 2. generator: seeded, on the data's device. n_bins: M.
+        n_halvings: H random splits. chunk_size: weight rows per call of ``mixture``.
 
     Returns:
         :class:`MonteCarloError` of 0-dim tensors.
     """
-    if sample_probs.ndim != 3 or sample_probs.shape[1:] != probs_det.shape or sample_probs.shape[0] < 2:
-        raise ValueError(
-            f"sample_probs must be (K >= 2, N, C) matching probs_det {tuple(probs_det.shape)}; "
-            f"got {tuple(sample_probs.shape)}"
-        )
-    if n_resamples < 2 or n_halvings < 1:
-        raise ValueError(f"n_resamples must be >= 2 and n_halvings >= 1; got {n_resamples}, {n_halvings}")
-    _check_generator(generator, sample_probs.device)
-    k, dtype, device = sample_probs.shape[0], sample_probs.dtype, sample_probs.device
-    estimate = delta_ece(probs_det, sample_probs.mean(0)[None], labels, n_bins)[0]
-    boot = _multinomial_counts(k, n_resamples, generator, dtype, device) / k
-    se = _delta_of_mixtures(probs_det, sample_probs, boot, labels, n_bins, max_elements).std()
+    k = n_samples
+    if k < 2 or n_resamples < 2 or n_halvings < 1:
+        raise ValueError(f"need K >= 2 samples, n_resamples >= 2, n_halvings >= 1; got {k}, {n_resamples}, {n_halvings}")
+    _check_generator(generator, probs_det.device)
+    dtype, device = probs_det.dtype, probs_det.device
+
+    def deltas(weights: Tensor) -> Tensor:
+        return torch.cat([delta_ece(probs_det, mixture(weights[i : i + chunk_size]).to(dtype), labels, n_bins)
+                          for i in range(0, weights.shape[0], chunk_size)])
+
+    estimate = deltas(torch.full((1, k), 1.0 / k, dtype=dtype, device=device))[0]
+    se = deltas(_multinomial_counts(k, n_resamples, generator, dtype, device) / k).std()
     half = k // 2
     order = torch.rand(n_halvings, k, generator=generator, device=device).argsort(1)
     halves = torch.zeros(2 * n_halvings, k, dtype=dtype, device=device)
     rows = torch.arange(n_halvings, device=device)[:, None]
     halves[2 * rows, order[:, :half]] = 1.0 / half
     halves[2 * rows + 1, order[:, half : 2 * half]] = 1.0 / half
-    halved = _delta_of_mixtures(probs_det, sample_probs, halves, labels, n_bins, max_elements).mean()
-    return MonteCarloError(estimate=estimate, se=se, halving=halved - estimate)
+    return MonteCarloError(estimate=estimate, se=se, halving=deltas(halves).mean() - estimate)
 
 
 def percentile_interval(samples: Tensor, alpha: float = 0.05) -> tuple[Tensor, Tensor]:

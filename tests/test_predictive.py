@@ -22,7 +22,7 @@ from lib.laplace.predictive import (
     perturbation_bank,
     standard_subsets,
     subset_probs,
-    subset_sample_probs,
+    sample_mixture,
 )
 from lib.model import lora_modules, set_fused_attention, unwrap
 
@@ -193,21 +193,30 @@ def test_mc_averages_probabilities_not_logits_hand_case():
     assert torch.allclose(subset_probs(bank, 0), torch.tensor([[sig(1.0), 1 - sig(1.0)]]), atol=1e-6)
 
 
-def test_sample_probs_average_to_the_scaled_mc_predictive():
-    """Per-sample softmaxes: softmax(f + √κ Σ_{ℓ∈S} delta[ℓ, :, k]) by hand; their mean is subset_probs."""
+@pytest.mark.parametrize("method", ["mc", "probit"])
+def test_sample_mixture_weights_the_bank_samples(method):
+    """Uniform weights give subset_probs at κ; a one-hot weight row is the predictive of that single
+    sample, by hand; resampled weights are the predictive of the resampled samples."""
     g = torch.Generator().manual_seed(3)
     bank = Bank(map_logits=torch.randn(7, 4, generator=g), labels=torch.randint(0, 4, (7,), generator=g),
                 delta=torch.randn(3, 7, 5, 4, generator=g), blocks=(0, 2, 5))
     mask, kappa = torch.tensor([True, False, True]), 0.3
-    sp = subset_sample_probs(bank, mask, scale=kappa)
-    assert sp.shape == (5, 7, 4)
-    k = 2
-    by_hand = torch.softmax(bank.map_logits + math.sqrt(kappa) * (bank.delta[0, :, k] + bank.delta[2, :, k]), -1)
-    assert torch.allclose(sp[k], by_hand, atol=1e-6)
-    assert torch.allclose(sp.mean(0), subset_probs(bank, mask, scale=kappa), atol=1e-6)
-    assert torch.allclose(subset_sample_probs(bank, 0), torch.softmax(bank.map_logits, -1).expand(5, 7, 4), atol=1e-6)
-    with pytest.raises(ValueError, match="scale"):
-        subset_sample_probs(bank, mask, scale=-1.0)
+    mix = sample_mixture(bank, mask, method=method, scale=kappa)
+    uniform = mix(torch.full((1, 5), 0.2))
+    assert uniform.shape == (1, 7, 4)
+    assert torch.allclose(uniform[0], subset_probs(bank, mask, method=method, scale=kappa), atol=1e-6)
+    g2 = math.sqrt(kappa) * (bank.delta[0, :, 2] + bank.delta[2, :, 2])
+    if method == "mc":
+        by_hand = torch.softmax(bank.map_logits + g2, -1)
+    else:
+        by_hand = torch.softmax(bank.map_logits / torch.sqrt(1 + math.pi / 8 * g2.square()), -1)
+    assert torch.allclose(mix(torch.eye(5)[2:3])[0], by_hand, atol=1e-6)
+    picks = torch.tensor([0, 0, 3, 4, 4])
+    resampled = Bank(bank.map_logits, bank.labels, bank.delta[:, :, picks], bank.blocks)
+    counts = torch.bincount(picks, minlength=5).float()[None] / 5
+    assert torch.allclose(mix(counts)[0], subset_probs(resampled, mask, method=method, scale=kappa), atol=1e-6)
+    with pytest.raises(ValueError, match="weights must be"):
+        mix(torch.ones(1, 4))
 
 
 def test_mc_on_model_differs_from_logit_averaging(tiny_lora_vit, tiny_batch):

@@ -78,7 +78,7 @@ def test_scale_summary_flags_kappa_at_the_grid_ends():
     assert "end of the grid" not in inside and "κ = 0.01 for it" in inside
     edges = scale_summary(_scales([0.0001, 0.1, 2.0], [0.0002, 0.2, 10.0]), cfg)
     assert "For single 1 the selected κ is at the upper end of the grid" in edges
-    assert "For all the selected κ is at the lower end of the grid" in edges and "`predictive.scale_range`" in edges
+    assert "For the all-block posterior the selected κ is at the lower end of the grid" in edges and "`predictive.scale_range`" in edges
 
 
 def test_saved_tables_go_to_lla_results_when_set(tmp_path, monkeypatch):
@@ -89,3 +89,8 @@ def test_saved_tables_go_to_lla_results_when_set(tmp_path, monkeypatch):
     monkeypatch.setenv("LLA_RESULTS", str(tmp_path))
     path = save_table(pd.DataFrame({"a": [1, 2]}), "smoke", "probe")
     assert path == tmp_path / "smoke" / "probe.csv" and list(load_table("smoke", "probe").a) == [1, 2]
+
+
+def test_mc_error_summary_names_every_posterior_when_all_are_noisy():
+    text = mc_error_summary(_mc([0.004, 0.003, 0.005], [0.0, 0.0, 0.0]), 8)
+    assert "For every posterior in the table Monte Carlo noise is comparable" in text

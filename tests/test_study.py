@@ -54,7 +54,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
         s.named()["probs"][s.named()["names"].index("single 1")], s.named()["labels"], 10)) for s in studies) / 2
     assert abs(t.loc["single 1", "delta"] - mean_delta) < 1e-6
 
-    mc = mc_error(studies[0], tiny_cfg.stats, cpu).set_index("posterior")
+    mc = mc_error(studies[0], tiny_cfg.stats, "mc", cpu).set_index("posterior")
     assert list(mc.index) == ["single 0", "single 1", "single 2", "all"]
     d0 = studies[0].named()
     for name in mc.index:  # Δ of the K-sample predictive at κ_S is the study's Δ of that posterior

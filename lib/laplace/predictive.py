@@ -24,7 +24,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Protocol
+from typing import Callable, Iterable, Iterator, Literal, Protocol
 
 import numpy as np
 import torch
@@ -397,18 +397,44 @@ def subset_probs(
     return _link(bank.map_logits.to(pert), pert, method)
 
 
-def subset_sample_probs(bank: Bank, subset: Tensor | int, *, scale: float = 1.0) -> Tensor:
-    """Per-sample softmax probabilities (K, N, C) of the posterior keeping the blocks in ``subset``.
+def sample_mixture(
+    bank: Bank, subset: Tensor | int, *, method: Literal["mc", "probit"] = "mc", scale: float = 1.0
+) -> Callable[[Tensor], Tensor]:
+    """The predictive of ``subset`` as a function of weights on the bank's K posterior samples.
 
-    ``p_k[n] = softmax(f_n + √κ Σ_{i∈S} delta[i, n, k])``; their mean over ``k`` is the ``"mc"``
-    predictive of :func:`subset_probs`; the Monte Carlo error of a statistic of that mean is
-    estimated from them (:func:`lib.stats.mc_error_delta_ece`).
+    Returns ``mix``: weights (R, K), rows summing to 1, ↦ probabilities (R, N, C). With
+    ``g_k[n] = √κ Σ_{i∈S} delta[i, n, k]`` and ``f_n`` the MAP logits:
+
+    - ``"mc"``: ``p_n = Σ_k w_k softmax(f_n + g_k[n])``;
+    - ``"probit"``: ``p_n = softmax(f_n / sqrt(1 + π/8 · Σ_k w_k g_k[n]²))``.
+
+    Uniform weights ``1/K`` give :func:`subset_probs`; bootstrap multiplicities divided by K give
+    the predictive of a resampled set of posterior samples, from which the Monte Carlo error of a
+    statistic of the predictive is estimated (:func:`lib.stats.mc_error_delta_ece`). The per-sample
+    softmaxes (or squared perturbations) are computed once, (K, N, C) floats.
     """
     if not scale >= 0:
         raise ValueError(f"scale must be >= 0, got {scale}")
     mask = _mask(bank, subset).to(bank.delta.device)
     pert = torch.einsum("l,lnkc->knc", mask.to(bank.delta.dtype) * math.sqrt(scale), bank.delta)
-    return torch.softmax(bank.map_logits.to(pert)[None] + pert, dim=-1)
+    f = bank.map_logits.to(pert)
+    k, n, c = pert.shape
+    if method == "mc":
+        per_sample = torch.softmax(f[None] + pert, dim=-1).reshape(k, n * c)
+    elif method == "probit":
+        per_sample = pert.square().reshape(k, n * c)
+    else:
+        raise ValueError(f"method must be 'mc' or 'probit', got {method!r}")
+
+    def mix(weights: Tensor) -> Tensor:
+        if weights.ndim != 2 or weights.shape[1] != k:
+            raise ValueError(f"weights must be (R, {k}) over the bank's samples; got {tuple(weights.shape)}")
+        out = (weights.to(per_sample) @ per_sample).reshape(-1, n, c)
+        if method == "mc":
+            return out
+        return torch.softmax(f / torch.sqrt(1.0 + math.pi / 8.0 * out), dim=-1)
+
+    return mix
 
 
 def iter_subset_probs(
