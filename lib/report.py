@@ -370,8 +370,13 @@ def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
 
 
 def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pareto: pd.DataFrame,
-           baseline: pd.DataFrame, cfg: Config) -> str:
-    """The book's answer in one paragraph, from the saved result tables."""
+           baseline: pd.DataFrame, cfg: Config, mc: pd.DataFrame | None = None) -> str:
+    """The book's answer in one paragraph, from the saved result tables.
+
+    ``mc``: :func:`lib.attribution.mc_error` of the first seed; when Monte Carlo noise is material
+    (``mc_share > 0.5``, as in :func:`mc_error_summary`) the paragraph says that the intervals are
+    too narrow.
+    """
     singles = table[table.kind == "single"].sort_values("delta", ascending=False)
     full = table[table.kind == "all"].iloc[0]
     top = singles.head(3)
@@ -398,6 +403,10 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
         text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
                     + " and ".join(f"{r.layer} ({100 * r.phi / total:.0f}%)" for r in lead.itertuples())
                     + " first.")
+    if mc is not None and (mc.mc_share > 0.5).any():
+        text.append(f"Caveat: with K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to "
+                    f"test-set error for {int((mc.mc_share > 0.5).sum())} of the {len(mc)} posteriors checked, so these "
+                    "intervals are too narrow (@sec-statistics-mc).")
     text.append(recommendation(pareto, float(full.delta), full_cost, baseline))
     return " ".join(text)
 

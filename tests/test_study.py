@@ -85,6 +85,11 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
                          "ECE (%)": [5.0, 1.0, *[3.0] * len(names)], "accuracy (%)": [90.0, 90.0, *[80.0] * len(names)]})
     text = answer(att.table, ranks, values, pareto, base, tiny_cfg)
     assert "`smoke`" in text and "@sec-attribution-scale" in text  # smoke tunes the covariance scale
+    assert "Caveat" not in text
+    noisy = mc.reset_index().assign(mc_share=[0.2, 0.9, 0.1, 0.7])
+    assert "comparable to test-set error for 2 of the 4 posteriors checked" in answer(
+        att.table, ranks, values, pareto, base, tiny_cfg, noisy)
+    assert "Caveat" not in answer(att.table, ranks, values, pareto, base, tiny_cfg, noisy.assign(mc_share=0.3))
     if t.loc["all", "delta"] > 0:
         assert "Temperature scaling" in text and "-10.00 pp" in text
 
