@@ -115,6 +115,47 @@ def display_layer_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def display_rank_table(ranks: pd.DataFrame, top_k: int) -> pd.DataFrame:
+    """:func:`lib.attribution.rank_analysis` rows formatted for reading (ΔECE in pp, rank interval)."""
+    return pd.DataFrame({
+        "Block": ranks.block,
+        "ΔECE (pp)": ranks.delta.map(pp),
+        "Rank": ranks["rank"],
+        "95% rank interval": [f"[{lo}, {hi}]" for lo, hi in zip(ranks.rank_lower, ranks.rank_upper)],
+        f"P(top {top_k})": ranks.p_top_k.map(lambda v: f"{v:.2f}"),
+        f"May be top {top_k}": ranks.top_k_candidate.map({True: "yes", False: "no"}),
+        f"Surely top {top_k}": ranks.surely_top_k.map({True: "yes", False: "no"}),
+    })
+
+
+READABLE = {
+    "block": "Block", "posterior": "Posterior", "seed": "Seed", "pair": "Pair", "check": "Check",
+    "delta": "ΔECE", "lower": "95% lower", "upper": "95% upper", "seed_sd": "SD over seeds",
+    "percentile_lower": "percentile lower", "percentile_upper": "percentile upper",
+    "bca_lower": "BCa lower", "bca_upper": "BCa upper",
+    "mc_se": "MC SE", "halving": "Δ(K/2) − Δ(K)", "test_se": "test-set SE", "mc_share": "MC SE / test-set SE",
+    "p_holm": "Holm p", "improves": "improves", "interaction": "interaction",
+    "accuracy": "accuracy", "ece": "ECE", "signed_ece": "signed ECE", "nll": "NLL", "brier": "Brier",
+    "val_accuracy": "val. accuracy", "train_seconds": "train s",
+    "fit_images": "fit images", "fit_seconds": "fit s", "fit_images_per_s": "images / s",
+    "prior_init": "initial δ", "log_marginal_likelihood": "log evidence", "device": "device",
+}
+"""Reader-facing column names of the result tables (units stay in the table captions)."""
+
+
+def readable(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with its columns and index names renamed by :data:`READABLE` (``delta_seed<s>`` →
+    ``seed <s>``); values unchanged, unknown names kept."""
+    def name(n):
+        if isinstance(n, str) and n.startswith("delta_seed"):
+            return f"seed {n[len('delta_seed'):]}"
+        return READABLE.get(n, n)
+
+    out = df.rename(columns=name)
+    out.index = out.index.set_names([name(n) for n in out.index.names])
+    return out
+
+
 def _blocks_text(blocks: list[int]) -> str:
     blocks = sorted(blocks)
     if not blocks:

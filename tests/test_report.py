@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lib.config import Config
-from lib.report import mc_error_summary, recommendation, scale_summary
+from lib.report import display_rank_table, mc_error_summary, readable, recommendation, scale_summary
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -94,3 +94,22 @@ def test_saved_tables_go_to_lla_results_when_set(tmp_path, monkeypatch):
 def test_mc_error_summary_names_every_posterior_when_all_are_noisy():
     text = mc_error_summary(_mc([0.004, 0.003, 0.005], [0.0, 0.0, 0.0]), 8)
     assert "For every posterior in the table Monte Carlo noise is comparable" in text
+
+
+def test_display_rank_table():
+    ranks = pd.DataFrame({"block": [0, 1], "delta": [0.0123, -0.004], "rank": [1, 2], "rank_lower": [1, 1],
+                          "rank_upper": [1, 2], "p_top_k": [0.97, 0.031], "top_k_candidate": [True, True],
+                          "surely_top_k": [True, False]})
+    shown = display_rank_table(ranks, 1)
+    assert list(shown.columns) == ["Block", "ΔECE (pp)", "Rank", "95% rank interval", "P(top 1)", "May be top 1",
+                                   "Surely top 1"]
+    assert list(shown.iloc[0]) == [0, "+1.23", 1, "[1, 1]", "0.97", "yes", "yes"]
+    assert list(shown.iloc[1, 3:]) == ["[1, 2]", "0.03", "yes", "no"]
+
+
+def test_readable_renames_columns_and_index_only():
+    df = pd.DataFrame({"block": [0, 1], "delta_seed0": [0.1, 0.2], "delta": [0.3, 0.4], "p_holm": [0.5, 1.0],
+                       "unknown_col": [1, 2]}).set_index("block")
+    out = readable(df)
+    assert list(out.columns) == ["seed 0", "ΔECE", "Holm p", "unknown_col"] and out.index.name == "Block"
+    assert out.to_numpy().tolist() == df.to_numpy().tolist()
