@@ -1,9 +1,9 @@
 """Cross-seed attribution of the calibration gain to transformer blocks.
 
-From the cached per-seed predictions of :mod:`lib.study`: Δ_ECE of every named posterior with
-bootstrap intervals (hierarchical over seeds × test examples when there are ≥ 2 seeds,
-davison1997bootstrap; paired BCa otherwise, efron1987better), the accompanying NLL / Brier /
-accuracy changes, Holm-corrected tests of "block ℓ improves calibration" (holm1979simple), the
+From the cached per-seed predictions and perturbation banks of :mod:`lib.study`: Δ_ECE of every
+named posterior with bootstrap intervals over seeds × test examples × posterior samples
+(davison1997bootstrap; within one seed, percentile vs BCa over examples is compared too,
+efron1987better), the accompanying NLL / Brier / accuracy changes, Holm-corrected tests of "block ℓ improves calibration" (holm1979simple), the
 bootstrap distribution of the single-block ranks with a simultaneous rank confidence set
 (mogstad2024inference), exact Shapley values of the blocks (shapley1953value), and the Monte Carlo
 error of Δ from the predictive's posterior samples next to its test-set error.
@@ -20,10 +20,10 @@ from lib.calibration import prepare_reliability
 from lib.config import StatsConfig
 from lib.laplace.predictive import sample_mixture
 from lib.stats import (
+    SeedSamples,
     bca_interval,
     bootstrap_pvalues,
     delta_ece,
-    hierarchical_bootstrap,
     holm,
     jackknife_delta_ece,
     mc_error_delta_ece,
@@ -31,6 +31,7 @@ from lib.stats import (
     percentile_interval,
     rank_confidence_set,
     rank_probabilities,
+    sample_bootstrap,
     shapley_interaction,
     shapley_values,
 )
@@ -67,11 +68,24 @@ def _kind(name: str) -> tuple[str, int]:
     return f"{head}-k", int(k)
 
 
-def attribution(studies: list[SeedStudy], stats: StatsConfig, device: torch.device) -> Attribution:
+def seed_samples(study: SeedStudy, names: list[str], method: str, device: torch.device) -> SeedSamples:
+    """The named posteriors of one seed as functions of weights on the bank's posterior samples,
+    each at its covariance scale κ_S (:func:`lib.laplace.predictive.sample_mixture`)."""
+    d = study.named()
+    bank = study.test_bank()
+    bank = type(bank)(bank.map_logits.to(device), bank.labels.to(device), bank.delta.to(device), bank.blocks)
+    mixes = [sample_mixture(bank, d["masks"][d["names"].index(n)], method=method,
+                            scale=float(d["scales"][d["names"].index(n)])) for n in names]
+    return SeedSamples(d["det"].to(device), d["labels"].to(device),
+                       lambda w: torch.stack([m(w) for m in mixes], 1), bank.delta.shape[2])
+
+
+def attribution(studies: list[SeedStudy], stats: StatsConfig, method: str, device: torch.device) -> Attribution:
     """Δ_ECE = ECE_det − ECE_S (positive: S improves calibration) for every named posterior S.
 
-    Interval: percentile of the two-level bootstrap (seeds, then test examples) of the
-    seed-averaged Δ with ≥ 2 seeds, BCa of the paired bootstrap with one seed. ``d_nll`` and
+    Interval: percentile of the bootstrap over seeds, test examples and posterior samples of the
+    seed-averaged Δ (:func:`lib.stats.sample_bootstrap`), so it includes the Monte Carlo error of
+    the ``method`` predictive; with one seed, over examples and samples. ``d_nll`` and
     ``d_brier`` are det − S (positive: better), ``d_acc`` is S − det; all means over seeds.
     ``p_holm``/``improves``: Holm-adjusted one-sided bootstrap test of Δ(ℓ) > 0 over the family
     of single-block posteriors.
@@ -83,15 +97,11 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, device: torch.devi
         idx = torch.tensor([d["names"].index(n) for n in names])
         per_seed.append((d["det"].to(device), d["probs"][idx].to(device), d["labels"].to(device)))
     g = torch.Generator(device=device).manual_seed(0)
-    if len(per_seed) >= 2:
-        res = hierarchical_bootstrap(per_seed, stats.n_boot, g, n_bins=stats.n_bins)
-        lower, upper = percentile_interval(res.samples, stats.alpha)
-        interval = "hierarchical percentile"
-    else:
-        res = paired_bootstrap(*per_seed[0], stats.n_boot, g, n_bins=stats.n_bins)
-        jack = jackknife_delta_ece(*per_seed[0], n_bins=stats.n_bins)
-        lower, upper = bca_interval(res.samples, res.estimate, jack, stats.alpha)
-        interval = "paired BCa"
+    res = sample_bootstrap([seed_samples(s, names, method, device) for s in studies], stats.n_boot, g,
+                           n_bins=stats.n_bins)
+    lower, upper = percentile_interval(res.samples, stats.alpha)
+    interval = ("percentile; seeds × test images × posterior samples" if len(studies) > 1
+                else "percentile; test images × posterior samples")
     per_seed_delta = torch.stack([delta_ece(*ps, n_bins=stats.n_bins) for ps in per_seed]).cpu()
     metrics = [s.metrics().set_index("posterior") for s in studies]
 

@@ -228,9 +228,9 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
 def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     """Monte Carlo error of ΔECE next to its test-set error, from :func:`lib.attribution.mc_error`.
 
-    Monte Carlo noise is called material for a posterior when ``mc_se > test_se / 2`` (adding it in
-    quadrature would widen an interval by more than 12%) or when halving the samples moves Δ by
-    more than half its test-set standard error.
+    Monte Carlo noise is called material for a posterior when ``mc_se > test_se / 2`` (it widens the
+    interval, which includes it, by more than ~12% over the test-set error alone); Δ has not
+    settled when halving the samples moves it by more than half its test-set standard error.
     """
     share = table.mc_share
     worst = table.loc[share.idxmax()]
@@ -244,14 +244,14 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     if noisy:
         which = ("every posterior in the table" if len(noisy) == len(table) else
                  ", ".join("the all-block posterior" if n == "all" else n for n in noisy))
-        out.append(f"For {which} Monte Carlo noise is comparable to test-set noise: their intervals in "
-                   "@sec-attribution, which resample test images and seeds at fixed samples, understate the "
-                   "uncertainty, and more samples (`predictive.n_samples`) are needed before their ranks are read.")
+        out.append(f"For {which} Monte Carlo noise is comparable to test-set noise. The intervals of "
+                   "@sec-attribution include it (they resample the posterior samples too), so they are wider "
+                   "than the test set alone would make them; more samples (`predictive.n_samples`) would "
+                   "narrow them.")
     else:
         widen = (1 + float(worst.mc_share) ** 2) ** 0.5 - 1
-        out.append(f"Adding it in quadrature would widen an interval by at most {100 * widen:.0f}%, so the intervals of "
-                   "@sec-attribution, which resample test images and seeds at fixed samples, are not materially "
-                   "too narrow.")
+        out.append(f"It widens the intervals of @sec-attribution, which include it, by at most about "
+                   f"{100 * widen:.0f}% over the test-set error alone, so more samples would change little.")
     moved = (table.halving.abs() / table.test_se)
     drift = table.loc[moved.idxmax()]
     out.append(f"Halving the number of samples changes ΔECE by at most {PP * table.halving.abs().max():.2f} pp "
@@ -415,8 +415,8 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
     """The book's answer in one paragraph, from the saved result tables.
 
     ``mc``: :func:`lib.attribution.mc_error` of the first seed; when Monte Carlo noise is material
-    (``mc_share > 0.5``, as in :func:`mc_error_summary`) the paragraph says that the intervals are
-    too narrow.
+    (``mc_share > 0.5``, as in :func:`mc_error_summary`) the paragraph says that it widens the
+    intervals and that more samples would narrow them.
     """
     singles = table[table.kind == "single"].sort_values("delta", ascending=False)
     full = table[table.kind == "all"].iloc[0]
@@ -445,9 +445,9 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
                     + " and ".join(f"{r.layer} ({100 * r.phi / total:.0f}%)" for r in lead.itertuples())
                     + " first.")
     if mc is not None and (mc.mc_share > 0.5).any():
-        text.append(f"Caveat: with K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to "
-                    f"test-set error for {int((mc.mc_share > 0.5).sum())} of the {len(mc)} posteriors checked, so these "
-                    "intervals are too narrow (@sec-statistics-mc).")
+        text.append(f"With K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to the "
+                    f"test-set error for {int((mc.mc_share > 0.5).sum())} of the {len(mc)} posteriors checked; the "
+                    "intervals include it, and more samples would narrow them (@sec-statistics-mc).")
     text.append(recommendation(pareto, float(full.delta), full_cost, baseline))
     return " ".join(text)
 

@@ -34,7 +34,8 @@ __all__ = [
     "BootstrapResult",
     "delta_ece",
     "paired_bootstrap",
-    "hierarchical_bootstrap",
+    "SeedSamples",
+    "sample_bootstrap",
     "jackknife_delta_ece",
     "MonteCarloError",
     "mc_error_delta_ece",
@@ -168,53 +169,104 @@ def paired_bootstrap(
     return BootstrapResult(estimate=est, samples=samples)
 
 
-def hierarchical_bootstrap(
-    per_seed: Sequence[tuple[Tensor, Tensor, Tensor]],
+@dataclass(frozen=True)
+class SeedSamples:
+    """One training seed's predictives as functions of weights on their K posterior samples.
+
+    Attributes:
+        probs_det: (N, C) deterministic probabilities.
+        labels: (N,) int64.
+        mixture: weights (c, K), rows summing to 1, -> probabilities (c, P, N, C) of the P
+            posteriors (e.g. :func:`lib.laplace.predictive.sample_mixture` of each posterior, stacked).
+        n_samples: K.
+    """
+
+    probs_det: Tensor
+    labels: Tensor
+    mixture: Callable[[Tensor], Tensor]
+    n_samples: int
+
+
+def _weighted_delta(conf_det: Tensor, corr_det: Tensor, probs: Tensor, labels: Tensor, weights: Tensor,
+                    n_bins: int) -> Tensor:
+    """Delta (c, P) of posteriors ``probs`` (c, P, N, C) with example multiplicities ``weights`` (c, N)."""
+    conf, pred = probs.max(dim=-1)
+    corr = (pred == labels).to(conf.dtype)
+    c = conf.shape[0]
+    conf = torch.cat([conf_det.expand(c, 1, -1), conf], 1)  # (c, P + 1, N); row 0 deterministic
+    resid = torch.cat([corr_det.expand(c, 1, -1), corr], 1) - conf
+    sums = torch.zeros(*conf.shape[:2], n_bins + 1, dtype=conf.dtype, device=conf.device)
+    sums.scatter_add_(2, bin_index(conf, n_bins), resid * weights[:, None, :])
+    ece = sums.abs().sum(-1) / weights.sum(-1, keepdim=True)
+    return ece[:, :1] - ece[:, 1:]
+
+
+def sample_bootstrap(
+    per_seed: Sequence[SeedSamples],
     n_resamples: int,
     generator: torch.Generator,
     n_bins: int = 15,
-    chunk_size: int = 256,
+    chunk_size: int = 8,
 ) -> BootstrapResult:
-    """Two-level bootstrap over training seeds and test examples :cite:`davison1997bootstrap`.
+    """Bootstrap over training seeds, test examples and posterior samples :cite:`davison1997bootstrap`.
 
-    The target is the seed-averaged ``Delta_bar(l) = (1/S) sum_s Delta_s(l)``. Replicate r draws
-    S seeds with replacement (multiplicities ``m_rs``), then, independently for every drawn copy,
-    resamples that seed's test examples with replacement (paired across models) and averages the
-    S resulting Delta vectors. Vectorised: for seed s we draw ``sum_r m_rs`` example-level
-    replicates in one chunked paired bootstrap and scatter them back to their replicate rows.
+    The target is the seed-averaged ``Delta_bar(l)`` of the exact (infinite-sample) predictives.
+    Replicate r draws S seeds with replacement; for every drawn copy it resamples that seed's test
+    examples (paired across posteriors) and, independently, its K posterior samples (sample k of
+    every block together, so all posteriors of the seed see the same resampled samples, as the
+    estimate does), recomputes every predictive from the resampled samples and Delta on the
+    resampled examples, and averages over the S copies. With one seed only the inner two levels
+    vary. Unlike a bootstrap that holds the samples fixed, the spread includes the Monte Carlo error
+    of the predictive (:func:`mc_error_delta_ece`); with all samples equal it is the two-level
+    bootstrap over seeds and examples.
+
+    For each drawn copy (chunks of ``chunk_size``): example counts ``w`` (N,) and sample counts
+    ``v`` (K,) are multinomial; ``p = mixture(v / K)``, and per bin m
+    ``S_m = sum_{i in B_m} w_i (correct_i - conf_i)``, ``ECE = sum_m |S_m| / N``.
 
     Args:
-        per_seed: S tuples ``(probs_det (N_s, C), probs_bayes (P, N_s, C), labels (N_s,))``;
-            N_s may differ between seeds, P must not.
-        n_resamples: R. generator: seeded, on the data's device. n_bins: M. chunk_size: as in
-            :func:`paired_bootstrap`.
+        per_seed: S :class:`SeedSamples` with the same P; N and K may differ between seeds.
+        n_resamples: R. generator: seeded, on the data's device. n_bins: M. chunk_size: copies per
+            call of ``mixture`` (memory ``chunk_size * P * N * C``).
 
     Returns:
-        :class:`BootstrapResult` (estimate = mean over seeds of the per-seed Delta, samples (R, P)).
+        :class:`BootstrapResult`: estimate = mean over seeds of Delta at the K-sample predictives
+        (uniform weights), samples (R, P).
     """
-    if len(per_seed) < 2:
-        raise ValueError(f"per_seed needs at least 2 seeds for a seed-level bootstrap; got {len(per_seed)}")
-    stacked = [_stack_inputs(*s) for s in per_seed]
-    p = stacked[0][0].shape[0] - 1
-    if any(c.shape[0] - 1 != p for c, _ in stacked):
-        raise ValueError("per_seed: every seed must have the same number P of posteriors")
-    conf0 = stacked[0][0]
-    _check_generator(generator, conf0.device)
+    if len(per_seed) < 1 or n_resamples < 1 or chunk_size < 1:
+        raise ValueError(f"need >= 1 seed, n_resamples >= 1, chunk_size >= 1; got {len(per_seed)}, "
+                         f"{n_resamples}, {chunk_size}")
+    device, dtype = per_seed[0].probs_det.device, per_seed[0].probs_det.dtype
+    _check_generator(generator, device)
     n_seeds = len(per_seed)
-    ests = torch.stack([delta_ece(*s, n_bins=n_bins) for s in per_seed])
-    seed_idx = torch.randint(0, n_seeds, (n_resamples, n_seeds), generator=generator, device=conf0.device)
-    mult = torch.zeros(n_resamples, n_seeds, dtype=torch.int64, device=conf0.device)
+    ests = []
+    for s in per_seed:
+        if s.n_samples < 1:
+            raise ValueError(f"SeedSamples.n_samples must be >= 1, got {s.n_samples}")
+        uniform = s.mixture(torch.full((1, s.n_samples), 1.0 / s.n_samples, dtype=dtype, device=device)).to(dtype)
+        ests.append(delta_ece(s.probs_det, uniform[0], s.labels, n_bins))
+    p = ests[0].shape[0]
+    if any(e.shape[0] != p for e in ests):
+        raise ValueError("per_seed: every seed must have the same number P of posteriors")
+    seed_idx = torch.randint(0, n_seeds, (n_resamples, n_seeds), generator=generator, device=device)
+    mult = torch.zeros(n_resamples, n_seeds, dtype=torch.int64, device=device)
     mult.scatter_add_(1, seed_idx, torch.ones_like(seed_idx))
-    total = torch.zeros(n_resamples, p, dtype=conf0.dtype, device=conf0.device)
-    rows = torch.arange(n_resamples, device=conf0.device)
-    for s, (conf, corr) in enumerate(stacked):
-        m = mult[:, s]
-        k = int(m.sum())
-        if k == 0:
+    total = torch.zeros(n_resamples, p, dtype=dtype, device=device)
+    rows = torch.arange(n_resamples, device=device)
+    for s, seed in enumerate(per_seed):
+        copies = int(mult[:, s].sum())
+        if copies == 0:
             continue
-        reps = _bootstrap_design(conf, corr, k, n_bins, generator, chunk_size)
-        total.index_add_(0, torch.repeat_interleave(rows, m), reps)
-    return BootstrapResult(estimate=ests.mean(0), samples=total / n_seeds)
+        conf_det, corr_det = top_label(seed.probs_det, seed.labels)
+        n, k = seed.labels.shape[0], seed.n_samples
+        reps = []
+        for start in range(0, copies, chunk_size):
+            c = min(chunk_size, copies - start)
+            w = _multinomial_counts(n, c, generator, dtype, device)
+            v = _multinomial_counts(k, c, generator, dtype, device) / k
+            reps.append(_weighted_delta(conf_det, corr_det, seed.mixture(v).to(dtype), seed.labels, w, n_bins))
+        total.index_add_(0, torch.repeat_interleave(rows, mult[:, s]), torch.cat(reps))
+    return BootstrapResult(estimate=torch.stack(ests).mean(0), samples=total / n_seeds)
 
 
 def jackknife_delta_ece(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor, n_bins: int = 15) -> Tensor:

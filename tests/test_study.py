@@ -46,7 +46,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     full = d["probs"][d["names"].index("all")]
     assert abs(float(e[0, -1]) - float(ece(full, d["labels"], tiny_cfg.stats.n_bins))) < 1e-5
 
-    att = attribution(studies, tiny_cfg.stats, cpu)
+    att = attribution(studies, tiny_cfg.stats, "mc", cpu)
     t = att.table.set_index("posterior")
     assert len(att.singles()) == 3 and att.samples.shape == (tiny_cfg.stats.n_boot, len(t))
     assert (t.lower <= t.delta + 1e-12).all() and (t.delta <= t.upper + 1e-12).all()
@@ -85,11 +85,11 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
                          "ECE (%)": [5.0, 1.0, *[3.0] * len(names)], "accuracy (%)": [90.0, 90.0, *[80.0] * len(names)]})
     text = answer(att.table, ranks, values, pareto, base, tiny_cfg)
     assert "`smoke`" in text and "@sec-attribution-scale" in text  # smoke tunes the covariance scale
-    assert "Caveat" not in text
+    assert "Monte Carlo error" not in text
     noisy = mc.reset_index().assign(mc_share=[0.2, 0.9, 0.1, 0.7])
-    assert "comparable to test-set error for 2 of the 4 posteriors checked" in answer(
+    assert "comparable to the test-set error for 2 of the 4 posteriors checked; the intervals include it" in answer(
         att.table, ranks, values, pareto, base, tiny_cfg, noisy)
-    assert "Caveat" not in answer(att.table, ranks, values, pareto, base, tiny_cfg, noisy.assign(mc_share=0.3))
+    assert "Monte Carlo" not in answer(att.table, ranks, values, pareto, base, tiny_cfg, noisy.assign(mc_share=0.3))
     if t.loc["all", "delta"] > 0:
         assert "Temperature scaling" in text and "-10.00 pp" in text
 
