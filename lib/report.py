@@ -303,7 +303,7 @@ def _uncertain(front: pd.DataFrame) -> str:
         return ""
     r = full.iloc[0]
     return (f" The advice is tentative: the all-block gain's 95% interval, {ci(r.delta, r.lower, r.upper)} pp, "
-            "includes zero, so the test set cannot tell these choices apart from no change.")
+            "includes zero, so the data (test set, seeds and posterior samples) cannot tell these choices apart from no change.")
 
 
 def deterministic_summary(det: pd.DataFrame) -> str:
