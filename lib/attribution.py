@@ -3,8 +3,9 @@
 From the cached per-seed predictions and perturbation banks of :mod:`lib.study`: Δ_ECE of every
 named posterior with bootstrap intervals over seeds × test examples × posterior samples
 (davison1997bootstrap; within one seed, percentile vs BCa over examples is compared too,
-efron1987better), the accompanying NLL / Brier / accuracy changes, Holm-corrected tests of "block ℓ improves calibration" (holm1979simple), the
-bootstrap distribution of the single-block ranks with a simultaneous rank confidence set
+efron1987better), the accompanying NLL / Brier / accuracy changes, Holm-corrected tests of
+"block ℓ improves calibration" (holm1979simple), the bootstrap distribution of the single-block
+ranks with a simultaneous rank confidence set
 (mogstad2024inference), exact Shapley values of the blocks (shapley1953value), and the Monte Carlo
 error of Δ from the predictive's posterior samples next to its test-set error.
 """
@@ -68,15 +69,14 @@ def _kind(name: str) -> tuple[str, int]:
     return f"{head}-k", int(k)
 
 
-def seed_samples(study: SeedStudy, names: list[str], method: str, device: torch.device) -> SeedSamples:
-    """The named posteriors of one seed as functions of weights on the bank's posterior samples,
-    each at its covariance scale κ_S (:func:`lib.laplace.predictive.sample_mixture`)."""
-    d = study.named()
-    bank = study.test_bank()
-    bank = type(bank)(bank.map_logits.to(device), bank.labels.to(device), bank.delta.to(device), bank.blocks)
-    mixes = [sample_mixture(bank, d["masks"][d["names"].index(n)], method=method,
-                            scale=float(d["scales"][d["names"].index(n)])) for n in names]
-    return SeedSamples(d["det"].to(device), d["labels"].to(device),
+def seed_samples(study: SeedStudy, named: dict, names: list[str], method: str, device: torch.device) -> SeedSamples:
+    """The posteriors ``names`` of one seed (``named``: its :meth:`SeedStudy.named`) as functions of
+    weights on the bank's posterior samples, each at its covariance scale κ_S
+    (:func:`lib.laplace.predictive.sample_mixture`)."""
+    bank = study.test_bank().to(device)
+    idx = [named["names"].index(n) for n in names]
+    mixes = [sample_mixture(bank, named["masks"][i], method=method, scale=float(named["scales"][i])) for i in idx]
+    return SeedSamples(named["det"].to(device), named["labels"].to(device),
                        lambda w: torch.stack([m(w) for m in mixes], 1), bank.delta.shape[2])
 
 
@@ -97,8 +97,8 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, method: str, devic
         idx = torch.tensor([d["names"].index(n) for n in names])
         per_seed.append((d["det"].to(device), d["probs"][idx].to(device), d["labels"].to(device)))
     g = torch.Generator(device=device).manual_seed(0)
-    res = sample_bootstrap([seed_samples(s, names, method, device) for s in studies], stats.n_boot, g,
-                           n_bins=stats.n_bins)
+    res = sample_bootstrap([seed_samples(s, d, names, method, device) for s, d in zip(studies, named)], stats.n_boot,
+                           g, n_bins=stats.n_bins)
     lower, upper = percentile_interval(res.samples, stats.alpha)
     interval = ("percentile; seeds × test images × posterior samples" if len(studies) > 1
                 else "percentile; test images × posterior samples")
@@ -260,9 +260,10 @@ def mc_error(study: SeedStudy, stats: StatsConfig, method: str, device: torch.de
 
     Per posterior (at its covariance scale κ_S, with the predictive ``method``): ``delta``;
     ``mc_se``, the bootstrap standard error over the K posterior samples with the test set fixed,
-    and ``halving``, the mean change of Δ when a random half of the samples is kept (:func:`lib.stats.mc_error_delta_ece`); ``test_se``, the
-    standard deviation of the paired bootstrap over test images with the samples fixed
-    (efron1993introduction); ``mc_share`` = ``mc_se / test_se``.
+    and ``halving``, the mean change of Δ when a random half of the samples is kept
+    (:func:`lib.stats.mc_error_delta_ece`); ``test_se``, the standard deviation of the paired
+    bootstrap over test images with the samples fixed (efron1993introduction);
+    ``mc_share`` = ``mc_se / test_se``.
     """
     d = study.named()
     names = sorted((n for n in d["names"] if n.startswith("single ")), key=lambda n: int(n.split()[1])) + ["all"]
@@ -270,8 +271,7 @@ def mc_error(study: SeedStudy, stats: StatsConfig, method: str, device: torch.de
     det, labels = d["det"].to(device), d["labels"].to(device)
     g = torch.Generator(device=device).manual_seed(study.seed)
     test_se = paired_bootstrap(det, d["probs"][idx].to(device), labels, stats.n_boot, g, n_bins=stats.n_bins).samples.std(0)
-    bank = study.test_bank()
-    bank = type(bank)(bank.map_logits.to(device), bank.labels.to(device), bank.delta.to(device), bank.blocks)
+    bank = study.test_bank().to(device)
     rows = []
     for name, i, se in zip(names, idx.tolist(), test_se.cpu().tolist()):
         mix = sample_mixture(bank, d["masks"][i], method=method, scale=float(d["scales"][i]))

@@ -225,6 +225,11 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
     return " ".join(out)
 
 
+def _posterior_names(names) -> str:
+    """Named posteriors for prose: ``single 3, the all-block posterior``."""
+    return ", ".join("the all-block posterior" if n == "all" else n for n in names)
+
+
 def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     """Monte Carlo error of ΔECE next to its test-set error, from :func:`lib.attribution.mc_error`.
 
@@ -242,8 +247,7 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     ]
     noisy = table[share > 0.5].posterior.tolist()
     if noisy:
-        which = ("every posterior in the table" if len(noisy) == len(table) else
-                 ", ".join("the all-block posterior" if n == "all" else n for n in noisy))
+        which = "every posterior in the table" if len(noisy) == len(table) else _posterior_names(noisy)
         out.append(f"For {which} Monte Carlo noise is comparable to test-set noise. The intervals of "
                    "@sec-attribution include it (they resample the posterior samples too), so they are wider "
                    "than the test set alone would make them; more samples (`predictive.n_samples`) would "
@@ -399,13 +403,11 @@ def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
     """A caveat naming the posteriors whose κ_S sits at an end of the grid (on any seed)."""
     named = t.drop(index="deterministic (MAP)")
     out = []
-    for col, end, word, fix in (("κ max", grid[1], "upper", "raise its upper end"),
-                                ("κ min", grid[0], "lower", "lower its lower end")):
-        hit = named[named[col] >= end * (1 - 1e-9)] if word == "upper" else named[named[col] <= end * (1 + 1e-9)]
-        if len(hit):
-            names = ", ".join("the all-block posterior" if n == "all" else n for n in hit.index)
-            out.append(f" For {names} the selected κ is at the {word} end of the grid on at least one "
-                       f"seed, so the validation optimum may lie beyond it (to check, {fix} in "
+    for hit, word, fix in ((named["κ max"] >= grid[1] * (1 - 1e-9), "upper", "raise its upper end"),
+                           (named["κ min"] <= grid[0] * (1 + 1e-9), "lower", "lower its lower end")):
+        if hit.any():
+            out.append(f" For {_posterior_names(named.index[hit])} the selected κ is at the {word} end of the grid "
+                       f"on at least one seed, so the validation optimum may lie beyond it (to check, {fix} in "
                        "`predictive.scale_range`).")
     return "".join(out)
 

@@ -167,14 +167,10 @@ def _scales(
     if len(pc.scale_range) != 2:
         raise ValueError(f"predictive.scale_range is {list(pc.scale_range)}; give two numbers [low, high]")
     grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
-    val_dev = _on(val_bank, device)
+    val_dev = val_bank.to(device)
     scales, nll = tune_scales(val_dev, subsets, grid, method=pc.method)
     unit = validation_nll(val_dev, subsets, torch.ones(1, dtype=torch.float64), method=pc.method)[:, 0]
     return scales, nll, unit
-
-
-def _on(bank: Bank, device: torch.device) -> Bank:
-    return Bank(bank.map_logits.to(device), bank.labels.to(device), bank.delta.to(device), bank.blocks)
 
 
 def subset_predictions(
@@ -205,7 +201,7 @@ def subset_predictions(
     if st.done:
         return st
     method = pc.method
-    bank_dev = _on(bank, device)
+    bank_dev = bank.to(device)
     val_bank = val[1] if val is not None else None
     labels = bank_dev.labels
     n, L = len(labels), bank.n_blocks

@@ -64,6 +64,10 @@ class Bank:
         """Number of rows ``L`` of ``delta``."""
         return self.delta.shape[0]
 
+    def to(self, device: torch.device | str) -> "Bank":
+        """The same bank with its tensors on ``device``."""
+        return Bank(self.map_logits.to(device), self.labels.to(device), self.delta.to(device), self.blocks)
+
 
 def load_forward_ad() -> None:
     """Import torch's forward-AD decompositions now, without torch's own deprecation warning.
@@ -368,9 +372,21 @@ def _link(map_logits: Tensor, pert: Tensor, method: str) -> Tensor:
     if method == "mc":
         return torch.softmax(map_logits.unsqueeze(-2) + pert, dim=-1).mean(dim=-2)
     if method == "probit":
-        var = pert.square().mean(dim=-2)
-        return torch.softmax(map_logits / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+        return _probit(map_logits, pert.square().mean(dim=-2))
     raise ValueError(f"method must be 'mc' or 'probit', got {method!r}")
+
+
+def _probit(map_logits: Tensor, var: Tensor) -> Tensor:
+    """Extended probit: ``softmax(f / sqrt(1 + π/8 · v))`` for logit variances ``v`` like ``f``."""
+    return torch.softmax(map_logits / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+
+
+def _subset_pert(bank: Bank, subset: Tensor | int, scale: float) -> Tensor:
+    """``g_nk = √κ Σ_{i∈S} delta[i, n, k]`` (N, K, C) of ``subset`` at covariance scale ``κ``."""
+    if not scale >= 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
+    mask = _mask(bank, subset).to(bank.delta.device)
+    return torch.einsum("l,lnkc->nkc", mask.to(bank.delta.dtype) * math.sqrt(scale), bank.delta)
 
 
 def subset_probs(
@@ -390,10 +406,7 @@ def subset_probs(
 
     The empty subset gives ``softmax(f_n)``.
     """
-    if not scale >= 0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
-    mask = _mask(bank, subset).to(bank.delta.device)
-    pert = torch.einsum("l,lnkc->nkc", mask.to(bank.delta.dtype) * math.sqrt(scale), bank.delta)
+    pert = _subset_pert(bank, subset, scale)
     return _link(bank.map_logits.to(pert), pert, method)
 
 
@@ -413,10 +426,7 @@ def sample_mixture(
     statistic of the predictive is estimated (:func:`lib.stats.mc_error_delta_ece`). The per-sample
     softmaxes (or squared perturbations) are computed once, (K, N, C) floats.
     """
-    if not scale >= 0:
-        raise ValueError(f"scale must be >= 0, got {scale}")
-    mask = _mask(bank, subset).to(bank.delta.device)
-    pert = torch.einsum("l,lnkc->knc", mask.to(bank.delta.dtype) * math.sqrt(scale), bank.delta)
+    pert = _subset_pert(bank, subset, scale).transpose(0, 1)  # (K, N, C)
     f = bank.map_logits.to(pert)
     k, n, c = pert.shape
     if method == "mc":
@@ -430,9 +440,7 @@ def sample_mixture(
         if weights.ndim != 2 or weights.shape[1] != k:
             raise ValueError(f"weights must be (R, {k}) over the bank's samples; got {tuple(weights.shape)}")
         out = (weights.to(per_sample) @ per_sample).reshape(-1, n, c)
-        if method == "mc":
-            return out
-        return torch.softmax(f / torch.sqrt(1.0 + math.pi / 8.0 * out), dim=-1)
+        return out if method == "mc" else _probit(f, out)
 
     return mix
 
