@@ -30,6 +30,7 @@ from lib.stats import (
     mc_error_delta_ece,
     paired_bootstrap,
     percentile_interval,
+    pooled_seed_bootstrap,
     rank_confidence_set,
     rank_probabilities,
     sample_bootstrap,
@@ -163,28 +164,34 @@ def rank_analysis(att: Attribution, stats: StatsConfig) -> tuple[pd.DataFrame, p
     return heat, ranks
 
 
-def shapley(studies: list[SeedStudy], alpha: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def shapley(studies: list[SeedStudy], stats: StatsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Exact Shapley values of the blocks for v(S) = ECE_det − ECE_S, and adjacent interactions.
 
-    Per seed, v is evaluated for all 2^L subsets on the test set and on R paired bootstrap
-    resamples (:func:`lib.study.subset_predictions`); values are averaged over seeds and the
-    percentile interval is over the example-level resamples (seeds held fixed).
+    Per seed, v is evaluated for all 2^L subsets on the test set and on R bootstrap replicates
+    that resample its test images and posterior samples, shared by all subsets
+    (:func:`lib.study.subset_predictions`); the values are averaged over seeds. The percentile
+    interval (level 1 − ``stats.alpha``) is over ``stats.n_boot`` replicates of a bootstrap over
+    seeds that, for each drawn seed, takes one of its R stored replicates
+    (:func:`lib.stats.pooled_seed_bootstrap`), so it covers seeds × test images × posterior
+    samples, like the intervals of :func:`attribution`.
     """
     vals, inter = [], []
     for s in studies:
-        e = s.subset_ece()
+        e = s.subset_ece().double()
         v = e[:, :1] - e
-        vals.append(shapley_values(v.double()))
-        inter.append(shapley_interaction(v.double()))
-    phi = torch.stack(vals).mean(0)
-    iij = torch.stack(inter).mean(0)
-    L = phi.shape[1]
-    lo, hi = percentile_interval(phi[1:], alpha)
-    ilo, ihi = percentile_interval(iij[1:], alpha)
-    values = pd.DataFrame({"layer": [f"block {b}" for b in range(L)], "block": range(L), "phi": phi[0].numpy(),
-                           "lower": lo.numpy(), "upper": hi.numpy()})
-    pairs = pd.DataFrame({"pair": [f"{b}–{b + 1}" for b in range(L - 1)], "interaction": iij[0].numpy(),
-                          "lower": ilo.numpy(), "upper": ihi.numpy()})
+        vals.append(shapley_values(v))
+        inter.append(shapley_interaction(v))
+    phi, iij = torch.stack(vals), torch.stack(inter)  # (S, R + 1, L), (S, R + 1, L - 1)
+    g = torch.Generator().manual_seed(0)
+    both = pooled_seed_bootstrap(torch.cat([phi[:, 0], iij[:, 0]], 1), torch.cat([phi[:, 1:], iij[:, 1:]], 2),
+                                 stats.n_boot, g)
+    L = phi.shape[2]
+    lo, hi = percentile_interval(both.samples, stats.alpha)
+    est = both.estimate
+    values = pd.DataFrame({"layer": [f"block {b}" for b in range(L)], "block": range(L), "phi": est[:L].numpy(),
+                           "lower": lo[:L].numpy(), "upper": hi[:L].numpy()})
+    pairs = pd.DataFrame({"pair": [f"{b}–{b + 1}" for b in range(L - 1)], "interaction": est[L:].numpy(),
+                          "lower": lo[L:].numpy(), "upper": hi[L:].numpy()})
     return values, pairs
 
 

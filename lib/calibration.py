@@ -40,6 +40,7 @@ __all__ = [
     "calibration_summary",
     "prepare_reliability",
     "ece_from_weights",
+    "weighted_ece",
 ]
 
 
@@ -457,6 +458,30 @@ def ece_from_weights(conf: Tensor, correct: Tensor, weights: Tensor, n_bins: int
     sums = (w @ d).reshape(w.shape[0], conf2.shape[0], n_bins + 1)
     out = sums.abs().sum(-1) / w.sum(1, keepdim=True)
     return out[:, 0] if single else out
+
+
+def weighted_ece(conf: Tensor, correct: Tensor, weights: Tensor, n_bins: int = 15) -> Tensor:
+    """Equal-width ECE of weighted examples whose confidences differ between rows.
+
+    ``ECE = sum_m |sum_i w_i 1[c_i in B_m] (y_i - c_i)| / sum_i w_i`` over the last dimension, for
+    every leading index at once (e.g. R bootstrap replicates, each with its own resampled
+    predictive and example multiplicities). Unit weights give :func:`ece`
+    :cite:`guo2017calibration`; when the confidences are shared by all rows,
+    :func:`ece_from_weights` is the faster single-matmul form.
+
+    Args:
+        conf: (..., N) top-label confidences. correct: same shape, 0/1.
+        weights: nonnegative, broadcastable to ``conf``. n_bins: M (same slots as :func:`ece`).
+
+    Returns:
+        (...) in the dtype of ``conf``.
+    """
+    if correct.shape != conf.shape:
+        raise ValueError(f"conf and correct must have the same shape; got {tuple(conf.shape)} and {tuple(correct.shape)}")
+    w = torch.broadcast_to(weights.to(conf.dtype), conf.shape)
+    sums = torch.zeros(*conf.shape[:-1], n_bins + 1, dtype=conf.dtype, device=conf.device)
+    sums.scatter_add_(-1, bin_index(conf, n_bins), (correct.to(conf.dtype) - conf) * w)
+    return sums.abs().sum(-1) / w.sum(-1)
 
 
 def _residual_design(conf: Tensor, correct: Tensor, n_bins: int) -> Tensor:

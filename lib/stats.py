@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lib.calibration import _residual_design, bin_index, top_label
+from lib.calibration import _residual_design, bin_index, top_label, weighted_ece
 
 __all__ = [
     "BootstrapResult",
@@ -36,6 +36,8 @@ __all__ = [
     "paired_bootstrap",
     "SeedSamples",
     "sample_bootstrap",
+    "bootstrap_counts",
+    "pooled_seed_bootstrap",
     "jackknife_delta_ece",
     "MonteCarloError",
     "mc_error_delta_ece",
@@ -112,8 +114,9 @@ def _check_generator(generator: torch.Generator, device: torch.device) -> None:
         )
 
 
-def _multinomial_counts(n: int, rows: int, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    """(rows, n) counts of n draws with replacement from n items (bootstrap multiplicities)."""
+def bootstrap_counts(n: int, rows: int, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
+    """(rows, n) counts of n draws with replacement from n items (bootstrap multiplicities
+    :cite:`davison1997bootstrap`); every row sums to n."""
     idx = torch.randint(0, n, (rows, n), generator=generator, device=device)
     w = torch.zeros(rows, n, dtype=dtype, device=device)
     return w.scatter_add_(1, idx, torch.ones(rows, n, dtype=dtype, device=device))
@@ -130,7 +133,7 @@ def _bootstrap_design(conf: Tensor, corr: Tensor, n_resamples: int, n_bins: int,
     out = []
     for start in range(0, n_resamples, chunk_size):
         rows = min(chunk_size, n_resamples - start)
-        w = _multinomial_counts(n, rows, generator, conf.dtype, conf.device)
+        w = bootstrap_counts(n, rows, generator, conf.dtype, conf.device)
         total = torch.full((rows,), float(n), dtype=conf.dtype, device=conf.device)
         out.append(_delta_from_sums(w @ d, total, conf.shape[0], n_bins))
     return torch.cat(out)
@@ -194,10 +197,8 @@ def _weighted_delta(conf_det: Tensor, corr_det: Tensor, probs: Tensor, labels: T
     corr = (pred == labels).to(conf.dtype)
     c = conf.shape[0]
     conf = torch.cat([conf_det.expand(c, 1, -1), conf], 1)  # (c, P + 1, N); row 0 deterministic
-    resid = torch.cat([corr_det.expand(c, 1, -1), corr], 1) - conf
-    sums = torch.zeros(*conf.shape[:2], n_bins + 1, dtype=conf.dtype, device=conf.device)
-    sums.scatter_add_(2, bin_index(conf, n_bins), resid * weights[:, None, :])
-    ece = sums.abs().sum(-1) / weights.sum(-1, keepdim=True)
+    corr = torch.cat([corr_det.expand(c, 1, -1), corr], 1)
+    ece = weighted_ece(conf, corr, weights[:, None, :], n_bins)
     return ece[:, :1] - ece[:, 1:]
 
 
@@ -262,11 +263,43 @@ def sample_bootstrap(
         reps = []
         for start in range(0, copies, chunk_size):
             c = min(chunk_size, copies - start)
-            w = _multinomial_counts(n, c, generator, dtype, device)
-            v = _multinomial_counts(k, c, generator, dtype, device) / k
+            w = bootstrap_counts(n, c, generator, dtype, device)
+            v = bootstrap_counts(k, c, generator, dtype, device) / k
             reps.append(_weighted_delta(conf_det, corr_det, seed.mixture(v).to(dtype), seed.labels, w, n_bins))
         total.index_add_(0, torch.repeat_interleave(rows, mult[:, s]), torch.cat(reps))
     return BootstrapResult(estimate=torch.stack(ests).mean(0), samples=total / n_seeds)
+
+
+def pooled_seed_bootstrap(estimates: Tensor, replicates: Tensor, n_resamples: int,
+                          generator: torch.Generator) -> BootstrapResult:
+    """Two-level bootstrap of a seed mean from stored within-seed replicates :cite:`davison1997bootstrap`.
+
+    For statistics too costly to recompute per outer replicate (e.g. the Shapley values of all
+    2^L subsets), each seed s carries R within-seed bootstrap replicates ``replicates[s]`` (test
+    examples and posterior samples resampled). Outer replicate b draws S seeds with replacement
+    and, for every drawn copy, one of that seed's R replicates uniformly at random (so two copies
+    of one seed get independent within-seed draws, as in a nested bootstrap), and averages:
+    ``T*_b = (1/S) sum_j replicates[s_bj, r_bj]``. With R = 1 replicate equal to the estimate it
+    is the plain bootstrap over seeds; with one seed it resamples the stored replicates.
+
+    Args:
+        estimates: (S, ...) per-seed statistic on the original data.
+        replicates: (S, R, ...) within-seed bootstrap replicates.
+        n_resamples: B. generator: seeded, on the device of ``replicates``.
+
+    Returns:
+        :class:`BootstrapResult`: estimate = mean over seeds (...), samples (B, ...).
+    """
+    if replicates.ndim < 2 or replicates.shape[0] != estimates.shape[0] or replicates.shape[2:] != estimates.shape[1:]:
+        raise ValueError(f"replicates must be (S, R, ...) for estimates (S, ...); got {tuple(replicates.shape)} "
+                         f"and {tuple(estimates.shape)}")
+    if n_resamples < 1 or replicates.shape[1] < 1:
+        raise ValueError(f"need n_resamples >= 1 and >= 1 replicate per seed; got {n_resamples}, {replicates.shape[1]}")
+    _check_generator(generator, replicates.device)
+    n_seeds, r = replicates.shape[:2]
+    seeds = torch.randint(0, n_seeds, (n_resamples, n_seeds), generator=generator, device=replicates.device)
+    rows = torch.randint(0, r, (n_resamples, n_seeds), generator=generator, device=replicates.device)
+    return BootstrapResult(estimate=estimates.mean(0), samples=replicates[seeds, rows].mean(1))
 
 
 def jackknife_delta_ece(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor, n_bins: int = 15) -> Tensor:
@@ -358,7 +391,7 @@ def mc_error_delta_ece(
                           for i in range(0, weights.shape[0], chunk_size)])
 
     estimate = deltas(torch.full((1, k), 1.0 / k, dtype=dtype, device=device))[0]
-    se = deltas(_multinomial_counts(k, n_resamples, generator, dtype, device) / k).std()
+    se = deltas(bootstrap_counts(k, n_resamples, generator, dtype, device) / k).std()
     half = k // 2
     order = torch.rand(n_halvings, k, generator=generator, device=device).argsort(1)
     halves = torch.zeros(2 * n_halvings, k, dtype=dtype, device=device)

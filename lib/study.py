@@ -19,15 +19,16 @@ import torch
 from torch import Tensor
 
 from lib.artifacts import Stage, stage
-from lib.calibration import calibration_summary, ece_from_weights
+from lib.calibration import calibration_summary, weighted_ece
 from lib.config import Config
 from lib.data import Split, batches
 from lib.laplace.curvature import fit_curvature
 from lib.laplace.posterior import LaplacePosterior, build_posterior
-from lib.laplace.predictive import Bank, iter_subset_probs, perturbation_bank, standard_subsets
+from lib.laplace.predictive import Bank, iter_subset_mixtures, iter_subset_probs, perturbation_bank, standard_subsets
 from lib.laplace.scale import scale_grid, tune_scales, validation_nll
 from lib.pipeline import MapRun, map_run
 from lib.provenance import environment
+from lib.stats import bootstrap_counts
 from lib.temperature import apply_temperature, fit_temperature
 from lib.train import prior_precision
 
@@ -186,8 +187,10 @@ def subset_predictions(
     ts (N, C), temperature}; ``metrics.csv`` (one row per named posterior and 'temperature
     scaling', with its ``scale``); ``scales.csv`` (per named posterior: κ, validation NLL at κ and
     at κ = 1, test metrics at κ = 1); ``subset_ece.pt`` (R+1, 2^L): ECE of every block subset (bit
-    ℓ of the column index ⇔ block ℓ Bayesian) at its κ_S on the test set (row 0) and on R paired
-    bootstrap resamples of it (rows 1..R, the same resamples for every subset).
+    ℓ of the column index ⇔ block ℓ Bayesian) at its κ_S on the test set (row 0) and on R
+    bootstrap replicates (rows 1..R) that resample the test images and, independently, the K
+    posterior samples of the predictive; a replicate's resamples are shared by all subsets, so
+    differences between subsets are paired. :func:`lib.attribution.shapley` adds the seed level.
     """
     sc, pc = cfg.stats, cfg.predictive
     if pc.scale != "none" and val is None:
@@ -195,7 +198,10 @@ def subset_predictions(
     scale_inputs = {k: getattr(pc, k) for k in ("method", "scale", "scale_range", "scale_points")}
     # Only the stats fields this stage uses: changing an interval level or bootstrap size that the
     # chapters apply later must not recompute the predictions of all 2^L subsets.
-    stats_inputs = {"n_bins": sc.n_bins, "n_boot_shapley": sc.n_boot_shapley}
+    # "resample" names what the bootstrap rows of subset_ece.pt resample, so that caches written
+    # when they resampled test images only are not reused.
+    stats_inputs = {"n_bins": sc.n_bins, "n_boot_shapley": sc.n_boot_shapley,
+                    "resample": "test images, posterior samples"}
     st = stage("subsets", {"stats": stats_inputs, **scale_inputs},
                upstream=[bank_stage, *([val[0]] if pc.scale != "none" else [])])
     if st.done:
@@ -236,15 +242,15 @@ def subset_predictions(
                 "det": det, "ts": ts, "temperature": temperature}, st.file("named.pt"))
 
     g = torch.Generator(device=device).manual_seed(run.seed)
-    draws = torch.randint(n, (sc.n_boot_shapley, n), generator=g, device=device)
-    weights = torch.zeros(sc.n_boot_shapley + 1, n, device=device)
-    weights[0] = 1  # row 0: the test set itself; rows 1..R: bootstrap multiplicities
-    weights[1:].scatter_add_(1, draws, torch.ones_like(draws, dtype=weights.dtype))
-    out = torch.empty(sc.n_boot_shapley + 1, 2**L)
-    for rows_, p in iter_subset_probs(bank_dev, bits.to(device), method=method, scales=all_scales):
-        conf, pred = p.max(-1)
-        correct = (pred == labels).to(conf.dtype)
-        out[:, rows_] = ece_from_weights(conf, correct, weights, sc.n_bins).cpu()
+    R, K = sc.n_boot_shapley, bank.delta.shape[2]
+    # Row 0: the test set and the K samples themselves; rows 1..R: bootstrap multiplicities of the
+    # test images and, independently, of the posterior samples (shared by all subsets).
+    images = torch.cat([torch.ones(1, n, device=device), bootstrap_counts(n, R, g, torch.float32, device)])
+    samples = torch.cat([torch.ones(1, K, device=device), bootstrap_counts(K, R, g, torch.float32, device)]) / K
+    out = torch.empty(R + 1, 2**L)
+    for rows_, reps, p in iter_subset_mixtures(bank_dev, bits.to(device), samples, method=method, scales=all_scales):
+        conf, pred = p.max(-1)  # (s, r, N)
+        out[reps, rows_] = weighted_ece(conf, (pred == labels).to(conf.dtype), images[reps], sc.n_bins).T.cpu()
     torch.save(out, st.file("subset_ece.pt"))
     torch.save(all_scales, st.file("subset_scales.pt"))
     st.mark_done()

@@ -17,6 +17,7 @@ from lib.calibration import (
     ece,
     ece_equal_mass,
     ece_from_weights,
+    weighted_ece,
     mce,
     nll,
     prepare_reliability,
@@ -164,6 +165,27 @@ def test_ece_from_weights_identity_and_multiplicities():
     ref2 = torch.stack([ece(probs2[i], labels[i], 15) for i in idx])
     assert out.shape == (7, 2)
     assert torch.allclose(out[:, 1], ref2, atol=1e-12)
+
+
+def test_weighted_ece_rowwise_confidences_and_multiplicities():
+    """Each row has its own confidences and bootstrap counts: equals ece on the repeated examples;
+    unit weights give ece; shared confidences give ece_from_weights."""
+    gen = torch.Generator().manual_seed(6)
+    rows = [_random(300, 5, gen, dtype=torch.float64) for _ in range(4)]
+    labels = rows[0][1]
+    probs = torch.stack([p for p, _ in rows])  # (4, 300, 5), one label vector
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).double()
+    idx = torch.randint(0, 300, (4, 300), generator=gen)
+    w = torch.zeros(4, 300, dtype=torch.float64).scatter_add_(1, idx, torch.ones(4, 300, dtype=torch.float64))
+    ref = torch.stack([ece(probs[r, idx[r]], labels[idx[r]], 12) for r in range(4)])
+    assert torch.allclose(weighted_ece(conf, correct, w, 12), ref, atol=1e-12)
+    unit = weighted_ece(conf, correct, torch.ones(300), 12)
+    assert torch.allclose(unit, torch.stack([ece(probs[r], labels, 12) for r in range(4)]), atol=1e-12)
+    shared = weighted_ece(conf[0].expand(4, -1), correct[0].expand(4, -1), w, 12)
+    assert torch.allclose(shared, ece_from_weights(conf[0], correct[0], w, 12), atol=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        weighted_ece(conf, correct[:, :10], w, 12)
 
 
 def test_prepare_reliability_and_summary_consistent():

@@ -20,6 +20,7 @@ from lib.stats import (
     paired_bootstrap,
     pareto_front,
     percentile_interval,
+    pooled_seed_bootstrap,
     rank_confidence_set,
     rank_probabilities,
     rank_samples,
@@ -327,6 +328,42 @@ def test_sample_bootstrap_covers_when_monte_carlo_error_matters():
     cover3, cover2 = hits3 / (3 * studies), hits2 / (3 * studies)
     assert 0.91 <= cover3 <= 0.985, cover3
     assert cover2 < 0.88, cover2
+
+
+def test_pooled_seed_bootstrap_follows_its_generator_stream():
+    """Replicate b by hand: S seed draws, then one stored replicate per drawn copy, averaged."""
+    est = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reps = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    res = pooled_seed_bootstrap(est, reps, 11, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    seeds, rows = torch.randint(0, 3, (11, 3), generator=g), torch.randint(0, 5, (11, 3), generator=g)
+    by_hand = torch.stack([sum(reps[int(seeds[b, j]), int(rows[b, j])] for j in range(3)) / 3 for b in range(11)])
+    assert torch.allclose(res.samples, by_hand, atol=1e-12)
+    assert torch.allclose(res.estimate, est.mean(0), atol=1e-12)
+    # one stored replicate equal to each seed's estimate: the plain bootstrap over seeds
+    plain = pooled_seed_bootstrap(est, est[:, None], 11, torch.Generator().manual_seed(3))
+    assert torch.allclose(plain.samples, est[seeds].mean(1), atol=1e-12)
+    with pytest.raises(ValueError, match="replicates must be"):
+        pooled_seed_bootstrap(est, reps[:2], 11, g)
+
+
+def test_pooled_seed_bootstrap_matches_the_nested_sample_bootstrap():
+    """Seeds × examples × posterior samples: resampling stored within-seed replicates
+    (sample_bootstrap of each seed alone) gives the spread of sample_bootstrap over all seeds,
+    which recomputes every copy — the Shapley intervals therefore match the attribution ones."""
+    gen = torch.Generator().manual_seed(8)
+    seeds = []
+    for _ in range(4):
+        det, bayes, labels = _study(400, gen)
+        seeds.append(_seed_samples(det, _mc_tables(bayes, 0.5 * torch.randn(8, 3, generator=gen, dtype=torch.float64)), labels))
+    direct = sample_bootstrap(seeds, 2000, torch.Generator().manual_seed(9), n_bins=10, chunk_size=250)
+    inner = [sample_bootstrap([s], 500, torch.Generator().manual_seed(10 + i), n_bins=10, chunk_size=250)
+             for i, s in enumerate(seeds)]
+    pooled = pooled_seed_bootstrap(torch.stack([r.estimate for r in inner]), torch.stack([r.samples for r in inner]),
+                                   2000, torch.Generator().manual_seed(11))
+    assert torch.allclose(pooled.estimate, direct.estimate, atol=1e-12)
+    ratio = pooled.samples.std(0) / direct.samples.std(0)
+    assert ((ratio > 0.85) & (ratio < 1.15)).all(), ratio
 
 
 def test_rank_samples_and_probabilities_hand_worked():

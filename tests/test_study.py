@@ -12,8 +12,8 @@ from lib.config import Config, ParamsError, load_params
 from lib.paths import PARAMS
 from lib.report import (answer, attribution_summary, display_scale_table, mc_error_summary, scale_summary,
                         scale_table, statistics_summary)
-from lib.stats import delta_ece, pareto_front
-from lib.laplace.predictive import Bank, subset_probs
+from lib.stats import bootstrap_counts, delta_ece, pareto_front
+from lib.laplace.predictive import Bank, sample_mixture, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales
 from lib.study import run_all, run_seed
 
@@ -66,8 +66,9 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     text = mc_error_summary(mc.reset_index(), tiny_cfg.predictive.n_samples)
     assert "K = 4" in text and f"{100 * mc.mc_se.max():.2f} pp" in text
 
-    values, pairs = shapley(studies, tiny_cfg.stats.alpha)
+    values, pairs = shapley(studies, tiny_cfg.stats)
     assert abs(values.phi.sum() - t.loc["all", "delta"]) < 1e-6  # efficiency: Shapley sums to Δ(all)
+    assert (values.lower < values.upper).all() and (pairs.lower < pairs.upper).all()
     assert len(pairs) == 2
     heat, ranks = rank_analysis(att, tiny_cfg.stats)
     assert heat.shape == (3, 3) and torch.allclose(torch.tensor(heat.sum(axis=1).to_numpy(), dtype=torch.float64), torch.ones(3, dtype=torch.float64))
@@ -92,6 +93,27 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert "Monte Carlo" not in answer(att.table, ranks, values, pareto, base, tiny_cfg, noisy.assign(mc_share=0.3))
     if t.loc["all", "delta"] > 0:
         assert "Temperature scaling" in text and "-10.00 pp" in text
+
+
+def test_subset_bootstrap_rows_resample_images_and_posterior_samples(tiny_cfg):
+    """Row r of subset_ece.pt, rebuilt from the stage's generator stream: the K posterior samples
+    resampled (sample_mixture at κ_S), then the test images repeated by their counts, ECE by
+    lib.calibration.ece."""
+    cpu = torch.device("cpu")
+    st = run_seed(tiny_cfg, 0, cpu)
+    bank = Bank(**torch.load(st.bank.file("bank.pt"), weights_only=True))
+    kappa = torch.load(st.subsets.file("subset_scales.pt"), weights_only=True)
+    e = st.subset_ece()
+    R, (n, K) = tiny_cfg.stats.n_boot_shapley, bank.delta.shape[1:3]
+    g = torch.Generator().manual_seed(0)
+    images, samples = bootstrap_counts(n, R, g, torch.float32, cpu), bootstrap_counts(K, R, g, torch.float32, cpu) / K
+    for s in (0, 3, 5, 7):
+        mix = sample_mixture(bank, s, scale=float(kappa[s]))(samples)
+        for r in (0, 7, R - 1):
+            idx = torch.repeat_interleave(torch.arange(n), images[r].long())
+            ref = ece(mix[r][idx], bank.labels[idx], tiny_cfg.stats.n_bins)
+            assert abs(float(e[r + 1, s]) - float(ref)) < 1e-5
+    assert e[1:, 7].std() > 0 and not torch.allclose(e[1:, 0], e[1:, 7])
 
 
 def test_subsets_stage_keyed_by_the_stats_it_uses(tiny_cfg):

@@ -445,6 +445,30 @@ def sample_mixture(
     return mix
 
 
+def _iter_perts(bank: Bank, subsets: Tensor, scales: Tensor | None, chunk: int | None,
+                max_elements: int) -> Iterator[tuple[slice, Tensor]]:
+    """Yield ``(rows, pert)``: perturbations (s, N, K, C) of ``subsets[rows]`` at scales ``κ``,
+    one matrix product ``(s, L) @ (L, N·K·C)`` of the masks weighted by ``√κ`` per chunk."""
+    subsets = torch.as_tensor(subsets)
+    L, N, K, C = bank.delta.shape
+    if subsets.dtype != torch.bool or subsets.ndim != 2 or subsets.shape[1] != L:
+        raise ValueError(f"subsets must be a bool tensor (S, {L}); got dtype {subsets.dtype}, shape {tuple(subsets.shape)}")
+    if chunk is None:
+        chunk = max(1, max_elements // (N * K * C))
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
+    flat = bank.delta.reshape(L, N * K * C)
+    masks = subsets.to(device=flat.device, dtype=flat.dtype)
+    if scales is not None:
+        scales = torch.as_tensor(scales)
+        if scales.shape != (subsets.shape[0],) or not bool((scales >= 0).all()):
+            raise ValueError(f"scales must be non-negative, shape ({subsets.shape[0]},); got shape {tuple(scales.shape)}")
+        masks = masks * scales.to(masks).sqrt()[:, None]
+    for start in range(0, subsets.shape[0], chunk):
+        rows = slice(start, min(start + chunk, subsets.shape[0]))
+        yield rows, (masks[rows] @ flat).reshape(-1, N, K, C)
+
+
 def iter_subset_probs(
     bank: Bank,
     subsets: Tensor,
@@ -462,26 +486,47 @@ def iter_subset_probs(
     defaults to the most subsets whose perturbations fit in ``max_elements`` floats. Consume chunk
     by chunk (e.g. an ECE per subset) to keep memory bounded for all ``2^L`` subsets.
     """
-    subsets = torch.as_tensor(subsets)
-    L, N, K, C = bank.delta.shape
-    if subsets.dtype != torch.bool or subsets.ndim != 2 or subsets.shape[1] != L:
-        raise ValueError(f"subsets must be a bool tensor (S, {L}); got dtype {subsets.dtype}, shape {tuple(subsets.shape)}")
-    if chunk is None:
-        chunk = max(1, max_elements // (N * K * C))
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
-    flat = bank.delta.reshape(L, N * K * C)
-    masks = subsets.to(device=flat.device, dtype=flat.dtype)
-    if scales is not None:
-        scales = torch.as_tensor(scales)
-        if scales.shape != (subsets.shape[0],) or not bool((scales >= 0).all()):
-            raise ValueError(f"scales must be non-negative, shape ({subsets.shape[0]},); got shape {tuple(scales.shape)}")
-        masks = masks * scales.to(masks).sqrt()[:, None]
-    f = bank.map_logits.to(flat)
-    for start in range(0, subsets.shape[0], chunk):
-        rows = slice(start, min(start + chunk, subsets.shape[0]))
-        pert = (masks[rows] @ flat).reshape(-1, N, K, C)
+    f = bank.map_logits.to(bank.delta)
+    for rows, pert in _iter_perts(bank, subsets, scales, chunk, max_elements):
         yield rows, _link(f, pert, method)
+
+
+def iter_subset_mixtures(
+    bank: Bank,
+    subsets: Tensor,
+    weights: Tensor,
+    *,
+    method: Literal["mc", "probit"] = "mc",
+    scales: Tensor | None = None,
+    max_elements: int = 2**27,
+) -> Iterator[tuple[slice, slice, Tensor]]:
+    """Yield ``(rows, reps, probs)``: the predictives (s, r, N, C) of ``subsets[rows]`` under the
+    sample weights ``weights[reps]`` — :func:`sample_mixture` for many subsets and weight rows.
+
+    ``weights``: (R, K) weights on the bank's K posterior samples, rows summing to 1 (uniform
+    ``1/K`` gives :func:`iter_subset_probs`; bootstrap counts / K resample the samples). With
+    ``g_k[n]`` the scaled perturbation of sample k: ``"mc"`` gives
+    ``p_rn = Σ_k w_rk softmax(f_n + g_k[n])``, ``"probit"`` gives
+    ``p_rn = softmax(f_n / sqrt(1 + π/8 · Σ_k w_rk g_k[n]²))`` (immer2021improving). Subsets are
+    chunked so that their perturbations fit in ``max_elements`` floats and weight rows so that
+    ``s · r · N · C`` does.
+    """
+    L, N, K, C = bank.delta.shape
+    if weights.ndim != 2 or weights.shape[1] != K:
+        raise ValueError(f"weights must be (R, {K}) over the bank's samples; got {tuple(weights.shape)}")
+    if method not in ("mc", "probit"):
+        raise ValueError(f"method must be 'mc' or 'probit', got {method!r}")
+    f = bank.map_logits.to(bank.delta)
+    w = weights.to(bank.delta)
+    for rows, pert in _iter_perts(bank, subsets, scales, None, max_elements):
+        s = pert.shape[0]
+        per = torch.softmax(f[:, None] + pert, dim=-1) if method == "mc" else pert.square()
+        per = per.transpose(1, 2).reshape(s, K, N * C)  # (s, K, N·C)
+        step = max(1, max_elements // (s * N * C))
+        for start in range(0, w.shape[0], step):
+            reps = slice(start, min(start + step, w.shape[0]))
+            mix = (w[reps] @ per).reshape(s, -1, N, C)
+            yield rows, reps, mix if method == "mc" else _probit(f, mix)
 
 
 def all_subset_probs(
