@@ -139,6 +139,8 @@ READABLE = {
     "val_accuracy": "val. accuracy", "train_seconds": "train s",
     "fit_images": "fit images", "fit_seconds": "fit s", "fit_images_per_s": "images / s",
     "prior_init": "initial δ", "log_marginal_likelihood": "log evidence", "device": "device",
+    "max_abs_diff": "max abs. difference", "max_rel_diff": "max rel. difference", "tolerance": "tolerance",
+    "ok": "within tolerance",
 }
 """Reader-facing column names of the result tables (units stay in the table captions)."""
 
@@ -156,6 +158,13 @@ def readable(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def agreement_notes(table: pd.DataFrame) -> str:
+    """The ``note`` column of :func:`lib.laplace.reference.agreement_table` as a Markdown list, one
+    item per check (what it is compared with and where its tolerance comes from), so that the
+    table itself can show the numbers only."""
+    return "\n".join(f"- **{r.check}**: {r.note}." for r in table.itertuples())
+
+
 def _blocks_text(blocks: list[int]) -> str:
     blocks = sorted(blocks)
     if not blocks:
@@ -168,7 +177,8 @@ def _blocks_text(blocks: list[int]) -> str:
 
 
 def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, alpha: float, top_k: int) -> str:
-    """One paragraph: which single blocks carry the gain, how sure the ranking is, Shapley shares."""
+    """One paragraph: which single blocks carry the gain, how sure the ranking is, Shapley values
+    (as shares of the all-block gain only when its interval excludes zero)."""
     singles = table[table.kind == "single"].sort_values("delta", ascending=False)
     full = table[table.kind == "all"].iloc[0]
     top = singles.iloc[0]
@@ -177,7 +187,7 @@ def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.Da
     cands = ranks[ranks.top_k_candidate].block.tolist()
     shap = shapley.sort_values("phi", ascending=False)
     total = shapley.phi.sum()
-    share = shap.phi.iloc[0] / total if total > 0 else float("nan")
+    share = shap.phi.iloc[0] / total
     parts = [
         f"Making all blocks Bayesian changes the ECE by {ci(full.delta, full.lower, full.upper)} pp "
         f"(positive = better calibrated) with an accuracy change of {pp(full.d_acc)} pp.",
@@ -193,10 +203,16 @@ def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.Da
         f"from the top {top_k}"
         + (f" and certifies {_blocks_text(sure)} as members." if sure else "; no block is certified as a member.")
     )
-    if total > 0:
-        parts.append(f"By Shapley value, {shap.layer.iloc[0]} accounts for {100 * share:.0f}% of the all-block gain "
-                     f"(Shapley values sum to {pp(total)} pp).")
+    lead = shap.iloc[0]
+    parts.append(f"By Shapley value, {lead.layer} contributes most, {pp(lead.phi)} pp"
+                 + (f" ({100 * share:.0f}% of the all-block gain)" if _clear_gain(full) else "")
+                 + f"; the Shapley values of all blocks sum to the all-block gain, {pp(total)} pp.")
     return " ".join(parts)
+
+
+def _clear_gain(full: pd.Series) -> bool:
+    """Whether the all-block gain's interval excludes zero from above, so that shares of it mean something."""
+    return float(full.lower) > 0
 
 
 def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, alpha: float) -> str:
@@ -282,13 +298,22 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
     good = f[f.delta >= 0.8 * full_delta]
     pick = good.iloc[0] if len(good) else f.sort_values("delta").iloc[-1]
     row = b.loc[f"Laplace, {pick['name']}"]
-    text = (f"Make **{pick['name']}** Bayesian: it recovers {100 * pick.delta / full_delta:.0f}% of the all-block "
-            f"calibration gain ({pp(pick.delta)} vs {pp(full_delta)} pp ΔECE) at "
-            f"{100 * pick.cost / full_cost:.0f}% of the all-block extra latency "
-            f"({pick.cost:.3g} ms per image); its accuracy changes by "
-            f"{row['accuracy (%)'] - det['accuracy (%)']:+.2f} pp.")
-    if {"lower", "upper"} <= set(front.columns):
-        text += _uncertain(front)
+    d_acc = row["accuracy (%)"] - det["accuracy (%)"]
+    full = front[front.name == "all"]
+    if {"lower", "upper"} <= set(front.columns) and not full.empty and float(full.lower.iloc[0]) <= 0:
+        # A share of a gain that may be zero is meaningless: report the choice in absolute terms.
+        r = full.iloc[0]
+        text = (f"No choice of Bayesian blocks can be recommended for calibration on this evidence: the all-block "
+                f"gain's 95% interval, {ci(r.delta, r.lower, r.upper)} pp, includes zero, so the data (test set, seeds "
+                "and posterior samples) cannot tell any choice apart from no change. By point estimates alone, the "
+                f"cheapest choice on the Pareto front with at least 80% of the all-block gain is **{pick['name']}** "
+                f"({pp(pick.delta)} pp ΔECE vs {pp(full_delta)} pp for all blocks, {pick.cost:.3g} ms per image, "
+                f"{100 * pick.cost / full_cost:.0f}% of the all-block extra latency; accuracy {d_acc:+.2f} pp).")
+    else:
+        text = (f"Make **{pick['name']}** Bayesian: it recovers {100 * pick.delta / full_delta:.0f}% of the all-block "
+                f"calibration gain ({pp(pick.delta)} vs {pp(full_delta)} pp ΔECE) at "
+                f"{100 * pick.cost / full_cost:.0f}% of the all-block extra latency "
+                f"({pick.cost:.3g} ms per image); its accuracy changes by {d_acc:+.2f} pp.")
     if ts["ECE (%)"] <= row["ECE (%)"]:
         text += (f" Temperature scaling, fitted on the validation set, reaches a lower ECE ({ts['ECE (%)']:.2f}% vs "
                  f"{row['ECE (%)']:.2f}%) at no extra cost and without changing accuracy, so on this profile it is "
@@ -298,16 +323,6 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
         text += (f" It also beats temperature scaling ({row['ECE (%)']:.2f}% vs {ts['ECE (%)']:.2f}% ECE), "
                  "which costs nothing at prediction time.")
     return text
-
-
-def _uncertain(front: pd.DataFrame) -> str:
-    """A caveat when the all-block gain's 95% interval includes zero (empty string otherwise)."""
-    full = front[front.name == "all"]
-    if full.empty or float(full.lower.iloc[0]) > 0:
-        return ""
-    r = full.iloc[0]
-    return (f" The advice is tentative: the all-block gain's 95% interval, {ci(r.delta, r.lower, r.upper)} pp, "
-            "includes zero, so the data (test set, seeds and posterior samples) cannot tell these choices apart from no change.")
 
 
 def deterministic_summary(det: pd.DataFrame) -> str:
@@ -441,11 +456,10 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
         (f"The rank confidence set certifies {_blocks_text(sure)} as top-{cfg.stats.top_k}." if sure
          else f"No block is certified as top-{cfg.stats.top_k} by the simultaneous rank confidence set."),
     ]
-    if total > 0:
-        lead = shap.head(2)
-        text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
-                    + " and ".join(f"{r.layer} ({100 * r.phi / total:.0f}%)" for r in lead.itertuples())
-                    + " first.")
+    lead = [f"{r.layer} ({pp(r.phi)} pp" + (f", {100 * r.phi / total:.0f}% of the all-block gain" if _clear_gain(full)
+                                             else "") + ")" for r in shap.head(2).itertuples()]
+    text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
+                + " and ".join(lead) + " first.")
     if mc is not None and (mc.mc_share > 0.5).any():
         text.append(f"With K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to the "
                     f"test-set error for {int((mc.mc_share > 0.5).sum())} of the {len(mc)} posteriors checked; the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lib.config import Config
-from lib.report import display_rank_table, mc_error_summary, readable, recommendation, scale_summary
+from lib.report import agreement_notes, attribution_summary, display_rank_table, mc_error_summary, readable, recommendation, scale_summary
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -27,12 +27,15 @@ def test_picks_cheapest_front_choice_with_80_percent_of_the_gain():
     text = recommendation(_front(0.004), 0.010, 4.0, _baseline(2.5))
     assert text.startswith("Make **last 2** Bayesian: it recovers 90% of the all-block calibration gain")
     assert "at 50% of the all-block extra latency" in text and "-0.20 pp" in text
-    assert "tentative" not in text and "beats temperature scaling (2.50% vs 3.00% ECE)" in text
+    assert "cannot tell" not in text and "beats temperature scaling (2.50% vs 3.00% ECE)" in text
 
 
-def test_caveat_when_the_all_block_interval_includes_zero_and_ts_wins():
+def test_no_advice_but_absolute_numbers_when_the_all_block_interval_includes_zero_and_ts_wins():
+    """A share of a gain that may be zero is meaningless: no '% of the gain', the point-estimate pick in pp."""
     text = recommendation(_front(-0.001), 0.010, 4.0, _baseline(5.1))
-    assert "tentative" in text and "+1.00 [-0.10, +1.60] pp" in text
+    assert text.startswith("No choice of Bayesian blocks can be recommended for calibration on this evidence")
+    assert "+1.00 [-0.10, +1.60] pp" in text and "recovers" not in text and "90%" not in text
+    assert "**last 2** (+0.90 pp ΔECE vs +1.00 pp for all blocks, 2 ms per image, 50% of the all-block extra" in text
     assert "Temperature scaling, fitted on the validation set, reaches a lower ECE (3.00% vs 5.10%)" in text
 
 
@@ -114,3 +117,26 @@ def test_readable_renames_columns_and_index_only():
     out = readable(df)
     assert list(out.columns) == ["seed 0", "ΔECE", "Holm p", "unknown_col"] and out.index.name == "Block"
     assert out.to_numpy().tolist() == df.to_numpy().tolist()
+
+
+def _attribution(all_lower: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    table = pd.DataFrame({"kind": ["all", "single", "single"], "block": [-1, 0, 1], "delta": [0.010, 0.002, 0.006],
+                          "lower": [all_lower, -0.001, 0.001], "upper": [0.02, 0.005, 0.011], "d_acc": [0.0, 0.0, 0.0],
+                          "improves": [False, False, True]})
+    ranks = pd.DataFrame({"block": [0, 1], "surely_top_k": [False, True], "top_k_candidate": [True, True]})
+    shapley = pd.DataFrame({"layer": ["block 0", "block 1"], "phi": [0.003, 0.007]})
+    return table, ranks, shapley
+
+
+def test_shapley_shares_only_of_a_gain_whose_interval_excludes_zero():
+    text = attribution_summary(*_attribution(0.004), 0.05, 1)
+    assert "By Shapley value, block 1 contributes most, +0.70 pp (70% of the all-block gain)" in text
+    unclear = attribution_summary(*_attribution(-0.004), 0.05, 1)
+    assert "block 1 contributes most, +0.70 pp; the Shapley values of all blocks sum to the all-block gain, +1.00 pp" in unclear
+    assert "%" not in unclear.split("By Shapley value")[1]
+
+
+def test_agreement_notes_one_item_per_check_untruncated():
+    long = "x" * 200
+    text = agreement_notes(pd.DataFrame({"check": ["diag GGN", "K-FAC factors"], "note": ["vs la.H", long]}))
+    assert text.splitlines() == ["- **diag GGN**: vs la.H.", f"- **K-FAC factors**: {long}."]
