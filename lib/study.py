@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from lib.artifacts import Stage, stage
 from lib.calibration import calibration_summary, weighted_ece
@@ -122,6 +124,11 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
     return st, post
 
 
+BANK_PART_IMAGES = 1024
+"""Images per resumable part of a perturbation bank (rounded up to whole batches of
+``predictive.batch_size``, so that the parts batch the images exactly as one pass would)."""
+
+
 def build_bank(
     cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device, split: str = "test"
 ) -> tuple[Stage, Bank]:
@@ -129,6 +136,12 @@ def build_bank(
 
     The validation bank (for the covariance scale, ``predictive.scale``) covers the first
     ``predictive.scale_images`` validation images (all when None).
+
+    Resumable: the images are processed in parts of about :data:`BANK_PART_IMAGES`, each saved
+    (``parts/<i>.pt``, written atomically) as soon as it is done; an interrupted stage resumes
+    from the first missing part. Every part uses the same posterior samples (they depend on the
+    seed and the block only, :func:`lib.laplace.predictive.block_generator`) and the same batches,
+    so the joined bank equals one computed in a single pass.
     """
     pc = cfg.predictive
     data = {"test": run.splits.test, "val": run.splits.val}[split]
@@ -139,20 +152,37 @@ def build_bank(
                upstream=[lap])
     if st.done:
         return st, Bank(**torch.load(st.file("bank.pt"), weights_only=True))
-    _sync(device)
-    t0 = time.perf_counter()
-    bank = perturbation_bank(
-        run.model, post, batches(data, pc.batch_size, preprocess=run.preprocess, device=device),
-        n_samples=pc.n_samples, seed=run.seed, device=device,
-        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-    )
-    _sync(device)
-    seconds = time.perf_counter() - t0
+    per_part = pc.batch_size * -(-BANK_PART_IMAGES // pc.batch_size)
+    starts = list(range(0, len(data), per_part))
+    parts, seconds, resumed = [], 0.0, 0
+    for i, start in enumerate(tqdm(starts, desc=f"{split} bank parts", disable=None)):
+        path = st.file(f"parts/{i:05d}.pt")
+        if path.is_file():
+            part = torch.load(path, weights_only=True)
+            resumed += 1
+        else:
+            chunk = Split(data.x[start : start + per_part], data.y[start : start + per_part])
+            _sync(device)
+            t0 = time.perf_counter()
+            bank = perturbation_bank(
+                run.model, post, batches(chunk, pc.batch_size, preprocess=run.preprocess, device=device),
+                n_samples=pc.n_samples, seed=run.seed, device=device,
+                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            )
+            _sync(device)
+            part = {"bank": dataclasses.asdict(bank), "seconds": time.perf_counter() - t0}
+            torch.save(part, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        parts.append(Bank(**part["bank"]))
+        seconds += part["seconds"]
+    bank = Bank(map_logits=torch.cat([b.map_logits for b in parts]), labels=torch.cat([b.labels for b in parts]),
+                delta=torch.cat([b.delta for b in parts], dim=1), blocks=parts[0].blocks)
     torch.save(dataclasses.asdict(bank), st.file("bank.pt"))
     st.file("info.json").write_text(json.dumps({
         "seconds": seconds, "images": len(data), "split": split, "n_samples": pc.n_samples,
-        "blocks": list(bank.blocks), "environment": environment(),
+        "blocks": list(bank.blocks), "parts": len(starts), "parts_resumed": resumed, "environment": environment(),
     }, indent=1))
+    shutil.rmtree(st.path / "parts")
     st.mark_done()
     return st, bank
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -13,9 +15,11 @@ from lib.paths import PARAMS
 from lib.report import (answer, attribution_summary, display_scale_table, mc_error_summary, scale_summary,
                         scale_table, statistics_summary)
 from lib.stats import bootstrap_counts, delta_ece, pareto_front
-from lib.laplace.predictive import Bank, sample_mixture, subset_probs
+from lib.data import batches
+from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales
-from lib.study import run_all, run_seed
+from lib.pipeline import map_run
+from lib.study import fit_laplace, run_all, run_seed
 
 
 @pytest.fixture
@@ -114,6 +118,41 @@ def test_subset_bootstrap_rows_resample_images_and_posterior_samples(tiny_cfg):
             ref = ece(mix[r][idx], bank.labels[idx], tiny_cfg.stats.n_bins)
             assert abs(float(e[r + 1, s]) - float(ref)) < 1e-5
     assert e[1:, 7].std() > 0 and not torch.allclose(e[1:, 0], e[1:, 7])
+
+
+def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeypatch):
+    """An interrupted bank keeps its finished parts; the resumed stage computes only the missing
+    ones and joins them into exactly the bank of a single pass over the test set."""
+    import lib.study as study
+
+    cpu = torch.device("cpu")
+    d = tiny_cfg.to_dict()
+    d["predictive"]["batch_size"] = 8
+    cfg = Config.from_dict(d)
+    run = map_run(cfg, 0, cpu)
+    lap, post = fit_laplace(cfg, run, cpu)
+    one_pass = perturbation_bank(run.model, post, batches(run.splits.test, 8, preprocess=run.preprocess, device=cpu),
+                                 n_samples=cfg.predictive.n_samples, seed=0, device=cpu)
+    monkeypatch.setattr(study, "BANK_PART_IMAGES", 20)  # parts of 24 images: 64 test images -> 3 parts
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return perturbation_bank(*args, **kwargs)
+
+    monkeypatch.setattr(study, "perturbation_bank", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study.build_bank(cfg, run, post, lap, cpu)
+    calls.clear()
+    monkeypatch.setattr(study, "perturbation_bank", lambda *a, **k: calls.append(1) or perturbation_bank(*a, **k))
+    st, bank = study.build_bank(cfg, run, post, lap, cpu)
+    assert len(calls) == 2  # part 0 was kept
+    assert torch.equal(bank.delta, one_pass.delta) and torch.equal(bank.map_logits, one_pass.map_logits)
+    assert torch.equal(bank.labels, one_pass.labels) and bank.blocks == one_pass.blocks
+    info = json.loads(st.file("info.json").read_text())
+    assert (info["parts"], info["parts_resumed"]) == (3, 1) and not (st.path / "parts").exists() and st.done
 
 
 def test_subsets_stage_keyed_by_the_stats_it_uses(tiny_cfg):
