@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from scipy.stats import kendalltau
 
-from lib.calibration import prepare_reliability
+from lib.calibration import debiased_ece, ece, ece_equal_mass, prepare_reliability, smooth_ece
 from lib.config import StatsConfig
 from lib.laplace.predictive import sample_mixture
 from lib.stats import (
@@ -286,6 +287,60 @@ def mc_error(study: SeedStudy, stats: StatsConfig, method: str, device: torch.de
         rows.append({"posterior": name, "block": _kind(name)[1], "delta": float(res.estimate),
                      "mc_se": float(res.se), "halving": float(res.halving), "test_se": se,
                      "mc_share": float(res.se) / se if se > 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
+ESTIMATORS = ("equal-width ECE", "equal-mass ECE", "debiased ℓ2 ECE", "smooth ECE")
+"""The calibration-error estimators of :func:`estimator_robustness`; the first is the study's."""
+
+
+def _calibration_errors(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> list[float]:
+    """The :data:`ESTIMATORS` of one predictive (N, C), in that order."""
+    return [float(ece(probs, labels, n_bins)), float(ece_equal_mass(probs, labels, n_bins)),
+            float(debiased_ece(probs, labels, n_bins)), float(smooth_ece(probs, labels))]
+
+
+def estimator_robustness(studies: list[SeedStudy], n_bins: int) -> pd.DataFrame:
+    """Δ = CE_det − CE_S of the single-block and all-block posteriors under every calibration-error
+    estimator of :data:`ESTIMATORS` (point estimates, means over seeds).
+
+    Equal-width binned ECE (guo2017calibration), equal-mass binned ECE (nixon2019measuring), the
+    debiased binned ℓ2 error of kumar2019verified (on the ℓ2 scale, so its Δ is not comparable in
+    size with the others), and the smooth ECE of blasiok2023smooth, which has no bins. Columns:
+    ``posterior``, ``kind``, ``block`` and one per estimator.
+    """
+    rows = None
+    for s in studies:
+        d = s.named()
+        names = [n for n in d["names"] if n == "all" or n.startswith("single ")]
+        det = _calibration_errors(d["det"], d["labels"], n_bins)
+        deltas = torch.tensor([[a - b for a, b in zip(det, _calibration_errors(d["probs"][d["names"].index(n)],
+                                                                                d["labels"], n_bins))] for n in names])
+        rows = deltas if rows is None else rows + deltas
+    out = pd.DataFrame((rows / len(studies)).numpy(), columns=list(ESTIMATORS))
+    out.insert(0, "block", [_kind(n)[1] for n in names])
+    out.insert(0, "kind", [_kind(n)[0] for n in names])
+    out.insert(0, "posterior", names)
+    return out
+
+
+def estimator_agreement(table: pd.DataFrame) -> pd.DataFrame:
+    """How the single-block ranking under each alternative estimator compares with the first one.
+
+    ``table``: :func:`estimator_robustness`. One row per alternative estimator: Kendall's τ between
+    the single-block Δ under it and under the study's estimator (kendall1938new; τ-b, ties
+    counted), the block ranked first under each, and the number of blocks whose Δ has the same
+    sign under both.
+    """
+    singles = table[table.kind == "single"].sort_values("block")
+    base = singles[ESTIMATORS[0]].to_numpy()
+    rows = []
+    for est in ESTIMATORS[1:]:
+        alt = singles[est].to_numpy()
+        rows.append({"estimator": est, "kendall_tau": float(kendalltau(base, alt).statistic),
+                     "top_block": int(singles.block.iloc[alt.argmax()]),
+                     "top_block_study": int(singles.block.iloc[base.argmax()]),
+                     "same_sign": int(((base > 0) == (alt > 0)).sum()), "blocks": len(singles)})
     return pd.DataFrame(rows)
 
 

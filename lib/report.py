@@ -246,6 +246,26 @@ def _posterior_names(names) -> str:
     return ", ".join("the all-block posterior" if n == "all" else n for n in names)
 
 
+def estimator_summary(agreement: pd.DataFrame) -> str:
+    """Whether the single-block ranking depends on the calibration-error estimator, in words, from
+    :func:`lib.attribution.estimator_agreement`."""
+    top = int(agreement.top_block_study.iloc[0])
+    n = int(agreement.blocks.iloc[0])
+    taus = ", ".join(f"{t:.2f} ({e})" for e, t in zip(agreement.estimator, agreement.kendall_tau))
+    differ = agreement[agreement.top_block != top]
+    text = [f"Against the equal-width ECE, Kendall's τ of the single-block ΔECE is {taus}."]
+    if differ.empty:
+        text.append(f"Block {top} ranks first under every estimator.")
+    else:
+        text.append(f"Block {top} ranks first under the equal-width ECE, but "
+                    + "; ".join(f"block {int(r.top_block)} under the {r.estimator}" for r in differ.itertuples())
+                    + ", so which block leads depends on how calibration error is measured.")
+    signs = ", ".join(f"{int(r.same_sign)} of {n} ({r.estimator})" for r in agreement.itertuples())
+    text.append(f"The sign of a block's gain agrees with the equal-width one for {signs}. These are point estimates; "
+                "the intervals of @sec-statistics-bootstrap are for the equal-width ECE.")
+    return " ".join(text)
+
+
 def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     """Monte Carlo error of ΔECE next to its test-set error, from :func:`lib.attribution.mc_error`.
 
@@ -428,12 +448,15 @@ def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
 
 
 def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pareto: pd.DataFrame,
-           baseline: pd.DataFrame, cfg: Config, mc: pd.DataFrame | None = None) -> str:
+           baseline: pd.DataFrame, cfg: Config, mc: pd.DataFrame | None = None,
+           agreement: pd.DataFrame | None = None) -> str:
     """The book's answer in one paragraph, from the saved result tables.
 
     ``mc``: :func:`lib.attribution.mc_error` of the first seed; when Monte Carlo noise is material
     (``mc_share > 0.5``, as in :func:`mc_error_summary`) the paragraph says that it widens the
-    intervals and that more samples would narrow them.
+    intervals and that more samples would narrow them. ``agreement``:
+    :func:`lib.attribution.estimator_agreement`; the paragraph says whether the leading block is the
+    same under the other estimators of calibration error.
     """
     singles = table[table.kind == "single"].sort_values("delta", ascending=False)
     full = table[table.kind == "all"].iloc[0]
@@ -460,6 +483,13 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
                                              else "") + ")" for r in shap.head(2).itertuples()]
     text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
                 + " and ".join(lead) + " first.")
+    if agreement is not None:
+        names = list(agreement.estimator)
+        others = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
+        text.append(f"The leading single block is the same under the {others} (@sec-statistics-estimator)."
+                    if (agreement.top_block == agreement.top_block_study).all() else
+                    f"Which single block leads depends on the estimator of calibration error ({others}; "
+                    "@sec-statistics-estimator).")
     if mc is not None and (mc.mc_share > 0.5).any():
         text.append(f"With K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to the "
                     f"test-set error for {int((mc.mc_share > 0.5).sum())} of the {len(mc)} posteriors checked; the "

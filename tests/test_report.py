@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lib.config import Config
-from lib.report import agreement_notes, attribution_summary, display_rank_table, mc_error_summary, readable, recommendation, scale_summary
+from lib.report import agreement_notes, attribution_summary, display_rank_table, estimator_summary, mc_error_summary, readable, recommendation, scale_summary
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -140,3 +140,16 @@ def test_agreement_notes_one_item_per_check_untruncated():
     long = "x" * 200
     text = agreement_notes(pd.DataFrame({"check": ["diag GGN", "K-FAC factors"], "note": ["vs la.H", long]}))
     assert text.splitlines() == ["- **diag GGN**: vs la.H.", f"- **K-FAC factors**: {long}."]
+
+
+def _agreement(tops: list[int]) -> pd.DataFrame:
+    return pd.DataFrame({"estimator": ["equal-mass ECE", "smooth ECE"], "kendall_tau": [0.8, 0.6], "top_block": tops,
+                         "top_block_study": [11, 11], "same_sign": [12, 10], "blocks": [12, 12]})
+
+
+def test_estimator_summary_names_disagreeing_leaders():
+    same = estimator_summary(_agreement([11, 11]))
+    assert "Kendall's τ of the single-block ΔECE is 0.80 (equal-mass ECE), 0.60 (smooth ECE)." in same
+    assert "Block 11 ranks first under every estimator." in same and "12 of 12 (equal-mass ECE), 10 of 12 (smooth ECE)" in same
+    differ = estimator_summary(_agreement([11, 3]))
+    assert "but block 3 under the smooth ECE, so which block leads depends on how calibration error is measured" in differ

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.attribution import attribution, block_subsets, cumulative, leave_one_out, mc_error, rank_analysis, shapley
-from lib.calibration import ece
+from lib.attribution import (ESTIMATORS, attribution, block_subsets, cumulative, estimator_agreement,
+                             estimator_robustness, leave_one_out, mc_error, rank_analysis, shapley)
+from lib.calibration import ece, smooth_ece
 from lib.config import Config, ParamsError, load_params
 from lib.paths import PARAMS
 from lib.report import (answer, attribution_summary, display_scale_table, mc_error_summary, scale_summary,
@@ -70,6 +71,15 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     text = mc_error_summary(mc.reset_index(), tiny_cfg.predictive.n_samples)
     assert "K = 4" in text and f"{100 * mc.mc_se.max():.2f} pp" in text
 
+    rob = estimator_robustness(studies, tiny_cfg.stats.n_bins).set_index("posterior")
+    assert list(rob.index) == ["all", "single 0", "single 1", "single 2"]
+    assert torch.allclose(torch.tensor(rob["equal-width ECE"].to_numpy()),
+                          torch.tensor(t.loc[rob.index, "delta"].to_numpy()), atol=1e-6)
+    smooth = sum(float(smooth_ece(s.named()["det"], s.named()["labels"]) - smooth_ece(
+        s.named()["probs"][s.named()["names"].index("single 1")], s.named()["labels"])) for s in studies) / 2
+    assert abs(rob.loc["single 1", "smooth ECE"] - smooth) < 1e-9
+    assert list(estimator_agreement(rob.reset_index()).estimator) == list(ESTIMATORS[1:])
+
     values, pairs = shapley(studies, tiny_cfg.stats)
     assert abs(values.phi.sum() - t.loc["all", "delta"]) < 1e-6  # efficiency: Shapley sums to Δ(all)
     assert (values.lower < values.upper).all() and (pairs.lower < pairs.upper).all()
@@ -95,6 +105,12 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert "comparable to the test-set error for 2 of the 4 posteriors checked; the intervals include it" in answer(
         att.table, ranks, values, pareto, base, tiny_cfg, noisy)
     assert "Monte Carlo" not in answer(att.table, ranks, values, pareto, base, tiny_cfg, noisy.assign(mc_share=0.3))
+    agree = estimator_agreement(estimator_robustness(studies, tiny_cfg.stats.n_bins))
+    lead = int(agree.top_block_study.iloc[0])
+    same = answer(att.table, ranks, values, pareto, base, tiny_cfg, agreement=agree.assign(top_block=lead))
+    assert "The leading single block is the same under the equal-mass ECE, debiased ℓ2 ECE and smooth ECE" in same
+    differ = answer(att.table, ranks, values, pareto, base, tiny_cfg, agreement=agree.assign(top_block=[lead, lead + 1, lead]))
+    assert "Which single block leads depends on the estimator of calibration error" in differ
     if t.loc["all", "delta"] > 0:
         assert "Temperature scaling" in text and "-10.00 pp" in text
 
@@ -223,3 +239,17 @@ def test_bad_params_one_line():
     with pytest.raises(ParamsError) as err:
         Config.from_dict({"laplace": {"kfacc": "reduce"}}, source="params/x.yml")
     assert "\n" not in str(err.value) and "laplace.kfac" in str(err.value)
+
+
+def test_estimator_agreement_hand_worked():
+    """Kendall τ-b, leading block and sign agreement of each alternative estimator against the first."""
+    table = pd.DataFrame({"posterior": ["all", "single 0", "single 1", "single 2"], "kind": ["all", "single", "single", "single"],
+                          "block": [-1, 0, 1, 2],
+                          ESTIMATORS[0]: [0.5, 0.1, 0.3, -0.2], ESTIMATORS[1]: [0.5, 0.1, 0.3, -0.1],
+                          ESTIMATORS[2]: [0.5, 0.3, 0.1, 0.2], ESTIMATORS[3]: [0.5, -0.3, -0.1, -0.2]})
+    a = estimator_agreement(table).set_index("estimator")
+    assert a.loc[ESTIMATORS[1], "kendall_tau"] == pytest.approx(1.0)
+    assert a.loc[ESTIMATORS[2], "kendall_tau"] == pytest.approx(-1 / 3)  # only the pair (0, 2) is concordant
+    assert a.loc[ESTIMATORS[3], "kendall_tau"] == pytest.approx(1 / 3)
+    assert list(a.top_block) == [1, 0, 1] and (a.top_block_study == 1).all()
+    assert list(a.same_sign) == [3, 2, 1] and (a.blocks == 3).all()
