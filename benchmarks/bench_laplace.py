@@ -5,8 +5,9 @@ Random weights and synthetic images (the compute of the real study, not its numb
 (a) K-FAC GGN fit over all LoRA factors: :func:`lib.laplace.curvature.fit_kron` vs
     ``KronLaplace.fit`` (CurvlinopsGGN), images/s, in two settings run identically by both:
     exact GGN + K-FAC-expand (laplace-torch's default) and one-sample MC Fisher + K-FAC-reduce
-    (the ViT-B/16 profile's setting); ours with one backward pass per class and with
-    ``--class-chunk`` classes per vmapped backward.
+    (the ViT-B/16 profile's setting); ours with one backward pass per output vector (C − 1 for
+    the exact GGN, :func:`lib.laplace.curvature.output_vectors`) and with ``--class-chunk``
+    vectors per vmapped backward.
 (b) the per-layer sweep of 25 posteriors (L single blocks, all, L leave-one-out) on ``--n-test``
     images: ours = one perturbation bank + 25 ``subset_probs`` (probit and MC); laplace-torch =
     its GLM predictive (probit) per subset, each subset's KronLaplace fitted with the other blocks
@@ -169,7 +170,7 @@ def is_oom(err: BaseException) -> bool:
 
 
 FIT_SETTINGS = {
-    # like for like with laplace-torch's default: exact GGN (C backward passes), K-FAC-expand
+    # like for like with laplace-torch's default: exact GGN (C backward passes there, C − 1 here), K-FAC-expand
     "expand_exact": dict(kfac="expand", fisher="exact"),
     # the study's ViT-B/16 setting: one-sample MC Fisher, K-FAC-reduce (laplace-torch: stochastic=True)
     "reduce_mc": dict(kfac="reduce", fisher="mc"),
@@ -177,8 +178,8 @@ FIT_SETTINGS = {
 
 
 def bench_fit(model, args, device, res):
-    """K-FAC fit images/s, ours (fp32; bf16 autocast on CUDA; one backward per class or
-    ``--class-chunk`` classes per vmapped backward) vs laplace-torch, in both FIT_SETTINGS."""
+    """K-FAC fit images/s, ours (fp32; bf16 autocast on CUDA; one backward per output vector or
+    ``--class-chunk`` vectors per vmapped backward) vs laplace-torch, in both FIT_SETTINGS."""
     from lib.laplace.curvature import fit_kron
 
     fit_x, fit_y = synthetic(args.fit_n, args, args.seed + 10, device)

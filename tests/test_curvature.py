@@ -151,9 +151,25 @@ def test_mc_output_vectors_are_unbiased():
     p = logits.softmax(-1).double()
     lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     exact = output_vectors(logits, "exact", 1, None).double()
+    assert exact.shape == (3, 2, 4)  # C − 1 vectors: Λ has rank C − 1
     assert torch.allclose(torch.einsum("snc,snd->ncd", exact, exact), lam, atol=1e-6)
     mc = output_vectors(logits, "mc", 200_000, torch.Generator().manual_seed(0)).double()
     assert torch.allclose(torch.einsum("snc,snd->ncd", mc, mc), lam, atol=5e-3)
+
+
+def test_exact_output_vectors_factor_lambda_with_rank_c_minus_one():
+    """Σ_s V Vᵀ = diag(p) − p pᵀ in float64 for many classes, saturated and uniform softmaxes and
+    two classes; the vectors are orthogonal to 1 like Λ's range."""
+    g = torch.Generator().manual_seed(1)
+    for logits in (torch.randn(6, 100, generator=g, dtype=torch.float64) * 4,
+                   torch.tensor([[30.0, 0.0, -30.0], [0.0, 0.0, 0.0]], dtype=torch.float64),
+                   torch.tensor([[2.0, -1.0], [-40.0, 40.0]], dtype=torch.float64)):
+        p = logits.softmax(-1)
+        lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        v = output_vectors(logits.double(), "exact", 1, None).double()
+        assert v.shape == (p.shape[1] - 1, *p.shape)
+        assert torch.allclose(torch.einsum("snc,snd->ncd", v, v), lam, atol=1e-6)
+        assert v.sum(-1).abs().max() < 1e-6
 
 
 def test_mc_fisher_converges_to_ggn(tiny_batch):

@@ -8,9 +8,9 @@ every adapted linear map are covered; the head and the backbone stay at the MAP.
 
 Output gradients (``fisher``):
 
-* ``'exact'``: with ``Λ_n = S_n S_nᵀ``, ``S_n[:, c] = √p_nc (e_c − p_n)``, the GGN is
-  ``Σ_n Σ_c (J_nᵀ S_n[:, c])(J_nᵀ S_n[:, c])ᵀ``: ``C`` vector-Jacobian products per batch, each
-  backpropagating the column ``c`` of every example's ``S_n`` at once. ``class_chunk`` of them
+* ``'exact'``: with ``Λ_n = S_n S_nᵀ`` for a ``C × (C − 1)`` factor ``S_n`` (:func:`output_vectors`),
+  the GGN is ``Σ_n Σ_s (J_nᵀ S_n[:, s])(J_nᵀ S_n[:, s])ᵀ``: ``C − 1`` vector-Jacobian products per
+  batch, each backpropagating the column ``s`` of every example's ``S_n`` at once. ``class_chunk`` of them
   run as one batched backward pass (``torch.autograd.grad(..., is_grads_batched=True)``, a
   ``vmap`` over the cotangents: ``class_chunk×`` larger matrix products, one pass over the graph
   instead of ``class_chunk``); timm's fused attention is switched off for it, since the fused
@@ -217,14 +217,29 @@ def output_vectors(
 ) -> torch.Tensor:
     """Logit-space vectors ``V`` (S, N, C) with ``Σ_s V[s, n] V[s, n]ᵀ = Λ_n`` (exact) or its MC estimate.
 
-    exact: ``V[c, n] = √p_nc (e_c − p_n)`` (``S = C``); mc: ``V[m, n] = (p_n − e_ỹ)/√M``,
-    ``ỹ ~ Cat(p_n)`` (``S = M``).
+    exact: ``Λ_n = diag(p_n) − p_n p_nᵀ`` has rank ``C − 1`` (``Λ_n 1 = 0``), so ``S = C − 1``
+    vectors suffice, one backward pass fewer per batch than the ``C`` columns
+    ``u_c = √p_c (e_c − p)`` of the symmetric square root. The columns of ``[u_1 … u_C]`` satisfy
+    ``Σ_c √p_c u_c = 0``; rotating them by the Householder reflection ``H`` that maps ``e_r`` to
+    ``q = √p`` makes column ``r`` vanish and leaves ``Σ u uᵀ`` unchanged, giving, for ``c ≠ r``,
+    ``v_c = u_c + u_r q_c / (1 − q_r)``. The pivot ``r`` is each example's least likely class, so
+    ``1 − q_r ≥ 1 − 1/√2`` and the division is well conditioned. (``C = 1``: ``Λ = 0``, one zero vector.)
+    mc: ``V[m, n] = (p_n − e_ỹ)/√M``, ``ỹ ~ Cat(p_n)`` (``S = M``).
     """
     p = logits.detach().float().softmax(-1)
     n, c = p.shape
     if fisher == "exact":
         eye = torch.eye(c, device=p.device, dtype=p.dtype)
-        return p.sqrt().T[:, :, None] * (eye[:, None, :] - p[None])
+        q = p.sqrt()
+        u = q.T[:, :, None] * (eye[:, None, :] - p[None])  # (C, N, C): u[c, n] = √p_nc (e_c − p_n)
+        if c == 1:
+            return u
+        r = p.argmin(-1)
+        u_r = u[r, torch.arange(n, device=p.device)]  # (N, C)
+        v = u + (q / (1 - q.gather(1, r[:, None]))).T[:, :, None] * u_r[None]
+        keep = torch.arange(c, device=p.device)[None].expand(n, c)
+        keep = keep[keep != r[:, None]].reshape(n, c - 1)  # (N, C − 1): the classes other than r
+        return v.gather(0, keep.T[:, :, None].expand(c - 1, n, c))
     if fisher == "mc":
         if mc_samples < 1:
             raise ValueError(f"mc_samples is {mc_samples}; use a positive integer (LaplaceConfig.mc_samples)")
