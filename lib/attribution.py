@@ -329,19 +329,34 @@ def estimator_agreement(table: pd.DataFrame) -> pd.DataFrame:
 
     ``table``: :func:`estimator_robustness`. One row per alternative estimator: Kendall's τ between
     the single-block Δ under it and under the study's estimator (kendall1938new; τ-b, ties
-    counted), the block ranked first under each, and the number of blocks whose Δ has the same
-    sign under both.
+    counted) with the number of block pairs the two order differently (``discordant`` of
+    ``pairs``), the block ranked first under each, the number of blocks whose Δ has the same sign
+    under both, and whether the all-block Δ has the same sign.
     """
     singles = table[table.kind == "single"].sort_values("block")
+    full = table[table.kind == "all"].iloc[0]
     base = singles[ESTIMATORS[0]].to_numpy()
+    i, j = torch.triu_indices(len(base), len(base), 1).numpy()
     rows = []
     for est in ESTIMATORS[1:]:
         alt = singles[est].to_numpy()
         rows.append({"estimator": est, "kendall_tau": float(kendalltau(base, alt).statistic),
+                     "discordant": int(((base[i] - base[j]) * (alt[i] - alt[j]) < 0).sum()), "pairs": len(i),
                      "top_block": int(singles.block.iloc[alt.argmax()]),
                      "top_block_study": int(singles.block.iloc[base.argmax()]),
-                     "same_sign": int(((base > 0) == (alt > 0)).sum()), "blocks": len(singles)})
+                     "same_sign": int(((base > 0) == (alt > 0)).sum()), "blocks": len(singles),
+                     "all_same_sign": bool((full[ESTIMATORS[0]] > 0) == (full[est] > 0))})
     return pd.DataFrame(rows)
+
+
+def estimators_coincide(table: pd.DataFrame, rtol: float = 1e-6) -> bool:
+    """Whether the equal-width, equal-mass and smooth ECE give the same Δ for every posterior of
+    :func:`estimator_robustness`. They do when every model errs in the same direction at every
+    confidence (all bin residuals of one sign): each then reduces to |mean confidence − accuracy|,
+    and the comparison says nothing about binning."""
+    base = table[ESTIMATORS[0]].to_numpy()
+    scale = max(float(abs(base).max()), 1e-12)
+    return all(float(abs(table[e].to_numpy() - base).max()) <= rtol * scale for e in (ESTIMATORS[1], ESTIMATORS[3]))
 
 
 def block_subsets(n_blocks: int) -> dict[str, list[int]]:

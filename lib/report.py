@@ -50,8 +50,8 @@ def load_table(profile: str, name: str) -> pd.DataFrame:
 
 
 def pp(x: float) -> str:
-    """A fraction as signed percentage points, e.g. ``+1.23``."""
-    return f"{PP * x:+.2f}"
+    """A fraction as signed percentage points with a typographic minus, e.g. ``+1.23``, ``−0.40``."""
+    return f"{PP * x:+.2f}".replace("-", "−")
 
 
 def ci(delta: float, lower: float, upper: float) -> str:
@@ -80,6 +80,14 @@ def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
                         f"L2 λ = {cfg.train.weight_decay:g}"),
         ("Prior precision implied by λ (δ = λN)", f"{cfg.train.weight_decay * len(s.train):g}"),
         ("Training seeds", ", ".join(map(str, cfg.seeds))),
+        ("Laplace", (f"K-FAC-{cfg.laplace.kfac}" if cfg.laplace.structure == "kron" else "diagonal")
+                    + (", exact GGN" if cfg.laplace.fisher == "exact" else ", Monte Carlo Fisher")
+                    + (", prior precision tuned by the evidence" if cfg.laplace.prior_tuning == "marglik"
+                       else ", prior precision not tuned")),
+        ("Predictive", f"linearised, {cfg.predictive.method}, K = {cfg.predictive.n_samples} posterior samples, "
+                       f"covariance scale {cfg.predictive.scale}"),
+        ("Statistics", f"ECE with M = {cfg.stats.n_bins} equal-width bins; {cfg.stats.n_boot:,} bootstrap replicates "
+                       f"({cfg.stats.n_boot_shapley:,} per seed for Shapley values); α = {cfg.stats.alpha:g}"),
     ]
     if cfg.pretrain:
         p = cfg.pretrain
@@ -124,7 +132,7 @@ def display_rank_table(ranks: pd.DataFrame, top_k: int) -> pd.DataFrame:
         "95% rank interval": [f"[{lo}, {hi}]" for lo, hi in zip(ranks.rank_lower, ranks.rank_upper)],
         f"P(top {top_k})": ranks.p_top_k.map(lambda v: f"{v:.2f}"),
         f"May be top {top_k}": ranks.top_k_candidate.map({True: "yes", False: "no"}),
-        f"Surely top {top_k}": ranks.surely_top_k.map({True: "yes", False: "no"}),
+        f"Certified top {top_k}": ranks.surely_top_k.map({True: "yes", False: "no"}),
     })
 
 
@@ -133,16 +141,27 @@ READABLE = {
     "delta": "ΔECE", "lower": "95% lower", "upper": "95% upper", "seed_sd": "SD over seeds",
     "percentile_lower": "percentile lower", "percentile_upper": "percentile upper",
     "bca_lower": "BCa lower", "bca_upper": "BCa upper",
-    "mc_se": "MC SE", "halving": "Δ(K/2) − Δ(K)", "test_se": "test-set SE", "mc_share": "MC SE / test-set SE",
+    "mc_se": "MC SE", "halving": "finite-K bias: Δ(K/2) − Δ(K)", "test_se": "test-set SE", "mc_share": "MC SE / test-set SE",
     "p_holm": "Holm p", "improves": "improves", "interaction": "interaction",
     "accuracy": "accuracy", "ece": "ECE", "signed_ece": "signed ECE", "nll": "NLL", "brier": "Brier",
     "val_accuracy": "val. accuracy", "train_seconds": "train s",
     "fit_images": "fit images", "fit_seconds": "fit s", "fit_images_per_s": "images / s",
     "prior_init": "initial δ", "log_marginal_likelihood": "log evidence", "device": "device",
-    "max_abs_diff": "max abs. difference", "max_rel_diff": "max rel. difference", "tolerance": "tolerance",
+    "max_abs_diff": "max abs. difference", "max_rel_diff": "max rel. difference", "tolerance": "rel. tolerance",
     "ok": "within tolerance",
 }
 """Reader-facing column names of the result tables (units stay in the table captions)."""
+
+
+def in_pp(df: pd.DataFrame, columns: list[str], digits: int = 3) -> pd.DataFrame:
+    """``df`` with the fraction-valued ``columns`` (ECE, ΔECE, accuracy, their errors) in percentage
+    points, rounded to ``digits``, so that every table reads in the units of the text."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"in_pp: columns {missing} not in the table (it has {list(df.columns)})")
+    out = df.copy()
+    out[columns] = (PP * out[columns]).round(digits)
+    return out
 
 
 def readable(df: pd.DataFrame) -> pd.DataFrame:
@@ -189,8 +208,8 @@ def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.Da
     total = shapley.phi.sum()
     share = shap.phi.iloc[0] / total
     parts = [
-        f"Making all blocks Bayesian changes the ECE by {ci(full.delta, full.lower, full.upper)} pp "
-        f"(positive = better calibrated) with an accuracy change of {pp(full.d_acc)} pp.",
+        f"Making all blocks Bayesian gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp "
+        f"(positive: lower ECE) with an accuracy change of {pp(full.d_acc)} pp.",
         f"Among single blocks, {_blocks_text([int(top.block)])} gives the largest gain, "
         f"{ci(top.delta, top.lower, top.upper)} pp.",
     ]
@@ -246,23 +265,40 @@ def _posterior_names(names) -> str:
     return ", ".join("the all-block posterior" if n == "all" else n for n in names)
 
 
-def estimator_summary(agreement: pd.DataFrame) -> str:
-    """Whether the single-block ranking depends on the calibration-error estimator, in words, from
-    :func:`lib.attribution.estimator_agreement`."""
+def estimator_summary(agreement: pd.DataFrame, coincide: bool, ranks: pd.DataFrame) -> str:
+    """Whether the single-block ranking depends on the calibration-error estimator, in words.
+
+    ``agreement``: :func:`lib.attribution.estimator_agreement`; ``coincide``:
+    :func:`lib.attribution.estimators_coincide`; ``ranks``: :func:`lib.attribution.rank_analysis`
+    (a change of leader only matters if the rank confidence set singles out a leader at all).
+    """
     top = int(agreement.top_block_study.iloc[0])
     n = int(agreement.blocks.iloc[0])
-    taus = ", ".join(f"{t:.2f} ({e})" for e, t in zip(agreement.estimator, agreement.kendall_tau))
+    text = []
+    if coincide:
+        text.append("The equal-width, equal-mass and smooth ECE give the same gains: the models err in the same "
+                    "direction at every confidence, so each of them reduces to |mean confidence − accuracy| and this "
+                    "comparison cannot show whether the ranking depends on the binning.")
+    taus = ", ".join(f"{t:.2f} ({e}; {int(d)} of {int(m)} block pairs ordered differently)"
+                     for e, t, d, m in zip(agreement.estimator, agreement.kendall_tau, agreement.discordant,
+                                           agreement.pairs))
+    text.append(f"Against the equal-width ECE, Kendall's τ of the single-block ΔECE is {taus}.")
     differ = agreement[agreement.top_block != top]
-    text = [f"Against the equal-width ECE, Kendall's τ of the single-block ΔECE is {taus}."]
+    certified = bool((ranks.set_index("block").loc[top, "rank_upper"] == 1))
     if differ.empty:
         text.append(f"Block {top} ranks first under every estimator.")
     else:
         text.append(f"Block {top} ranks first under the equal-width ECE, but "
                     + "; ".join(f"block {int(r.top_block)} under the {r.estimator}" for r in differ.itertuples())
-                    + ", so which block leads depends on how calibration error is measured.")
+                    + (", so which block leads depends on how calibration error is measured." if certified else
+                       "; the simultaneous rank confidence set (@sec-statistics-ranks) does not single out a leader "
+                       "under the equal-width ECE either."))
     signs = ", ".join(f"{int(r.same_sign)} of {n} ({r.estimator})" for r in agreement.itertuples())
-    text.append(f"The sign of a block's gain agrees with the equal-width one for {signs}. These are point estimates; "
-                "the intervals of @sec-statistics-bootstrap are for the equal-width ECE.")
+    flipped = agreement[~agreement.all_same_sign].estimator.tolist()
+    text.append(f"The sign of a single block's gain agrees with the equal-width one for {signs}"
+                + (f"; the all-block gain changes sign under the {' and the '.join(flipped)}." if flipped else
+                   "; the all-block gain keeps its sign under every estimator.")
+                + " These are point estimates; the intervals of @sec-statistics-bootstrap are for the equal-width ECE.")
     return " ".join(text)
 
 
@@ -292,13 +328,16 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
         widen = (1 + float(worst.mc_share) ** 2) ** 0.5 - 1
         out.append(f"It widens the intervals of @sec-attribution, which include it, by at most about "
                    f"{100 * widen:.0f}% over the test-set error alone, so more samples would change little.")
-    moved = (table.halving.abs() / table.test_se)
+    moved = table.halving.abs() / table.test_se
     drift = table.loc[moved.idxmax()]
-    out.append(f"Halving the number of samples changes ΔECE by at most {PP * table.halving.abs().max():.2f} pp "
-               f"({100 * float(moved.max()):.0f}% of the test-set standard error, {drift.posterior})" +
-               (", so ΔECE has settled at this K." if moved.max() <= 0.5 else
-                "; ΔECE still moves with the number of samples, so the values at this K may differ from the "
-                "infinite-sample ones by a noticeable fraction of their uncertainty."))
+    out.append(f"Using only half of the samples shifts ΔECE on average by {PP * abs(float(drift.halving)):.2f} pp for "
+               f"{_posterior_names([drift.posterior])} ({100 * float(moved.max()):.0f}% of its test-set standard error, "
+               "the largest relative shift); this estimates the bias from a finite K, which no bootstrap captures" +
+               ((": it is small next to the test-set error" + (", even though the Monte Carlo variance is not." if noisy
+                                                                 else "."))
+                if moved.max() <= 0.5 else
+                "; the values at this K may differ from the infinite-sample ones by a noticeable fraction of their "
+                "uncertainty."))
     return " ".join(out)
 
 
@@ -317,23 +356,25 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
     f = front[front.front & (front.delta > 0)].sort_values("cost")
     good = f[f.delta >= 0.8 * full_delta]
     pick = good.iloc[0] if len(good) else f.sort_values("delta").iloc[-1]
+    rule = ("the cheapest choice on the Pareto front with at least 80% of the all-block gain" if len(good) else
+            "the choice on the Pareto front with the largest gain (none reaches 80% of the all-block gain)")
     row = b.loc[f"Laplace, {pick['name']}"]
-    d_acc = row["accuracy (%)"] - det["accuracy (%)"]
+    d_acc = (row["accuracy (%)"] - det["accuracy (%)"]) / PP
     full = front[front.name == "all"]
     if {"lower", "upper"} <= set(front.columns) and not full.empty and float(full.lower.iloc[0]) <= 0:
         # A share of a gain that may be zero is meaningless: report the choice in absolute terms.
         r = full.iloc[0]
         text = (f"No choice of Bayesian blocks can be recommended for calibration on this evidence: the all-block "
                 f"gain's 95% interval, {ci(r.delta, r.lower, r.upper)} pp, includes zero, so the data (test set, seeds "
-                "and posterior samples) cannot tell any choice apart from no change. By point estimates alone, the "
-                f"cheapest choice on the Pareto front with at least 80% of the all-block gain is **{pick['name']}** "
-                f"({pp(pick.delta)} pp ΔECE vs {pp(full_delta)} pp for all blocks, {pick.cost:.3g} ms per image, "
-                f"{100 * pick.cost / full_cost:.0f}% of the all-block extra latency; accuracy {d_acc:+.2f} pp).")
+                f"and posterior samples) cannot tell any choice apart from no change. By point estimates alone, {rule} "
+                f"is **{pick['name']}** ({pp(pick.delta)} pp ΔECE vs {pp(full_delta)} pp for all blocks, "
+                f"{pick.cost:.3g} ms extra per image, {100 * pick.cost / full_cost:.0f}% of the all-block extra "
+                f"latency; accuracy {pp(d_acc)} pp).")
     else:
-        text = (f"Make **{pick['name']}** Bayesian: it recovers {100 * pick.delta / full_delta:.0f}% of the all-block "
-                f"calibration gain ({pp(pick.delta)} vs {pp(full_delta)} pp ΔECE) at "
+        text = (f"Make **{pick['name']}** Bayesian ({rule}): it recovers {100 * pick.delta / full_delta:.0f}% of the "
+                f"all-block calibration gain ({pp(pick.delta)} vs {pp(full_delta)} pp ΔECE) at "
                 f"{100 * pick.cost / full_cost:.0f}% of the all-block extra latency "
-                f"({pick.cost:.3g} ms per image); its accuracy changes by {d_acc:+.2f} pp.")
+                f"({pick.cost:.3g} ms extra per image); its accuracy changes by {pp(d_acc)} pp.")
     if ts["ECE (%)"] <= row["ECE (%)"]:
         text += (f" Temperature scaling, fitted on the validation set, reaches a lower ECE ({ts['ECE (%)']:.2f}% vs "
                  f"{row['ECE (%)']:.2f}%) at no extra cost and without changing accuracy, so on this profile it is "
@@ -352,7 +393,12 @@ def deterministic_summary(det: pd.DataFrame) -> str:
     return (f"Across {len(det)} seed{'s' if len(det) > 1 else ''}, the MAP model reaches "
             f"{PP * acc.mean():.1f}% test accuracy (range {PP * acc.min():.1f}–{PP * acc.max():.1f}%) with an ECE of "
             f"{PP * e.mean():.2f}% (range {PP * e.min():.2f}–{PP * e.max():.2f}%); its signed calibration error of "
-            f"{pp(s.mean())} pp says it is {direction} on average.")
+            f"{pp(s.mean())} pp says it is {direction} on average. "
+            + ("Averaging over a posterior mostly lowers confidence, which is what an over-confident model needs, "
+               "so a Laplace predictive can be expected to help here." if s.mean() > 0 else
+               "Averaging over a posterior mostly lowers confidence, which helps an over-confident model and hurts an "
+               "under-confident one, so gains in ECE are not expected here; @sec-attribution reports whether any "
+               "block still lowers it."))
 
 
 def block_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
@@ -443,7 +489,9 @@ def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
         if hit.any():
             out.append(f" For {_posterior_names(named.index[hit])} the selected κ is at the {word} end of the grid "
                        f"on at least one seed, so the validation optimum may lie beyond it (to check, {fix} in "
-                       "`predictive.scale_range`).")
+                       "`predictive.scale_range`)."
+                       + (" At the lower end a posterior predicts almost like the MAP, so its gain is close to zero "
+                          "by construction." if word == "lower" else ""))
     return "".join(out)
 
 
@@ -470,17 +518,21 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
         f"On the `{cfg.profile}` profile, the Laplace posterior over all LoRA blocks"
         + (" (each posterior with its covariance scale tuned on validation NLL, @sec-attribution-scale)"
            if cfg.predictive.scale != "none" else "")
-        + " changes the ECE by "
-        f"{ci(full.delta, full.lower, full.upper)} pp (accuracy {pp(full.d_acc)} pp).",
-        "Ranked by their own ΔECE, the top single blocks are "
-        + ", ".join(f"block {int(r.block)} ({pp(r.delta)} pp)" for r in top.itertuples()) + ".",
+        + f" gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp (positive: lower ECE; accuracy "
+        f"{pp(full.d_acc)} pp).",
+        ("Ranked by their own ΔECE, the single blocks with the largest gains are "
+         + ", ".join(f"block {int(r.block)} ({pp(r.delta)} pp)" for r in top[top.delta > 0].itertuples()) + "."
+         if (top.delta > 0).any() else
+         f"No single block lowers the ECE on its own (largest ΔECE: block {int(top.block.iloc[0])}, "
+         f"{pp(top.delta.iloc[0])} pp)."),
         (f"Only {_blocks_text(sig)} pass{'es' if len(sig) == 1 else ''} a Holm-corrected test on their own."
          if sig else "No single block passes a Holm-corrected test on its own."),
         (f"The rank confidence set certifies {_blocks_text(sure)} as top-{cfg.stats.top_k}." if sure
          else f"No block is certified as top-{cfg.stats.top_k} by the simultaneous rank confidence set."),
     ]
-    lead = [f"{r.layer} ({pp(r.phi)} pp" + (f", {100 * r.phi / total:.0f}% of the all-block gain" if _clear_gain(full)
-                                             else "") + ")" for r in shap.head(2).itertuples()]
+    lead = [f"{r.layer} ({ci(r.phi, r.lower, r.upper)} pp"
+            + (f", {100 * r.phi / total:.0f}% of the all-block gain" if _clear_gain(full) else "") + ")"
+            for r in shap.head(2).itertuples()]
     text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
                 + " and ".join(lead) + " first.")
     if agreement is not None:

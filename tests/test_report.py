@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from lib.config import Config
-from lib.report import agreement_notes, attribution_summary, display_rank_table, estimator_summary, mc_error_summary, readable, recommendation, scale_summary
+from lib.report import agreement_notes, in_pp, attribution_summary, display_rank_table, estimator_summary, mc_error_summary, readable, recommendation, scale_summary
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -25,8 +26,9 @@ def _baseline(ece_last2: float, ts_ece: float = 3.0) -> pd.DataFrame:
 
 def test_picks_cheapest_front_choice_with_80_percent_of_the_gain():
     text = recommendation(_front(0.004), 0.010, 4.0, _baseline(2.5))
-    assert text.startswith("Make **last 2** Bayesian: it recovers 90% of the all-block calibration gain")
-    assert "at 50% of the all-block extra latency" in text and "-0.20 pp" in text
+    assert text.startswith("Make **last 2** Bayesian (the cheapest choice on the Pareto front with at least 80% of "
+                           "the all-block gain): it recovers 90% of the all-block calibration gain")
+    assert "at 50% of the all-block extra latency (2 ms extra per image)" in text and "−0.20 pp" in text
     assert "cannot tell" not in text and "beats temperature scaling (2.50% vs 3.00% ECE)" in text
 
 
@@ -34,8 +36,8 @@ def test_no_advice_but_absolute_numbers_when_the_all_block_interval_includes_zer
     """A share of a gain that may be zero is meaningless: no '% of the gain', the point-estimate pick in pp."""
     text = recommendation(_front(-0.001), 0.010, 4.0, _baseline(5.1))
     assert text.startswith("No choice of Bayesian blocks can be recommended for calibration on this evidence")
-    assert "+1.00 [-0.10, +1.60] pp" in text and "recovers" not in text and "90%" not in text
-    assert "**last 2** (+0.90 pp ΔECE vs +1.00 pp for all blocks, 2 ms per image, 50% of the all-block extra" in text
+    assert "+1.00 [−0.10, +1.60] pp" in text and "recovers" not in text and "90%" not in text
+    assert "**last 2** (+0.90 pp ΔECE vs +1.00 pp for all blocks, 2 ms extra per image, 50% of the all-block extra" in text
     assert "Temperature scaling, fitted on the validation set, reaches a lower ECE (3.00% vs 5.10%)" in text
 
 
@@ -56,14 +58,16 @@ def test_mc_error_summary_small_monte_carlo_error():
     assert text.startswith("With K = 32 posterior samples the Monte Carlo standard error of ΔECE is at most 0.08 pp")
     assert "10% of the test-set standard error at the median and 20% at most (single 1)" in text
     assert "by at most about 2% over the test-set error alone" in text
-    assert "changes ΔECE by at most 0.05 pp (10% of the test-set standard error, all), so ΔECE has settled" in text
+    assert ("shifts ΔECE on average by 0.05 pp for the all-block posterior (10% of its test-set standard error, the "
+            "largest relative shift)") in text and "it is small next to the test-set error." in text
 
 
 def test_mc_error_summary_flags_noisy_posteriors_and_drift():
     text = mc_error_summary(_mc([0.0004, 0.0030, 0.0005], [-0.0002, 0.0001, -0.0040]), 8)
     assert "For single 1 Monte Carlo noise is comparable to test-set noise. The intervals" in text
     assert "more samples (`predictive.n_samples`) would narrow them" in text
-    assert "(80% of the test-set standard error, all); ΔECE still moves" in text
+    assert "by 0.40 pp for the all-block posterior (80% of its test-set standard error" in text
+    assert "may differ from the infinite-sample ones" in text
 
 
 def _scales(kmin: list[float], kmax: list[float]) -> pd.DataFrame:
@@ -106,7 +110,7 @@ def test_display_rank_table():
                           "surely_top_k": [True, False]})
     shown = display_rank_table(ranks, 1)
     assert list(shown.columns) == ["Block", "ΔECE (pp)", "Rank", "95% rank interval", "P(top 1)", "May be top 1",
-                                   "Surely top 1"]
+                                   "Certified top 1"]
     assert list(shown.iloc[0]) == [0, "+1.23", 1, "[1, 1]", "0.97", "yes", "yes"]
     assert list(shown.iloc[1, 3:]) == ["[1, 2]", "0.03", "yes", "no"]
 
@@ -142,14 +146,33 @@ def test_agreement_notes_one_item_per_check_untruncated():
     assert text.splitlines() == ["- **diag GGN**: vs la.H.", f"- **K-FAC factors**: {long}."]
 
 
-def _agreement(tops: list[int]) -> pd.DataFrame:
-    return pd.DataFrame({"estimator": ["equal-mass ECE", "smooth ECE"], "kendall_tau": [0.8, 0.6], "top_block": tops,
-                         "top_block_study": [11, 11], "same_sign": [12, 10], "blocks": [12, 12]})
+def _agreement(tops: list[int], all_same: list[bool] = (True, True)) -> pd.DataFrame:
+    return pd.DataFrame({"estimator": ["equal-mass ECE", "smooth ECE"], "kendall_tau": [0.8, 0.6], "discordant": [6, 13],
+                         "pairs": [66, 66], "top_block": tops, "top_block_study": [11, 11], "same_sign": [12, 10],
+                         "blocks": [12, 12], "all_same_sign": list(all_same)})
+
+
+def _ranks(leader_upper: int) -> pd.DataFrame:
+    return pd.DataFrame({"block": [3, 11], "rank_upper": [2, leader_upper]})
 
 
 def test_estimator_summary_names_disagreeing_leaders():
-    same = estimator_summary(_agreement([11, 11]))
-    assert "Kendall's τ of the single-block ΔECE is 0.80 (equal-mass ECE), 0.60 (smooth ECE)." in same
+    same = estimator_summary(_agreement([11, 11]), False, _ranks(1))
+    assert ("Kendall's τ of the single-block ΔECE is 0.80 (equal-mass ECE; 6 of 66 block pairs ordered differently), "
+            "0.60 (smooth ECE; 13 of 66 block pairs ordered differently).") in same
     assert "Block 11 ranks first under every estimator." in same and "12 of 12 (equal-mass ECE), 10 of 12 (smooth ECE)" in same
-    differ = estimator_summary(_agreement([11, 3]))
+    assert "keeps its sign under every estimator" in same and "reduces to" not in same
+    differ = estimator_summary(_agreement([11, 3]), False, _ranks(1))
     assert "but block 3 under the smooth ECE, so which block leads depends on how calibration error is measured" in differ
+    uncertified = estimator_summary(_agreement([11, 3], [True, False]), True, _ranks(4))
+    assert "does not single out a leader under the equal-width ECE either" in uncertified
+    assert "the all-block gain changes sign under the smooth ECE" in uncertified
+    assert uncertified.startswith("The equal-width, equal-mass and smooth ECE give the same gains")
+
+
+def test_in_pp_converts_only_the_named_columns():
+    df = pd.DataFrame({"block": [0, 1], "delta": [0.012345, -0.0004], "p_holm": [0.5, 1.0]})
+    out = in_pp(df, ["delta"])
+    assert list(out.delta) == [1.234, -0.04] and list(out.p_holm) == [0.5, 1.0] and list(out.block) == [0, 1]
+    with pytest.raises(ValueError, match="columns \\['ece'\\] not in the table"):
+        in_pp(df, ["ece"])

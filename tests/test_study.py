@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from lib.attribution import (ESTIMATORS, attribution, block_subsets, cumulative, estimator_agreement,
-                             estimator_robustness, leave_one_out, mc_error, rank_analysis, shapley)
+                             estimator_robustness, estimators_coincide, leave_one_out, mc_error, rank_analysis, shapley)
 from lib.calibration import ece, smooth_ece
 from lib.config import Config, ParamsError, load_params
 from lib.paths import PARAMS
 from lib.report import (answer, attribution_summary, display_scale_table, mc_error_summary, scale_summary,
-                        scale_table, statistics_summary)
+                        scale_table, setup_table, statistics_summary)
 from lib.stats import bootstrap_counts, delta_ece, pareto_front
 from lib.data import batches
 from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
@@ -169,6 +169,9 @@ def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeyp
     assert torch.equal(bank.labels, one_pass.labels) and bank.blocks == one_pass.blocks
     info = json.loads(st.file("info.json").read_text())
     assert (info["parts"], info["parts_resumed"]) == (3, 1) and not (st.path / "parts").exists() and st.done
+    setup = setup_table(cfg, run).set_index("Setting").Value
+    assert setup["Statistics"] == "ECE with M = 10 equal-width bins; 60 bootstrap replicates (20 per seed for Shapley values); α = 0.05"
+    assert setup["Predictive"].startswith("linearised, mc, K = 4 posterior samples") and "K-FAC-" in setup["Laplace"]
 
 
 def test_subsets_stage_keyed_by_the_stats_it_uses(tiny_cfg):
@@ -253,3 +256,6 @@ def test_estimator_agreement_hand_worked():
     assert a.loc[ESTIMATORS[3], "kendall_tau"] == pytest.approx(1 / 3)
     assert list(a.top_block) == [1, 0, 1] and (a.top_block_study == 1).all()
     assert list(a.same_sign) == [3, 2, 1] and (a.blocks == 3).all()
+    assert list(a.discordant) == [0, 2, 1] and (a.pairs == 3).all() and a.all_same_sign.all()
+    assert not estimators_coincide(table) and estimators_coincide(table.assign(**{ESTIMATORS[1]: table[ESTIMATORS[0]],
+                                                                                  ESTIMATORS[3]: table[ESTIMATORS[0]]}))
