@@ -84,8 +84,9 @@ def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
                     + (", exact GGN" if cfg.laplace.fisher == "exact" else ", Monte Carlo Fisher")
                     + (", prior precision tuned by the evidence" if cfg.laplace.prior_tuning == "marglik"
                        else ", prior precision not tuned")),
-        ("Predictive", f"linearised, {cfg.predictive.method}, K = {cfg.predictive.n_samples} posterior samples, "
-                       f"covariance scale {cfg.predictive.scale}"),
+        ("Predictive", "linearised, " + ("Monte Carlo (softmax averaged)" if cfg.predictive.method == "mc" else "probit")
+                       + f", K = {cfg.predictive.n_samples} posterior samples, covariance scale "
+                       + ("tuned per subset on validation NLL" if cfg.predictive.scale != "none" else "κ = 1")),
         ("Statistics", f"ECE with M = {cfg.stats.n_bins} equal-width bins; {cfg.stats.n_boot:,} bootstrap replicates "
                        f"({cfg.stats.n_boot_shapley:,} per seed for Shapley values); α = {cfg.stats.alpha:g}"),
     ]

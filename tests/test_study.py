@@ -171,7 +171,8 @@ def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeyp
     assert (info["parts"], info["parts_resumed"]) == (3, 1) and not (st.path / "parts").exists() and st.done
     setup = setup_table(cfg, run).set_index("Setting").Value
     assert setup["Statistics"] == "ECE with M = 10 equal-width bins; 60 bootstrap replicates (20 per seed for Shapley values); α = 0.05"
-    assert setup["Predictive"].startswith("linearised, mc, K = 4 posterior samples") and "K-FAC-" in setup["Laplace"]
+    assert setup["Predictive"].startswith("linearised, Monte Carlo (softmax averaged), K = 4 posterior samples")
+    assert "K-FAC-" in setup["Laplace"]
 
 
 def test_subsets_stage_keyed_by_the_stats_it_uses(tiny_cfg):
