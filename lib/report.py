@@ -539,10 +539,16 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
     if agreement is not None:
         names = list(agreement.estimator)
         others = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
-        text.append(f"The leading single block is the same under the {others} (@sec-statistics-estimator)."
-                    if (agreement.top_block == agreement.top_block_study).all() else
-                    f"Which single block leads depends on the estimator of calibration error ({others}; "
-                    "@sec-statistics-estimator).")
+        lead = int(agreement.top_block_study.iloc[0])
+        certified = bool((ranks.set_index("block").loc[lead, "rank_upper"] == 1))
+        if (agreement.top_block == agreement.top_block_study).all():
+            text.append(f"The leading single block is the same under the {others} (@sec-statistics-estimator).")
+        elif certified:
+            text.append(f"Which single block leads depends on the estimator of calibration error ({others}; "
+                        "@sec-statistics-estimator).")
+        else:
+            text.append(f"Under some of the other estimators of calibration error ({others}) a different block leads "
+                        "(@sec-statistics-estimator), as can be expected when no leader is certified.")
     if mc is not None and (mc.mc_share > 0.5).any():
         text.append(f"With K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to the "
                     f"test-set error for {int((mc.mc_share > 0.5).sum())} of the {len(mc)} posteriors checked; the "
