@@ -20,7 +20,7 @@ from scipy.stats import kendalltau
 
 from lib.calibration import debiased_ece, ece, ece_equal_mass, prepare_reliability, smooth_ece
 from lib.config import StatsConfig
-from lib.laplace.predictive import sample_mixture
+from lib.laplace.predictive import sample_mixture, subset_probs
 from lib.stats import (
     SeedSamples,
     bca_interval,
@@ -324,29 +324,71 @@ def estimator_robustness(studies: list[SeedStudy], n_bins: int) -> pd.DataFrame:
     return out
 
 
-def estimator_agreement(table: pd.DataFrame) -> pd.DataFrame:
-    """How the single-block ranking under each alternative estimator compares with the first one.
+def ranking_agreement(table: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """How the single-block ranking under each of ``columns[1:]`` compares with ``columns[0]``.
 
-    ``table``: :func:`estimator_robustness`. One row per alternative estimator: Kendall's τ between
-    the single-block Δ under it and under the study's estimator (kendall1938new; τ-b, ties
-    counted) with the number of block pairs the two order differently (``discordant`` of
-    ``pairs``), the block ranked first under each, the number of blocks whose Δ has the same sign
-    under both, and whether the all-block Δ has the same sign.
+    ``table``: one row per posterior with ``kind`` (``'single'`` rows ranked, the ``'all'`` row's
+    sign compared) and ``block``, and a Δ column per name in ``columns``. One row per alternative
+    column (``estimator``): Kendall's τ between the single-block Δ under it and under the
+    reference (kendall1938new; τ-b, ties counted) with the number of block pairs the two order
+    differently (``discordant`` of ``pairs``), the block ranked first under each, the number of
+    blocks whose Δ has the same sign under both, and whether the all-block Δ has the same sign.
     """
     singles = table[table.kind == "single"].sort_values("block")
     full = table[table.kind == "all"].iloc[0]
-    base = singles[ESTIMATORS[0]].to_numpy()
+    base = singles[columns[0]].to_numpy()
     i, j = torch.triu_indices(len(base), len(base), 1).numpy()
     rows = []
-    for est in ESTIMATORS[1:]:
+    for est in columns[1:]:
         alt = singles[est].to_numpy()
         rows.append({"estimator": est, "kendall_tau": float(kendalltau(base, alt).statistic),
                      "discordant": int(((base[i] - base[j]) * (alt[i] - alt[j]) < 0).sum()), "pairs": len(i),
                      "top_block": int(singles.block.iloc[alt.argmax()]),
                      "top_block_study": int(singles.block.iloc[base.argmax()]),
                      "same_sign": int(((base > 0) == (alt > 0)).sum()), "blocks": len(singles),
-                     "all_same_sign": bool((full[ESTIMATORS[0]] > 0) == (full[est] > 0))})
+                     "all_same_sign": bool((full[columns[0]] > 0) == (full[est] > 0))})
     return pd.DataFrame(rows)
+
+
+def estimator_agreement(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`ranking_agreement` of the :data:`ESTIMATORS` columns of :func:`estimator_robustness`."""
+    return ranking_agreement(table, ESTIMATORS)
+
+
+SCALES = ("own κ_S", "shared κ_all", "κ = 1")
+"""The covariance scalings of :func:`scale_sensitivity`; the first is the study's."""
+
+
+def scale_sensitivity(studies: list[SeedStudy], n_bins: int, method: str, device: torch.device) -> pd.DataFrame:
+    """Δ_ECE of the single-block and all-block posteriors under three covariance scalings (point
+    estimates, means over seeds): each subset at its own validation-tuned κ_S (the study's), every
+    subset at the all-block posterior's κ_all (one width for all, so subsets differ only in which
+    blocks carry covariance), and the evidence posterior as it is (κ = 1) (ritter2018scalable).
+    Columns: ``posterior``, ``kind``, ``block``, one per :data:`SCALES`, and ``kappa_own`` (median of
+    κ_S over seeds).
+    """
+    acc, kappas = None, []
+    for s in studies:
+        d = s.named()
+        names = [n for n in d["names"] if n == "all" or n.startswith("single ")]
+        idx = [d["names"].index(n) for n in names]
+        bank = s.test_bank().to(device)
+        det, labels = d["det"].to(device), d["labels"].to(device)
+        k_all = float(d["scales"][d["names"].index("all")])
+        probs = {
+            SCALES[0]: d["probs"][idx].to(device),
+            SCALES[1]: torch.stack([subset_probs(bank, d["masks"][i], method=method, scale=k_all) for i in idx]),
+            SCALES[2]: torch.stack([subset_probs(bank, d["masks"][i], method=method) for i in idx]),
+        }
+        deltas = torch.stack([delta_ece(det, p.to(det.dtype), labels, n_bins).cpu() for p in probs.values()], 1)
+        acc = deltas if acc is None else acc + deltas
+        kappas.append(d["scales"][idx])
+    out = pd.DataFrame((acc / len(studies)).double().numpy(), columns=list(SCALES))
+    out["kappa_own"] = torch.stack(kappas).double().median(0).values.numpy()
+    out.insert(0, "block", [_kind(n)[1] for n in names])
+    out.insert(0, "kind", [_kind(n)[0] for n in names])
+    out.insert(0, "posterior", names)
+    return out
 
 
 def estimators_coincide(table: pd.DataFrame, rtol: float = 1e-6) -> bool:

@@ -149,7 +149,7 @@ READABLE = {
     "fit_images": "fit images", "fit_seconds": "fit s", "fit_images_per_s": "images / s",
     "prior_init": "initial δ", "log_marginal_likelihood": "log evidence", "device": "device",
     "max_abs_diff": "max abs. difference", "max_rel_diff": "max rel. difference", "tolerance": "rel. tolerance",
-    "ok": "within tolerance",
+    "ok": "within tolerance", "kappa_own": "κ_S (median)",
 }
 """Reader-facing column names of the result tables (units stay in the table captions)."""
 
@@ -266,6 +266,33 @@ def _posterior_names(names) -> str:
     return ", ".join("the all-block posterior" if n == "all" else n for n in names)
 
 
+def _agreement_text(agreement: pd.DataFrame, ranks: pd.DataFrame, reference: str, article: str) -> list[str]:
+    """Sentences on :func:`lib.attribution.ranking_agreement` against ``reference`` (e.g. "the
+    equal-width ECE"); ``article`` precedes the alternatives' names ("the " or "")."""
+    top = int(agreement.top_block_study.iloc[0])
+    n = int(agreement.blocks.iloc[0])
+    taus = ", ".join(f"{t:.2f} ({e}; {int(d)} of {int(m)} block pairs ordered differently)"
+                     for e, t, d, m in zip(agreement.estimator, agreement.kendall_tau, agreement.discordant,
+                                           agreement.pairs))
+    text = [f"Against {reference}, Kendall's τ of the single-block ΔECE is {taus}."]
+    differ = agreement[agreement.top_block != top]
+    certified = bool((ranks.set_index("block").loc[top, "rank_upper"] == 1))
+    if differ.empty:
+        text.append(f"Block {top} ranks first under every one of them.")
+    else:
+        text.append(f"Block {top} ranks first under {reference}, but "
+                    + "; ".join(f"block {int(r.top_block)} under {article}{r.estimator}" for r in differ.itertuples())
+                    + (", so which block leads depends on this choice." if certified else
+                       "; the simultaneous rank confidence set (@sec-statistics-ranks) does not single out a leader "
+                       f"under {reference} either."))
+    signs = ", ".join(f"{int(r.same_sign)} of {n} ({r.estimator})" for r in agreement.itertuples())
+    flipped = agreement[~agreement.all_same_sign].estimator.tolist()
+    text.append(f"The sign of a single block's gain agrees with {reference} for {signs}"
+                + (f"; the all-block gain changes sign under {article}{(' and ' + article).join(flipped)}." if flipped
+                   else "; the all-block gain keeps its sign under every one of them."))
+    return text
+
+
 def estimator_summary(agreement: pd.DataFrame, coincide: bool, ranks: pd.DataFrame) -> str:
     """Whether the single-block ranking depends on the calibration-error estimator, in words.
 
@@ -273,34 +300,21 @@ def estimator_summary(agreement: pd.DataFrame, coincide: bool, ranks: pd.DataFra
     :func:`lib.attribution.estimators_coincide`; ``ranks``: :func:`lib.attribution.rank_analysis`
     (a change of leader only matters if the rank confidence set singles out a leader at all).
     """
-    top = int(agreement.top_block_study.iloc[0])
-    n = int(agreement.blocks.iloc[0])
     text = []
     if coincide:
         text.append("The equal-width, equal-mass and smooth ECE give the same gains: the models err in the same "
                     "direction at every confidence, so each of them reduces to |mean confidence − accuracy| and this "
                     "comparison cannot show whether the ranking depends on the binning.")
-    taus = ", ".join(f"{t:.2f} ({e}; {int(d)} of {int(m)} block pairs ordered differently)"
-                     for e, t, d, m in zip(agreement.estimator, agreement.kendall_tau, agreement.discordant,
-                                           agreement.pairs))
-    text.append(f"Against the equal-width ECE, Kendall's τ of the single-block ΔECE is {taus}.")
-    differ = agreement[agreement.top_block != top]
-    certified = bool((ranks.set_index("block").loc[top, "rank_upper"] == 1))
-    if differ.empty:
-        text.append(f"Block {top} ranks first under every estimator.")
-    else:
-        text.append(f"Block {top} ranks first under the equal-width ECE, but "
-                    + "; ".join(f"block {int(r.top_block)} under the {r.estimator}" for r in differ.itertuples())
-                    + (", so which block leads depends on how calibration error is measured." if certified else
-                       "; the simultaneous rank confidence set (@sec-statistics-ranks) does not single out a leader "
-                       "under the equal-width ECE either."))
-    signs = ", ".join(f"{int(r.same_sign)} of {n} ({r.estimator})" for r in agreement.itertuples())
-    flipped = agreement[~agreement.all_same_sign].estimator.tolist()
-    text.append(f"The sign of a single block's gain agrees with the equal-width one for {signs}"
-                + (f"; the all-block gain changes sign under the {' and the '.join(flipped)}." if flipped else
-                   "; the all-block gain keeps its sign under every estimator.")
-                + " These are point estimates; the intervals of @sec-statistics-bootstrap are for the equal-width ECE.")
+    text += _agreement_text(agreement, ranks, "the equal-width ECE", "the ")
+    text.append("These are point estimates; the intervals of @sec-statistics-bootstrap are for the equal-width ECE.")
     return " ".join(text)
+
+
+def scale_sensitivity_summary(agreement: pd.DataFrame, ranks: pd.DataFrame) -> str:
+    """Whether the single-block ranking depends on how the posteriors are scaled, in words, from
+    :func:`lib.attribution.ranking_agreement` of :func:`lib.attribution.scale_sensitivity`."""
+    return " ".join(_agreement_text(agreement, ranks, "each subset's own κ_S", "")
+                    + ["These are point estimates; the intervals elsewhere in this chapter are for the own κ_S."])
 
 
 def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:

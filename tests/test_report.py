@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from lib.config import Config
-from lib.report import agreement_notes, in_pp, attribution_summary, display_rank_table, estimator_summary, mc_error_summary, readable, recommendation, scale_summary
+from lib.report import (agreement_notes, attribution_summary, display_rank_table, estimator_summary, in_pp,
+                        mc_error_summary, readable, recommendation, scale_sensitivity_summary, scale_summary)
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -160,10 +161,10 @@ def test_estimator_summary_names_disagreeing_leaders():
     same = estimator_summary(_agreement([11, 11]), False, _ranks(1))
     assert ("Kendall's τ of the single-block ΔECE is 0.80 (equal-mass ECE; 6 of 66 block pairs ordered differently), "
             "0.60 (smooth ECE; 13 of 66 block pairs ordered differently).") in same
-    assert "Block 11 ranks first under every estimator." in same and "12 of 12 (equal-mass ECE), 10 of 12 (smooth ECE)" in same
-    assert "keeps its sign under every estimator" in same and "reduces to" not in same
+    assert "Block 11 ranks first under every one of them." in same and "12 of 12 (equal-mass ECE), 10 of 12 (smooth ECE)" in same
+    assert "keeps its sign under every one of them" in same and "reduces to" not in same
     differ = estimator_summary(_agreement([11, 3]), False, _ranks(1))
-    assert "but block 3 under the smooth ECE, so which block leads depends on how calibration error is measured" in differ
+    assert "but block 3 under the smooth ECE, so which block leads depends on this choice" in differ
     uncertified = estimator_summary(_agreement([11, 3], [True, False]), True, _ranks(4))
     assert "does not single out a leader under the equal-width ECE either" in uncertified
     assert "the all-block gain changes sign under the smooth ECE" in uncertified
@@ -176,3 +177,11 @@ def test_in_pp_converts_only_the_named_columns():
     assert list(out.delta) == [1.234, -0.04] and list(out.p_holm) == [0.5, 1.0] and list(out.block) == [0, 1]
     with pytest.raises(ValueError, match="columns \\['ece'\\] not in the table"):
         in_pp(df, ["ece"])
+
+
+def test_scale_sensitivity_summary_uses_the_scalings_as_names():
+    agree = _agreement([11, 3], [False, True]).assign(estimator=["shared κ_all", "κ = 1"])
+    text = scale_sensitivity_summary(agree, _ranks(1))
+    assert text.startswith("Against each subset's own κ_S, Kendall's τ of the single-block ΔECE is 0.80 (shared κ_all;")
+    assert "but block 3 under κ = 1, so which block leads depends on this choice" in text
+    assert "the all-block gain changes sign under shared κ_all." in text

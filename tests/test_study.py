@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.attribution import (ESTIMATORS, attribution, block_subsets, cumulative, estimator_agreement,
-                             estimator_robustness, estimators_coincide, leave_one_out, mc_error, rank_analysis, shapley)
+from lib.attribution import (ESTIMATORS, SCALES, attribution, block_subsets, cumulative, estimator_agreement,
+                             estimator_robustness, estimators_coincide, leave_one_out, mc_error, rank_analysis,
+                             ranking_agreement, scale_sensitivity, shapley)
 from lib.calibration import ece, smooth_ece
 from lib.config import Config, ParamsError, load_params
 from lib.paths import PARAMS
@@ -79,6 +80,18 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
         s.named()["probs"][s.named()["names"].index("single 1")], s.named()["labels"])) for s in studies) / 2
     assert abs(rob.loc["single 1", "smooth ECE"] - smooth) < 1e-9
     assert list(estimator_agreement(rob.reset_index()).estimator) == list(ESTIMATORS[1:])
+
+    sens = scale_sensitivity(studies, tiny_cfg.stats.n_bins, "mc", cpu).set_index("posterior")
+    assert torch.allclose(torch.tensor(sens[SCALES[0]].to_numpy(), dtype=torch.float64),
+                          torch.tensor(t.loc[sens.index, "delta"].to_numpy(), dtype=torch.float64), atol=1e-6)
+    assert abs(sens.loc["all", SCALES[1]] - sens.loc["all", SCALES[0]]) < 1e-6  # κ_all is the all-block κ_S
+    by_hand = 0.0
+    for s in studies:
+        d, bank = s.named(), s.test_bank()
+        p = subset_probs(bank, d["masks"][d["names"].index("single 1")], scale=float(d["scales"][d["names"].index("all")]))
+        by_hand += float(delta_ece(d["det"], p[None], d["labels"], tiny_cfg.stats.n_bins)[0]) / 2
+    assert abs(sens.loc["single 1", SCALES[1]] - by_hand) < 1e-6
+    assert list(ranking_agreement(sens.reset_index(), SCALES).estimator) == list(SCALES[1:])
 
     values, pairs = shapley(studies, tiny_cfg.stats)
     assert abs(values.phi.sum() - t.loc["all", "delta"]) < 1e-6  # efficiency: Shapley sums to Δ(all)
