@@ -428,11 +428,22 @@ def block_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
     return out.reset_index()
 
 
-def posterior_summary(blocks: pd.DataFrame) -> str:
-    """Where the posterior is widest and how the tuned prior varies over depth."""
+def posterior_summary(blocks: pd.DataFrame, prior_init: float) -> str:
+    """Where the posterior is widest, how the tuned prior varies over depth, and how it compares
+    with the prior precision ``prior_init`` that the training L2 term implies (δ = λN), under
+    which the MAP was fitted."""
     var, delta = blocks.set_index("block").variance_trace, blocks.set_index("block").prior_precision
+    lo, hi = delta.min() / prior_init, delta.max() / prior_init
+    if lo > 1:
+        relation = (f"{lo:.3g}–{hi:.3g} times the δ = {prior_init:.3g} implied by the training L2 term: the MAP was "
+                    "fitted under a weaker prior than the one the posterior uses")
+    elif hi < 1:
+        relation = (f"{1 / hi:.3g}–{1 / lo:.3g} times smaller than the δ = {prior_init:.3g} implied by the training L2 "
+                    "term: the MAP was fitted under a stronger prior than the one the posterior uses")
+    else:
+        relation = f"on both sides of the δ = {prior_init:.3g} implied by the training L2 term"
     return (f"The tuned prior precision ranges from {delta.min():.3g} (block {delta.idxmin()}) to {delta.max():.3g} "
-            f"(block {delta.idxmax()}). The posterior is widest in block {var.idxmax()} (total variance "
+            f"(block {delta.idxmax()}), {relation}. The posterior is widest in block {var.idxmax()} (total variance "
             f"{var.max():.3g}) and narrowest in block {var.idxmin()} ({var.min():.3g}).")
 
 

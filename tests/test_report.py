@@ -7,7 +7,8 @@ import pytest
 
 from lib.config import Config
 from lib.report import (agreement_notes, attribution_summary, display_rank_table, estimator_summary, in_pp,
-                        mc_error_summary, readable, recommendation, scale_sensitivity_summary, scale_summary)
+                        mc_error_summary, posterior_summary, readable, recommendation, scale_sensitivity_summary,
+                        scale_summary)
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -185,3 +186,12 @@ def test_scale_sensitivity_summary_uses_the_scalings_as_names():
     assert text.startswith("Against each subset's own κ_S, Kendall's τ of the single-block ΔECE is 0.80 (shared κ_all;")
     assert "but block 3 under κ = 1, so which block leads depends on this choice" in text
     assert "the all-block gain changes sign under shared κ_all." in text
+
+
+def test_posterior_summary_relates_the_tuned_prior_to_the_training_prior():
+    blocks = pd.DataFrame({"block": [0, 1], "prior_precision": [9.0, 24.0], "variance_trace": [171.0, 439.0]})
+    text = posterior_summary(blocks, 0.04)
+    assert "ranges from 9 (block 0) to 24 (block 1), 225–600 times the δ = 0.04 implied by the training L2 term" in text
+    assert "weaker prior" in text and "widest in block 1 (total variance 439)" in text
+    assert "stronger prior" in posterior_summary(blocks, 100.0)
+    assert "on both sides of the δ = 10" in posterior_summary(blocks, 10.0)
