@@ -365,7 +365,8 @@ def scale_sensitivity(studies: list[SeedStudy], n_bins: int, method: str, device
     subset at the all-block posterior's κ_all (one width for all, so subsets differ only in which
     blocks carry covariance), and the evidence posterior as it is (κ = 1) (ritter2018scalable).
     Columns: ``posterior``, ``kind``, ``block``, one per :data:`SCALES`, and ``kappa_own`` (median of
-    κ_S over seeds).
+    κ_S over seeds, the midpoint of the two middle values for an even number of seeds, as in
+    :func:`lib.report.scale_table`).
     """
     acc, kappas = None, []
     for s in studies:
@@ -384,7 +385,7 @@ def scale_sensitivity(studies: list[SeedStudy], n_bins: int, method: str, device
         acc = deltas if acc is None else acc + deltas
         kappas.append(d["scales"][idx])
     out = pd.DataFrame((acc / len(studies)).double().numpy(), columns=list(SCALES))
-    out["kappa_own"] = torch.stack(kappas).double().median(0).values.numpy()
+    out["kappa_own"] = torch.stack(kappas).double().quantile(0.5, dim=0).numpy()
     out.insert(0, "block", [_kind(n)[1] for n in names])
     out.insert(0, "kind", [_kind(n)[0] for n in names])
     out.insert(0, "posterior", names)

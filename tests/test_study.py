@@ -92,6 +92,8 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
         by_hand += float(delta_ece(d["det"], p[None], d["labels"], tiny_cfg.stats.n_bins)[0]) / 2
     assert abs(sens.loc["single 1", SCALES[1]] - by_hand) < 1e-6
     assert list(ranking_agreement(sens.reset_index(), SCALES).estimator) == list(SCALES[1:])
+    own = pd.concat([s.scales().set_index("posterior").scale for s in studies], axis=1).median(axis=1)
+    assert torch.allclose(torch.tensor(sens.kappa_own.to_numpy()), torch.tensor(own.loc[sens.index].to_numpy()), rtol=1e-6)
 
     values, pairs = shapley(studies, tiny_cfg.stats)
     assert abs(values.phi.sum() - t.loc["all", "delta"]) < 1e-6  # efficiency: Shapley sums to Δ(all)
