@@ -115,8 +115,8 @@ def display_layer_table(table: pd.DataFrame) -> pd.DataFrame:
         "Posterior": table.posterior,
         "ECE (%)": (PP * table.ece).round(2),
         "ΔECE, pp [95% CI]": [ci(d, lo, hi) for d, lo, hi in zip(table.delta, table.lower, table.upper)],
-        "ΔNLL": table.d_nll.map(lambda v: f"{v:+.3f}"),
-        "ΔBrier": table.d_brier.map(lambda v: f"{v:+.4f}"),
+        "ΔNLL": table.d_nll.map(lambda v: f"{v:+.4f}".replace("-", "−")),
+        "ΔBrier": table.d_brier.map(lambda v: f"{v:+.4f}".replace("-", "−")),
         "Δacc. (pp)": table.d_acc.map(pp),
     })
     if "p_holm" in table:
@@ -167,7 +167,7 @@ def in_pp(df: pd.DataFrame, columns: list[str], digits: int = 3) -> pd.DataFrame
 
 def readable(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with its columns and index names renamed by :data:`READABLE` (``delta_seed<s>`` →
-    ``seed <s>``); values unchanged, unknown names kept."""
+    ``seed <s>``) and boolean columns shown as yes/no; other values unchanged, unknown names kept."""
     def name(n):
         if isinstance(n, str) and n.startswith("delta_seed"):
             return f"seed {n[len('delta_seed'):]}"
@@ -175,6 +175,8 @@ def readable(df: pd.DataFrame) -> pd.DataFrame:
 
     out = df.rename(columns=name)
     out.index = out.index.set_names([name(n) for n in out.index.names])
+    for col in out.columns[out.dtypes == bool]:
+        out[col] = out[col].map({True: "yes", False: "no"})
     return out
 
 
@@ -235,7 +237,7 @@ def _clear_gain(full: pd.Series) -> bool:
     return float(full.lower) > 0
 
 
-def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, alpha: float) -> str:
+def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, alpha: float, top_k: int) -> str:
     """What the data do and do not support, from the tests and rank sets."""
     singles = table[table.kind == "single"]
     sig = singles[singles.improves].block.tolist()
@@ -255,9 +257,9 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
     if unclear:
         out.append(f"For {_blocks_text(unclear)} the data cannot tell the sign of the effect.")
     sure = ranks[ranks.surely_top_k].block.tolist()
-    out.append(f"Rank statements: {_blocks_text(sure)} {'is' if len(sure) == 1 else 'are'} certainly in the top group."
-               if sure else "Rank statements: no block is certainly in the top group; the ranking beyond the point "
-                            "estimates is not supported at this sample size.")
+    out.append(f"Rank statements: {_blocks_text(sure)} {'is' if len(sure) == 1 else 'are'} certainly in the top "
+               f"{top_k}." if sure else f"Rank statements: no block is certainly in the top {top_k}; the ranking beyond "
+               "the point estimates is not supported at this sample size.")
     return " ".join(out)
 
 
@@ -266,9 +268,10 @@ def _posterior_names(names) -> str:
     return ", ".join("the all-block posterior" if n == "all" else n for n in names)
 
 
-def _agreement_text(agreement: pd.DataFrame, ranks: pd.DataFrame, reference: str, article: str) -> list[str]:
+def _agreement_text(agreement: pd.DataFrame, ranks: pd.DataFrame, reference: str, article: str, gain: str) -> list[str]:
     """Sentences on :func:`lib.attribution.ranking_agreement` against ``reference`` (e.g. "the
-    equal-width ECE"); ``article`` precedes the alternatives' names ("the " or "")."""
+    equal-width ECE"); ``article`` precedes the alternatives' names ("the " or ""); ``gain`` names
+    the reference gain (e.g. "the equal-width gain")."""
     top = int(agreement.top_block_study.iloc[0])
     n = int(agreement.blocks.iloc[0])
     taus = ", ".join(f"{t:.2f} ({e}; {int(d)} of {int(m)} block pairs ordered differently)"
@@ -283,11 +286,11 @@ def _agreement_text(agreement: pd.DataFrame, ranks: pd.DataFrame, reference: str
         text.append(f"Block {top} ranks first under {reference}, but "
                     + "; ".join(f"block {int(r.top_block)} under {article}{r.estimator}" for r in differ.itertuples())
                     + (", so which block leads depends on this choice." if certified else
-                       "; the simultaneous rank confidence set (@sec-statistics-ranks) does not single out a leader "
-                       f"under {reference} either."))
+                       f"; since the simultaneous rank confidence set (@sec-statistics-ranks) does not single out a "
+                       f"leader under {reference} in the first place, this is no evidence against the ranking."))
     signs = ", ".join(f"{int(r.same_sign)} of {n} ({r.estimator})" for r in agreement.itertuples())
     flipped = agreement[~agreement.all_same_sign].estimator.tolist()
-    text.append(f"The sign of a single block's gain agrees with {reference} for {signs}"
+    text.append(f"The sign of a single block's gain agrees with {gain} for {signs}"
                 + (f"; the all-block gain changes sign under {article}{(' and ' + article).join(flipped)}." if flipped
                    else "; the all-block gain keeps its sign under every one of them."))
     return text
@@ -302,10 +305,10 @@ def estimator_summary(agreement: pd.DataFrame, coincide: bool, ranks: pd.DataFra
     """
     text = []
     if coincide:
-        text.append("The equal-width, equal-mass and smooth ECE give the same gains: the models err in the same "
-                    "direction at every confidence, so each of them reduces to |mean confidence − accuracy| and this "
-                    "comparison cannot show whether the ranking depends on the binning.")
-    text += _agreement_text(agreement, ranks, "the equal-width ECE", "the ")
+        text.append("Equal-width and equal-mass bins give the same gains: the models err in the same direction at "
+                    "every confidence, so every binned ECE reduces to |mean confidence − accuracy| and this comparison "
+                    "cannot show whether the ranking depends on the binning.")
+    text += _agreement_text(agreement, ranks, "the equal-width ECE", "the ", "the equal-width gain")
     text.append("These are point estimates; the intervals of @sec-statistics-bootstrap are for the equal-width ECE.")
     return " ".join(text)
 
@@ -313,7 +316,7 @@ def estimator_summary(agreement: pd.DataFrame, coincide: bool, ranks: pd.DataFra
 def scale_sensitivity_summary(agreement: pd.DataFrame, ranks: pd.DataFrame) -> str:
     """Whether the single-block ranking depends on how the posteriors are scaled, in words, from
     :func:`lib.attribution.ranking_agreement` of :func:`lib.attribution.scale_sensitivity`."""
-    return " ".join(_agreement_text(agreement, ranks, "each subset's own κ_S", "")
+    return " ".join(_agreement_text(agreement, ranks, "each subset's own κ_S", "", "the own-κ_S gain")
                     + ["These are point estimates; the intervals elsewhere in this chapter are for the own κ_S."])
 
 
@@ -335,7 +338,8 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     noisy = table[share > 0.5].posterior.tolist()
     if noisy:
         which = "every posterior in the table" if len(noisy) == len(table) else _posterior_names(noisy)
-        out.append(f"For {which} Monte Carlo noise is comparable to test-set noise. The intervals of "
+        out.append(f"For {which} Monte Carlo noise is comparable to test-set noise (its standard error is more than "
+                   "half the test-set one). The intervals of "
                    "@sec-attribution include it (they resample the posterior samples too), so they are wider "
                    "than the test set alone would make them; more samples (`predictive.n_samples`) would "
                    "narrow them.")
@@ -347,7 +351,10 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     drift = table.loc[moved.idxmax()]
     out.append(f"Using only half of the samples shifts ΔECE on average by {PP * abs(float(drift.halving)):.2f} pp for "
                f"{_posterior_names([drift.posterior])} ({100 * float(moved.max()):.0f}% of its test-set standard error, "
-               "the largest relative shift); this estimates the bias from a finite K, which no bootstrap captures" +
+               "the largest relative shift"
+               + (f", and {100 * abs(float(drift.halving)) / abs(float(drift.delta)):.0f}% of its ΔECE"
+                  if abs(float(drift.delta)) > 0 else "")
+               + "); this estimates the bias from a finite K, which no bootstrap captures" +
                ((": it is small next to the test-set error" + (", even though the Monte Carlo variance is not." if noisy
                                                                  else "."))
                 if moved.max() <= 0.5 else
@@ -369,27 +376,35 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
                 f"recommended for calibration; temperature scaling reaches an ECE of {ts['ECE (%)']:.2f}% "
                 f"(deterministic: {det['ECE (%)']:.2f}%) at no cost.")
     f = front[front.front & (front.delta > 0)].sort_values("cost")
-    good = f[f.delta >= 0.8 * full_delta]
-    pick = good.iloc[0] if len(good) else f.sort_values("delta").iloc[-1]
-    rule = ("the cheapest choice on the Pareto front with at least 80% of the all-block gain" if len(good) else
-            "the choice on the Pareto front with the largest gain (none reaches 80% of the all-block gain)")
+    full = front[front.name == "all"]
+    uncertain = {"lower", "upper"} <= set(front.columns) and not full.empty and float(full.lower.iloc[0]) <= 0
+    if uncertain:
+        # A share of a gain that may be zero is meaningless: name the largest point estimate, in absolute terms.
+        pick = f.sort_values("delta").iloc[-1]
+    else:
+        good = f[f.delta >= 0.8 * full_delta]
+        pick = good.iloc[0] if len(good) else f.sort_values("delta").iloc[-1]
+        rule = ("the cheapest choice on the Pareto front with at least 80% of the all-block gain" if len(good) else
+                "the choice on the Pareto front with the largest gain (none reaches 80% of the all-block gain)")
     row = b.loc[f"Laplace, {pick['name']}"]
     d_acc = (row["accuracy (%)"] - det["accuracy (%)"]) / PP
-    full = front[front.name == "all"]
-    if {"lower", "upper"} <= set(front.columns) and not full.empty and float(full.lower.iloc[0]) <= 0:
-        # A share of a gain that may be zero is meaningless: report the choice in absolute terms.
+    if uncertain:
         r = full.iloc[0]
         text = (f"No choice of Bayesian blocks can be recommended for calibration on this evidence: the all-block "
                 f"gain's 95% interval, {ci(r.delta, r.lower, r.upper)} pp, includes zero, so the data (test set, seeds "
-                f"and posterior samples) cannot tell any choice apart from no change. By point estimates alone, {rule} "
-                f"is **{pick['name']}** ({pp(pick.delta)} pp ΔECE vs {pp(full_delta)} pp for all blocks, "
-                f"{pick.cost:.3g} ms extra per image, {100 * pick.cost / full_cost:.0f}% of the all-block extra "
-                f"latency; accuracy {pp(d_acc)} pp).")
+                "and posterior samples) cannot tell any choice apart from no change. By point estimates alone, the "
+                f"largest gain on the Pareto front is that of **{pick['name']}** ({pp(pick.delta)} pp ΔECE"
+                + (f" vs {pp(full_delta)} pp for all blocks" if pick["name"] != "all" else "")
+                + f", {pick.cost:.3g} ms extra per image; accuracy {pp(d_acc)} pp).")
     else:
         text = (f"Make **{pick['name']}** Bayesian ({rule}): it recovers {100 * pick.delta / full_delta:.0f}% of the "
                 f"all-block calibration gain ({pp(pick.delta)} vs {pp(full_delta)} pp ΔECE) at "
                 f"{100 * pick.cost / full_cost:.0f}% of the all-block extra latency "
                 f"({pick.cost:.3g} ms extra per image); its accuracy changes by {pp(d_acc)} pp.")
+    if "signed ECE (pp)" in b.columns and det["signed ECE (pp)"] < 0 and d_acc < 0 and -d_acc >= 0.5 * pick.delta:
+        text += (f" The deterministic model is under-confident (signed ECE {pp(det['signed ECE (pp)'] / PP)} pp), and "
+                 "for an under-confident model ECE also falls when accuracy falls: the accuracy loss of "
+                 f"{pp(d_acc)} pp accounts for at least half of this gain.")
     if ts["ECE (%)"] <= row["ECE (%)"]:
         text += (f" Temperature scaling, fitted on the validation set, reaches a lower ECE ({ts['ECE (%)']:.2f}% vs "
                  f"{row['ECE (%)']:.2f}%) at no extra cost and without changing accuracy, so on this profile it is "
@@ -458,8 +473,9 @@ def scale_table(metrics: list[pd.DataFrame], scales: list[pd.DataFrame]) -> pd.D
     raw = pd.concat([sc.set_index("posterior") for sc in scales])
     names = ["all", *[n for n in raw.index.unique() if n.startswith("single ")]]
     det = tuned.loc[["none"]]
+    map_nll = raw.loc[["none"], "val_nll"].mean() if "none" in raw.index else float("nan")
     rows = [{"posterior": "deterministic (MAP)", "κ median": float("nan"), "κ min": float("nan"), "κ max": float("nan"),
-             "val NLL κ=1": float("nan"), "val NLL κ_S": float("nan"),
+             "val NLL κ=1": map_nll, "val NLL κ_S": map_nll,
              "ECE % κ=1": PP * det.ece.mean(), "ECE % κ_S": PP * det.ece.mean(),
              "acc % κ=1": PP * det.accuracy.mean(), "acc % κ_S": PP * det.accuracy.mean()}]
     for n in names:
@@ -510,27 +526,32 @@ def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
     """A caveat naming the posteriors whose κ_S sits at an end of the grid (on any seed)."""
     named = t.drop(index="deterministic (MAP)")
     out = []
-    for hit, word, fix in ((named["κ max"] >= grid[1] * (1 - 1e-9), "upper", "raise its upper end"),
-                           (named["κ min"] <= grid[0] * (1 + 1e-9), "lower", "lower its lower end")):
+    for hit, word, fix in ((named["κ max"] >= grid[1] * (1 - 1e-9), "upper", "extend the grid upwards"),
+                           (named["κ min"] <= grid[0] * (1 + 1e-9), "lower", "extend the grid downwards")):
         if hit.any():
-            out.append(f" For {_posterior_names(named.index[hit])} the selected κ is at the {word} end of the grid "
-                       f"on at least one seed, so the validation optimum may lie beyond it (to check, {fix} in "
-                       "`predictive.scale_range`)."
-                       + (" At the lower end a posterior predicts almost like the MAP, so its gain is close to zero "
-                          "by construction." if word == "lower" else ""))
+            who = (f"all {len(named)} posteriors" if hit.all() else _posterior_names(named.index[hit]))
+            out.append(f" For {who} the selected κ is at the {word} end of the grid on at least one seed, so the "
+                       f"validation optimum may lie beyond it (to check, {fix} in `predictive.scale_range`).")
     return "".join(out)
+
+
+def _join(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
 
 
 def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pareto: pd.DataFrame,
            baseline: pd.DataFrame, cfg: Config, mc: pd.DataFrame | None = None,
-           agreement: pd.DataFrame | None = None) -> str:
+           agreement: pd.DataFrame | None = None, scale: pd.DataFrame | None = None) -> str:
     """The book's answer in one paragraph, from the saved result tables.
 
     ``mc``: :func:`lib.attribution.mc_error` of the first seed; when Monte Carlo noise is material
     (``mc_share > 0.5``, as in :func:`mc_error_summary`) the paragraph says that it widens the
     intervals and that more samples would narrow them. ``agreement``:
     :func:`lib.attribution.estimator_agreement`; the paragraph says whether the leading block is the
-    same under the other estimators of calibration error.
+    same under the other estimators of calibration error. ``scale``: :func:`scale_table`; the
+    paragraph says when the all-block posterior's κ_S sits at the lower end of the grid, i.e. when
+    validation prefers a posterior that predicts almost like the MAP.
     """
     singles = table[table.kind == "single"].sort_values("delta", ascending=False)
     full = table[table.kind == "all"].iloc[0]
@@ -545,9 +566,13 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
         + (" (each posterior with its covariance scale tuned on validation NLL, @sec-attribution-scale)"
            if cfg.predictive.scale != "none" else "")
         + f" gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp (positive: lower ECE; accuracy "
-        f"{pp(full.d_acc)} pp).",
+        f"{pp(full.d_acc)} pp)."
+        + (" Its κ_S sits at the lower end of the validation grid on at least one seed: validation prefers a "
+           "posterior that predicts almost like the MAP." if scale is not None and cfg.predictive.scale != "none"
+           and float(scale.set_index("posterior").loc["all", "κ min"]) <= cfg.predictive.scale_range[0] * (1 + 1e-9)
+           else ""),
         ("Ranked by their own ΔECE, the single blocks with the largest gains are "
-         + ", ".join(f"block {int(r.block)} ({pp(r.delta)} pp)" for r in top[top.delta > 0].itertuples()) + "."
+         + _join([f"block {int(r.block)} ({pp(r.delta)} pp)" for r in top[top.delta > 0].itertuples()]) + "."
          if (top.delta > 0).any() else
          f"No single block lowers the ECE on its own (largest ΔECE: block {int(top.block.iloc[0])}, "
          f"{pp(top.delta.iloc[0])} pp)."),
@@ -562,29 +587,32 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
     text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
                 + " and ".join(lead) + " first.")
     if agreement is not None:
-        names = list(agreement.estimator)
-        others = ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + names[-1]
         lead = int(agreement.top_block_study.iloc[0])
         certified = bool((ranks.set_index("block").loc[lead, "rank_upper"] == 1))
-        if (agreement.top_block == agreement.top_block_study).all():
-            text.append(f"The leading single block is the same under the {others} (@sec-statistics-estimator).")
+        differ = agreement[agreement.top_block != agreement.top_block_study].estimator.tolist()
+        if not differ:
+            text.append(f"The leading single block is the same under the {_join(list(agreement.estimator))} "
+                        "(@sec-statistics-estimator).")
         elif certified:
-            text.append(f"Which single block leads depends on the estimator of calibration error ({others}; "
-                        "@sec-statistics-estimator).")
+            text.append(f"Which single block leads depends on the estimator of calibration error: another leads under "
+                        f"the {_join(differ)} (@sec-statistics-estimator).")
         else:
-            text.append(f"Under some of the other estimators of calibration error ({others}) a different block leads "
-                        "(@sec-statistics-estimator), as can be expected when no leader is certified.")
+            text.append(f"Under the {_join(differ)} a different block leads (@sec-statistics-estimator), as can be "
+                        "expected when no leader is certified.")
     if mc is not None and (mc.mc_share > 0.5).any():
+        noisy = int((mc.mc_share > 0.5).sum())
         text.append(f"With K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to the "
-                    f"test-set error for {int((mc.mc_share > 0.5).sum())} of the {len(mc)} posteriors checked; the "
-                    "intervals include it, and more samples would narrow them (@sec-statistics-mc).")
+                    "test-set error (more than half of it, on the first seed) for "
+                    + (f"all {noisy}" if noisy == len(mc) else f"{noisy} of the {len(mc)}")
+                    + " posteriors checked; the intervals include it, and more samples would narrow them "
+                    "(@sec-statistics-mc).")
     text.append(recommendation(pareto, float(full.delta), full_cost, baseline))
     return " ".join(text)
 
 
 def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.DataFrame) -> pd.DataFrame:
-    """Deterministic, temperature scaling and the given posteriors: ECE, NLL, accuracy (means over
-    seeds) and extra latency per image."""
+    """Deterministic, temperature scaling and the given posteriors: ECE, signed ECE (positive:
+    over-confident), NLL, accuracy (means over seeds) and extra latency per image."""
     names = ["none", "temperature scaling", *choices]
     label = {"none": "deterministic (MAP)", "temperature scaling": "temperature scaling (validation-fitted)"}
     extra = latency.set_index("posterior").extra_ms
@@ -592,6 +620,7 @@ def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.
     for n in names:
         vals = pd.concat([m.set_index("posterior").loc[[n]] for m in metrics])
         rows.append({"method": label.get(n, f"Laplace, {n}"), "ECE (%)": round(PP * vals.ece.mean(), 2),
+                     "signed ECE (pp)": round(PP * vals.signed_ece.mean(), 2),
                      "NLL": round(vals.nll.mean(), 4), "accuracy (%)": round(PP * vals.accuracy.mean(), 2),
                      "extra ms / image": round(float(extra.get(n, 0.0)), 4)})
     return pd.DataFrame(rows)

@@ -55,3 +55,23 @@ def test_every_book_chapter_has_a_frozen_smoke_output(chapter):
         f"chapter {chapter} has no frozen smoke output; make run PROFILE=smoke CHAPTER={chapter}"
     )
 
+
+
+PROFILES = sorted({p.parent.name for p in RECORDS})
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_chapters_of_a_profile_ran_with_one_library_and_index_last(profile):
+    """The book shows one execution of the library: every chapter of a profile recorded the same
+    ``lib`` hash, and the index, which reads the other chapters' saved tables, ran after them."""
+    records = {p.stem: json.loads(p.read_text()) for p in FREEZE.glob(f"{profile}/*.json")}
+    libs = {r["lib_sha256"] for r in records.values()}
+    assert len(libs) == 1, (
+        f"chapters of {profile} ran with {len(libs)} different versions of lib/ "
+        f"({', '.join(sorted(c for c in records))}); re-run them together: make run PROFILE={profile}"
+    )
+    if "index" in records:
+        last = max(r["started_at"] for c, r in records.items() if c != "index")
+        assert records["index"]["started_at"] >= last, (
+            f"the index of {profile} ran before a chapter whose tables it reads; make run PROFILE={profile} CHAPTER=index"
+        )

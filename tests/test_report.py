@@ -39,8 +39,19 @@ def test_no_advice_but_absolute_numbers_when_the_all_block_interval_includes_zer
     text = recommendation(_front(-0.001), 0.010, 4.0, _baseline(5.1))
     assert text.startswith("No choice of Bayesian blocks can be recommended for calibration on this evidence")
     assert "+1.00 [−0.10, +1.60] pp" in text and "recovers" not in text and "90%" not in text
-    assert "**last 2** (+0.90 pp ΔECE vs +1.00 pp for all blocks, 2 ms extra per image, 50% of the all-block extra" in text
-    assert "Temperature scaling, fitted on the validation set, reaches a lower ECE (3.00% vs 5.10%)" in text
+    assert "the largest gain on the Pareto front is that of **all** (+1.00 pp ΔECE, 4 ms extra per image; accuracy −0.50 pp)" in text
+    smaller_all = _front(-0.001).assign(delta=[0.004, 0.012, 0.010])
+    assert "**last 2** (+1.20 pp ΔECE vs +1.00 pp for all blocks, 2 ms extra per image" in recommendation(
+        smaller_all, 0.010, 4.0, _baseline(5.1))
+    assert "Temperature scaling, fitted on the validation set, reaches a lower ECE (3.00% vs 5.00%)" in text
+
+
+def test_accuracy_loss_caveat_for_an_under_confident_model():
+    """Under-confident everywhere, ECE = accuracy − confidence: a gain that is mostly lost accuracy is called so."""
+    base = _baseline(2.5).assign(**{"signed ECE (pp)": [-6.0, 0.5, -5.0, -2.0, -4.0]})
+    text = recommendation(_front(0.004), 0.010, 4.0, base.assign(**{"accuracy (%)": [90.0, 90.0, 90.1, 89.4, 89.5]}))
+    assert "under-confident (signed ECE −6.00 pp)" in text and "the accuracy loss of −0.60 pp accounts for at least half" in text
+    assert "under-confident" not in recommendation(_front(0.004), 0.010, 4.0, base)  # last 2 loses 0.2 pp < half of 0.9
 
 
 def test_no_recommendation_without_an_all_block_gain():
@@ -61,12 +72,13 @@ def test_mc_error_summary_small_monte_carlo_error():
     assert "10% of the test-set standard error at the median and 20% at most (single 1)" in text
     assert "by at most about 2% over the test-set error alone" in text
     assert ("shifts ΔECE on average by 0.05 pp for the all-block posterior (10% of its test-set standard error, the "
-            "largest relative shift)") in text and "it is small next to the test-set error." in text
+            "largest relative shift, and 5% of its ΔECE)") in text and "it is small next to the test-set error." in text
 
 
 def test_mc_error_summary_flags_noisy_posteriors_and_drift():
     text = mc_error_summary(_mc([0.0004, 0.0030, 0.0005], [-0.0002, 0.0001, -0.0040]), 8)
-    assert "For single 1 Monte Carlo noise is comparable to test-set noise. The intervals" in text
+    assert ("For single 1 Monte Carlo noise is comparable to test-set noise (its standard error is more than half the "
+            "test-set one). The intervals") in text
     assert "more samples (`predictive.n_samples`) would narrow them" in text
     assert "by 0.40 pp for the all-block posterior (80% of its test-set standard error" in text
     assert "may differ from the infinite-sample ones" in text
@@ -167,9 +179,9 @@ def test_estimator_summary_names_disagreeing_leaders():
     differ = estimator_summary(_agreement([11, 3]), False, _ranks(1))
     assert "but block 3 under the smooth ECE, so which block leads depends on this choice" in differ
     uncertified = estimator_summary(_agreement([11, 3], [True, False]), True, _ranks(4))
-    assert "does not single out a leader under the equal-width ECE either" in uncertified
+    assert "in the first place, this is no evidence against the ranking" in uncertified
     assert "the all-block gain changes sign under the smooth ECE" in uncertified
-    assert uncertified.startswith("The equal-width, equal-mass and smooth ECE give the same gains")
+    assert uncertified.startswith("Equal-width and equal-mass bins give the same gains")
 
 
 def test_in_pp_converts_only_the_named_columns():
