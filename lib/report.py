@@ -404,7 +404,7 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
     if "signed ECE (pp)" in b.columns and det["signed ECE (pp)"] < 0 and d_acc < 0 and -d_acc >= 0.5 * pick.delta:
         text += (f" The deterministic model is under-confident (signed ECE {pp(det['signed ECE (pp)'] / PP)} pp), and "
                  "for an under-confident model ECE also falls when accuracy falls: the accuracy loss of "
-                 f"{pp(d_acc)} pp accounts for at least half of this gain.")
+                 f"{-PP * d_acc:.2f} pp accounts for at least half of this gain.")
     if ts["ECE (%)"] <= row["ECE (%)"]:
         text += (f" Temperature scaling, fitted on the validation set, reaches a lower ECE ({ts['ECE (%)']:.2f}% vs "
                  f"{row['ECE (%)']:.2f}%) at no extra cost and without changing accuracy, so on this profile it is "

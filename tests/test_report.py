@@ -50,7 +50,7 @@ def test_accuracy_loss_caveat_for_an_under_confident_model():
     """Under-confident everywhere, ECE = accuracy − confidence: a gain that is mostly lost accuracy is called so."""
     base = _baseline(2.5).assign(**{"signed ECE (pp)": [-6.0, 0.5, -5.0, -2.0, -4.0]})
     text = recommendation(_front(0.004), 0.010, 4.0, base.assign(**{"accuracy (%)": [90.0, 90.0, 90.1, 89.4, 89.5]}))
-    assert "under-confident (signed ECE −6.00 pp)" in text and "the accuracy loss of −0.60 pp accounts for at least half" in text
+    assert "under-confident (signed ECE −6.00 pp)" in text and "the accuracy loss of 0.60 pp accounts for at least half" in text
     assert "under-confident" not in recommendation(_front(0.004), 0.010, 4.0, base)  # last 2 loses 0.2 pp < half of 0.9
 
 
