@@ -612,17 +612,22 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
 
 def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.DataFrame) -> pd.DataFrame:
     """Deterministic, temperature scaling and the given posteriors: ECE, signed ECE (positive:
-    over-confident), NLL, accuracy (means over seeds) and extra latency per image."""
+    over-confident), NLL, accuracy (means over seeds), extra latency per image and, where it was
+    measured (CUDA, :func:`lib.deploy.latency_table`), the peak memory of one batch's predictive."""
     names = ["none", "temperature scaling", *choices]
     label = {"none": "deterministic (MAP)", "temperature scaling": "temperature scaling (validation-fitted)"}
-    extra = latency.set_index("posterior").extra_ms
+    lat = latency.set_index("posterior")
+    mem = lat.peak_mib.rename({"deterministic": "none"}) if lat.peak_mib.notna().any() else None
     rows = []
     for n in names:
         vals = pd.concat([m.set_index("posterior").loc[[n]] for m in metrics])
-        rows.append({"method": label.get(n, f"Laplace, {n}"), "ECE (%)": round(PP * vals.ece.mean(), 2),
-                     "signed ECE (pp)": round(PP * vals.signed_ece.mean(), 2),
-                     "NLL": round(vals.nll.mean(), 4), "accuracy (%)": round(PP * vals.accuracy.mean(), 2),
-                     "extra ms / image": round(float(extra.get(n, 0.0)), 4)})
+        row = {"method": label.get(n, f"Laplace, {n}"), "ECE (%)": round(PP * vals.ece.mean(), 2),
+               "signed ECE (pp)": round(PP * vals.signed_ece.mean(), 2),
+               "NLL": round(vals.nll.mean(), 4), "accuracy (%)": round(PP * vals.accuracy.mean(), 2),
+               "extra ms / image": round(float(lat.extra_ms.get(n, 0.0)), 4)}
+        if mem is not None:
+            row["peak MiB"] = round(float(mem.get(n, mem.get("none"))), 1)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

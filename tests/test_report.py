@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from lib.config import Config
-from lib.report import (agreement_notes, attribution_summary, display_rank_table, estimator_summary, in_pp,
-                        mc_error_summary, posterior_summary, readable, recommendation, scale_sensitivity_summary,
-                        scale_summary)
+from lib.report import (agreement_notes, attribution_summary, baseline_table, display_rank_table, estimator_summary,
+                        in_pp, mc_error_summary, posterior_summary, readable, recommendation,
+                        scale_sensitivity_summary, scale_summary)
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -207,3 +207,18 @@ def test_posterior_summary_relates_the_tuned_prior_to_the_training_prior():
     assert "weaker prior" in text and "widest in block 1 (total variance 439)" in text
     assert "stronger prior" in posterior_summary(blocks, 100.0)
     assert "on both sides of the δ = 10" in posterior_summary(blocks, 10.0)
+
+
+def _metrics(ece: float) -> pd.DataFrame:
+    return pd.DataFrame({"posterior": ["none", "temperature scaling", "all"], "ece": [0.06, 0.03, ece],
+                         "signed_ece": [-0.06, 0.01, -0.04], "nll": [0.5, 0.4, 0.45], "accuracy": [0.9, 0.9, 0.89]})
+
+
+def test_baseline_table_means_over_seeds_and_memory_only_where_measured():
+    latency = pd.DataFrame({"posterior": ["deterministic", "all"], "extra_ms": [0.0, 2.5],
+                            "peak_mib": [float("nan"), float("nan")]})
+    table = baseline_table([_metrics(0.05), _metrics(0.03)], ["all"], latency).set_index("method")
+    assert table.loc["Laplace, all", "ECE (%)"] == 4.0 and table.loc["Laplace, all", "signed ECE (pp)"] == -4.0
+    assert table.loc["Laplace, all", "extra ms / image"] == 2.5 and "peak MiB" not in table.columns
+    cuda = baseline_table([_metrics(0.05)], ["all"], latency.assign(peak_mib=[120.0, 900.0])).set_index("method")
+    assert list(cuda["peak MiB"]) == [120.0, 120.0, 900.0]
