@@ -20,7 +20,7 @@ from scipy.stats import kendalltau
 
 from lib.calibration import debiased_ece, ece, ece_equal_mass, prepare_reliability, smooth_ece
 from lib.config import StatsConfig
-from lib.laplace.predictive import sample_mixture, subset_probs
+from lib.laplace.predictive import iter_subset_probs, sample_mixture
 from lib.stats import (
     SeedSamples,
     bca_interval,
@@ -300,6 +300,20 @@ def _calibration_errors(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) 
             float(debiased_ece(probs, labels, n_bins)), float(smooth_ece(probs, labels))]
 
 
+def _single_and_all(names: list[str]) -> list[str]:
+    """The single-block and all-block posteriors among ``names``, in their order."""
+    return [n for n in names if n == "all" or n.startswith("single ")]
+
+
+def _posterior_frame(names: list[str], values: torch.Tensor, columns: list[str]) -> pd.DataFrame:
+    """``posterior``, ``kind``, ``block`` of each of ``names`` followed by ``values`` (P, len(columns))."""
+    out = pd.DataFrame(values.numpy(), columns=columns)
+    out.insert(0, "block", [_kind(n)[1] for n in names])
+    out.insert(0, "kind", [_kind(n)[0] for n in names])
+    out.insert(0, "posterior", names)
+    return out
+
+
 def estimator_robustness(studies: list[SeedStudy], n_bins: int) -> pd.DataFrame:
     """Δ = CE_det − CE_S of the single-block and all-block posteriors under every calibration-error
     estimator of :data:`ESTIMATORS` (point estimates, means over seeds).
@@ -312,16 +326,12 @@ def estimator_robustness(studies: list[SeedStudy], n_bins: int) -> pd.DataFrame:
     rows = None
     for s in studies:
         d = s.named()
-        names = [n for n in d["names"] if n == "all" or n.startswith("single ")]
+        names = _single_and_all(d["names"])
         det = _calibration_errors(d["det"], d["labels"], n_bins)
         deltas = torch.tensor([[a - b for a, b in zip(det, _calibration_errors(d["probs"][d["names"].index(n)],
                                                                                 d["labels"], n_bins))] for n in names])
         rows = deltas if rows is None else rows + deltas
-    out = pd.DataFrame((rows / len(studies)).numpy(), columns=list(ESTIMATORS))
-    out.insert(0, "block", [_kind(n)[1] for n in names])
-    out.insert(0, "kind", [_kind(n)[0] for n in names])
-    out.insert(0, "posterior", names)
-    return out
+    return _posterior_frame(names, rows / len(studies), list(ESTIMATORS))
 
 
 def ranking_agreement(table: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -371,24 +381,20 @@ def scale_sensitivity(studies: list[SeedStudy], n_bins: int, method: str, device
     acc, kappas = None, []
     for s in studies:
         d = s.named()
-        names = [n for n in d["names"] if n == "all" or n.startswith("single ")]
+        names = _single_and_all(d["names"])
         idx = [d["names"].index(n) for n in names]
         bank = s.test_bank().to(device)
         det, labels = d["det"].to(device), d["labels"].to(device)
-        k_all = float(d["scales"][d["names"].index("all")])
-        probs = {
-            SCALES[0]: d["probs"][idx].to(device),
-            SCALES[1]: torch.stack([subset_probs(bank, d["masks"][i], method=method, scale=k_all) for i in idx]),
-            SCALES[2]: torch.stack([subset_probs(bank, d["masks"][i], method=method) for i in idx]),
-        }
-        deltas = torch.stack([delta_ece(det, p.to(det.dtype), labels, n_bins).cpu() for p in probs.values()], 1)
+        masks = d["masks"][idx].to(device)
+        shared = torch.full((len(idx),), float(d["scales"][d["names"].index("all")]), dtype=torch.float64)
+        probs = [d["probs"][idx].to(device),
+                 torch.cat([p for _, p in iter_subset_probs(bank, masks, method=method, scales=shared)]),
+                 torch.cat([p for _, p in iter_subset_probs(bank, masks, method=method)])]
+        deltas = torch.stack([delta_ece(det, p.to(det.dtype), labels, n_bins).cpu() for p in probs], 1)
         acc = deltas if acc is None else acc + deltas
         kappas.append(d["scales"][idx])
-    out = pd.DataFrame((acc / len(studies)).double().numpy(), columns=list(SCALES))
+    out = _posterior_frame(names, (acc / len(studies)).double(), list(SCALES))
     out["kappa_own"] = torch.stack(kappas).double().quantile(0.5, dim=0).numpy()
-    out.insert(0, "block", [_kind(n)[1] for n in names])
-    out.insert(0, "kind", [_kind(n)[0] for n in names])
-    out.insert(0, "posterior", names)
     return out
 
 

@@ -291,7 +291,7 @@ def _agreement_text(agreement: pd.DataFrame, ranks: pd.DataFrame, reference: str
     signs = ", ".join(f"{int(r.same_sign)} of {n} ({r.estimator})" for r in agreement.itertuples())
     flipped = agreement[~agreement.all_same_sign].estimator.tolist()
     text.append(f"The sign of a single block's gain agrees with {gain} for {signs}"
-                + (f"; the all-block gain changes sign under {article}{(' and ' + article).join(flipped)}." if flipped
+                + (f"; the all-block gain changes sign under {_join([article + e for e in flipped])}." if flipped
                    else "; the all-block gain keeps its sign under every one of them."))
     return text
 
@@ -377,7 +377,7 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
                 f"(deterministic: {det['ECE (%)']:.2f}%) at no cost.")
     f = front[front.front & (front.delta > 0)].sort_values("cost")
     full = front[front.name == "all"]
-    uncertain = {"lower", "upper"} <= set(front.columns) and not full.empty and float(full.lower.iloc[0]) <= 0
+    uncertain = {"lower", "upper"} <= set(front.columns) and not full.empty and not _clear_gain(full.iloc[0])
     if uncertain:
         # A share of a gain that may be zero is meaningless: name the largest point estimate, in absolute terms.
         pick = f.sort_values("delta").iloc[-1]

@@ -381,6 +381,27 @@ def _probit(map_logits: Tensor, var: Tensor) -> Tensor:
     return torch.softmax(map_logits / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
 
 
+def _sample_terms(map_logits: Tensor, pert: Tensor, method: str) -> Tensor:
+    """The per-sample terms that the predictive averages, from MAP logits (N, C) and perturbations
+    (..., N, K, C): ``softmax(f_n + g_k[n])`` for ``"mc"``, ``g_k[n]²`` for ``"probit"``; returned as
+    (..., K, N·C), ready to be weighted by a matrix product with weights (R, K)."""
+    if method == "mc":
+        terms = torch.softmax(map_logits.unsqueeze(-2) + pert, dim=-1)
+    elif method == "probit":
+        terms = pert.square()
+    else:
+        raise ValueError(f"method must be 'mc' or 'probit', got {method!r}")
+    n, k, c = pert.shape[-3:]
+    return terms.transpose(-3, -2).reshape(*pert.shape[:-3], k, n * c)
+
+
+def _weighted_link(map_logits: Tensor, terms: Tensor, weights: Tensor, method: str) -> Tensor:
+    """Predictive probabilities (..., R, N, C) from :func:`_sample_terms` (..., K, N·C) and sample
+    weights (R, K): the weighted softmax average (``"mc"``) or the probit of the weighted variance."""
+    out = (weights @ terms).reshape(*terms.shape[:-2], weights.shape[0], *map_logits.shape)
+    return out if method == "mc" else _probit(map_logits, out)
+
+
 def _subset_pert(bank: Bank, subset: Tensor | int, scale: float) -> Tensor:
     """``g_nk = √κ Σ_{i∈S} delta[i, n, k]`` (N, K, C) of ``subset`` at covariance scale ``κ``."""
     if not scale >= 0:
@@ -426,21 +447,15 @@ def sample_mixture(
     statistic of the predictive is estimated (:func:`lib.stats.mc_error_delta_ece`). The per-sample
     softmaxes (or squared perturbations) are computed once, (K, N, C) floats.
     """
-    pert = _subset_pert(bank, subset, scale).transpose(0, 1)  # (K, N, C)
+    pert = _subset_pert(bank, subset, scale)  # (N, K, C)
     f = bank.map_logits.to(pert)
-    k, n, c = pert.shape
-    if method == "mc":
-        per_sample = torch.softmax(f[None] + pert, dim=-1).reshape(k, n * c)
-    elif method == "probit":
-        per_sample = pert.square().reshape(k, n * c)
-    else:
-        raise ValueError(f"method must be 'mc' or 'probit', got {method!r}")
+    terms = _sample_terms(f, pert, method)  # (K, N·C)
+    k = terms.shape[0]
 
     def mix(weights: Tensor) -> Tensor:
         if weights.ndim != 2 or weights.shape[1] != k:
             raise ValueError(f"weights must be (R, {k}) over the bank's samples; got {tuple(weights.shape)}")
-        out = (weights.to(per_sample) @ per_sample).reshape(-1, n, c)
-        return out if method == "mc" else _probit(f, out)
+        return _weighted_link(f, terms, weights.to(terms), method)
 
     return mix
 
@@ -514,19 +529,14 @@ def iter_subset_mixtures(
     L, N, K, C = bank.delta.shape
     if weights.ndim != 2 or weights.shape[1] != K:
         raise ValueError(f"weights must be (R, {K}) over the bank's samples; got {tuple(weights.shape)}")
-    if method not in ("mc", "probit"):
-        raise ValueError(f"method must be 'mc' or 'probit', got {method!r}")
     f = bank.map_logits.to(bank.delta)
     w = weights.to(bank.delta)
     for rows, pert in _iter_perts(bank, subsets, scales, None, max_elements):
-        s = pert.shape[0]
-        per = torch.softmax(f[:, None] + pert, dim=-1) if method == "mc" else pert.square()
-        per = per.transpose(1, 2).reshape(s, K, N * C)  # (s, K, N·C)
-        step = max(1, max_elements // (s * N * C))
+        terms = _sample_terms(f, pert, method)  # (s, K, N·C)
+        step = max(1, max_elements // (pert.shape[0] * N * C))
         for start in range(0, w.shape[0], step):
             reps = slice(start, min(start + step, w.shape[0]))
-            mix = (w[reps] @ per).reshape(s, -1, N, C)
-            yield rows, reps, mix if method == "mc" else _probit(f, mix)
+            yield rows, reps, _weighted_link(f, terms, w[reps], method)
 
 
 def all_subset_probs(
