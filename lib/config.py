@@ -29,15 +29,25 @@ class ParamsError(ValueError):
     """A params file or dict is invalid; the message is one line naming the key and the fix."""
 
 
+def _at_least(default: Any, low: float) -> Any:
+    """A field whose value (when not None) must be ≥ ``low``."""
+    return field(default=default, metadata={"low": low})
+
+
+def _above(default: Any, low: float, high: float | None = None) -> Any:
+    """A field whose value (when not None) must be > ``low`` (and < ``high`` when given)."""
+    return field(default=default, metadata={"low": low, "open": True, "high": high})
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Seeded class-conditional synthetic images (CI profile)."""
 
-    n_train: int = 512
-    n_val: int = 256
-    n_test: int = 512
-    native_size: int = 32
-    noise: float = 0.6
+    n_train: int = _at_least(512, 1)
+    n_val: int = _at_least(256, 1)
+    n_test: int = _at_least(512, 1)
+    native_size: int = _at_least(32, 4)
+    noise: float = _at_least(0.6, 0.0)
 
 
 @dataclass(frozen=True)
@@ -47,23 +57,30 @@ class DataConfig:
     ``root`` is relative to the repository root unless absolute. ``classes`` keeps only those
     original class ids (relabelled 0..k-1 in the given order). The validation split is carved out
     of the training set and is what prior precision and temperature are tuned on, never the test set.
+    ``classes``, ``train_per_class``, ``val_size`` and ``test_size`` apply to CIFAR; synthetic data
+    take their sizes from ``synthetic`` (setting them for synthetic data is an error).
     """
 
     name: Literal["synthetic", "cifar10", "cifar100"] = "synthetic"
     root: str = "data"
     download: bool = False
     classes: tuple[int, ...] | None = None
-    num_classes: int = 10
-    train_per_class: int | None = None
-    val_size: int = 500
+    num_classes: int = _at_least(10, 2)
+    train_per_class: int | None = _at_least(None, 1)
+    val_size: int = _at_least(500, 1)
     split_seed: int = 0
-    test_size: int | None = None
+    test_size: int | None = _at_least(None, 1)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A timm ViT by name; ``pretrained`` loads hub weights, ``checkpoint`` a local file instead."""
+    """A timm ViT by name; ``pretrained`` loads hub weights, ``checkpoint`` a local file instead.
+
+    ``kwargs`` go to ``timm.create_model``; its dropout rates (``*drop_rate``, ``drop_path_rate``)
+    must stay 0: dropout draws from the global random stream, so a resumed run would not be
+    bit-identical and the Laplace fit would linearise a stochastic network.
+    """
 
     name: str = "vit_tiny_patch16_224"
     pretrained: bool = False
@@ -77,23 +94,23 @@ class PretrainConfig:
 
     classes: tuple[int, ...] = (0, 1, 2, 3, 4)
     seed: int = 0
-    epochs: int = 30
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 2
-    label_smoothing: float = 0.1
+    epochs: int = _at_least(30, 1)
+    batch_size: int = _at_least(256, 1)
+    lr: float = _above(1e-3, 0.0)
+    weight_decay: float = _at_least(0.05, 0.0)
+    warmup_epochs: int = _at_least(2, 0)
+    label_smoothing: float = field(default=0.1, metadata={"low": 0.0, "high": 1.0})
     augment: bool = True
     compile: bool = False
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """LoRA adapters (peft) on the attention and MLP projections of every block."""
+    """LoRA adapters (peft) on the attention and MLP projections of every block (no adapter
+    dropout: it would make the MAP network stochastic, see :class:`ModelConfig`)."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = _at_least(8, 1)
+    alpha: float = _above(16.0, 0.0)
     targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 
 
@@ -106,12 +123,12 @@ class TrainConfig:
     prior of precision ``δ = λ·N``; see :mod:`lib.train`.
     """
 
-    epochs: int = 2
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
-    grad_clip: float | None = 1.0
+    epochs: int = _at_least(2, 1)
+    batch_size: int = _at_least(64, 1)
+    lr: float = _above(1e-3, 0.0)
+    weight_decay: float = _at_least(1e-4, 0.0)
+    warmup_epochs: float = _at_least(0.0, 0.0)
+    grad_clip: float | None = _above(1.0, 0.0)
     augment: bool = False
     compile: bool = False
 
@@ -130,15 +147,15 @@ class LaplaceConfig:
     structure: Literal["kron", "diag"] = "kron"
     kfac: Literal["expand", "reduce"] = "reduce"
     fisher: Literal["exact", "mc"] = "exact"
-    mc_samples: int = 1
+    mc_samples: int = _at_least(1, 1)
     prior_tuning: Literal["marglik", "none"] = "marglik"
     prior_per_block: bool = True
-    prior_init: float | None = None
-    rank: int | None = None
+    prior_init: float | None = _above(None, 0.0)
+    rank: int | None = _at_least(None, 1)
     restricted_prior: Literal["inherit", "retune"] = "inherit"
-    fit_size: int | None = None
-    batch_size: int = 64
-    class_chunk: int = 10
+    fit_size: int | None = _at_least(None, 1)
+    batch_size: int = _at_least(64, 1)
+    class_chunk: int = _at_least(10, 1)
 
 
 @dataclass(frozen=True)
@@ -151,13 +168,13 @@ class PredictiveConfig:
     images (None: all); ``'none'`` keeps ``κ = 1`` (:mod:`lib.laplace.scale`).
     """
 
-    n_samples: int = 32
-    batch_size: int = 64
+    n_samples: int = _at_least(32, 2)
+    batch_size: int = _at_least(64, 1)
     method: Literal["mc", "probit"] = "mc"
     scale: Literal["none", "val_nll"] = "none"
     scale_range: tuple[float, ...] = (1e-4, 10.0)
-    scale_points: int = 26
-    scale_images: int | None = None
+    scale_points: int = _at_least(26, 2)
+    scale_images: int | None = _at_least(None, 1)
 
 
 @dataclass(frozen=True)
@@ -169,21 +186,21 @@ class StatsConfig:
     Monte Carlo error (:func:`lib.stats.mc_error_delta_ece`).
     """
 
-    n_bins: int = 15
-    n_boot: int = 2000
-    n_boot_shapley: int = 200
-    n_boot_mc: int = 200
-    alpha: float = 0.05
-    top_k: int = 3
+    n_bins: int = _at_least(15, 1)
+    n_boot: int = _at_least(2000, 1)
+    n_boot_shapley: int = _at_least(200, 1)
+    n_boot_mc: int = _at_least(200, 1)
+    alpha: float = _above(0.05, 0.0, 1.0)
+    top_k: int = _at_least(3, 1)
 
 
 @dataclass(frozen=True)
 class DeployConfig:
     """Latency and memory measurement of the predictive for each choice of Bayesian blocks."""
 
-    batch_size: int = 64
-    n_warmup: int = 2
-    n_iters: int = 5
+    batch_size: int = _at_least(64, 1)
+    n_warmup: int = _at_least(2, 0)
+    n_iters: int = _at_least(5, 1)
 
 
 @dataclass(frozen=True)
@@ -287,7 +304,8 @@ def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
     if not isinstance(d, Mapping):
         raise ParamsError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in d.items():
         if key not in names:
@@ -297,7 +315,54 @@ def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
                 f"{source}: unknown key '{prefix}{key}'; {fix} (valid keys: {', '.join(names)})"
             )
         kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
-    return cls(**kwargs)
+        _check_range(fields[key].metadata, kwargs[key], source, f"{prefix}{key}")
+    obj = cls(**kwargs)
+    check = _CHECKS.get(cls)
+    if check is not None:
+        check(obj, source, prefix)
+    return obj
+
+
+def _check_range(meta: Mapping[str, Any], value: Any, source: str, key: str) -> None:
+    """Apply a field's ``low``/``high``/``open`` bounds (:func:`_at_least`, :func:`_above`)."""
+    if value is None or "low" not in meta:
+        return
+    low, high, is_open = meta["low"], meta.get("high"), meta.get("open", False)
+    if (value <= low if is_open else value < low) or (high is not None and value >= high):
+        need = f"> {low}" if is_open else f"≥ {low}"
+        need += f" and < {high}" if high is not None else ""
+        raise ParamsError(f"{source}: '{key}' is {value!r}; it must be {need}")
+
+
+def _check_data(cfg: DataConfig, source: str, prefix: str) -> None:
+    if cfg.name != "synthetic":
+        return
+    default = DataConfig()
+    for key in ("classes", "train_per_class", "val_size", "test_size"):
+        if getattr(cfg, key) != getattr(default, key):
+            raise ParamsError(
+                f"{source}: '{prefix}{key}' applies to cifar10/cifar100 only; synthetic data take their "
+                f"sizes from '{prefix}synthetic' (n_train, n_val, n_test): remove '{prefix}{key}'"
+            )
+
+
+def _check_model(cfg: ModelConfig, source: str, prefix: str) -> None:
+    for key, value in cfg.kwargs.items():
+        if key.endswith("drop_rate") or key == "drop_path_rate":
+            if value:
+                raise ParamsError(
+                    f"{source}: '{prefix}kwargs.{key}' is {value!r}; dropout must stay 0 (it draws from the "
+                    "global random stream and makes the linearised network stochastic): remove it"
+                )
+
+
+def _check_predictive(cfg: PredictiveConfig, source: str, prefix: str) -> None:
+    r = cfg.scale_range
+    if len(r) != 2 or not 0 < r[0] < r[1]:
+        raise ParamsError(f"{source}: '{prefix}scale_range' is {list(r)}; give two numbers [low, high] with 0 < low < high")
+
+
+_CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive}
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:

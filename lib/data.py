@@ -188,6 +188,8 @@ class Preprocess:
 
     @classmethod
     def from_data_config(cls, dc: dict) -> "Preprocess":
+        """From timm's ``resolve_data_config`` dict (``mean``, ``std``, ``input_size`` (3, H, W),
+        ``interpolation``), so the preprocessing follows the model's pretrained config."""
         return cls(tuple(dc["mean"]), tuple(dc["std"]), tuple(dc["input_size"][1:]), dc["interpolation"])
 
     def __call__(self, x: torch.Tensor, *, augment: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -224,7 +226,6 @@ def batches(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     augment: bool = False,
-    drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (inputs float (B, 3, H, W), labels int64 (B,)) on ``device``.
 
@@ -232,8 +233,7 @@ def batches(
     """
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for i in range(0, stop, batch_size):
+    for i in range(0, n, batch_size):
         idx = order[i : i + batch_size]
         x = split.x[idx].to(device, non_blocking=True)
         yield preprocess(x, augment=augment, generator=generator), split.y[idx].to(device, non_blocking=True)

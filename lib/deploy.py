@@ -12,6 +12,7 @@ depth of the tail and with the number of classes C, hardly with K.
 
 from __future__ import annotations
 
+import statistics
 import time
 from functools import partial
 from typing import Callable, Literal
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from lib.laplace.predictive import (BlockPosterior, block_tangents, load_forward_ad, reverse_delta, reverse_mode,
+from lib.laplace.predictive import (CLASS_CHUNK, BlockPosterior, block_tangents, load_forward_ad, reverse_delta, reverse_mode,
                                    reverse_samples, uses_reverse_mode)
 from lib.model import fused_attention_off, vit_parts
 
@@ -36,17 +37,17 @@ class GLMPredictor:
 
     ``mode='forward'``: the network up to the first Bayesian block ``ℓ₀ = min S`` once, then one
     JVP of the tail per sample (batched by ``vmap``); ``'reverse'``: one forward pass and ``C``
-    backward passes to ``ℓ₀`` (``class_chunk`` per batched backward) whose per-example Jacobians
+    backward passes to ``ℓ₀`` (batched by :data:`~lib.laplace.predictive.CLASS_CHUNK`) whose per-example Jacobians
     are contracted with the samples (:func:`lib.laplace.predictive.reverse_delta`); ``'auto'``
     takes reverse when ``C ≤ K``, as the bank does.
     """
 
     def __init__(self, model: nn.Module, posterior: BlockPosterior, blocks: list[int], *, n_samples: int,
                  seed: int, device: torch.device, dtype: torch.dtype = torch.float32, scale: float = 1.0,
-                 mode: Literal["auto", "forward", "reverse"] = "auto", class_chunk: int = 10):
+                 mode: Literal["auto", "forward", "reverse"] = "auto"):
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
-        self.model, self.device, self.dtype, self.class_chunk = model, device, dtype, class_chunk
+        self.model, self.device, self.dtype = model, device, dtype
         self.parts = vit_parts(model)
         self.blocks = sorted(blocks)
         self.reverse = uses_reverse_mode(model, n_samples, mode) and bool(self.blocks)
@@ -79,7 +80,7 @@ class GLMPredictor:
         """
         if self.reverse:
             with reverse_mode(self.model, self.rs) as rec:
-                f, delta = reverse_delta(self.model, self.rs, rec, x, dtype=self.dtype, class_chunk=self.class_chunk)
+                f, delta = reverse_delta(self.model, self.rs, rec, x, dtype=self.dtype, class_chunk=CLASS_CHUNK)
             return torch.softmax(f.unsqueeze(1) + delta.sum(0), -1).mean(1)
         with torch.no_grad(), fused_attention_off(self.model):
             return self._predict(x)
@@ -122,7 +123,7 @@ def time_call(fn: Callable[[], object], *, n_warmup: int, n_iters: int, device: 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     mem = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
-    return float(torch.tensor(times).median()), mem
+    return statistics.median(times), mem
 
 
 def latency_table(model: nn.Module, posterior: BlockPosterior, x: Tensor, subsets: dict[str, list[int]], *,

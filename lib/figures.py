@@ -37,6 +37,7 @@ __all__ = [
     "plot_cumulative",
     "plot_leave_one_out",
     "prepare_pareto",
+    "prepare_pareto_from_tables",
     "plot_pareto",
     "prepare_training_curves",
     "plot_training_curves",
@@ -327,13 +328,30 @@ def prepare_pareto(names: Sequence[str], cost: torch.Tensor, delta: torch.Tensor
     return df
 
 
-def plot_pareto(data: pd.DataFrame, ax: Axes | None = None, xlabel: str = "Inference cost (ms per 100 images)") -> Figure:
-    """Cost vs Delta_ECE with the Pareto front highlighted (deployment chapter).
+def prepare_pareto_from_tables(latency: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`prepare_pareto` of every posterior that is both priced and attributed.
+
+    ``latency``: :func:`lib.deploy.latency_table` rows (``posterior``, ``extra_ms``: extra latency per
+    image over the deterministic model); ``table``: :func:`lib.attribution.attribution` rows
+    (``posterior``, ``delta``, ``lower``, ``upper``). Rows follow ``latency``'s order.
+    """
+    _require(latency, ["posterior", "extra_ms"], "prepare_pareto_from_tables (latency)")
+    _require(table, ["posterior", "delta", "lower", "upper"], "prepare_pareto_from_tables (table)")
+    t = table.set_index("posterior")
+    priced = latency[latency.posterior != "deterministic"].set_index("posterior")
+    names = [n for n in priced.index if n in t.index]
+    if not names:
+        raise ValueError("prepare_pareto_from_tables: no posterior is both in the latency table and in the attribution table")
+    col = lambda df, c: torch.tensor(df.loc[names, c].to_numpy(dtype=float))  # noqa: E731
+    return prepare_pareto(names, col(priced, "extra_ms"), col(t, "delta"), col(t, "lower"), col(t, "upper"))
+
+
+def plot_pareto(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
+    """Extra latency per image (ms) vs Delta_ECE with the Pareto front highlighted (deployment chapter).
 
     Args:
-        data: DataFrame from :func:`prepare_pareto` (columns ``name``, ``cost``, ``delta``, ``front``;
-            optional ``lower``, ``upper`` for CI bars).
-        xlabel: name and unit of the cost.
+        data: DataFrame from :func:`prepare_pareto` (columns ``name``, ``cost`` in ms per image,
+            ``delta``, ``front``; optional ``lower``, ``upper`` for CI bars).
     """
     _require(data, ["name", "cost", "delta", "front"], "plot_pareto")
     with mpl.rc_context(STYLE):
@@ -347,7 +365,7 @@ def plot_pareto(data: pd.DataFrame, ax: Axes | None = None, xlabel: str = "Infer
         for _, row in f.iterrows():
             ax.annotate(str(row["name"]), (row["cost"], row["delta"] * PP), xytext=(3, 3),
                         textcoords="offset points", fontsize=8)
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel("Extra latency (ms per image)")
         ax.set_ylabel(DELTA_LABEL)
         ax.legend(frameon=False, loc="lower right")
     return fig
@@ -401,6 +419,8 @@ def plot_block_quantities(data: pd.DataFrame, columns: Sequence[tuple[str, str]]
             axes = fig.subplots(1, len(columns), sharex=True, squeeze=False)[0]
         else:
             axes = list(ax)
+            if len(axes) != len(columns):
+                raise ValueError(f"plot_block_quantities: {len(columns)} quantities need {len(columns)} axes, got {len(axes)}")
             fig = axes[0].get_figure()
         for a, (col, label) in zip(axes, columns):
             v = data[col].to_numpy(float)

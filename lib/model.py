@@ -123,7 +123,8 @@ def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int) -> PeftModel:
     """Wrap ``model`` with peft LoRA on ``cfg.targets`` of every block; head trained in full.
 
     Only the LoRA factors and the head require gradients. LoRA ``A`` is initialised from ``seed``
-    (peft's Kaiming-uniform), ``B`` at zero so the adapted model starts equal to the backbone.
+    (peft's Kaiming-uniform), ``B`` at zero so the adapted model starts equal to the backbone;
+    no adapter dropout (the MAP network is deterministic, see :class:`lib.config.ModelConfig`).
     """
     unknown = set(cfg.targets) - set(TARGET_PATHS)
     if unknown:
@@ -132,7 +133,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int) -> PeftModel:
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
+        lora_dropout=0.0,
         target_modules=rf".*blocks\.\d+\.({paths})",
         modules_to_save=["head"],
         bias="none",

@@ -42,6 +42,13 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
+def numerics(device: torch.device) -> dict:
+    """What a stage's numbers depend on besides its params: the device type (its kernels and random
+    streams differ) and the autocast precision (bf16 on CUDA, none on CPU). Part of every stage key,
+    so that results computed on a GPU are never reused on a CPU or the reverse."""
+    return {"device": device.type, "autocast": "bfloat16" if device.type == "cuda" else None}
+
+
 def _data_identity(cfg: Config) -> dict:
     data = cfg.section("data")["data"]
     data.pop("root")
@@ -59,7 +66,8 @@ def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
     if cfg.pretrain is None:
         return None
     p = cfg.pretrain
-    st = stage("backbone", {"data": _data_identity(cfg), "model": cfg.section("model")["model"], "pretrain": dataclasses.asdict(p)})
+    st = stage("backbone", {"data": _data_identity(cfg), "model": cfg.section("model")["model"],
+                            "pretrain": dataclasses.asdict(p), "numerics": numerics(device)})
     if st.done:
         return st
     splits = pretrain_splits(cfg)
@@ -89,7 +97,8 @@ def map_run(cfg: Config, seed: int, device: torch.device) -> MapRun:
     backbone = backbone_stage(cfg, device)
     st = stage(
         "map",
-        {"data": _data_identity(cfg), **cfg.section("model", "lora", "train"), "seed": seed},
+        {"data": _data_identity(cfg), **cfg.section("model", "lora", "train"), "seed": seed,
+         "numerics": numerics(device)},
         upstream=[backbone] if backbone else [],
     )
     splits = splits_for(cfg)

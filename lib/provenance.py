@@ -105,7 +105,8 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
 
     ``git_dirty`` ignores ``_freeze/``, which a run itself rewrites. Where the checkout has no
     ``.git`` (a copy of the working tree sent to a GPU machine), the commit the copy was made from
-    is taken from the environment variable ``LLA_GIT_SHA`` (with ``git_dirty`` unknown).
+    is taken from the environment variable ``LLA_GIT_SHA`` (with ``git_dirty`` unknown); so it is
+    where git finds no commit at all.
     """
     sha = _git(root, "rev-parse", "--verify", "--quiet", "HEAD")
     if not sha and os.environ.get("LLA_GIT_SHA"):
@@ -127,13 +128,20 @@ def device_name() -> str:
 
 
 def versions() -> dict[str, str | None]:
-    """Installed versions of python and the model libraries (``None`` when not installed)."""
+    """Installed versions of python and the model libraries (``None`` when not installed), and
+    ``torch_build``: ``torch.__version__`` with its local build tag (``2.11.0+cu130``: CUDA or CPU build)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
     for dist in VERSIONED:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
+    try:
+        import torch
+
+        out["torch_build"] = torch.__version__
+    except ImportError:
+        out["torch_build"] = None
     return out
 
 

@@ -59,6 +59,11 @@ def ci(delta: float, lower: float, upper: float) -> str:
     return f"{pp(delta)} [{pp(lower)}, {pp(upper)}]"
 
 
+def level(alpha: float) -> str:
+    """The confidence level of intervals at ``alpha``: ``'95%'`` for 0.05, ``'90%'`` for 0.1."""
+    return f"{100 * (1 - alpha):.3g}%"
+
+
 def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
     """Data, model, LoRA and training settings of the profile as a two-column table."""
     s, d = run.splits, data_config(run.model)
@@ -109,12 +114,12 @@ def deterministic_table(runs: list[MapRun], n_bins: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def display_layer_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Attribution rows formatted for reading: ΔECE with interval, Δ NLL/Brier/accuracy, Holm p."""
+def display_layer_table(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Attribution rows formatted for reading: ΔECE with its ``1 − alpha`` interval, Δ NLL/Brier/accuracy, Holm p."""
     out = pd.DataFrame({
         "Posterior": table.posterior,
         "ECE (%)": (PP * table.ece).round(2),
-        "ΔECE, pp [95% CI]": [ci(d, lo, hi) for d, lo, hi in zip(table.delta, table.lower, table.upper)],
+        f"ΔECE, pp [{level(alpha)} CI]": [ci(d, lo, hi) for d, lo, hi in zip(table.delta, table.lower, table.upper)],
         "ΔNLL": table.d_nll.map(lambda v: f"{v:+.4f}".replace("-", "−")),
         "ΔBrier": table.d_brier.map(lambda v: f"{v:+.4f}".replace("-", "−")),
         "Δacc. (pp)": table.d_acc.map(pp),
@@ -124,13 +129,14 @@ def display_layer_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def display_rank_table(ranks: pd.DataFrame, top_k: int) -> pd.DataFrame:
-    """:func:`lib.attribution.rank_analysis` rows formatted for reading (ΔECE in pp, rank interval)."""
+def display_rank_table(ranks: pd.DataFrame, top_k: int, alpha: float) -> pd.DataFrame:
+    """:func:`lib.attribution.rank_analysis` rows formatted for reading (ΔECE in pp, the ``1 − alpha``
+    simultaneous rank interval)."""
     return pd.DataFrame({
         "Block": ranks.block,
         "ΔECE (pp)": ranks.delta.map(pp),
         "Rank": ranks["rank"],
-        "95% rank interval": [f"[{lo}, {hi}]" for lo, hi in zip(ranks.rank_lower, ranks.rank_upper)],
+        f"{level(alpha)} rank interval": [f"[{lo}, {hi}]" for lo, hi in zip(ranks.rank_lower, ranks.rank_upper)],
         f"P(top {top_k})": ranks.p_top_k.map(lambda v: f"{v:.2f}"),
         f"May be top {top_k}": ranks.top_k_candidate.map({True: "yes", False: "no"}),
         f"Certified top {top_k}": ranks.surely_top_k.map({True: "yes", False: "no"}),
@@ -139,7 +145,7 @@ def display_rank_table(ranks: pd.DataFrame, top_k: int) -> pd.DataFrame:
 
 READABLE = {
     "block": "Block", "posterior": "Posterior", "seed": "Seed", "pair": "Pair", "check": "Check",
-    "delta": "ΔECE", "lower": "95% lower", "upper": "95% upper", "seed_sd": "SD over seeds",
+    "delta": "ΔECE", "lower": "lower", "upper": "upper", "seed_sd": "SD over seeds",
     "percentile_lower": "percentile lower", "percentile_upper": "percentile upper",
     "bca_lower": "BCa lower", "bca_upper": "BCa upper",
     "mc_se": "MC SE", "halving": "finite-K bias: Δ(K/2) − Δ(K)", "test_se": "test-set SE", "mc_share": "MC SE / test-set SE",
@@ -165,12 +171,15 @@ def in_pp(df: pd.DataFrame, columns: list[str], digits: int = 3) -> pd.DataFrame
     return out
 
 
-def readable(df: pd.DataFrame) -> pd.DataFrame:
+def readable(df: pd.DataFrame, alpha: float | None = None) -> pd.DataFrame:
     """``df`` with its columns and index names renamed by :data:`READABLE` (``delta_seed<s>`` →
-    ``seed <s>``) and boolean columns shown as yes/no; other values unchanged, unknown names kept."""
+    ``seed <s>``; with ``alpha``, ``lower``/``upper`` → ``95% lower``/``95% upper`` at its level)
+    and boolean columns shown as yes/no; other values unchanged, unknown names kept."""
     def name(n):
         if isinstance(n, str) and n.startswith("delta_seed"):
             return f"seed {n[len('delta_seed'):]}"
+        if alpha is not None and n in ("lower", "upper"):
+            return f"{level(alpha)} {n}"
         return READABLE.get(n, n)
 
     out = df.rename(columns=name)
@@ -245,7 +254,7 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
     unclear = singles[(singles.lower <= 0) & (singles.upper >= 0)].block.tolist()
     width = float((singles.upper - singles.lower).median())
     out = [
-        f"With {n_seeds} training seed{'s' if n_seeds > 1 else ''}, the median 95% interval of a single-block ΔECE is "
+        f"With {n_seeds} training seed{'s' if n_seeds > 1 else ''}, the median {level(alpha)} interval of a single-block ΔECE is "
         f"{PP * width:.2f} pp wide.",
         (f"Supported: {_blocks_text(sig)} improve{'s' if len(sig) == 1 else ''} calibration (Holm-adjusted one-sided "
          f"test, family-wise error {alpha:g}).") if sig else
@@ -363,11 +372,13 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     return " ".join(out)
 
 
-def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, baseline: pd.DataFrame) -> str:
+def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, baseline: pd.DataFrame,
+                   *, alpha: float) -> str:
     """Concrete advice from the Pareto front of (extra latency, ΔECE), checked against the baselines.
 
-    ``front``: :func:`lib.figures.prepare_pareto` output; ``baseline``: :func:`baseline_table`
-    output, which must contain the Laplace rows of the front.
+    ``front``: :func:`lib.figures.prepare_pareto` output (with ``lower``/``upper``: the ``1 − alpha``
+    interval of each ΔECE); ``baseline``: :func:`baseline_table` output, which must contain the
+    Laplace rows of the front.
     """
     b = baseline.set_index("method")
     det, ts = b.loc["deterministic (MAP)"], b.loc["temperature scaling (validation-fitted)"]
@@ -391,7 +402,7 @@ def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, bas
     if uncertain:
         r = full.iloc[0]
         text = (f"No choice of Bayesian blocks can be recommended for calibration on this evidence: the all-block "
-                f"gain's 95% interval, {ci(r.delta, r.lower, r.upper)} pp, includes zero, so the data (test set, seeds "
+                f"gain's {level(alpha)} interval, {ci(r.delta, r.lower, r.upper)} pp, includes zero, so the data (test set, seeds "
                 "and posterior samples) cannot tell any choice apart from no change. By point estimates alone, the "
                 f"largest gain on the Pareto front is that of **{pick['name']}** ({pp(pick.delta)} pp ΔECE"
                 + (f" vs {pp(full_delta)} pp for all blocks" if pick["name"] != "all" else "")
@@ -565,7 +576,8 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
         f"On the `{cfg.profile}` profile, the Laplace posterior over all LoRA blocks"
         + (" (each posterior with its covariance scale tuned on validation NLL, @sec-attribution-scale)"
            if cfg.predictive.scale != "none" else "")
-        + f" gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp (positive: lower ECE; accuracy "
+        + f" gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp ({level(cfg.stats.alpha)} bootstrap interval "
+        "over seeds, test images and posterior samples; positive: lower ECE; accuracy "
         f"{pp(full.d_acc)} pp)."
         + (" Its κ_S sits at the lower end of the validation grid on at least one seed: validation prefers a "
            "posterior that predicts almost like the MAP." if scale is not None and cfg.predictive.scale != "none"
@@ -606,7 +618,7 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
                     + (f"all {noisy}" if noisy == len(mc) else f"{noisy} of the {len(mc)}")
                     + " posteriors checked; the intervals include it, and more samples would narrow them "
                     "(@sec-statistics-mc).")
-    text.append(recommendation(pareto, float(full.delta), full_cost, baseline))
+    text.append(recommendation(pareto, float(full.delta), full_cost, baseline, alpha=cfg.stats.alpha))
     return " ".join(text)
 
 

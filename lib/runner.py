@@ -65,6 +65,8 @@ class Layout:
 
 
 REPO = Layout.from_root(paths.ROOT)
+KERNEL = "python3"
+"""The Jupyter kernel papermill executes the chapters with (the project's environment)."""
 
 
 def read_quarto(layout: Layout = REPO) -> dict[str, Any]:
@@ -74,22 +76,9 @@ def read_quarto(layout: Layout = REPO) -> dict[str, Any]:
     return yaml.safe_load(layout.quarto.read_text()) or {}
 
 
-def _entries(items: Any) -> list[str]:
-    out: list[str] = []
-    for item in items or []:
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, Mapping):
-            out.extend(_entries(item.get("chapters")))
-            if isinstance(item.get("part"), str) and item["part"].endswith((".ipynb", ".qmd", ".md")):
-                out.append(item["part"])
-    return out
-
-
 def book_entries(layout: Layout = REPO) -> list[str]:
     """The book's chapter files in reading order, as written in ``_quarto.yml`` (``book.chapters``)."""
-    book = read_quarto(layout).get("book") or {}
-    entries = _entries(book.get("chapters")) + _entries(book.get("appendices"))
+    entries = paths.book_files(read_quarto(layout))
     if not entries:
         raise RunnerError(f"{layout.quarto}: book.chapters is empty; list the chapter notebooks there")
     return entries
@@ -176,7 +165,6 @@ def run_chapter(
     params: Mapping[str, Any],
     params_file: Path,
     layout: Layout = REPO,
-    kernel_name: str = "python3",
 ) -> dict[str, Any]:
     """Execute one chapter; write ``_freeze/<profile>/<chapter>.ipynb`` and ``.json``; return the record."""
     import papermill as pm
@@ -197,7 +185,7 @@ def run_chapter(
                 str(src),
                 str(tmp_out),
                 parameters={"profile": profile, "params": dict(params)},
-                kernel_name=kernel_name,
+                kernel_name=KERNEL,
                 cwd=str(layout.root),
                 log_output=True,
                 progress_bar=True,
@@ -224,7 +212,7 @@ def run_chapter(
             "git_dirty": env["git_dirty"],
             "device": env["device"],
             "python": versions["python"],
-            "torch": versions["torch"],
+            "torch": versions["torch_build"] or versions["torch"],
             "timm": versions["timm"],
             "peft": versions["peft"],
             "laplace_torch": versions["laplace-torch"],
@@ -254,7 +242,6 @@ def run(
     chapter: str | None = None,
     layout: Layout = REPO,
     loader: Callable[[Path], dict[str, Any]] | None = None,
-    kernel_name: str = "python3",
 ) -> list[dict[str, Any]]:
     """Execute every chapter of ``_quarto.yml`` (or only ``chapter``) for ``profile``, in order.
 
@@ -280,7 +267,7 @@ def run(
     records = []
     for i, name in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {name} (profile {profile})", file=sys.stderr, flush=True)
-        rec = run_chapter(name, profile, params, params_file, layout, kernel_name)
+        rec = run_chapter(name, profile, params, params_file, layout)
         print(f"[{i}/{len(todo)}] {name} done in {rec['wall_time_s']:.1f} s", file=sys.stderr, flush=True)
         records.append(rec)
     return records

@@ -28,7 +28,7 @@ from lib.laplace.curvature import fit_curvature
 from lib.laplace.posterior import LaplacePosterior, build_posterior
 from lib.laplace.predictive import Bank, iter_subset_mixtures, iter_subset_probs, perturbation_bank, standard_subsets
 from lib.laplace.scale import scale_grid, tune_scales, validation_nll
-from lib.pipeline import MapRun, map_run
+from lib.pipeline import MapRun, map_run, numerics
 from lib.provenance import environment
 from lib.stats import bootstrap_counts
 from lib.temperature import apply_temperature, fit_temperature
@@ -48,15 +48,20 @@ class SeedStudy:
     val_bank: Stage | None = None
 
     def named(self) -> dict:
+        """The named posteriors' predictions: {names, masks (P, L), scales (P,), probs (P, N, C),
+        labels (N,), det (N, C), ts (N, C), temperature} (see :func:`subset_predictions`)."""
         return torch.load(self.subsets.file("named.pt"), weights_only=True)
 
     def metrics(self) -> pd.DataFrame:
+        """Test metrics per named posterior and temperature scaling (``metrics.csv``)."""
         return pd.read_csv(self.subsets.file("metrics.csv"))
 
     def scales(self) -> pd.DataFrame:
+        """Per named posterior: κ_S, validation NLL at κ_S and κ = 1, test metrics at κ = 1."""
         return pd.read_csv(self.subsets.file("scales.csv"))
 
     def subset_ece(self) -> torch.Tensor:
+        """ECE (R+1, 2^L) of every block subset: row 0 the test set, rows 1..R bootstrap replicates."""
         return torch.load(self.subsets.file("subset_ece.pt"), weights_only=True)
 
     def test_bank(self) -> Bank:
@@ -91,7 +96,11 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
     """
     _check_restricted_prior(cfg)
     lc = cfg.laplace
-    st = stage("laplace", {"laplace": dataclasses.asdict(lc)}, upstream=[run.stage])
+    # restricted_prior is left out of the key: with per-block priors re-tuning on a subset gives each
+    # block the prior it already has, and a shared prior with 'retune' is refused above, so it never
+    # changes this stage's result.
+    inputs = {k: v for k, v in dataclasses.asdict(lc).items() if k != "restricted_prior"}
+    st = stage("laplace", {"laplace": inputs, "numerics": numerics(device)}, upstream=[run.stage])
     if st.done:
         return st, LaplacePosterior.load(st.file("posterior.pt"), map_location=device)
     train = run.splits.train
@@ -138,8 +147,9 @@ def build_bank(
     ``predictive.scale_images`` validation images (all when None).
 
     Resumable: the images are processed in parts of about :data:`BANK_PART_IMAGES`, each saved
-    (``parts/<i>.pt``, written atomically) as soon as it is done; an interrupted stage resumes
-    from the first missing part. Every part uses the same posterior samples (they depend on the
+    (``parts/<start>-<stop>.pt``, named by its image range and written atomically) as soon as it
+    is done; an interrupted stage resumes from the first missing part, and a part whose range no
+    longer matches (another part size) is never joined. Every part uses the same posterior samples (they depend on the
     seed and the block only, :func:`lib.laplace.predictive.block_generator`) and the same batches,
     so the joined bank equals one computed in a single pass.
     """
@@ -148,20 +158,22 @@ def build_bank(
     if split == "val" and pc.scale_images is not None:
         data = Split(data.x[: pc.scale_images], data.y[: pc.scale_images])
     st = stage("bank" if split == "test" else "bank_val",
-               {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data)},
+               {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
+                "numerics": numerics(device)},
                upstream=[lap])
     if st.done:
         return st, Bank(**torch.load(st.file("bank.pt"), weights_only=True))
     per_part = pc.batch_size * -(-BANK_PART_IMAGES // pc.batch_size)
     starts = list(range(0, len(data), per_part))
     parts, seconds, resumed = [], 0.0, 0
-    for i, start in enumerate(tqdm(starts, desc=f"{split} bank parts", disable=None)):
-        path = st.file(f"parts/{i:05d}.pt")
+    for start in tqdm(starts, desc=f"{split} bank parts", disable=None):
+        stop = min(start + per_part, len(data))
+        path = st.file(f"parts/{start:07d}-{stop:07d}.pt")
         if path.is_file():
             part = torch.load(path, weights_only=True)
             resumed += 1
         else:
-            chunk = Split(data.x[start : start + per_part], data.y[start : start + per_part])
+            chunk = Split(data.x[start:stop], data.y[start:stop])
             _sync(device)
             t0 = time.perf_counter()
             bank = perturbation_bank(
@@ -187,21 +199,22 @@ def build_bank(
     return st, bank
 
 
-def _scales(
-    cfg: Config, val_bank: Bank | None, subsets: Tensor, device: torch.device
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Covariance scales κ (S,) of bool ``subsets`` (S, L), with the validation NLL over the grid
-    (S, G) and at κ = 1 (S,) when they are tuned (None otherwise)."""
+SUBSET_PART = 256
+"""Block subsets per resumable part of the ``subsets`` stage (κ tuning and bootstrap ECEs)."""
+
+
+def _scales(cfg: Config, val_bank: Bank | None, subsets: Tensor) -> dict[str, Tensor]:
+    """Covariance scales ``scale`` κ (S,) of bool ``subsets`` (S, L), with the validation NLL over
+    the grid ``nll`` (S, G) and at κ = 1 ``unit`` (S,) when they are tuned (NaN otherwise)."""
     pc = cfg.predictive
+    S = subsets.shape[0]
     if pc.scale == "none":
-        return torch.ones(subsets.shape[0], dtype=torch.float64), None, None
-    if len(pc.scale_range) != 2:
-        raise ValueError(f"predictive.scale_range is {list(pc.scale_range)}; give two numbers [low, high]")
+        nan = torch.full((S,), float("nan"), dtype=torch.float64)
+        return {"scale": torch.ones(S, dtype=torch.float64), "nll": nan[:, None], "unit": nan}
     grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
-    val_dev = val_bank.to(device)
-    scales, nll = tune_scales(val_dev, subsets, grid, method=pc.method)
-    unit = validation_nll(val_dev, subsets, torch.ones(1, dtype=torch.float64), method=pc.method)[:, 0]
-    return scales, nll, unit
+    scales, nll = tune_scales(val_bank, subsets, grid, method=pc.method)
+    unit = validation_nll(val_bank, subsets, torch.ones(1, dtype=torch.float64), method=pc.method)[:, 0]
+    return {"scale": scales, "nll": nll, "unit": unit}
 
 
 def subset_predictions(
@@ -221,6 +234,10 @@ def subset_predictions(
     bootstrap replicates (rows 1..R) that resample the test images and, independently, the K
     posterior samples of the predictive; a replicate's resamples are shared by all subsets, so
     differences between subsets are paired. :func:`lib.attribution.shapley` adds the seed level.
+
+    Resumable: κ_S and the bootstrap ECEs are computed in parts of :data:`SUBSET_PART` subsets,
+    each saved (``parts/<start>-<stop>.pt``, atomically) as it finishes; the bootstrap resamples
+    are drawn before the first part, so a resumed stage equals one run without interruption.
     """
     sc, pc = cfg.stats, cfg.predictive
     if pc.scale != "none" and val is None:
@@ -232,19 +249,47 @@ def subset_predictions(
     # when they resampled test images only are not reused.
     stats_inputs = {"n_bins": sc.n_bins, "n_boot_shapley": sc.n_boot_shapley,
                     "resample": "test images, posterior samples"}
-    st = stage("subsets", {"stats": stats_inputs, **scale_inputs},
+    st = stage("subsets", {"stats": stats_inputs, **scale_inputs, "numerics": numerics(device)},
                upstream=[bank_stage, *([val[0]] if pc.scale != "none" else [])])
     if st.done:
         return st
     method = pc.method
     bank_dev = bank.to(device)
-    val_bank = val[1] if val is not None else None
+    val_dev = val[1].to(device) if val is not None else None
     labels = bank_dev.labels
     n, L = len(labels), bank.n_blocks
+    bits = ((torch.arange(2**L)[:, None] >> torch.arange(L)) & 1).bool()  # row s: the subset with bitmask s
+
+    g = torch.Generator(device=device).manual_seed(run.seed)
+    R, K = sc.n_boot_shapley, bank.delta.shape[2]
+    # Row 0: the test set and the K samples themselves; rows 1..R: bootstrap multiplicities of the
+    # test images and, independently, of the posterior samples (shared by all subsets).
+    images = torch.cat([torch.ones(1, n, device=device), bootstrap_counts(n, R, g, torch.float32, device)])
+    samples = torch.cat([torch.ones(1, K, device=device), bootstrap_counts(K, R, g, torch.float32, device)]) / K
+    # Every subset's κ_S and bootstrap ECEs, in parts of SUBSET_PART subsets saved as they finish
+    # (an interrupted stage resumes from the first missing part).
+    parts = []
+    for start in tqdm(range(0, 2**L, SUBSET_PART), desc="subset parts", disable=None):
+        stop = min(start + SUBSET_PART, 2**L)
+        path = st.file(f"parts/{start:05d}-{stop:05d}.pt")
+        if path.is_file():
+            parts.append(torch.load(path, weights_only=True))
+            continue
+        part = _scales(cfg, val_dev, bits[start:stop])
+        ece_part = torch.empty(R + 1, stop - start)
+        for rows_, reps, p in iter_subset_mixtures(bank_dev, bits[start:stop].to(device), samples, method=method,
+                                                   scales=part["scale"]):
+            conf, pred = p.max(-1)  # (s, r, N)
+            ece_part[reps, rows_] = weighted_ece(conf, (pred == labels).to(conf.dtype), images[reps], sc.n_bins).T.cpu()
+        part["ece"] = ece_part
+        torch.save(part, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        parts.append(part)
+    all_scales, all_nll, all_unit = (torch.cat([p[k] for p in parts]) for k in ("scale", "nll", "unit"))
+    out = torch.cat([p["ece"] for p in parts], dim=1)
+
     named = standard_subsets(L)
     masks = torch.stack(list(named.values()))
-    bits = ((torch.arange(2**L)[:, None] >> torch.arange(L)) & 1).bool()  # row s: the subset with bitmask s
-    all_scales, all_nll, all_unit = _scales(cfg, val_bank, bits, device)
     index = (masks.long() << torch.arange(L)).sum(1)  # each named posterior's bitmask
     scales = all_scales[index]
     probs = torch.cat([p for _, p in iter_subset_probs(bank_dev, masks, method=method, scales=scales)]).cpu()
@@ -263,26 +308,16 @@ def subset_predictions(
         m = calibration_summary(p, bank.labels, sc.n_bins)
         scale_rows.append({
             "posterior": name, "scale": float(k),
-            "val_nll": float(all_nll[i].min()) if all_nll is not None else float("nan"),
-            "val_nll_unscaled": float(all_unit[i]) if all_unit is not None else float("nan"),
+            "val_nll": float(all_nll[i].min()),
+            "val_nll_unscaled": float(all_unit[i]),
             **{f"{key}_unscaled": m[key] for key in ("accuracy", "ece", "nll")},
         })
     pd.DataFrame(scale_rows).to_csv(st.file("scales.csv"), index=False)
     torch.save({"names": list(named), "masks": masks, "scales": scales, "probs": probs, "labels": bank.labels,
                 "det": det, "ts": ts, "temperature": temperature}, st.file("named.pt"))
-
-    g = torch.Generator(device=device).manual_seed(run.seed)
-    R, K = sc.n_boot_shapley, bank.delta.shape[2]
-    # Row 0: the test set and the K samples themselves; rows 1..R: bootstrap multiplicities of the
-    # test images and, independently, of the posterior samples (shared by all subsets).
-    images = torch.cat([torch.ones(1, n, device=device), bootstrap_counts(n, R, g, torch.float32, device)])
-    samples = torch.cat([torch.ones(1, K, device=device), bootstrap_counts(K, R, g, torch.float32, device)]) / K
-    out = torch.empty(R + 1, 2**L)
-    for rows_, reps, p in iter_subset_mixtures(bank_dev, bits.to(device), samples, method=method, scales=all_scales):
-        conf, pred = p.max(-1)  # (s, r, N)
-        out[reps, rows_] = weighted_ece(conf, (pred == labels).to(conf.dtype), images[reps], sc.n_bins).T.cpu()
     torch.save(out, st.file("subset_ece.pt"))
     torch.save(all_scales, st.file("subset_scales.pt"))
+    shutil.rmtree(st.path / "parts")
     st.mark_done()
     return st
 

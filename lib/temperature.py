@@ -13,7 +13,8 @@ import torch.nn.functional as F
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 100) -> float:
     """The NLL-optimal temperature ``T`` for ``logits`` (N, C) and ``labels`` (N,).
 
-    Minimises over ``log T`` with L-BFGS (strong Wolfe line search) in float64.
+    ``T = argmin_T −(1/N) Σ_n log softmax(f_n / T)[y_n]``, minimised over ``log T`` with L-BFGS
+    (strong Wolfe line search) in float64 :cite:`guo2017calibration`.
     """
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits must be (N, C) and labels (N,); got {tuple(logits.shape)}, {tuple(labels.shape)}")

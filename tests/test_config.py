@@ -242,3 +242,66 @@ def test_check_data_false_skips_only_the_data_root(tmp_path):
     path.write_text("data: {name: cifar10, roott: /nonexistent}\n")
     with pytest.raises(ParamsError, match="data.root"):
         load_params(path, check_data=False)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "epochs", 0, "'train.epochs' is 0; it must be ≥ 1"),
+        ("train", "lr", 0.0, "'train.lr' is 0.0; it must be > 0.0"),
+        ("laplace", "fit_size", -5, "'laplace.fit_size' is -5; it must be ≥ 1"),
+        ("laplace", "prior_init", -1.0, "'laplace.prior_init' is -1.0; it must be > 0.0"),
+        ("predictive", "n_samples", 1, "'predictive.n_samples' is 1; it must be ≥ 2"),
+        ("predictive", "scale_images", 0, "'predictive.scale_images' is 0; it must be ≥ 1"),
+        ("stats", "alpha", 1.0, "'stats.alpha' is 1.0; it must be > 0.0 and < 1.0"),
+        ("stats", "n_bins", 0, "'stats.n_bins' is 0; it must be ≥ 1"),
+        ("deploy", "n_warmup", -1, "'deploy.n_warmup' is -1; it must be ≥ 0"),
+    ],
+)
+def test_out_of_range_value_names_the_key_and_the_bound(section, key, value, expected, tmp_path):
+    raw = _raw("smoke")
+    raw[section][key] = value
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert expected in msg, msg
+
+
+def test_bounds_accept_their_edge_values(tmp_path):
+    raw = _raw("smoke")
+    raw["deploy"]["n_warmup"] = 0
+    raw["predictive"]["n_samples"] = 2
+    raw["laplace"]["fit_size"] = 1
+    cfg = Config.from_dict(load_params(_write(tmp_path, raw, "ok.yml")))
+    assert (cfg.deploy.n_warmup, cfg.predictive.n_samples, cfg.laplace.fit_size) == (0, 2, 1)
+
+
+@pytest.mark.parametrize(("key", "value"), [("val_size", 10), ("test_size", 10), ("train_per_class", 3), ("classes", [0, 1])])
+def test_cifar_only_data_keys_are_rejected_for_synthetic_data(key, value, tmp_path):
+    raw = _raw("smoke")
+    raw["data"][key] = value
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert f"'data.{key}' applies to cifar10/cifar100 only" in msg and "data.synthetic" in msg, msg
+
+
+@pytest.mark.parametrize("key", ["drop_rate", "attn_drop_rate", "drop_path_rate"])
+def test_model_dropout_is_rejected(key, tmp_path):
+    raw = _raw("smoke")
+    raw["model"]["kwargs"][key] = 0.1
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert f"'model.kwargs.{key}' is 0.1; dropout must stay 0" in msg, msg
+    raw["model"]["kwargs"][key] = 0.0
+    assert Config.from_dict(load_params(_write(tmp_path, raw, "ok.yml"))).model.kwargs[key] == 0.0
+
+
+def test_lora_dropout_is_not_a_key(tmp_path):
+    raw = _raw("smoke")
+    raw["lora"]["dropout"] = 0.1
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert "unknown key 'lora.dropout'" in msg, msg
+
+
+@pytest.mark.parametrize("value", [[1.0], [10.0, 1.0], [0.0, 1.0]])
+def test_bad_scale_range_names_the_key(value, tmp_path):
+    raw = _raw("smoke")
+    raw["predictive"]["scale_range"] = value
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert f"'predictive.scale_range' is {value}; give two numbers [low, high] with 0 < low < high" in msg, msg

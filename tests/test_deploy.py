@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -63,7 +65,17 @@ def test_latency_table_rows_and_fused_attention_restored(fitted):
     assert [m.fused_attn for m in unwrap(model).modules() if hasattr(m, "fused_attn")] == fused
 
 
-def test_time_call_median_counts_calls():
-    calls = []
-    sec, mem = time_call(lambda: calls.append(1), n_warmup=2, n_iters=5, device=torch.device("cpu"))
-    assert len(calls) == 7 and sec >= 0 and mem is None
+def test_time_call_median_counts_calls(monkeypatch):
+    """On a fake clock each call takes a known time: the result is the median of the timed calls,
+    the (slow) warm-up calls excluded."""
+    import lib.deploy as deploy
+
+    now, durations, calls = [0.0], [100.0, 100.0, 0.3, 0.1, 0.5, 0.2, 0.4], []
+
+    def call():
+        now[0] += durations[len(calls)]
+        calls.append(1)
+
+    monkeypatch.setattr(deploy, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    sec, mem = time_call(call, n_warmup=2, n_iters=5, device=torch.device("cpu"))
+    assert len(calls) == 7 and sec == pytest.approx(0.3, abs=1e-6) and mem is None

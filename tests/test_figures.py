@@ -13,15 +13,20 @@ from matplotlib.figure import Figure
 from lib.calibration import prepare_reliability
 from lib.figures import (
     PALETTE,
+    plot_block_quantities,
     plot_cumulative,
     plot_delta_ranked,
     plot_delta_scatter,
+    plot_delta_scatter_grid,
+    plot_latency,
     plot_leave_one_out,
     plot_pareto,
     plot_rank_heatmap,
     plot_reliability,
     plot_shapley,
+    plot_training_curves,
     prepare_pareto,
+    prepare_training_curves,
 )
 from lib.stats import rank_probabilities
 
@@ -181,3 +186,119 @@ def test_palette_is_okabe_ito_and_axes_can_be_passed():
     fig = Figure()
     ax = fig.add_subplot()
     assert plot_shapley(_delta_frame(torch.Generator().manual_seed(6)).rename(columns={"delta": "phi"}), ax=ax) is fig
+
+
+def _close(fig):
+    """Release a figure (lib.figures builds bare Figures, which pyplot does not track; close anyway)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _histories():
+    def row(epoch, train_loss, val_loss, val_acc):
+        return {"epoch": epoch, "lr": 1e-3, "train_loss": train_loss, "train_acc": 0.5, "val_loss": val_loss,
+                "val_acc": val_acc, "seconds": 1.0, "images_per_s": 10.0}
+
+    return {"pre-training": [row(1, 2.0, 2.1, 0.25), row(2, 1.5, 1.7, 0.5), row(3, 1.2, 1.6, 0.625)],
+            "seed 0": [row(1, 0.9, 1.0, 0.75), row(2, 0.7, 0.95, 0.8)]}
+
+
+def test_prepare_training_curves_one_row_per_epoch_and_run():
+    df = prepare_training_curves(_histories())
+    assert list(df.columns) == ["run", "epoch", "train_loss", "val_loss", "val_acc"]
+    assert list(df.run) == ["pre-training"] * 3 + ["seed 0"] * 2 and list(df.epoch) == [1, 2, 3, 1, 2]
+    assert np.allclose(df.train_loss, [2.0, 1.5, 1.2, 0.9, 0.7], rtol=0, atol=1e-15)
+    assert np.allclose(df.val_loss, [2.1, 1.7, 1.6, 1.0, 0.95], rtol=0, atol=1e-15)
+    assert np.allclose(df.val_acc, [0.25, 0.5, 0.625, 0.75, 0.8], rtol=0, atol=1e-15)
+    for empty in ({}, {"seed 0": []}):
+        with pytest.raises(ValueError, match="histories are empty"):
+            prepare_training_curves(empty)
+
+
+def test_plot_training_curves_lines_per_run():
+    """Left: train (solid) and validation (dashed) loss per run; right: validation accuracy in %;
+    one palette colour per run, in the order the runs first appear."""
+    df = prepare_training_curves(_histories())
+    fig = plot_training_curves(df)
+    assert len(fig.axes) == 2
+    loss, acc = fig.axes
+    assert [line.get_label() for line in loss.get_lines()] == ["pre-training (train)", "pre-training (val.)",
+                                                               "seed 0 (train)", "seed 0 (val.)"]
+    assert [line.get_linestyle() for line in loss.get_lines()] == ["-", "--", "-", "--"]
+    assert [line.get_label() for line in acc.get_lines()] == ["pre-training", "seed 0"]
+    for i, run in enumerate(["pre-training", "seed 0"]):
+        d = df[df.run == run]
+        train, val = loss.get_lines()[2 * i: 2 * i + 2]
+        for line, y in ((train, d.train_loss), (val, d.val_loss), (acc.get_lines()[i], 100 * d.val_acc)):
+            assert np.allclose(line.get_xdata(), d.epoch) and np.allclose(line.get_ydata(), y, rtol=0, atol=1e-12)
+            assert matplotlib.colors.same_color(line.get_color(), PALETTE[i])
+    assert np.allclose(acc.get_lines()[0].get_ydata(), [25.0, 50.0, 62.5], rtol=0, atol=1e-12)
+    assert (loss.get_xlabel(), loss.get_ylabel()) == ("Epoch", "Cross-entropy (nats)")
+    assert (acc.get_xlabel(), acc.get_ylabel()) == ("Epoch", "Validation accuracy (%)")
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == [line.get_label() for line in loss.get_lines()]
+    with pytest.raises(ValueError, match="missing columns \\['val_acc'\\]"):
+        plot_training_curves(df.drop(columns=["val_acc"]))
+    _check_text(fig)
+    _close(fig)
+
+
+def test_plot_block_quantities_one_log_panel_per_quantity():
+    """Bars at the block indices with the means; seed-range error bars only for a quantity that has
+    ``_min``/``_max`` columns."""
+    data = pd.DataFrame({"block": [0, 1, 2], "prior_precision": [4.0, 9.0, 25.0], "prior_precision_min": [3.0, 8.0, 20.0],
+                         "prior_precision_max": [5.0, 12.0, 26.0], "curvature_trace": [100.0, 2000.0, 30.0]})
+    columns = [("prior_precision", "Prior precision δ (1)"), ("curvature_trace", "Curvature trace (1)")]
+    fig = plot_block_quantities(data, columns)
+    assert len(fig.axes) == 2
+    for ax, (col, label) in zip(fig.axes, columns):
+        bars = _bars(ax)
+        assert np.allclose([b.get_height() for b in bars], data[col], rtol=0, atol=1e-12)
+        assert np.allclose([b.get_x() + b.get_width() / 2 for b in bars], data.block, rtol=0, atol=1e-12)
+        assert ax.get_yscale() == "log" and ax.get_ylabel() == label and ax.get_xlabel() == "Block"
+    with_range, without = (next(c for c in ax.containers if isinstance(c, BarContainer)) for ax in fig.axes)
+    assert without.errorbar is None
+    segments = with_range.errorbar.lines[2][0].get_segments()  # one vertical segment per bar: [min, max]
+    assert np.allclose([s[:, 1] for s in segments], data[["prior_precision_min", "prior_precision_max"]].to_numpy(),
+                       rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="missing columns \\['variance_trace'\\]"):
+        plot_block_quantities(data, [("variance_trace", "Variance trace")])
+    _close(fig)
+
+
+def test_plot_latency_bars_and_deterministic_line():
+    data = pd.DataFrame({"posterior": ["deterministic", "single 0", "last 2", "all"],
+                         "ms_per_image": [0.5, 1.25, 2.0, 3.5]})
+    fig = plot_latency(data)
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert np.allclose([b.get_height() for b in _bars(ax)], [1.25, 2.0, 3.5], rtol=0, atol=1e-12)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["single 0", "last 2", "all"]
+    (line,) = ax.get_lines()
+    assert np.allclose(line.get_ydata(), 0.5) and line.get_label() == "Deterministic (MAP)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Deterministic (MAP)"]
+    assert ax.get_ylabel() == "Latency (ms per image)"
+    _close(fig)
+    bare = plot_latency(data.iloc[1:])  # no deterministic row: bars only
+    assert len(_bars(bare.axes[0])) == 3 and not bare.axes[0].get_lines() and bare.axes[0].get_legend() is None
+    _close(bare)
+
+
+def test_plot_delta_scatter_grid_two_panels_per_row():
+    """Three panels: a 2 × 2 grid whose fourth axes is hidden; each panel is the scatter of its frame
+    (Δ in pp) with its key as the x label."""
+    gen = torch.Generator().manual_seed(7)
+    panels = {label: _delta_frame(gen).assign(x=x) for label, x in [
+        ("Block depth (index)", np.arange(L, dtype=float)), ("Δ accuracy (pp)", np.linspace(-0.5, 0.7, L)),
+        ("Δ NLL (nats)", np.linspace(0.01, -0.02, L))]}
+    fig = plot_delta_scatter_grid(panels)
+    assert len(fig.axes) == 4 and [ax.get_visible() for ax in fig.axes] == [True, True, True, False]
+    assert fig.get_size_inches()[1] == pytest.approx(5.0)  # 2.5 in per row
+    for ax, (label, df) in zip(fig.axes, panels.items()):
+        assert ax.get_xlabel() == label and "pp" in ax.get_ylabel()
+        pts = ax.get_lines()[0]
+        assert np.allclose(pts.get_xdata(), df.x, rtol=0, atol=1e-12)
+        assert np.allclose(pts.get_ydata(), 100 * df.delta.to_numpy(float), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="panels must not be empty"):
+        plot_delta_scatter_grid({})
+    _close(fig)

@@ -75,3 +75,13 @@ def test_chapters_of_a_profile_ran_with_one_library_and_index_last(profile):
         assert records["index"]["started_at"] >= last, (
             f"the index of {profile} ran before a chapter whose tables it reads; make run PROFILE={profile} CHAPTER=index"
         )
+
+
+def test_smoke_freeze_ran_with_the_current_library():
+    """The CI profile's frozen book was executed by the ``lib/`` of this commit, so a formula fix in
+    ``lib/`` cannot leave the book showing numbers of the code before it. (The GPU-frozen profiles
+    record their ``lib`` hash in each chapter's provenance instead; they cannot be re-run here.)"""
+    from lib.provenance import lib_sha256
+
+    recorded = {json.loads(p.read_text())["lib_sha256"] for p in FREEZE.glob("smoke/*.json")}
+    assert recorded == {lib_sha256()}, "lib/ changed since the smoke book was frozen; make run PROFILE=smoke"

@@ -8,10 +8,12 @@ validation-tuned covariance scale, 100 classes, hence the forward-mode bank) is 
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 
 from lib.config import Config, load_params
+from lib.laplace.scale import scale_grid
 from lib.paths import PARAMS
 from lib.study import run_seed
 from conftest import write_fake_cifar10
@@ -41,7 +43,10 @@ def test_vit_b16_profile_runs_on_fabricated_cifar100_and_checkpoint(tmp_path, mo
     assert torch.allclose(named["probs"].sum(-1), torch.ones(len(named["names"]), 24), atol=1e-5)
     assert st.val_bank is not None and st.subset_ece().shape == (5, 2**2)
     scales = st.scales().set_index("posterior")
-    assert (scales.scale > 0).all() and scales.loc["all", "val_nll"] <= scales.loc["all", "val_nll_unscaled"] + 1e-9
+    grid = scale_grid(*cfg.predictive.scale_range, cfg.predictive.scale_points)  # every κ_S is a grid point
+    assert torch.isclose(torch.tensor(scales.scale.to_numpy())[:, None], grid, rtol=1e-12, atol=0).any(1).all()
+    assert scales.loc["none", "scale"] == pytest.approx(float(grid[0]), rel=1e-12)  # flat NLL: the smallest κ
+    assert scales.loc["all", "val_nll"] <= scales.loc["all", "val_nll_unscaled"] + 1e-9
 
 
 def test_cifar10_transfer_profile_runs_on_fabricated_cifar10(tmp_path, monkeypatch, one_thread):

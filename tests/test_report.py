@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import math
+from types import SimpleNamespace
+
 import pandas as pd
 import pytest
+import torch
 
 from lib.config import Config
-from lib.report import (agreement_notes, attribution_summary, baseline_table, display_rank_table, estimator_summary,
-                        in_pp, mc_error_summary, posterior_summary, readable, recommendation,
-                        scale_sensitivity_summary, scale_summary)
+from lib.report import (agreement_notes, attribution_summary, baseline_table, block_table, deterministic_table,
+                        display_layer_table, display_rank_table, estimator_summary, in_pp, laplace_fit_table,
+                        mc_error_summary, posterior_summary, readable, recommendation, scale_sensitivity_summary,
+                        scale_summary)
 
 
 def _front(all_lower: float) -> pd.DataFrame:
@@ -27,7 +33,7 @@ def _baseline(ece_last2: float, ts_ece: float = 3.0) -> pd.DataFrame:
 
 
 def test_picks_cheapest_front_choice_with_80_percent_of_the_gain():
-    text = recommendation(_front(0.004), 0.010, 4.0, _baseline(2.5))
+    text = recommendation(_front(0.004), 0.010, 4.0, _baseline(2.5), alpha=0.05)
     assert text.startswith("Make **last 2** Bayesian (the cheapest choice on the Pareto front with at least 80% of "
                            "the all-block gain): it recovers 90% of the all-block calibration gain")
     assert "at 50% of the all-block extra latency (2 ms extra per image)" in text and "−0.20 pp" in text
@@ -36,26 +42,27 @@ def test_picks_cheapest_front_choice_with_80_percent_of_the_gain():
 
 def test_no_advice_but_absolute_numbers_when_the_all_block_interval_includes_zero_and_ts_wins():
     """A share of a gain that may be zero is meaningless: no '% of the gain', the point-estimate pick in pp."""
-    text = recommendation(_front(-0.001), 0.010, 4.0, _baseline(5.1))
+    text = recommendation(_front(-0.001), 0.010, 4.0, _baseline(5.1), alpha=0.05)
     assert text.startswith("No choice of Bayesian blocks can be recommended for calibration on this evidence")
-    assert "+1.00 [−0.10, +1.60] pp" in text and "recovers" not in text and "90%" not in text
+    assert "gain's 95% interval, +1.00 [−0.10, +1.60] pp" in text and "recovers" not in text and "90%" not in text
+    assert "gain's 80% interval" in recommendation(_front(-0.001), 0.010, 4.0, _baseline(5.1), alpha=0.2)
     assert "the largest gain on the Pareto front is that of **all** (+1.00 pp ΔECE, 4 ms extra per image; accuracy −0.50 pp)" in text
     smaller_all = _front(-0.001).assign(delta=[0.004, 0.012, 0.010])
     assert "**last 2** (+1.20 pp ΔECE vs +1.00 pp for all blocks, 2 ms extra per image" in recommendation(
-        smaller_all, 0.010, 4.0, _baseline(5.1))
+        smaller_all, 0.010, 4.0, _baseline(5.1), alpha=0.05)
     assert "Temperature scaling, fitted on the validation set, reaches a lower ECE (3.00% vs 5.00%)" in text
 
 
 def test_accuracy_loss_caveat_for_an_under_confident_model():
     """Under-confident everywhere, ECE = accuracy − confidence: a gain that is mostly lost accuracy is called so."""
     base = _baseline(2.5).assign(**{"signed ECE (pp)": [-6.0, 0.5, -5.0, -2.0, -4.0]})
-    text = recommendation(_front(0.004), 0.010, 4.0, base.assign(**{"accuracy (%)": [90.0, 90.0, 90.1, 89.4, 89.5]}))
+    text = recommendation(_front(0.004), 0.010, 4.0, base.assign(**{"accuracy (%)": [90.0, 90.0, 90.1, 89.4, 89.5]}), alpha=0.05)
     assert "under-confident (signed ECE −6.00 pp)" in text and "the accuracy loss of 0.60 pp accounts for at least half" in text
-    assert "under-confident" not in recommendation(_front(0.004), 0.010, 4.0, base)  # last 2 loses 0.2 pp < half of 0.9
+    assert "under-confident" not in recommendation(_front(0.004), 0.010, 4.0, base, alpha=0.05)  # last 2 loses 0.2 pp < half of 0.9
 
 
 def test_no_recommendation_without_an_all_block_gain():
-    text = recommendation(_front(-0.02), -0.001, 4.0, _baseline(5.1))
+    text = recommendation(_front(-0.02), -0.001, 4.0, _baseline(5.1), alpha=0.05)
     assert text.startswith("On this profile the all-block Laplace does not improve ECE") and "3.00%" in text
 
 
@@ -122,8 +129,8 @@ def test_display_rank_table():
     ranks = pd.DataFrame({"block": [0, 1], "delta": [0.0123, -0.004], "rank": [1, 2], "rank_lower": [1, 1],
                           "rank_upper": [1, 2], "p_top_k": [0.97, 0.031], "top_k_candidate": [True, True],
                           "surely_top_k": [True, False]})
-    shown = display_rank_table(ranks, 1)
-    assert list(shown.columns) == ["Block", "ΔECE (pp)", "Rank", "95% rank interval", "P(top 1)", "May be top 1",
+    shown = display_rank_table(ranks, 1, 0.1)
+    assert list(shown.columns) == ["Block", "ΔECE (pp)", "Rank", "90% rank interval", "P(top 1)", "May be top 1",
                                    "Certified top 1"]
     assert list(shown.iloc[0]) == [0, "+1.23", 1, "[1, 1]", "0.97", "yes", "yes"]
     assert list(shown.iloc[1, 3:]) == ["[1, 2]", "0.03", "yes", "no"]
@@ -135,6 +142,10 @@ def test_readable_renames_columns_and_index_only():
     out = readable(df)
     assert list(out.columns) == ["seed 0", "ΔECE", "Holm p", "unknown_col"] and out.index.name == "Block"
     assert out.to_numpy().tolist() == df.to_numpy().tolist()
+    ci = pd.DataFrame({"delta": [0.1], "lower": [0.0], "upper": [0.2]})
+    assert list(readable(ci).columns) == ["ΔECE", "lower", "upper"]
+    assert list(readable(ci, alpha=0.05).columns) == ["ΔECE", "95% lower", "95% upper"]
+    assert list(readable(ci, alpha=0.1).columns) == ["ΔECE", "90% lower", "90% upper"]
 
 
 def _attribution(all_lower: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -222,3 +233,89 @@ def test_baseline_table_means_over_seeds_and_memory_only_where_measured():
     assert table.loc["Laplace, all", "extra ms / image"] == 2.5 and "peak MiB" not in table.columns
     cuda = baseline_table([_metrics(0.05)], ["all"], latency.assign(peak_mib=[120.0, 900.0])).set_index("method")
     assert list(cuda["peak MiB"]) == [120.0, 120.0, 900.0]
+
+
+def test_block_table_mean_and_range_over_seeds():
+    def seed(prior, curv, var, eff):
+        return pd.DataFrame({"block": [1, 0], "n_params": [64, 48], "prior_precision": prior, "curvature_trace": curv,
+                             "variance_trace": var, "effective_params": eff})
+
+    table = block_table([seed([2.0, 10.0], [100.0, 7.0], [3.0, 0.5], [6.0, 1.0]),
+                         seed([4.0, 30.0], [300.0, 5.0], [1.0, 1.5], [8.0, 3.0])])
+    cols = ["prior_precision", "curvature_trace", "variance_trace", "effective_params"]
+    assert list(table.columns) == ["block", *cols, *[f"{c}_{s}" for c in cols for s in ("min", "max")], "n_params"]
+    assert list(table.block) == [0, 1] and list(table.n_params) == [48, 64]
+    expected = {  # block 0, block 1
+        "prior_precision": [20.0, 3.0], "prior_precision_min": [10.0, 2.0], "prior_precision_max": [30.0, 4.0],
+        "curvature_trace": [6.0, 200.0], "curvature_trace_min": [5.0, 100.0], "curvature_trace_max": [7.0, 300.0],
+        "variance_trace": [1.0, 2.0], "variance_trace_min": [0.5, 1.0], "variance_trace_max": [1.5, 3.0],
+        "effective_params": [2.0, 7.0], "effective_params_min": [1.0, 6.0], "effective_params_max": [3.0, 8.0],
+    }
+    for col, values in expected.items():
+        assert list(table[col]) == pytest.approx(values, abs=1e-12), col
+
+
+def _fake_run(tmp_path, seed: int, logits: torch.Tensor, labels: torch.Tensor, history: list[dict]):
+    folder = tmp_path / f"map{seed}"
+    folder.mkdir()
+    torch.save(logits, folder / "test_logits.pt")
+    return SimpleNamespace(seed=seed, stage=SimpleNamespace(file=lambda name: folder / name),
+                           splits=SimpleNamespace(test=SimpleNamespace(y=labels)), history=history)
+
+
+def test_deterministic_table_metrics_from_the_cached_test_logits(tmp_path):
+    """Four test images, two bins: probabilities (0.9, 0.1) right, (0.8, 0.2) wrong, (0.3, 0.7) right,
+    (0.6, 0.4) right; all confidences in the upper bin [0.5, 1): ECE = |3 − 3.0| / 4 = 0,
+    signed 0; NLL = −(ln .9 + ln .2 + ln .7 + ln .6) / 4; Brier = 2 (.01 + .64 + .09 + .16) / 4."""
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 0])
+    hist = [{"val_acc": 0.5, "seconds": 2.0}, {"val_acc": 0.75, "seconds": 3.5}]
+    shifted = torch.tensor([[0.99, 0.01], [0.3, 0.7], [0.3, 0.7], [0.8, 0.2]], dtype=torch.float64)
+    runs = [_fake_run(tmp_path, 0, probs.log().float(), labels, hist),
+            _fake_run(tmp_path, 3, shifted.log().float(), labels, hist[:1])]
+    table = deterministic_table(runs, n_bins=2)
+    assert list(table.columns) == ["seed", "accuracy", "ece", "signed_ece", "nll", "brier", "val_accuracy",
+                                   "train_seconds"]
+    assert list(table.seed) == [0, 3] and list(table.val_accuracy) == [0.75, 0.5] and list(table.train_seconds) == [5.5, 2.0]
+    first = table.iloc[0]
+    assert first.accuracy == pytest.approx(0.75, abs=1e-6)
+    assert first.ece == pytest.approx(0.0, abs=1e-6) and first.signed_ece == pytest.approx(0.0, abs=1e-6)
+    assert first.nll == pytest.approx(-(math.log(0.9) + math.log(0.2) + math.log(0.7) + math.log(0.6)) / 4, abs=1e-6)
+    assert first.brier == pytest.approx(2 * (0.01 + 0.64 + 0.09 + 0.16) / 4, abs=1e-6)
+    # second seed: all right, confidences .99, .7, .7, .8, all in [0.5, 1): ECE = signed = −(3.19 − 4) / 4
+    second = table.iloc[1]
+    assert second.accuracy == pytest.approx(1.0, abs=1e-6)
+    assert second.ece == pytest.approx(0.2025, abs=1e-6) and second.signed_ece == pytest.approx(-0.2025, abs=1e-6)
+
+
+def test_laplace_fit_table_reads_each_stages_info(tmp_path):
+    stages = []
+    for i, (images, secs, evidence, device) in enumerate([(48, 2.0, -12.5, "cpu (2 cores)"), (96, 0.5, -7.25, "NVIDIA H100")]):
+        folder = tmp_path / f"laplace{i}"
+        folder.mkdir()
+        (folder / "info.json").write_text(json.dumps({
+            "fit_seconds": secs, "fit_images": images, "fit_images_per_s": images / secs, "prior_init": 0.05 * (i + 1),
+            "log_marginal_likelihood": evidence, "environment": {"git_sha": "abc", "device": device}}))
+        stages.append(SimpleNamespace(file=lambda name, folder=folder: folder / name))
+    table = laplace_fit_table(stages, [4, 9])
+    assert list(table.columns) == ["seed", "fit_images", "fit_seconds", "fit_images_per_s", "prior_init",
+                                   "log_marginal_likelihood", "device"]
+    assert list(table.seed) == [4, 9] and list(table.fit_images) == [48, 96]
+    assert list(table.fit_seconds) == [2.0, 0.5] and list(table.fit_images_per_s) == [24.0, 192.0]
+    assert list(table.prior_init) == pytest.approx([0.05, 0.1], abs=1e-15)
+    assert list(table.log_marginal_likelihood) == [-12.5, -7.25] and list(table.device) == ["cpu (2 cores)", "NVIDIA H100"]
+
+
+def test_display_layer_table_formats_in_pp_with_typographic_minus():
+    table = pd.DataFrame({"posterior": ["all", "single 0"], "ece": [0.041234, 0.0535], "delta": [0.0123, -0.004],
+                          "lower": [0.008, -0.0105], "upper": [0.017, 0.0021], "d_nll": [0.01234, -0.00456],
+                          "d_brier": [0.0005, -0.00012], "d_acc": [-0.0025, 0.001], "p_holm": [float("nan"), 0.012345]})
+    shown = display_layer_table(table, 0.05)
+    assert list(shown.columns) == ["Posterior", "ECE (%)", "ΔECE, pp [95% CI]", "ΔNLL", "ΔBrier", "Δacc. (pp)", "Holm p"]
+    assert list(shown.Posterior) == ["all", "single 0"]
+    assert list(shown["ECE (%)"]) == pytest.approx([4.12, 5.35], abs=1e-12)
+    assert list(shown["ΔECE, pp [95% CI]"]) == ["+1.23 [+0.80, +1.70]", "−0.40 [−1.05, +0.21]"]
+    assert list(shown["ΔNLL"]) == ["+0.0123", "−0.0046"] and list(shown["ΔBrier"]) == ["+0.0005", "−0.0001"]
+    assert list(shown["Δacc. (pp)"]) == ["−0.25", "+0.10"] and list(shown["Holm p"]) == ["", "0.0123"]
+    assert "Holm p" not in display_layer_table(table.drop(columns=["p_holm"]), 0.05).columns
+    assert list(display_layer_table(table, 0.1).columns)[2] == "ΔECE, pp [90% CI]"

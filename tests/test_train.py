@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.config import LoraConfig, ModelConfig
-from lib.data import Preprocess, Split, synthetic_images
+from lib.data import Preprocess, Split, batches, synthetic_images
 from lib.model import add_lora, build_backbone
 from lib.train import FitSpec, epoch_generator, fit, predict_logits, prior_precision
 
@@ -229,7 +229,10 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 def test_history_rows_and_predict_logits():
     train, val = _data()
     model = _lora_vit()
+    seen = []  # the logits of every training step, as the optimiser saw them
+    hook = model.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()) if m.training else None)
     hist = fit(model, _trainable(model), train, val, FitSpec(epochs=1, batch_size=16, lr=1e-3), preprocess=PRE16, device=CPU, seed=0)
+    hook.remove()
     row = hist[0]
     assert set(row) == {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s"}
     logits = predict_logits(model, val, preprocess=PRE16, device=CPU, batch_size=5)
@@ -239,4 +242,8 @@ def test_history_rows_and_predict_logits():
     with torch.no_grad():
         ref = model(PRE16(val.x))
     assert torch.allclose(logits, ref, atol=1e-5)
-    assert 0 <= row["train_acc"] <= 1 and row["train_loss"] > 0
+    # train_loss/train_acc: over the epoch's shuffled batches (seed 0, epoch 0), each at the weights of its step
+    ys = torch.cat([y for _, y in batches(train, 16, preprocess=PRE16, device=CPU, shuffle=True, generator=epoch_generator(0, 0))])
+    assert len(seen) == 3 and torch.cat(seen).shape == (len(train), 3)
+    assert row["train_loss"] == pytest.approx(F.cross_entropy(torch.cat(seen), ys).item(), rel=1e-6)
+    assert row["train_acc"] == pytest.approx((torch.cat(seen).argmax(1) == ys).sum().item() / len(ys), abs=1e-12)

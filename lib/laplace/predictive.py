@@ -100,6 +100,11 @@ def block_samples(posterior: BlockPosterior, block: int, n_samples: int, seed: i
     return posterior.sample_block(block, n_samples, block_generator(seed, block, device))
 
 
+CLASS_CHUNK = 10
+"""Output vectors per batched backward pass in reverse mode (a speed knob: same numbers; memory
+grows with it)."""
+
+
 def perturbation_bank(
     model: nn.Module,
     posterior: BlockPosterior,
@@ -114,7 +119,7 @@ def perturbation_bank(
     tangent_batching: Literal["shared", "folded"] = "shared",
     store_device: torch.device | str = "cpu",
     mode: Literal["auto", "forward", "reverse"] = "auto",
-    class_chunk: int = 10,
+    class_chunk: int = CLASS_CHUNK,
 ) -> Bank:
     """Per-block GLM logit perturbations ``J_ℓ(x_n) δθ_ℓ^(k)`` of every test point (see :class:`Bank`).
 
@@ -537,14 +542,6 @@ def iter_subset_mixtures(
         for start in range(0, w.shape[0], step):
             reps = slice(start, min(start + step, w.shape[0]))
             yield rows, reps, _weighted_link(f, terms, w[reps], method)
-
-
-def all_subset_probs(
-    bank: Bank, subsets: Tensor, *, method: Literal["mc", "probit"] = "mc", scales: Tensor | None = None,
-    chunk: int | None = None,
-) -> Tensor:
-    """All of :func:`iter_subset_probs` stacked: (S, N, C) on the bank's device (needs S·N·C floats)."""
-    return torch.cat([p for _, p in iter_subset_probs(bank, subsets, method=method, scales=scales, chunk=chunk)])
 
 
 def standard_subsets(L: int) -> dict[str, Tensor]:

@@ -36,12 +36,16 @@ def scale_grid(low: float, high: float, points: int) -> Tensor:
                           dtype=torch.float64)
 
 
+EPS = 1e-12
+"""Floor of the predicted probability of the true class in the validation NLL."""
+
+
 def validation_nll(
-    bank: Bank, subsets: Tensor, grid: Tensor, *, method: Literal["mc", "probit"] = "mc", eps: float = 1e-12
+    bank: Bank, subsets: Tensor, grid: Tensor, *, method: Literal["mc", "probit"] = "mc"
 ) -> Tensor:
     """Mean validation NLL (S, G) of every subset (bool (S, L)) at every covariance scale of ``grid`` (G,).
 
-    ``nll[s, g] = −(1/N) Σ_n log max(p_n[y_n], eps)`` with ``p`` the linearised predictive of
+    ``nll[s, g] = −(1/N) Σ_n log max(p_n[y_n], EPS)`` with ``p`` the linearised predictive of
     ``subsets[s]`` at ``κ = grid[g]`` (:func:`lib.laplace.predictive.subset_probs`).
     """
     subsets = torch.as_tensor(subsets)
@@ -52,7 +56,7 @@ def validation_nll(
     out = torch.empty(S * G, dtype=torch.float64)
     for sl, p in iter_subset_probs(bank, rows, method=method, scales=scales):
         picked = p.gather(-1, labels.expand(p.shape[0], -1)[..., None]).squeeze(-1)
-        out[sl] = -picked.clamp_min(eps).log().double().mean(-1).cpu()
+        out[sl] = -picked.clamp_min(EPS).log().double().mean(-1).cpu()
     return out.reshape(S, G)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import nbformat
 import yaml
 
+from lib.paths import book_files
 from lib.render.convert import ChapterDoc, Converter, Label, copy_markdown_images, parse_attrs
 from lib.render.pandoc import PandocError
 
@@ -50,7 +51,7 @@ class Book:
             raise RenderError(f"{quarto} not found")
         cfg = yaml.safe_load(quarto.read_text()) or {}
         book = cfg.get("book") or {}
-        files = _entries(book.get("chapters")) + _entries(book.get("appendices"))
+        files = book_files(cfg)
         if not files:
             raise RenderError(f"{quarto}: book.chapters is empty")
         entries, missing = [], []
@@ -162,16 +163,6 @@ def render_book(root: Path, out: Path | None = None, profile: str | None = None,
         except PandocError as err:
             raise RenderError(str(err)) from None
     return result
-
-
-def _entries(items: Any) -> list[str]:
-    out: list[str] = []
-    for item in items or []:
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, dict):
-            out.extend(_entries(item.get("chapters")))
-    return out
 
 
 def _author(author: Any) -> str:

@@ -1,0 +1,198 @@
+"""lib.attribution: the one-seed helpers and plot preparations, on a tiny hand-made study.
+
+The study is a stand-in with the methods the helpers call (``named``, ``test_bank``): a bank of
+L = 2 blocks, N = 12 test images, K = 3 posterior samples and C = 3 classes, float64 throughout.
+References are computed here by plain loops (binned ECE, softmax mixtures, the BCa formula).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import norm
+
+from lib.attribution import (Attribution, interval_comparison, prepare_ranked, prepare_reliability_panels,
+                             prepare_scatter_panels, seed_samples)
+from lib.config import StatsConfig
+from lib.laplace.predictive import Bank
+from lib.stats import bootstrap_counts
+
+L, N, K, C = 2, 12, 3, 3
+NAMES = ["none", "all", "single 1", "single 0"]  # single blocks deliberately out of block order
+MASKS = {"none": [False, False], "all": [True, True], "single 1": [False, True], "single 0": [True, False]}
+SCALES = {"none": 1.0, "all": 0.5, "single 1": 2.0, "single 0": 0.25}
+
+
+class FakeStudy:
+    """What :class:`lib.study.SeedStudy` offers the helpers: the cached named predictions and the bank."""
+
+    def __init__(self, named: dict, bank: Bank, seed: int = 0):
+        self.seed, self._named, self._bank = seed, named, bank
+
+    def named(self) -> dict:
+        return self._named
+
+    def test_bank(self) -> Bank:
+        return self._bank
+
+
+def _softmax(v: list[float]) -> list[float]:
+    e = [math.exp(x - max(v)) for x in v]
+    return [x / sum(e) for x in e]
+
+
+def _mixture(bank: Bank, name: str, weights: list[float], method: str) -> torch.Tensor:
+    """The predictive (N, C) of posterior ``name`` at its scale under sample weights, by loops."""
+    f, d = bank.map_logits.tolist(), bank.delta.tolist()
+    root = math.sqrt(SCALES[name])
+    out = []
+    for n in range(N):
+        g = [[root * sum(d[i][n][k][c] for i in range(L) if MASKS[name][i]) for c in range(C)] for k in range(K)]
+        if method == "mc":
+            terms = [_softmax([f[n][c] + g[k][c] for c in range(C)]) for k in range(K)]
+            out.append([sum(weights[k] * terms[k][c] for k in range(K)) for c in range(C)])
+        else:
+            var = [sum(weights[k] * g[k][c] ** 2 for k in range(K)) for c in range(C)]
+            out.append(_softmax([f[n][c] / math.sqrt(1 + math.pi / 8 * var[c]) for c in range(C)]))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.fixture
+def study() -> FakeStudy:
+    gen = torch.Generator().manual_seed(7)
+    bank = Bank(map_logits=2 * torch.randn(N, C, generator=gen, dtype=torch.float64),
+                labels=torch.randint(0, C, (N,), generator=gen),
+                delta=torch.randn(L, N, K, C, generator=gen, dtype=torch.float64), blocks=(0, 1))
+    uniform = [1 / K] * K
+    det = torch.softmax(bank.map_logits, -1)
+    det[0] = torch.nn.functional.one_hot(bank.labels[0], C).double()  # one example in the point mass at 1
+    named = {"names": NAMES, "masks": torch.tensor([MASKS[n] for n in NAMES]),
+             "scales": torch.tensor([SCALES[n] for n in NAMES], dtype=torch.float64),
+             "probs": torch.stack([_mixture(bank, n, uniform, "mc") for n in NAMES]), "labels": bank.labels,
+             "det": det, "ts": torch.softmax(bank.map_logits / 1.7, -1)}
+    return FakeStudy(named, bank)
+
+
+def _slot(conf: float, n_bins: int) -> int:
+    """Equal-width slot: [m/M, (m+1)/M) for m < M, slot M the point mass {1}."""
+    return sum(conf >= e for e in np.linspace(0, 1, n_bins + 1)[1:])
+
+
+def _ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int, weights=None) -> float:
+    """Binned ECE Σ_m |Σ_{i∈B_m} w_i (correct_i − conf_i)| / Σ_i w_i, by a loop over examples."""
+    weights = [1.0] * len(labels) if weights is None else list(weights)
+    sums = [0.0] * (n_bins + 1)
+    for p, y, w in zip(probs.tolist(), labels.tolist(), weights):
+        conf = max(p)
+        sums[_slot(conf, n_bins)] += w * (float(p.index(conf) == y) - conf)
+    return sum(abs(s) for s in sums) / sum(weights)
+
+
+@pytest.mark.parametrize("method", ["mc", "probit"])
+def test_seed_samples_mixes_each_posterior_at_its_scale(study, method):
+    """SeedSamples of the posteriors asked for, in the order asked for: Σ_k w_k softmax(f + √κ_S g_k)
+    (mc) or the probit of the weighted variance, with each posterior's own κ_S."""
+    names = ["single 1", "all", "single 0"]
+    s = seed_samples(study, study.named(), names, method, torch.device("cpu"))
+    assert s.n_samples == K
+    assert torch.equal(s.probs_det, study.named()["det"]) and torch.equal(s.labels, study.named()["labels"])
+    w = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    out = s.mixture(w)
+    assert out.shape == (2, len(names), N, C)
+    for r in range(2):
+        for j, name in enumerate(names):
+            ref = _mixture(study.test_bank(), name, w[r].tolist(), method)
+            assert torch.allclose(out[r, j], ref, atol=1e-12), (r, name)
+    if method == "mc":  # uniform weights: the study's cached predictive of each posterior
+        uniform = s.mixture(torch.full((1, K), 1 / K, dtype=torch.float64))[0]
+        idx = [NAMES.index(n) for n in names]
+        assert torch.allclose(uniform, study.named()["probs"][idx], atol=1e-12)
+
+
+def test_interval_comparison_percentile_and_bca_by_hand(study):
+    """Δ = ECE_det − ECE_S of the single blocks (in the study's order), the percentile interval of the
+    paired bootstrap replicates (image multiplicities of the generator seeded 1), and the BCa
+    interval from z0, the jackknife acceleration and the adjusted quantile levels."""
+    stats = StatsConfig(n_bins=4, n_boot=200, alpha=0.1)
+    out = interval_comparison(study, stats, torch.device("cpu"))
+    assert list(out.columns) == ["block", "delta", "percentile_lower", "percentile_upper", "bca_lower", "bca_upper"]
+    assert list(out.block) == [1, 0]
+    d = study.named()
+    det, labels, M, R, a2 = d["det"], d["labels"], stats.n_bins, stats.n_boot, stats.alpha / 2
+    counts = bootstrap_counts(N, R, torch.Generator().manual_seed(1), torch.float64, "cpu").tolist()
+    for row, name in zip(out.itertuples(), ["single 1", "single 0"]):
+        probs = d["probs"][NAMES.index(name)]
+        est = _ece(det, labels, M) - _ece(probs, labels, M)
+        assert row.delta == pytest.approx(est, abs=1e-12)
+        reps = np.array([_ece(det, labels, M, w) - _ece(probs, labels, M, w) for w in counts])
+        lo, hi = np.quantile(reps, [a2, 1 - a2])
+        assert (row.percentile_lower, row.percentile_upper) == pytest.approx((lo, hi), abs=1e-12)
+        keep = [[i for i in range(N) if i != j] for j in range(N)]
+        jack = np.array([_ece(det[k], labels[k], M) - _ece(probs[k], labels[k], M) for k in keep])
+        z0 = norm.ppf(np.clip(((reps < est).sum() + 0.5 * (reps == est).sum()) / R, 0.5 / R, 1 - 0.5 / R))
+        dev = jack.mean() - jack
+        acc = (dev ** 3).sum() / (6 * ((dev ** 2).sum()) ** 1.5)
+        levels = [norm.cdf(z0 + (z0 + z) / (1 - acc * (z0 + z))) for z in norm.ppf([a2, 1 - a2])]
+        assert (row.bca_lower, row.bca_upper) == pytest.approx(tuple(np.quantile(reps, levels)), abs=1e-12)
+        assert abs(acc) > 1e-6 and abs(levels[0] - a2) > 1e-4  # the BCa correction is not a no-op here
+
+
+def test_prepare_ranked_keeps_single_and_all_rows_in_table_order():
+    table = pd.DataFrame({"posterior": ["all", "single 2", "all but 0", "single 0", "first 2"],
+                          "kind": ["all", "single", "leave-one-out", "single", "first-k"], "block": [-1, 2, 0, 0, 2],
+                          "delta": [0.03, -0.01, 0.02, 0.005, 0.04], "lower": [0.01, -0.02, 0.0, -0.001, 0.02],
+                          "upper": [0.05, 0.0, 0.04, 0.011, 0.06]})
+    out = prepare_ranked(table)
+    assert list(out.columns) == ["layer", "delta", "lower", "upper"]
+    assert list(out.layer) == ["all blocks", "block 2", "block 0"]
+    for col in ("delta", "lower", "upper"):
+        assert np.allclose(out[col], table.loc[[0, 1, 3], col], rtol=0, atol=1e-15), col
+
+
+def test_prepare_scatter_panels_pairs_each_block_with_its_quantities():
+    """Single blocks ordered by block; x: block index, 100 × Δacc (pp), ΔNLL, and the curvature
+    trace looked up by block (the blocks frame is in another order); only the last three are labelled."""
+    table = pd.DataFrame({"posterior": ["single 2", "all", "single 0", "single 1"],
+                          "kind": ["single", "all", "single", "single"], "block": [2, -1, 0, 1],
+                          "delta": [0.02, 0.05, -0.01, 0.004], "lower": [0.01, 0.03, -0.02, -0.001],
+                          "upper": [0.03, 0.07, 0.0, 0.009], "d_acc": [-0.003, 0.001, 0.002, 0.0],
+                          "d_nll": [0.011, 0.02, -0.004, 0.001]})
+    att = Attribution(table=table, samples=torch.zeros(5, 4))
+    blocks = pd.DataFrame({"block": [1, 0, 2], "curvature_trace": [300.0, 10.0, 4000.0]})
+    panels = prepare_scatter_panels(att, blocks)
+    assert list(panels) == ["Block depth (index)", "Δ accuracy (pp, Bayes − det.)", "Δ NLL (nats, det. − Bayes)",
+                            "Curvature trace tr GGN$_\\ell$ (block's K-FAC)"]
+    expected_x = [[0, 1, 2], [0.2, 0.0, -0.3], [-0.004, 0.001, 0.011], [10.0, 300.0, 4000.0]]
+    for (key, df), x in zip(panels.items(), expected_x):
+        assert np.allclose(df.x, x, rtol=0, atol=1e-12), key
+        assert np.allclose(df.delta, [-0.01, 0.004, 0.02], rtol=0, atol=1e-15)
+        assert np.allclose(df.lower, [-0.02, -0.001, 0.01], rtol=0, atol=1e-15)
+        assert np.allclose(df.upper, [0.0, 0.009, 0.03], rtol=0, atol=1e-15)
+    assert "label" not in panels["Block depth (index)"]
+    assert all(list(df.label) == [0, 1, 2] for df in list(panels.values())[1:])
+
+
+def test_prepare_reliability_panels_by_hand(study):
+    """Per slot (M equal-width bins + the point mass at 1): count, mean confidence and accuracy
+    (NaN where empty) of the deterministic, temperature-scaled, single-block and all-block predictives."""
+    M = 4
+    panels = prepare_reliability_panels(study, 1, M)
+    d = study.named()
+    sources = {"Deterministic": d["det"], "Temperature scaled": d["ts"],
+               "Bayes (block 1)": d["probs"][NAMES.index("single 1")], "Bayes (all blocks)": d["probs"][NAMES.index("all")]}
+    assert list(panels) == list(sources)
+    for name, probs in sources.items():
+        slots = [[] for _ in range(M + 1)]
+        for p, y in zip(probs.tolist(), d["labels"].tolist()):
+            slots[_slot(max(p), M)].append((max(p), float(p.index(max(p)) == y)))
+        rd = panels[name]
+        assert rd.count.tolist() == [len(s) for s in slots], name
+        conf = torch.tensor([np.mean([c for c, _ in s]) if s else float("nan") for s in slots], dtype=torch.float64)
+        acc = torch.tensor([np.mean([a for _, a in s]) if s else float("nan") for s in slots], dtype=torch.float64)
+        assert torch.allclose(rd.confidence, conf, atol=1e-12, equal_nan=True), name
+        assert torch.allclose(rd.accuracy, acc, atol=1e-12, equal_nan=True), name
+    assert panels["Deterministic"].count[M] == 1  # the one-hot row
