@@ -181,9 +181,30 @@ def test_subset_bootstrap_rows_resample_images_and_posterior_samples(tiny_cfg):
     assert e[1:, 7].std() > 0 and not torch.allclose(e[1:, 0], e[1:, 7])
 
 
-def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeypatch):
+def _counted(monkeypatch, module, name: str, fail_at: int | None = None) -> list:
+    """Replace ``module.name`` (a function of :mod:`lib.laplace.predictive`) by a wrapper that records
+    each call in the returned list and raises KeyboardInterrupt at call number ``fail_at`` (an
+    interrupted stage)."""
+    from lib.laplace import predictive
+
+    real = getattr(predictive, name)
+    calls: list = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize(("resume_part_images", "parts", "resumed"), [(20, 3, 1), (32, 2, 0)])
+def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeypatch, resume_part_images, parts, resumed):
     """An interrupted bank keeps its finished parts; the resumed stage computes only the missing
-    ones and joins them into exactly the bank of a single pass over the test set."""
+    ones and joins them into exactly the bank of a single pass over the test set. Parts are named
+    by their image range, so after a change of part size no part of the old size is joined."""
     import lib.study as study
 
     cpu = torch.device("cpu")
@@ -195,25 +216,17 @@ def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeyp
     one_pass = perturbation_bank(run.model, post, batches(run.splits.test, 8, preprocess=run.preprocess, device=cpu),
                                  n_samples=cfg.predictive.n_samples, seed=0, device=cpu)
     monkeypatch.setattr(study, "BANK_PART_IMAGES", 20)  # parts of 24 images: 64 test images -> 3 parts
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return perturbation_bank(*args, **kwargs)
-
-    monkeypatch.setattr(study, "perturbation_bank", interrupted)
+    _counted(monkeypatch, study, "perturbation_bank", fail_at=2)
     with pytest.raises(KeyboardInterrupt):
         study.build_bank(cfg, run, post, lap, cpu)
-    calls.clear()
-    monkeypatch.setattr(study, "perturbation_bank", lambda *a, **k: calls.append(1) or perturbation_bank(*a, **k))
+    monkeypatch.setattr(study, "BANK_PART_IMAGES", resume_part_images)  # 32: parts 0-32, 32-64, none is 0-24
+    calls = _counted(monkeypatch, study, "perturbation_bank")
     st, bank = study.build_bank(cfg, run, post, lap, cpu)
-    assert len(calls) == 2  # part 0 was kept
+    assert len(calls) == parts - resumed == 2
     assert torch.equal(bank.delta, one_pass.delta) and torch.equal(bank.map_logits, one_pass.map_logits)
     assert torch.equal(bank.labels, one_pass.labels) and bank.blocks == one_pass.blocks
     info = json.loads(st.file("info.json").read_text())
-    assert (info["parts"], info["parts_resumed"]) == (3, 1) and not (st.path / "parts").exists() and st.done
+    assert (info["parts"], info["parts_resumed"]) == (parts, resumed) and not (st.path / "parts").exists() and st.done
     setup = setup_table(cfg, run).set_index("Setting").Value
     assert setup["Statistics"] == "ECE with M = 10 equal-width bins; 60 bootstrap replicates (20 per seed for Shapley values); α = 0.05"
     assert setup["Predictive"].startswith("linearised, Monte Carlo (softmax averaged), K = 4 posterior samples")
@@ -320,61 +333,16 @@ def test_subsets_stage_resumes_from_its_parts_and_equals_one_pass(tiny_cfg, monk
     ece_whole, scales_whole = whole.subset_ece(), torch.load(whole.subsets.file("subset_scales.pt"), weights_only=True)
     shutil.rmtree(whole.subsets.path)
     monkeypatch.setattr(study, "SUBSET_PART", 3)  # 8 subsets -> parts 0-3, 3-6, 6-8
-    calls = []
-    real = study.iter_subset_mixtures
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(study, "iter_subset_mixtures", interrupted)
+    calls = _counted(monkeypatch, study, "iter_subset_mixtures", fail_at=2)
     with pytest.raises(KeyboardInterrupt):
         run_seed(cfg, 0, cpu)
-    calls.clear()
-    monkeypatch.setattr(study, "iter_subset_mixtures", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _counted(monkeypatch, study, "iter_subset_mixtures")
     resumed = run_seed(cfg, 0, cpu)
     assert len(calls) == 2  # part 0-3 was kept
     assert resumed.subsets.path == whole.subsets.path and resumed.subsets.done
     assert not (resumed.subsets.path / "parts").exists()
     assert torch.equal(torch.load(resumed.subsets.file("subset_scales.pt"), weights_only=True), scales_whole)
     assert torch.allclose(resumed.subset_ece(), ece_whole, atol=1e-6, rtol=0)
-
-
-def test_bank_parts_of_another_size_are_not_joined(tiny_cfg, monkeypatch):
-    """Parts are named by their image range: after a change of part size, no part of the old size
-    is reused, and the bank still equals one pass."""
-    import lib.study as study
-
-    cpu = torch.device("cpu")
-    d = tiny_cfg.to_dict()
-    d["predictive"]["batch_size"] = 8
-    cfg = Config.from_dict(d)
-    run = map_run(cfg, 0, cpu)
-    lap, post = fit_laplace(cfg, run, cpu)
-    one_pass = perturbation_bank(run.model, post, batches(run.splits.test, 8, preprocess=run.preprocess, device=cpu),
-                                 n_samples=cfg.predictive.n_samples, seed=0, device=cpu)
-    monkeypatch.setattr(study, "BANK_PART_IMAGES", 20)  # parts of 24 images: 0-24, 24-48, 48-64
-    calls = []
-    real = study.perturbation_bank
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(study, "perturbation_bank", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        study.build_bank(cfg, run, post, lap, cpu)
-    monkeypatch.setattr(study, "BANK_PART_IMAGES", 32)  # parts 0-32, 32-64: none matches 0-24
-    calls.clear()
-    monkeypatch.setattr(study, "perturbation_bank", lambda *a, **k: calls.append(1) or real(*a, **k))
-    st, bank = study.build_bank(cfg, run, post, lap, cpu)
-    assert len(calls) == 2
-    assert torch.equal(bank.delta, one_pass.delta) and torch.equal(bank.labels, one_pass.labels)
-    assert json.loads(st.file("info.json").read_text())["parts_resumed"] == 0
 
 
 def test_stage_keys_depend_on_the_device(tiny_cfg):
