@@ -12,6 +12,10 @@
 #   LLA_GIT_SHA=<sha> bash tools/device-freeze.sh cifar10-transfer
 # The executed notebooks, records and result tables come back as $OUT/freeze.tgz; unpack it in the
 # repository root, check `git status`, then `make link BOOK_PROFILE=<profile> && make book`.
+# The runner is stopped at FREEZE_LIMIT_S (530 s) so that what finished still comes back. Every
+# stage is cached in artifacts/ (the banks and the subsets stage in parts), so the same call made
+# again at once, while the machine is still warm (it is released after about 30 s idle), resumes
+# where the first stopped; on a fresh machine it starts over.
 set -uo pipefail
 profile=${1:?usage: device-freeze.sh PROFILE}
 source tools/device-env.sh
