@@ -149,9 +149,10 @@ def build_bank(
     Resumable: the images are processed in parts of about :data:`BANK_PART_IMAGES`, each saved
     (``parts/<start>-<stop>.pt``, named by its image range and written atomically) as soon as it
     is done; an interrupted stage resumes from the first missing part, and a part whose range no
-    longer matches (another part size) is never joined. Every part uses the same posterior samples (they depend on the
-    seed and the block only, :func:`lib.laplace.predictive.block_generator`) and the same batches,
-    so the joined bank equals one computed in a single pass.
+    longer matches (another part size) is never joined. Every part uses the same posterior
+    samples (they depend on the seed and the block only,
+    :func:`lib.laplace.predictive.block_generator`) and the same batches, so the joined bank
+    equals one computed in a single pass.
     """
     pc = cfg.predictive
     data = {"test": run.splits.test, "val": run.splits.val}[split]
