@@ -25,6 +25,7 @@ from torch.func import functional_call, jvp, vmap
 from lib.laplace.predictive import (CLASS_CHUNK, BlockPosterior, block_tangents, load_forward_ad, reverse_delta, reverse_mode,
                                    reverse_samples, uses_reverse_mode)
 from lib.model import fused_attention_off, vit_parts
+from lib.train import amp_dtype, autocast
 
 
 class GLMPredictor:
@@ -37,9 +38,10 @@ class GLMPredictor:
 
     ``mode='forward'``: the network up to the first Bayesian block ``ℓ₀ = min S`` once, then one
     JVP of the tail per sample (batched by ``vmap``); ``'reverse'``: one forward pass and ``C``
-    backward passes to ``ℓ₀`` (batched by :data:`~lib.laplace.predictive.CLASS_CHUNK`) whose per-example Jacobians
-    are contracted with the samples (:func:`lib.laplace.predictive.reverse_delta`); ``'auto'``
-    takes reverse when ``C ≤ K``, as the bank does.
+    backward passes to ``ℓ₀`` (batched by :data:`~lib.laplace.predictive.CLASS_CHUNK`) whose
+    per-example Jacobians are contracted with the samples
+    (:func:`lib.laplace.predictive.reverse_delta`); ``'auto'`` takes reverse when ``C ≤ K``, as
+    the bank does.
     """
 
     def __init__(self, model: nn.Module, posterior: BlockPosterior, blocks: list[int], *, n_samples: int,
@@ -136,8 +138,8 @@ def latency_table(model: nn.Module, posterior: BlockPosterior, x: Tensor, subset
     latency minus the deterministic one.
     """
     model.eval()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    dtype = amp_dtype(device) or torch.float32
+    with torch.no_grad(), autocast(device):
         sec, mem = time_call(lambda: model(x), n_warmup=n_warmup, n_iters=n_iters, device=device)
     rows = [{"posterior": "deterministic", "n_blocks": 0, "first_block": -1, "mode": "", "ms_per_image": 1e3 * sec / len(x),
              "peak_mib": mem}]

@@ -18,7 +18,7 @@ from lib.artifacts import Stage, stage
 from lib.config import Config, ModelConfig
 from lib.data import Preprocess, Splits, pretrain_splits, splits_for
 from lib.model import add_lora, build_backbone, data_config
-from lib.train import FitSpec, fit, predict_logits
+from lib.train import FitSpec, amp_dtype, fit, predict_logits
 
 
 @dataclass
@@ -46,7 +46,8 @@ def numerics(device: torch.device) -> dict:
     """What a stage's numbers depend on besides its params: the device type (its kernels and random
     streams differ) and the autocast precision (bf16 on CUDA, none on CPU). Part of every stage key,
     so that results computed on a GPU are never reused on a CPU or the reverse."""
-    return {"device": device.type, "autocast": "bfloat16" if device.type == "cuda" else None}
+    amp = amp_dtype(device)
+    return {"device": device.type, "autocast": None if amp is None else str(amp).removeprefix("torch.")}
 
 
 def _data_identity(cfg: Config) -> dict:

@@ -49,9 +49,14 @@ def load_table(profile: str, name: str) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def signed(x: float, digits: int) -> str:
+    """``x`` with an explicit sign and a typographic minus, e.g. ``+0.0123``, ``−0.0046``."""
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
 def pp(x: float) -> str:
     """A fraction as signed percentage points with a typographic minus, e.g. ``+1.23``, ``−0.40``."""
-    return f"{PP * x:+.2f}".replace("-", "−")
+    return signed(PP * x, 2)
 
 
 def ci(delta: float, lower: float, upper: float) -> str:
@@ -120,8 +125,8 @@ def display_layer_table(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
         "Posterior": table.posterior,
         "ECE (%)": (PP * table.ece).round(2),
         f"ΔECE, pp [{level(alpha)} CI]": [ci(d, lo, hi) for d, lo, hi in zip(table.delta, table.lower, table.upper)],
-        "ΔNLL": table.d_nll.map(lambda v: f"{v:+.4f}".replace("-", "−")),
-        "ΔBrier": table.d_brier.map(lambda v: f"{v:+.4f}".replace("-", "−")),
+        "ΔNLL": table.d_nll.map(lambda v: signed(v, 4)),
+        "ΔBrier": table.d_brier.map(lambda v: signed(v, 4)),
         "Δacc. (pp)": table.d_acc.map(pp),
     })
     if "p_holm" in table:
@@ -277,18 +282,24 @@ def _posterior_names(names) -> str:
     return ", ".join("the all-block posterior" if n == "all" else n for n in names)
 
 
+def _leader(agreement: pd.DataFrame, ranks: pd.DataFrame) -> tuple[int, bool, pd.DataFrame]:
+    """The block ranked first under the reference of :func:`lib.attribution.ranking_agreement`,
+    whether the rank confidence set certifies it as first, and the rows whose leader differs."""
+    top = int(agreement.top_block_study.iloc[0])
+    certified = bool(ranks.set_index("block").loc[top, "rank_upper"] == 1)
+    return top, certified, agreement[agreement.top_block != top]
+
+
 def _agreement_text(agreement: pd.DataFrame, ranks: pd.DataFrame, reference: str, article: str, gain: str) -> list[str]:
     """Sentences on :func:`lib.attribution.ranking_agreement` against ``reference`` (e.g. "the
     equal-width ECE"); ``article`` precedes the alternatives' names ("the " or ""); ``gain`` names
     the reference gain (e.g. "the equal-width gain")."""
-    top = int(agreement.top_block_study.iloc[0])
+    top, certified, differ = _leader(agreement, ranks)
     n = int(agreement.blocks.iloc[0])
     taus = ", ".join(f"{t:.2f} ({e}; {int(d)} of {int(m)} block pairs ordered differently)"
                      for e, t, d, m in zip(agreement.estimator, agreement.kendall_tau, agreement.discordant,
                                            agreement.pairs))
     text = [f"Against {reference}, Kendall's τ of the single-block ΔECE is {taus}."]
-    differ = agreement[agreement.top_block != top]
-    certified = bool((ranks.set_index("block").loc[top, "rank_upper"] == 1))
     if differ.empty:
         text.append(f"Block {top} ranks first under every one of them.")
     else:
@@ -533,12 +544,18 @@ def scale_summary(table: pd.DataFrame, cfg: Config) -> str:
             f"{singles['κ max'].max():.3g}. All results below use each subset's own κ_S." + _grid_edges(t, grid))
 
 
+def _at_grid_ends(t: pd.DataFrame, grid: tuple[float, ...]) -> tuple[pd.Series, pd.Series]:
+    """Per posterior of :func:`scale_table` (indexed by posterior): whether its κ_S sits at the
+    upper, and at the lower, end of the grid ``(low, high)`` on at least one seed."""
+    return t["κ max"] >= grid[1] * (1 - 1e-9), t["κ min"] <= grid[0] * (1 + 1e-9)
+
+
 def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
     """A caveat naming the posteriors whose κ_S sits at an end of the grid (on any seed)."""
     named = t.drop(index="deterministic (MAP)")
+    upper, lower = _at_grid_ends(named, grid)
     out = []
-    for hit, word, fix in ((named["κ max"] >= grid[1] * (1 - 1e-9), "upper", "extend the grid upwards"),
-                           (named["κ min"] <= grid[0] * (1 + 1e-9), "lower", "extend the grid downwards")):
+    for hit, word, fix in ((upper, "upper", "extend the grid upwards"), (lower, "lower", "extend the grid downwards")):
         if hit.any():
             who = (f"all {len(named)} posteriors" if hit.all() else _posterior_names(named.index[hit]))
             out.append(f" For {who} the selected κ is at the {word} end of the grid on at least one seed, so the "
@@ -581,7 +598,7 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
         f"{pp(full.d_acc)} pp)."
         + (" Its κ_S sits at the lower end of the validation grid on at least one seed: validation prefers a "
            "posterior that predicts almost like the MAP." if scale is not None and cfg.predictive.scale != "none"
-           and float(scale.set_index("posterior").loc["all", "κ min"]) <= cfg.predictive.scale_range[0] * (1 + 1e-9)
+           and bool(_at_grid_ends(scale.set_index("posterior"), cfg.predictive.scale_range)[1]["all"])
            else ""),
         ("Ranked by their own ΔECE, the single blocks with the largest gains are "
          + _join([f"block {int(r.block)} ({pp(r.delta)} pp)" for r in top[top.delta > 0].itertuples()]) + "."
@@ -599,9 +616,8 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
     text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
                 + " and ".join(lead) + " first.")
     if agreement is not None:
-        lead = int(agreement.top_block_study.iloc[0])
-        certified = bool((ranks.set_index("block").loc[lead, "rank_upper"] == 1))
-        differ = agreement[agreement.top_block != agreement.top_block_study].estimator.tolist()
+        _, certified, rows = _leader(agreement, ranks)
+        differ = rows.estimator.tolist()
         if not differ:
             text.append(f"The leading single block is the same under the {_join(list(agreement.estimator))} "
                         "(@sec-statistics-estimator).")

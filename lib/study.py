@@ -32,7 +32,7 @@ from lib.pipeline import MapRun, map_run, numerics
 from lib.provenance import environment
 from lib.stats import bootstrap_counts
 from lib.temperature import apply_temperature, fit_temperature
-from lib.train import prior_precision
+from lib.train import amp_dtype, prior_precision
 
 
 @dataclass
@@ -74,10 +74,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _amp(device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
 def _check_restricted_prior(cfg: Config) -> None:
     lc = cfg.laplace
     if lc.restricted_prior == "retune" and not lc.prior_per_block:
@@ -113,7 +109,7 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
     curvature = fit_curvature(
         run.model, batches(train, lc.batch_size, preprocess=run.preprocess, device=device),
         structure=lc.structure, device=device, kfac=lc.kfac, fisher=lc.fisher, mc_samples=lc.mc_samples,
-        generator=torch.Generator(device=device).manual_seed(run.seed), autocast_dtype=_amp(device),
+        generator=torch.Generator(device=device).manual_seed(run.seed), autocast_dtype=amp_dtype(device),
         class_chunk=lc.class_chunk,
     )
     _sync(device)
@@ -180,7 +176,7 @@ def build_bank(
             bank = perturbation_bank(
                 run.model, post, batches(chunk, pc.batch_size, preprocess=run.preprocess, device=device),
                 n_samples=pc.n_samples, seed=run.seed, device=device,
-                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                dtype=amp_dtype(device) or torch.float32,
             )
             _sync(device)
             part = {"bank": dataclasses.asdict(bank), "seconds": time.perf_counter() - t0}

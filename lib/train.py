@@ -50,9 +50,15 @@ def prior_precision(l2: float, n_train: int) -> float:
     return l2 * n_train
 
 
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast precision of every stage on ``device``: bf16 on CUDA, none (fp32) on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA, a no-op (fp32) on CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """Autocast at :func:`amp_dtype` (a no-op on CPU)."""
+    dtype = amp_dtype(device)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

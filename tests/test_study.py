@@ -121,7 +121,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert "(more than half of it, on the first seed) for 2 of the 4 posteriors checked; the intervals include it" in answer(
         att.table, ranks, values, pareto, base, tiny_cfg, noisy)
     assert "Monte Carlo" not in answer(att.table, ranks, values, pareto, base, tiny_cfg, noisy.assign(mc_share=0.3))
-    floor = pd.DataFrame({"posterior": ["all"], "κ min": [tiny_cfg.predictive.scale_range[0]]})
+    floor = pd.DataFrame({"posterior": ["all"], "κ min": [tiny_cfg.predictive.scale_range[0]], "κ max": [1.0]})
     assert "validation prefers a posterior that predicts almost like the MAP" in answer(
         att.table, ranks, values, pareto, base, tiny_cfg, scale=floor)
     assert "almost like the MAP" not in answer(att.table, ranks, values, pareto, base, tiny_cfg,
