@@ -179,9 +179,13 @@ FIT_SETTINGS = {
 
 def bench_fit(model, args, device, res):
     """K-FAC fit images/s, ours (fp32; bf16 autocast on CUDA; one backward per output vector or
-    ``--class-chunk`` vectors per vmapped backward) vs laplace-torch, in both FIT_SETTINGS."""
+    ``--class-chunk`` vectors per vmapped backward) vs laplace-torch, in both FIT_SETTINGS; for the
+    exact GGN also the worst relative deviation of our K-FAC factors from laplace-torch's."""
     from lib.laplace.curvature import fit_kron
 
+    from lib.laplace.reference import factor_deviation
+
+    ours = {}
     fit_x, fit_y = synthetic(args.fit_n, args, args.seed + 10, device)
     fit = batches(fit_x, fit_y, args.fit_batch_size)
     all_blocks = range(n_blocks(model))
@@ -197,13 +201,18 @@ def bench_fit(model, args, device, res):
                          progress=False, **kw)
                 for _ in range(args.repeats):
                     with timed(device, res, f"fit_{key}_s", repeat=True):
-                        fit_kron(model, fit, device=device, autocast_dtype=autocast, class_chunk=chunk,
-                                 generator=gen, progress=False, **kw)
+                        curv = fit_kron(model, fit, device=device, autocast_dtype=autocast, class_chunk=chunk,
+                                        generator=gen, progress=False, **kw)
+                ours[key] = curv
         set_fused_attention(model, True)
         peer_laplace(model, fit[:1], all_blocks, args.prior_precision, **kw)
         for _ in range(args.repeats):
             with timed(device, res, f"fit_{setting}_peer_s", repeat=True):
-                peer_laplace(model, fit, all_blocks, args.prior_precision, **kw)
+                la = peer_laplace(model, fit, all_blocks, args.prior_precision, **kw)
+        if kw["fisher"] == "exact":  # the MC Fisher draws other labels in each library
+            for key, curv in ours.items():
+                res[f"fit_{key}_factor_max_rel_diff"] = factor_deviation(model, curv, la)[1]
+        ours.clear()
         for key in [k[4:-2] for k in list(res) if k.startswith(f"fit_{setting}_") and k.endswith("_s")
                     and not k.endswith("_img_per_s")]:
             res[f"fit_{key}_img_per_s"] = args.fit_n / res[f"fit_{key}_s"]
@@ -320,13 +329,18 @@ def report(res, args):
     for setting in FIT_SETTINGS:
         for key in sorted(k[4:-10] for k in res if k.startswith(f"fit_{setting}_") and k.endswith("_img_per_s")):
             ratio = f" ({res[f'fit_{key}_ratio']:.2f}x)" if f"fit_{key}_ratio" in res else ""
+            if f"fit_{key}_factor_max_rel_diff" in res:
+                ratio += f", Δ {res[f'fit_{key}_factor_max_rel_diff']:.1e}"
             rows.append((f"(a) K-FAC fit {key}", f"{res[f'fit_{key}_img_per_s']:.1f} img/s{ratio}",
                          res.get(f"fit_{key}_s_mem_gb")))
     if "sweep_ratio" in res:
         rows += sweep_rows(res, args)
-    print(f"\n{'quantity':<58} {'value':>16} {'peak GPU GiB':>13}")
+    print(f"\n{'quantity':<58} {'value':>28} {'peak GPU GiB':>13}")
     for name, val, mem in rows:
-        print(f"{name:<58} {val:>16} {'' if mem is None else f'{mem:.2f}':>13}")
+        print(f"{name:<58} {val:>28} {'' if mem is None else f'{mem:.2f}':>13}")
+    if any(k.endswith("_factor_max_rel_diff") for k in res):
+        print("Δ: worst max |ours − laplace-torch| over every LoRA weight's K-FAC factors G and X, relative to "
+              "that factor's max |entry| (exact GGN; the MC Fisher draws other labels in each library)")
     for setting in FIT_SETTINGS:
         ratios = [(v, k) for k, v in res.items() if k.startswith(f"fit_{setting}_ours") and k.endswith("_ratio")]
         if ratios:

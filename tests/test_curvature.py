@@ -9,7 +9,7 @@ from laplace import Laplace
 from laplace.curvature import CurvlinopsGGN
 
 from lib.config import ModelConfig
-from lib.laplace.curvature import fit_diag, fit_kron, output_vectors
+from lib.laplace.curvature import add_gram, fit_diag, fit_kron, output_vectors
 from lib.model import lora_modules, set_fused_attention, unwrap
 
 RTOL = 1e-4  # fp32 accumulation in different orders; observed ≤ 2e-7 relative to the factor's max
@@ -221,3 +221,75 @@ def test_bad_arguments(tiny_lora_vit, tiny_batch):
         fit_kron(tiny_lora_vit, [(x, y)], device="cpu", kfac="mean")
     with pytest.raises(ValueError, match="fisher"):
         fit_diag(tiny_lora_vit, [(x, y)], device="cpu", fisher="empirical")
+
+
+def _round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 → nearest TF32 value (10 mantissa bits; ties to even), as float32."""
+    bits = x.view(torch.int32).to(torch.int64)
+    lsb = (bits >> 13) & 1
+    rounded = ((bits + 0xFFF + lsb) >> 13) << 13
+    return rounded.to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_values_are_exact_in_tf32(dtype):
+    """The premise of add_gram: bf16 / fp16 values survive TF32 rounding, generic float32 values do not."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=gen) * torch.logspace(-6, 4, 100_000)
+    half = x.to(dtype).float()
+    half = half[torch.isfinite(half)]
+    assert torch.equal(_round_to_tf32(half), half)
+    assert (_round_to_tf32(x) != x).float().mean() > 0.99  # the negative control
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_add_gram_matches_float64_and_restores_precision(dtype):
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(500, 24, generator=gen).to(dtype)
+    acc = torch.eye(24)
+    torch.set_float32_matmul_precision("highest")
+    add_gram(acc, rows)
+    assert torch.get_float32_matmul_precision() == "highest"
+    r = rows.double()
+    assert torch.allclose(acc.double(), torch.eye(24, dtype=torch.float64) + r.T @ r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 tensor cores need CUDA")
+def test_add_gram_on_cuda_is_exact_for_bf16_rows():
+    """On the GPU the TF32 product of bf16 rows is float32-exact; generic float32 rows under TF32
+    would not be (the control shows TF32 is really on for them)."""
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(4096, 512, generator=gen)
+    half = rows.bfloat16()
+    acc = torch.zeros(512, 512, device="cuda")
+    add_gram(acc, half.cuda())
+    ref = half.double().T @ half.double()
+    assert (acc.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    torch.set_float32_matmul_precision("high")
+    try:
+        tf32 = (rows.cuda().T @ rows.cuda()).double().cpu()
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    generic = rows.double().T @ rows.double()
+    assert (tf32 - generic).abs().max() > 1e-5 * generic.abs().max()
+
+
+@pytest.mark.parametrize("structure,kfac,chunk", [("kron", "expand", 1), ("kron", "expand", 3), ("kron", "reduce", 3),
+                                                  ("diag", "expand", 3)])
+def test_bf16_autocast_fit_agrees_with_float32(tiny_lora_vit, tiny_batch, structure, kfac, chunk):
+    """The half-precision path of the GPU fit (bf16 gradients and inputs into add_gram), run under
+    CPU autocast: within bf16 rounding of the float32 factors (observed ≤ 3.4e-2 relative)."""
+    x, y = tiny_batch
+    kw = dict(device="cpu", class_chunk=chunk, progress=False)
+    if structure == "kron":
+        ref = fit_kron(tiny_lora_vit, _batches(x, y), kfac=kfac, **kw)
+        half = fit_kron(tiny_lora_vit, _batches(x, y), kfac=kfac, autocast_dtype=torch.bfloat16, **kw)
+        pairs = [(a, b) for n in ref.factors for fr, fh in zip(ref.factors[n], half.factors[n])
+                 for a, b in ((fh.G, fr.G), (fh.X, fr.X))]
+    else:
+        ref = fit_diag(tiny_lora_vit, _batches(x, y), **kw)
+        half = fit_diag(tiny_lora_vit, _batches(x, y), autocast_dtype=torch.bfloat16, **kw)
+        pairs = [(a, b) for n in ref.diag for a, b in zip(half.diag[n], ref.diag[n])]
+    assert all(a.dtype == torch.float32 for a, _ in pairs)
+    assert all(_close(a, b, rtol=0.1) for a, b in pairs)
+    assert not all(_close(a, b, rtol=1e-4) for a, b in pairs)  # bf16 really ran

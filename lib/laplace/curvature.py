@@ -41,8 +41,10 @@ for directly with :func:`torch.autograd.grad`; no parameter gradient is formed):
 * Diagonal: ``diag GGN_W = Σ_n Σ_c (Σ_t g_ntc a_ntᵀ)²``, the per-example gradients of one module
   at a time (``N × out × in``, never the whole model's).
 
-Everything is accumulated in float32 on ``device``; the forward may run under bfloat16 autocast
-on CUDA (``autocast_dtype``).
+Everything is accumulated in float32 on ``device``. The forward may run under autocast
+(``autocast_dtype``; the study uses bfloat16 on CUDA and none on CPU, :func:`lib.train.amp_dtype`),
+whose half-precision gradients and inputs enter the factors through TF32 tensor-core products
+that are exact for them (:func:`add_gram`).
 """
 
 from __future__ import annotations
@@ -260,7 +262,7 @@ def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, gen
         raise ValueError("model has no LoRA modules; wrap it with lib.model.add_lora first")
     linears = [lin for m in mods for lin in (m.A, m.B)]
     stats = [_new_stats(lin, structure, device) for lin in linears]
-    use_autocast = autocast_dtype is not None and device.type == "cuda"
+    use_autocast = autocast_dtype is not None
     attention = fused_attention_off(model) if class_chunk > 1 else nullcontext()
     loss, n_data = 0.0, 0
     with lora_trainable(model, mods), Recorder(linears) as rec, attention:
@@ -276,17 +278,17 @@ def _accumulate(model, batches, device, structure, kfac, fisher, mc_samples, gen
             vecs = output_vectors(logits, fisher, mc_samples, generator)
             if structure == "kron":
                 for s, a in zip(stats, rec.inputs):
-                    _add_input_factor(s, _tokens(a.float()), kfac)
+                    _add_input_factor(s, _tokens(a), kfac)
             for k0 in range(0, len(vecs), class_chunk):
                 grads = output_grads(logits, rec.outputs, vecs[k0 : k0 + class_chunk],
                                       retain=k0 + class_chunk < len(vecs))
                 for s, a, g in zip(stats, rec.inputs, grads):
-                    g = g.float().reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+                    g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
                     if structure == "kron":
-                        g = g.reshape(-1, g.shape[-1]) if kfac == "expand" else g.sum(2).reshape(-1, g.shape[-1])
-                        s["G"].addmm_(g.T, g)
+                        g = g.reshape(-1, g.shape[-1]) if kfac == "expand" else g.float().sum(2).flatten(0, 1)
+                        add_gram(s["G"], g)
                     else:
-                        s["D"].add_(torch.einsum("knto,nti->knoi", g, _tokens(a.float())).square().sum((0, 1)))
+                        s["D"].add_(torch.einsum("knto,nti->knoi", g.float(), _tokens(a.float())).square().sum((0, 1)))
             del logits, grads, vecs
             rec.clear()
     return {
@@ -320,9 +322,36 @@ def _new_stats(lin: nn.Linear, structure: str, device: torch.device) -> dict:
 
 
 def _add_input_factor(s: dict, a: torch.Tensor, kfac: str) -> None:
-    a = a.reshape(-1, a.shape[-1]) if kfac == "expand" else a.mean(1)
-    s["X"].addmm_(a.T, a)
+    a = a.reshape(-1, a.shape[-1]) if kfac == "expand" else a.float().mean(1)
+    add_gram(s["X"], a)
     s["rows"] += a.shape[0]
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def add_gram(acc: torch.Tensor, rows: torch.Tensor) -> None:
+    """``acc += rowsᵀ rows`` in float32: ``acc`` (d, d) float32, ``rows`` (n, d) of any float dtype.
+
+    Rows in bfloat16 or float16 (the output gradients and some layer inputs of a bf16 autocast
+    pass) are exactly representable in TF32 (nvidia2020a100: 8-bit exponent, 10-bit mantissa; bf16 has 7
+    mantissa bits, fp16 10 bits and a 5-bit exponent), and the product of two TF32 numbers is
+    exact in float32. Their Gram matrix is therefore formed with ``float32_matmul_precision``
+    ``'high'`` (TF32 tensor cores on CUDA): the same products accumulated in float32, only in
+    another order, at several times the float32 rate. It is the largest cost of the K-FAC-expand
+    fit of an exact GGN (``C − 1`` output vectors × tokens × ``out²`` per example and module).
+    Float32 rows use full float32 precision. The global precision setting is restored.
+    """
+    if rows.dtype not in HALF:
+        acc.addmm_(rows.T.float(), rows.float())
+        return
+    rows = rows.float()
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        acc.addmm_(rows.T, rows)
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:

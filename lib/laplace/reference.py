@@ -215,7 +215,13 @@ def _row(check: str, ours: Tensor, ref: Tensor, bound: float | Tensor, note: str
     }
 
 
-def _factor_row(model: nn.Module, curv, la, kfac: str) -> dict:
+def factor_deviation(model: nn.Module, curv, la) -> tuple[float, float, bool]:
+    """Worst deviation of our K-FAC factors ``curv`` from laplace-torch's ``la.H_facs`` on ``model``.
+
+    Every LoRA weight's ``G`` and ``X`` is compared entrywise; returns the largest
+    ``max |ours − ref|``, the largest of those relative to the factor's own ``max |ref|``, and
+    whether every factor is within :data:`RTOL_CURVATURE` of its reference.
+    """
     pos = {id(p): i for i, p in enumerate(la.params)}
     worst_abs, worst_rel, ok = 0.0, 0.0, True
     for m in lora_modules(model):
@@ -225,6 +231,11 @@ def _factor_row(model: nn.Module, curv, la, kfac: str) -> dict:
                 r = _row("", a, b, RTOL_CURVATURE, "")
                 worst_abs, worst_rel = max(worst_abs, r["max_abs_diff"]), max(worst_rel, r["max_rel_diff"])
                 ok &= r["ok"]
+    return worst_abs, worst_rel, ok
+
+
+def _factor_row(model: nn.Module, curv, la, kfac: str) -> dict:
+    worst_abs, worst_rel, ok = factor_deviation(model, curv, la)
     how = "laplace-torch's default" if kfac == "expand" else "asdl_fisher_kwargs={'kfac_approx': 'reduce'}"
     return {
         "check": f"K-FAC factors ({kfac})", "max_abs_diff": worst_abs, "max_rel_diff": worst_rel,
