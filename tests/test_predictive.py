@@ -373,7 +373,7 @@ def test_bad_inputs_raise(tiny_lora_vit, tiny_batch, posterior):
     with pytest.raises(ValueError, match="blocks"):
         perturbation_bank(tiny_lora_vit, posterior, [(x, y)], blocks=[5], **kw)
     with pytest.raises(ValueError, match="bfloat16"):
-        perturbation_bank(tiny_lora_vit, posterior, [(x, y)], dtype=torch.bfloat16, **kw)
+        perturbation_bank(tiny_lora_vit, posterior, [(x, y)], dtype=torch.float16, **kw)
     with pytest.raises(ValueError, match="empty"):
         perturbation_bank(tiny_lora_vit, posterior, [], **kw)
     bank = perturbation_bank(tiny_lora_vit, posterior, [(x, y)], **kw)

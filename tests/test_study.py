@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -358,3 +359,39 @@ def test_stage_keys_depend_on_the_device(tiny_cfg):
     st = run_seed(tiny_cfg, 0, torch.device("cpu"))
     for s in (st.run.stage, st.laplace, st.bank, st.subsets):
         assert json.loads((s.path / "inputs.json").read_text())["inputs"]["numerics"] == cpu, s.path
+
+
+@pytest.mark.parametrize("n_samples,mode", [(4, "forward"), (8, "reverse")])
+def test_gpu_numerics_run_end_to_end_under_cpu_autocast(tiny_cfg, monkeypatch, n_samples, mode):
+    """Every stage with the GPU's numerics (bf16 autocast for training, curvature, banks and
+    latency), simulated with CPU autocast: the whole study, the attribution and the latency table
+    run, record bf16, and give finite, well-formed results; a dtype slip in a CUDA-only branch
+    would otherwise surface only on the lent GPU. K = 4 < C = 5 builds the banks in forward mode,
+    K = 8 in reverse mode."""
+    import sys
+
+    import lib.train
+    from lib.deploy import latency_table
+
+    original = lib.train.amp_dtype
+    for module in list(sys.modules.values()):
+        if getattr(module, "amp_dtype", None) is original:
+            monkeypatch.setattr(module, "amp_dtype", lambda device: torch.bfloat16)
+    cfg = dataclasses.replace(tiny_cfg, predictive=dataclasses.replace(tiny_cfg.predictive, n_samples=n_samples))
+    cpu = torch.device("cpu")
+    studies = run_all(cfg, cpu)
+    for stage in (studies[0].run.stage, studies[0].laplace, studies[0].bank, studies[0].subsets):
+        record = json.loads((stage.path / "inputs.json").read_text())
+        assert record["inputs"]["numerics"] == {"device": "cpu", "autocast": "bfloat16"}, stage.path
+    m = studies[0].metrics().set_index("posterior")
+    assert m[["ece", "nll", "brier", "accuracy"]].notna().all().all() and m.ece.between(0, 1).all()
+    d = studies[0].named()
+    assert torch.isfinite(studies[0].test_bank().delta).all()
+    assert torch.allclose(d["probs"].sum(-1), torch.ones_like(d["probs"].sum(-1)), atol=1e-5)
+    att = attribution(studies, cfg.stats, "mc", cpu)
+    assert att.table[["delta", "lower", "upper"]].notna().all().all()
+    s = studies[0]
+    x, _ = next(iter(batches(s.run.splits.test, 4, preprocess=s.run.preprocess, device=cpu)))
+    lat = latency_table(s.run.model, s.posterior, x, {"all": [0, 1, 2]}, n_samples=n_samples, seed=s.seed,
+                        device=cpu, n_warmup=0, n_iters=1)
+    assert lat.set_index("posterior").loc["all", "mode"] == mode

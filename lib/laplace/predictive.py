@@ -133,7 +133,7 @@ def perturbation_bank(
     tangent ``(dA, dB)`` enters each adapted map ``y = W x + s·B A x`` as ``s·(dB A x + B dA x)``.
     The ``K`` tangents are batched by ``vmap`` in chunks of ``k_chunk``: ``"shared"`` keeps one
     primal for all tangents, ``"folded"`` repeats the primal per tangent (as if the samples were
-    folded into the batch). ``dtype=torch.bfloat16`` runs primal and tangents under CUDA autocast;
+    folded into the batch). ``dtype=torch.bfloat16`` runs primal and tangents under autocast (the study: on CUDA);
     the bank is accumulated in fp32 on ``store_device``. Fused attention is switched off during
     the bank (it has no forward-mode AD) and restored afterwards.
 
@@ -151,8 +151,6 @@ def perturbation_bank(
     device = torch.device(device)
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    if dtype == torch.bfloat16 and device.type != "cuda":
-        raise ValueError("dtype=torch.bfloat16 (autocast) needs device='cuda'; use torch.float32 on CPU")
     blocks = tuple(sorted(set(posterior.blocks if blocks is None else (int(b) for b in blocks))))
     n_layers = n_blocks(model)
     unknown = [b for b in blocks if b not in posterior.blocks or not 0 <= b < n_layers]
