@@ -19,11 +19,13 @@ import torch
 from scipy.stats import kendalltau
 
 from lib.calibration import debiased_ece, ece, ece_equal_mass, prepare_reliability, smooth_ece
-from lib.config import StatsConfig
+from lib.config import PredictiveConfig, StatsConfig
 from lib.laplace.predictive import iter_subset_probs, sample_mixture
+from lib.laplace.scale import example_nll, scale_grid
 from lib.stats import (
     SeedSamples,
     bca_interval,
+    bootstrap_counts,
     bootstrap_pvalues,
     delta_ece,
     holm,
@@ -396,6 +398,70 @@ def scale_sensitivity(studies: list[SeedStudy], n_bins: int, method: str, device
     out = _posterior_frame(names, (acc / len(studies)).double(), list(SCALES))
     out["kappa_own"] = torch.stack(kappas).double().quantile(0.5, dim=0).numpy()
     return out
+
+
+def scale_selection(studies: list[SeedStudy], att: Attribution, stats: StatsConfig, predictive: PredictiveConfig,
+                    device: torch.device, *, seed: int) -> pd.DataFrame:
+    """How much Δ_ECE moves when κ_S is tuned on another draw of the validation images.
+
+    The intervals of :func:`attribution` hold each κ_S fixed at its value tuned on the validation
+    set. Here the validation images are resampled with replacement, ``R = stats.n_boot`` times
+    (multinomial weights ``w_r`` (N_val,), drawn from ``seed``; the same weights for every seed,
+    which share one validation split), κ_S is re-tuned on each resample,
+    ``κ_S^(r) = argmin_{κ ∈ grid} Σ_n w_rn · nll_n(S, κ)`` (:func:`lib.laplace.scale.example_nll`,
+    the study's grid and predictive), and Δ_ECE of S is evaluated at ``κ_S^(r)`` on the full test
+    set with the samples fixed. The spread of these replicates (means over seeds) is the part of
+    the uncertainty that comes from selecting κ_S (efron1993introduction), which the test-set
+    bootstrap leaves out; test and validation images are disjoint, so the two add in variance.
+
+    Rows: single blocks (by block) and all blocks. Columns: ``posterior``, ``kind``, ``block``,
+    ``kappa`` (κ_S, median over seeds), ``stable`` (share of replicates × seeds that select κ_S
+    again), ``delta`` (Δ at κ_S, mean over seeds: the study's estimate), ``sel_lower`` /
+    ``sel_upper`` (α/2 and 1 − α/2 quantiles of the re-tuned Δ), ``sel_se`` (their standard
+    deviation), ``boot_se`` (standard deviation of ``att``'s bootstrap replicates),
+    ``sel_share`` = ``sel_se / boot_se`` and ``n_val`` (validation images). With
+    ``predictive.scale: none`` nothing is tuned and the table is empty.
+    """
+    if predictive.scale == "none":
+        return pd.DataFrame(columns=["posterior", "kind", "block", *SELECTION_COLUMNS, "n_val"])
+    grid = scale_grid(predictive.scale_range[0], predictive.scale_range[1], predictive.scale_points)
+    names = sorted((n for n in _single_and_all(att.table.posterior.tolist()) if n != "all"),
+                   key=lambda n: int(n.split()[1])) + ["all"]
+    g = torch.Generator(device=device).manual_seed(seed)
+    weights = None
+    shifted, stable, kappas = 0.0, 0.0, []
+    for s in studies:
+        d = s.named()
+        idx = [d["names"].index(n) for n in names]
+        masks = d["masks"][idx]
+        nll = example_nll(s.validation_bank().to(device), masks.to(device), grid, method=predictive.method)
+        if weights is None:
+            weights = bootstrap_counts(nll.shape[-1], stats.n_boot, g, torch.float32, device).cpu()
+        own = (nll.double().mean(-1).argmin(-1))  # (S,): the study's κ_S on the validation set itself
+        chosen = torch.einsum("rn,sgn->rsg", weights, nll).argmin(-1)  # (R, S)
+        bank = s.test_bank().to(device)
+        det, labels = d["det"].to(device), d["labels"].to(device)
+        rows = masks.to(device).repeat_interleave(len(grid), dim=0)
+        probs = iter_subset_probs(bank, rows, method=predictive.method, scales=grid.to(torch.float32).repeat(len(idx)))
+        on_grid = torch.cat([delta_ece(det, p.to(det.dtype), labels, stats.n_bins).cpu() for _, p in probs])
+        on_grid = on_grid.reshape(len(idx), len(grid)).double()  # (S, G): test Δ at every grid κ
+        shifted = shifted + on_grid.gather(1, chosen.T).T / len(studies)  # (R, S)
+        stable = stable + (chosen == own).double().mean(0) / len(studies)
+        kappas.append(grid[own])
+    cols = [att.table.posterior.tolist().index(n) for n in names]
+    boot_se = att.samples[:, cols].double().std(0)
+    lower, upper = shifted.quantile(torch.tensor([stats.alpha / 2, 1 - stats.alpha / 2], dtype=torch.float64), dim=0)
+    sel_se = shifted.std(0)
+    values = torch.stack([torch.stack(kappas).quantile(0.5, dim=0), stable,
+                          torch.as_tensor(att.table.delta.to_numpy()[cols], dtype=torch.float64),
+                          lower, upper, sel_se, boot_se, sel_se / boot_se], 1)
+    out = _posterior_frame(names, values, list(SELECTION_COLUMNS))
+    out["n_val"] = nll.shape[-1]
+    return out
+
+
+SELECTION_COLUMNS = ("kappa", "stable", "delta", "sel_lower", "sel_upper", "sel_se", "boot_se", "sel_share")
+"""The value columns of :func:`scale_selection`."""
 
 
 def estimators_coincide(table: pd.DataFrame, rtol: float = 1e-6) -> bool:

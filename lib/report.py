@@ -527,6 +527,51 @@ def display_scale_table(table: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def display_selection_table(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """:func:`lib.attribution.scale_selection` formatted for reading: κ_S, how often it is selected
+    again, ΔECE at κ_S with the ``1 − alpha`` range over re-tuned κ_S, and both standard deviations (pp)."""
+    return pd.DataFrame({
+        "Posterior": table.posterior,
+        "κ_S (median)": table.kappa.map(lambda v: f"{v:.3g}"),
+        "κ_S selected again": table.stable.map(lambda v: f"{100 * v:.0f}%"),
+        f"ΔECE, pp [{level(alpha)} range, re-tuned κ_S]": [ci(d, lo, hi) for d, lo, hi in
+                                                         zip(table.delta, table.sel_lower, table.sel_upper)],
+        "SD, re-tuned κ_S (pp)": (PP * table.sel_se).round(3),
+        "SD, bootstrap (pp)": (PP * table.boot_se).round(3),
+        "ratio": table.sel_share.round(2),
+    })
+
+
+def selection_summary(table: pd.DataFrame) -> str:
+    """What re-tuning κ_S on resampled validation images does to ΔECE, from
+    :func:`lib.attribution.scale_selection`.
+
+    The selection error is added to the intervals' bootstrap error in variance (the two image sets
+    are disjoint): it widens an interval by the factor ``√(1 + ratio²)``; it is called material
+    for a posterior when ``ratio > 1/2`` (more than ~12% wider), as for the Monte Carlo error.
+    """
+    if table.empty:
+        return ("The covariance scale is not tuned (`predictive.scale: none`, κ = 1 for every posterior), so no "
+                "selection error arises.")
+    worst = table.loc[table.sel_share.idxmax()]
+    widen = (1 + float(worst.sel_share) ** 2) ** 0.5 - 1
+    out = [f"Re-tuning κ_S on bootstrap resamples of the {int(table.n_val.iloc[0])} validation images selects the same κ_S in "
+           f"{100 * table.stable.min():.0f}–{100 * table.stable.max():.0f}% of the resamples and moves ΔECE with a "
+           f"standard deviation of at most {PP * table.sel_se.max():.2f} pp, {100 * worst.sel_share:.0f}% of the "
+           f"bootstrap standard deviation of the intervals at the most ({_posterior_names([worst.posterior])})."]
+    material = table[table.sel_share > 0.5].posterior.tolist()
+    if material:
+        out.append(f"For {_posterior_names(material)} this is material: the intervals of @sec-attribution, which hold "
+                   f"κ_S fixed, would be up to {100 * widen:.0f}% wider with it, so conclusions that rest on an "
+                   "interval barely excluding zero should be read with that in mind; more validation images "
+                   "(`predictive.scale_images`, `data.val_size`) would reduce it.")
+    else:
+        out.append(f"Added in variance it would widen the intervals of @sec-attribution, which hold κ_S fixed, by at "
+                   f"most about {100 * widen:.0f}%; the choice of κ_S on this validation set does not drive the "
+                   "conclusions.")
+    return " ".join(out)
+
+
 def scale_summary(table: pd.DataFrame, cfg: Config) -> str:
     """How far the evidence-tuned posterior is from the validation-optimal width, in words."""
     t = table.set_index("posterior")
@@ -570,7 +615,8 @@ def _join(items: list[str]) -> str:
 
 def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pareto: pd.DataFrame,
            baseline: pd.DataFrame, cfg: Config, mc: pd.DataFrame | None = None,
-           agreement: pd.DataFrame | None = None, scale: pd.DataFrame | None = None) -> str:
+           agreement: pd.DataFrame | None = None, scale: pd.DataFrame | None = None,
+           selection: pd.DataFrame | None = None) -> str:
     """The book's answer in one paragraph, from the saved result tables.
 
     ``mc``: :func:`lib.attribution.mc_error` of the first seed; when Monte Carlo noise is material
@@ -579,7 +625,10 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
     :func:`lib.attribution.estimator_agreement`; the paragraph says whether the leading block is the
     same under the other estimators of calibration error. ``scale``: :func:`scale_table`; the
     paragraph says when the all-block posterior's κ_S sits at the lower end of the grid, i.e. when
-    validation prefers a posterior that predicts almost like the MAP.
+    validation prefers a posterior that predicts almost like the MAP. ``selection``:
+    :func:`lib.attribution.scale_selection`; when re-tuning κ_S on resampled validation images is
+    material (``sel_share > 0.5``, as in :func:`selection_summary`) the paragraph says how much wider
+    the intervals would be with it.
     """
     singles = table[table.kind == "single"].sort_values("delta", ascending=False)
     full = table[table.kind == "all"].iloc[0]
@@ -634,6 +683,10 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
                     + (f"all {noisy}" if noisy == len(mc) else f"{noisy} of the {len(mc)}")
                     + " posteriors checked; the intervals include it, and more samples would narrow them "
                     "(@sec-statistics-mc).")
+    if selection is not None and not selection.empty and (selection.sel_share > 0.5).any():
+        widen = (1 + float(selection.sel_share.max()) ** 2) ** 0.5 - 1
+        text.append("The intervals hold each κ_S at its validation-tuned value; re-tuning it on resampled "
+                    f"validation images would make them up to {100 * widen:.0f}% wider (@sec-statistics-scale).")
     text.append(recommendation(pareto, float(full.delta), full_cost, baseline, alpha=cfg.stats.alpha))
     return " ".join(text)
 

@@ -68,6 +68,12 @@ class SeedStudy:
         """The perturbation bank of the test set (CPU fp32)."""
         return Bank(**torch.load(self.bank.file("bank.pt"), weights_only=True))
 
+    def validation_bank(self) -> Bank:
+        """The perturbation bank of the validation images that tuned κ_S (CPU fp32)."""
+        if self.val_bank is None:
+            raise ValueError("this study has no validation bank: predictive.scale is 'none' (κ_S = 1 is not tuned)")
+        return Bank(**torch.load(self.val_bank.file("bank.pt"), weights_only=True))
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -16,12 +16,13 @@ import torch
 from scipy.stats import norm
 
 from lib.attribution import (Attribution, interval_comparison, prepare_ranked, prepare_reliability_panels,
-                             prepare_scatter_panels, seed_samples)
-from lib.config import StatsConfig
+                             prepare_scatter_panels, scale_selection, seed_samples)
+from lib.config import PredictiveConfig, StatsConfig
 from lib.laplace.predictive import Bank
 from lib.stats import bootstrap_counts
 
 L, N, K, C = 2, 12, 3, 3
+N_VAL = 10
 NAMES = ["none", "all", "single 1", "single 0"]  # single blocks deliberately out of block order
 MASKS = {"none": [False, False], "all": [True, True], "single 1": [False, True], "single 0": [True, False]}
 SCALES = {"none": 1.0, "all": 0.5, "single 1": 2.0, "single 0": 0.25}
@@ -30,8 +31,8 @@ SCALES = {"none": 1.0, "all": 0.5, "single 1": 2.0, "single 0": 0.25}
 class FakeStudy:
     """What :class:`lib.study.SeedStudy` offers the helpers: the cached named predictions and the bank."""
 
-    def __init__(self, named: dict, bank: Bank, seed: int = 0):
-        self.seed, self._named, self._bank = seed, named, bank
+    def __init__(self, named: dict, bank: Bank, seed: int = 0, val_bank: Bank | None = None):
+        self.seed, self._named, self._bank, self._val_bank = seed, named, bank, val_bank
 
     def named(self) -> dict:
         return self._named
@@ -39,18 +40,21 @@ class FakeStudy:
     def test_bank(self) -> Bank:
         return self._bank
 
+    def validation_bank(self) -> Bank:
+        return self._val_bank
+
 
 def _softmax(v: list[float]) -> list[float]:
     e = [math.exp(x - max(v)) for x in v]
     return [x / sum(e) for x in e]
 
 
-def _mixture(bank: Bank, name: str, weights: list[float], method: str) -> torch.Tensor:
-    """The predictive (N, C) of posterior ``name`` at its scale under sample weights, by loops."""
+def _mixture(bank: Bank, name: str, weights: list[float], method: str, scale: float | None = None) -> torch.Tensor:
+    """The predictive (N, C) of posterior ``name`` at its scale (or ``scale``) under sample weights, by loops."""
     f, d = bank.map_logits.tolist(), bank.delta.tolist()
-    root = math.sqrt(SCALES[name])
+    root = math.sqrt(SCALES[name] if scale is None else scale)
     out = []
-    for n in range(N):
+    for n in range(len(f)):
         g = [[root * sum(d[i][n][k][c] for i in range(L) if MASKS[name][i]) for c in range(C)] for k in range(K)]
         if method == "mc":
             terms = [_softmax([f[n][c] + g[k][c] for c in range(C)]) for k in range(K)]
@@ -74,7 +78,10 @@ def study() -> FakeStudy:
              "scales": torch.tensor([SCALES[n] for n in NAMES], dtype=torch.float64),
              "probs": torch.stack([_mixture(bank, n, uniform, "mc") for n in NAMES]), "labels": bank.labels,
              "det": det, "ts": torch.softmax(bank.map_logits / 1.7, -1)}
-    return FakeStudy(named, bank)
+    val = Bank(map_logits=2 * torch.randn(N_VAL, C, generator=gen, dtype=torch.float64),
+               labels=torch.randint(0, C, (N_VAL,), generator=gen),
+               delta=torch.randn(L, N_VAL, K, C, generator=gen, dtype=torch.float64), blocks=(0, 1))
+    return FakeStudy(named, bank, val_bank=val)
 
 
 def _slot(conf: float, n_bins: int) -> int:
@@ -196,3 +203,45 @@ def test_prepare_reliability_panels_by_hand(study):
         assert torch.allclose(rd.confidence, conf, atol=1e-12, equal_nan=True), name
         assert torch.allclose(rd.accuracy, acc, atol=1e-12, equal_nan=True), name
     assert panels["Deterministic"].count[M] == 1  # the one-hot row
+
+
+def test_scale_selection_retunes_kappa_on_resampled_validation_images_by_hand(study):
+    """Per validation resample r (multinomial counts from the generator seeded 5): κ_S^(r) = the grid
+    point with the least count-weighted validation NLL, Δ at κ_S^(r) on the test set; the table's
+    quantiles, SDs and the share of resamples that keep the full-validation κ_S, by loops."""
+    stats = StatsConfig(n_bins=4, n_boot=40, alpha=0.2)
+    pc = PredictiveConfig(method="mc", scale="val_nll", scale_range=[0.05, 20.0], scale_points=7)
+    grid = np.geomspace(0.05, 20.0, 7)
+    names = ["single 0", "single 1", "all"]
+    samples = torch.randn(50, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    table = pd.DataFrame({"posterior": ["all", "single 1", "single 0"], "delta": [0.01, -0.02, 0.03]})
+    att = Attribution(table=table, samples=samples)
+    out = scale_selection([study], att, stats, pc, torch.device("cpu"), seed=5)
+    assert list(out.posterior) == names and (out.n_val == N_VAL).all()
+    d, val, uniform = study.named(), study.validation_bank(), [1 / K] * K
+    counts = bootstrap_counts(N_VAL, stats.n_boot, torch.Generator().manual_seed(5), torch.float32, "cpu").double()
+    for row, name in zip(out.itertuples(), names):
+        nll = np.array([[-math.log(max(p[y], 1e-12)) for p, y in zip(
+            _mixture(val, name, uniform, "mc", scale=k).tolist(), val.labels.tolist())] for k in grid])  # (G, N_val)
+        own = int(nll.mean(1).argmin())
+        test = [_ece(d["det"], d["labels"], 4) - _ece(_mixture(study.test_bank(), name, uniform, "mc", scale=k),
+                                                       d["labels"], 4) for k in grid]
+        chosen = (counts.numpy() @ nll.T).argmin(1)  # (R,)
+        reps = np.array([test[g] for g in chosen])
+        assert row.kappa == pytest.approx(grid[own], rel=1e-6)
+        assert row.stable == pytest.approx((chosen == own).mean(), abs=1e-12)
+        lo, hi = np.quantile(reps, [0.1, 0.9])
+        # abs 1e-7: the library applies the grid's κ in float32
+        assert (row.sel_lower, row.sel_upper) == pytest.approx((lo, hi), abs=1e-7)
+        assert row.sel_se == pytest.approx(reps.std(ddof=1), abs=1e-7)
+        col = table.posterior.tolist().index(name)
+        assert row.delta == table.delta[col]
+        assert row.boot_se == pytest.approx(float(samples[:, col].std()), abs=1e-12)
+        assert row.sel_share == pytest.approx(row.sel_se / row.boot_se, rel=1e-9)
+    assert out.stable.min() < 1 and (out.sel_se > 0).any()  # the resampling changes κ_S for some posterior here
+
+
+def test_scale_selection_is_empty_without_tuning(study):
+    att = Attribution(table=pd.DataFrame({"posterior": ["all"], "delta": [0.0]}), samples=torch.zeros(5, 1))
+    out = scale_selection([study], att, StatsConfig(), PredictiveConfig(scale="none"), torch.device("cpu"), seed=0)
+    assert out.empty and "sel_share" in out.columns

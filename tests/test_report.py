@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib.config import Config
-from lib.report import (agreement_notes, attribution_summary, baseline_table, block_table, deterministic_table,
+from lib.report import (agreement_notes, display_selection_table, selection_summary, attribution_summary, baseline_table, block_table, deterministic_table,
                         display_layer_table, display_rank_table, estimator_summary, in_pp, laplace_fit_table,
                         mc_error_summary, posterior_summary, readable, recommendation, scale_sensitivity_summary,
                         scale_summary)
@@ -319,3 +319,37 @@ def test_display_layer_table_formats_in_pp_with_typographic_minus():
     assert list(shown["Δacc. (pp)"]) == ["−0.25", "+0.10"] and list(shown["Holm p"]) == ["", "0.0123"]
     assert "Holm p" not in display_layer_table(table.drop(columns=["p_holm"]), 0.05).columns
     assert list(display_layer_table(table, 0.1).columns)[2] == "ΔECE, pp [90% CI]"
+
+
+def _selection(sel_se: list[float], boot_se: list[float], stable: list[float]) -> pd.DataFrame:
+    n = len(sel_se)
+    return pd.DataFrame({"posterior": [f"single {i}" for i in range(n - 1)] + ["all"], "kappa": [0.5] * n,
+                         "stable": stable, "delta": [0.01] * n, "sel_lower": [0.0] * n, "sel_upper": [0.02] * n,
+                         "sel_se": sel_se, "boot_se": boot_se,
+                         "sel_share": [a / b for a, b in zip(sel_se, boot_se)], "n_val": [1000] * n})
+
+
+def test_selection_summary_small_selection_error():
+    text = selection_summary(_selection([0.001, 0.002, 0.0005], [0.01, 0.01, 0.008], [0.9, 0.6, 0.95]))
+    assert "1000 validation images" in text and "60–95%" in text and "at most 0.20 pp" in text
+    assert "20% of the" in text and "(single 1)" in text
+    assert "by at most about 2%" in text and "material" not in text  # √(1 + 0.2²) − 1 = 2.0%
+
+
+def test_selection_summary_flags_material_selection_error():
+    text = selection_summary(_selection([0.008, 0.002, 0.006], [0.01, 0.01, 0.008], [0.3, 0.6, 0.4]))
+    assert "For single 0, the all-block posterior this is material" in text
+    assert "up to 28% wider" in text  # worst ratio 0.8: √1.64 − 1 = 28%
+
+
+def test_selection_summary_without_tuning():
+    empty = _selection([0.001], [0.01], [0.9]).iloc[0:0]
+    assert "not tuned" in selection_summary(empty)
+
+
+def test_display_selection_table_in_pp():
+    out = display_selection_table(_selection([0.001, 0.002], [0.01, 0.01], [0.9, 0.6]), alpha=0.1)
+    assert list(out.columns) == ["Posterior", "κ_S (median)", "κ_S selected again",
+                                 "ΔECE, pp [90% range, re-tuned κ_S]", "SD, re-tuned κ_S (pp)", "SD, bootstrap (pp)",
+                                 "ratio"]
+    assert out.iloc[1].tolist() == ["all", "0.5", "60%", "+1.00 [+0.00, +2.00]", 0.2, 1.0, 0.2]

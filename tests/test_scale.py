@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lib.laplace.predictive import Bank, iter_subset_probs, perturbation_bank, subset_probs
-from lib.laplace.scale import scale_grid, tune_scales, validation_nll
+from lib.laplace.scale import example_nll, scale_grid, tune_scales, validation_nll
 from test_predictive import DenseBlockPosterior, block_sizes
 
 
@@ -49,11 +49,14 @@ def test_validation_nll_equals_brute_force():
     masks = torch.tensor([[(s >> i) & 1 == 1 for i in range(3)] for s in range(8)])
     for method in ("mc", "probit"):
         nll = validation_nll(bank, masks, grid, method=method)
+        per_example = example_nll(bank, masks, grid, method=method)
+        assert per_example.shape == (8, len(grid), len(bank.labels))
         for s in range(8):
             for g, k in enumerate(grid):
                 p = subset_probs(bank, s, method=method, scale=float(k))
-                ref = -p[torch.arange(len(bank.labels)), bank.labels].log().mean()
-                assert abs(float(nll[s, g]) - float(ref)) < 1e-5
+                ref = -p[torch.arange(len(bank.labels)), bank.labels].log()
+                assert torch.allclose(per_example[s, g], ref, atol=1e-5)
+                assert abs(float(nll[s, g]) - float(ref.mean())) < 1e-5
         kappa, again = tune_scales(bank, masks, grid, method=method)
         assert torch.equal(again, nll) and torch.equal(kappa, grid[nll.argmin(1)])
         assert kappa[0] == grid[0]  # the empty subset: flat NLL, smallest scale

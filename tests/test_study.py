@@ -122,6 +122,11 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert "(more than half of it, on the first seed) for 2 of the 4 posteriors checked; the intervals include it" in answer(
         att.table, ranks, values, pareto, base, tiny_cfg, noisy)
     assert "Monte Carlo" not in answer(att.table, ranks, values, pareto, base, tiny_cfg, noisy.assign(mc_share=0.3))
+    retuned = pd.DataFrame({"posterior": ["single 0", "all"], "sel_share": [0.75, 0.2]})
+    assert "up to 25% wider (@sec-statistics-scale)" in answer(att.table, ranks, values, pareto, base, tiny_cfg,
+                                                               selection=retuned)  # √(1 + 0.75²) = 1.25
+    assert "re-tuning" not in answer(att.table, ranks, values, pareto, base, tiny_cfg,
+                                     selection=retuned.assign(sel_share=0.4))
     floor = pd.DataFrame({"posterior": ["all"], "κ min": [tiny_cfg.predictive.scale_range[0]], "κ max": [1.0]})
     assert "validation prefers a posterior that predicts almost like the MAP" in answer(
         att.table, ranks, values, pareto, base, tiny_cfg, scale=floor)

@@ -40,24 +40,35 @@ EPS = 1e-12
 """Floor of the predicted probability of the true class in the validation NLL."""
 
 
-def validation_nll(
+def example_nll(
     bank: Bank, subsets: Tensor, grid: Tensor, *, method: Literal["mc", "probit"] = "mc"
 ) -> Tensor:
-    """Mean validation NLL (S, G) of every subset (bool (S, L)) at every covariance scale of ``grid`` (G,).
+    """Per-example validation NLL (S, G, N) of every subset (bool (S, L)) at every scale of ``grid`` (G,).
 
-    ``nll[s, g] = −(1/N) Σ_n log max(p_n[y_n], EPS)`` with ``p`` the linearised predictive of
-    ``subsets[s]`` at ``κ = grid[g]`` (:func:`lib.laplace.predictive.subset_probs`).
+    ``nll[s, g, n] = −log max(p_n[y_n], EPS)`` with ``p`` the linearised predictive of
+    ``subsets[s]`` at ``κ = grid[g]`` (:func:`lib.laplace.predictive.subset_probs`); float32 on CPU.
     """
     subsets = torch.as_tensor(subsets)
     S, G = subsets.shape[0], len(grid)
     rows = subsets.repeat_interleave(G, dim=0)
     scales = grid.to(torch.float32).repeat(S)
     labels = bank.labels.to(bank.delta.device)
-    out = torch.empty(S * G, dtype=torch.float64)
+    out = torch.empty(S * G, len(labels), dtype=torch.float32)
     for sl, p in iter_subset_probs(bank, rows, method=method, scales=scales):
         picked = p.gather(-1, labels.expand(p.shape[0], -1)[..., None]).squeeze(-1)
-        out[sl] = -picked.clamp_min(EPS).log().double().mean(-1).cpu()
-    return out.reshape(S, G)
+        out[sl] = -picked.clamp_min(EPS).log().float().cpu()
+    return out.reshape(S, G, -1)
+
+
+def validation_nll(
+    bank: Bank, subsets: Tensor, grid: Tensor, *, method: Literal["mc", "probit"] = "mc"
+) -> Tensor:
+    """Mean validation NLL (S, G) of every subset (bool (S, L)) at every covariance scale of ``grid`` (G,).
+
+    ``nll[s, g] = −(1/N) Σ_n log max(p_n[y_n], EPS)``: the mean over examples of :func:`example_nll`
+    (float64).
+    """
+    return example_nll(bank, subsets, grid, method=method).double().mean(-1)
 
 
 def tune_scales(
