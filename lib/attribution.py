@@ -276,7 +276,7 @@ def mc_error(study: SeedStudy, stats: StatsConfig, method: str, device: torch.de
     ``mc_share`` = ``mc_se / test_se``.
     """
     d = study.named()
-    names = sorted((n for n in d["names"] if n.startswith("single ")), key=lambda n: int(n.split()[1])) + ["all"]
+    names = _singles_then_all(d["names"])
     idx = torch.tensor([d["names"].index(n) for n in names])
     det, labels = d["det"].to(device), d["labels"].to(device)
     g = torch.Generator(device=device).manual_seed(study.seed)
@@ -305,6 +305,11 @@ def _calibration_errors(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) 
 def _single_and_all(names: list[str]) -> list[str]:
     """The single-block and all-block posteriors among ``names``, in their order."""
     return [n for n in names if n == "all" or n.startswith("single ")]
+
+
+def _singles_then_all(names: list[str]) -> list[str]:
+    """The single-block posteriors among ``names`` ordered by block, then ``'all'``."""
+    return sorted((n for n in names if n.startswith("single ")), key=lambda n: int(n.split()[1])) + ["all"]
 
 
 def _posterior_frame(names: list[str], values: torch.Tensor, columns: list[str]) -> pd.DataFrame:
@@ -425,8 +430,7 @@ def scale_selection(studies: list[SeedStudy], att: Attribution, stats: StatsConf
     if predictive.scale == "none":
         return pd.DataFrame(columns=["posterior", "kind", "block", *SELECTION_COLUMNS, "n_val"])
     grid = scale_grid(predictive.scale_range[0], predictive.scale_range[1], predictive.scale_points)
-    names = sorted((n for n in _single_and_all(att.table.posterior.tolist()) if n != "all"),
-                   key=lambda n: int(n.split()[1])) + ["all"]
+    names = _singles_then_all(att.table.posterior.tolist())
     g = torch.Generator(device=device).manual_seed(seed)
     weights = None
     shifted, stable, kappas = 0.0, 0.0, []
@@ -437,7 +441,7 @@ def scale_selection(studies: list[SeedStudy], att: Attribution, stats: StatsConf
         nll = example_nll(s.validation_bank().to(device), masks.to(device), grid, method=predictive.method)
         if weights is None:
             weights = bootstrap_counts(nll.shape[-1], stats.n_boot, g, torch.float32, device).cpu()
-        own = (nll.double().mean(-1).argmin(-1))  # (S,): the study's κ_S on the validation set itself
+        own = nll.double().mean(-1).argmin(-1)  # (S,): the study's κ_S, tuned on the whole validation set
         chosen = torch.einsum("rn,sgn->rsg", weights, nll).argmin(-1)  # (R, S)
         bank = s.test_bank().to(device)
         det, labels = d["det"].to(device), d["labels"].to(device)

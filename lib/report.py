@@ -340,6 +340,12 @@ def scale_sensitivity_summary(agreement: pd.DataFrame, ranks: pd.DataFrame) -> s
                     + ["These are point estimates; the intervals elsewhere in this chapter are for the own κ_S."])
 
 
+def _widening(ratio: float) -> float:
+    """Relative widening ``√(1 + ratio²) − 1`` of an interval when an independent error with
+    ``ratio`` times its standard deviation is added in variance."""
+    return (1 + ratio**2) ** 0.5 - 1
+
+
 def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     """Monte Carlo error of ΔECE next to its test-set error, from :func:`lib.attribution.mc_error`.
 
@@ -364,7 +370,7 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
                    "than the test set alone would make them; more samples (`predictive.n_samples`) would "
                    "narrow them.")
     else:
-        widen = (1 + float(worst.mc_share) ** 2) ** 0.5 - 1
+        widen = _widening(float(worst.mc_share))
         out.append(f"It widens the intervals of @sec-attribution, which include it, by at most about "
                    f"{100 * widen:.0f}% over the test-set error alone, so more samples would change little.")
     moved = table.halving.abs() / table.test_se
@@ -554,7 +560,7 @@ def selection_summary(table: pd.DataFrame) -> str:
         return ("The covariance scale is not tuned (`predictive.scale: none`, κ = 1 for every posterior), so no "
                 "selection error arises.")
     worst = table.loc[table.sel_share.idxmax()]
-    widen = (1 + float(worst.sel_share) ** 2) ** 0.5 - 1
+    widen = _widening(float(worst.sel_share))
     out = [f"Re-tuning κ_S on bootstrap resamples of the {int(table.n_val.iloc[0])} validation images selects the same κ_S in "
            f"{100 * table.stable.min():.0f}–{100 * table.stable.max():.0f}% of the resamples and moves ΔECE with a "
            f"standard deviation of at most {PP * table.sel_se.max():.2f} pp, {100 * worst.sel_share:.0f}% of the "
@@ -684,7 +690,7 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
                     + " posteriors checked; the intervals include it, and more samples would narrow them "
                     "(@sec-statistics-mc).")
     if selection is not None and not selection.empty and (selection.sel_share > 0.5).any():
-        widen = (1 + float(selection.sel_share.max()) ** 2) ** 0.5 - 1
+        widen = _widening(float(selection.sel_share.max()))
         text.append("The intervals hold each κ_S at its validation-tuned value; re-tuning it on resampled "
                     f"validation images would make them up to {100 * widen:.0f}% wider (@sec-statistics-scale).")
     text.append(recommendation(pareto, float(full.delta), full_cost, baseline, alpha=cfg.stats.alpha))
