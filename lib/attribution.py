@@ -424,11 +424,12 @@ def scale_selection(studies: list[SeedStudy], att: Attribution, stats: StatsConf
     again), ``delta`` (Δ at κ_S, mean over seeds: the study's estimate), ``sel_lower`` /
     ``sel_upper`` (α/2 and 1 − α/2 quantiles of the re-tuned Δ), ``sel_se`` (their standard
     deviation), ``boot_se`` (standard deviation of ``att``'s bootstrap replicates),
-    ``sel_share`` = ``sel_se / boot_se`` and ``n_val`` (validation images). With
+    ``sel_share`` = ``sel_se / boot_se``, ``lower`` / ``upper`` (``att``'s interval, for
+    :func:`lib.report.selection_summary`) and ``n_val`` (validation images). With
     ``predictive.scale: none`` nothing is tuned and the table is empty.
     """
     if predictive.scale == "none":
-        return pd.DataFrame(columns=["posterior", "kind", "block", *SELECTION_COLUMNS, "n_val"])
+        return pd.DataFrame(columns=["posterior", "kind", "block", *SELECTION_COLUMNS, "lower", "upper", "n_val"])
     grid = scale_grid(predictive.scale_range[0], predictive.scale_range[1], predictive.scale_points)
     names = _singles_then_all(att.table.posterior.tolist())
     g = torch.Generator(device=device).manual_seed(seed)
@@ -460,6 +461,7 @@ def scale_selection(studies: list[SeedStudy], att: Attribution, stats: StatsConf
                           torch.as_tensor(att.table.delta.to_numpy()[cols], dtype=torch.float64),
                           lower, upper, sel_se, boot_se, sel_se / boot_se], 1)
     out = _posterior_frame(names, values, list(SELECTION_COLUMNS))
+    out["lower"], out["upper"] = att.table.lower.to_numpy()[cols], att.table.upper.to_numpy()[cols]
     out["n_val"] = nll.shape[-1]
     return out
 

@@ -554,7 +554,9 @@ def selection_summary(table: pd.DataFrame) -> str:
 
     The selection error is added to the intervals' bootstrap error in variance (the two image sets
     are disjoint): it widens an interval by the factor ``√(1 + ratio²)``; it is called material
-    for a posterior when ``ratio > 1/2`` (more than ~12% wider), as for the Monte Carlo error.
+    for a posterior when ``ratio > 1/2`` (more than ~12% wider), as for the Monte Carlo error. An
+    interval that excludes zero is widened about its estimate by that factor (each side keeping its
+    length ratio) to say whether it would still exclude zero.
     """
     if table.empty:
         return ("The covariance scale is not tuned (`predictive.scale: none`, κ = 1 for every posterior), so no "
@@ -573,8 +575,17 @@ def selection_summary(table: pd.DataFrame) -> str:
                    "(`predictive.scale_images`, `data.val_size`) would reduce it.")
     else:
         out.append(f"Added in variance it would widen the intervals of @sec-attribution, which hold κ_S fixed, by at "
-                   f"most about {100 * widen:.0f}%; the choice of κ_S on this validation set does not drive the "
-                   "conclusions.")
+                   f"most about {100 * widen:.0f}%.")
+    factor = 1 + table.sel_share.map(_widening)
+    lower = table.delta - (table.delta - table.lower) * factor
+    upper = table.delta + (table.upper - table.delta) * factor
+    signed_ = (table.lower > 0) | (table.upper < 0)
+    lost = table[signed_ & (lower <= 0) & (upper >= 0)].posterior.tolist()
+    if lost:
+        out.append(f"Widened by their selection error, the intervals of {_posterior_names(lost)} would include zero: "
+                   "the sign of their ΔECE is not established once the choice of κ_S is accounted for.")
+    elif signed_.any():
+        out.append("Every interval that excludes zero still does when widened by its selection error.")
     return " ".join(out)
 
 

@@ -214,7 +214,8 @@ def test_scale_selection_retunes_kappa_on_resampled_validation_images_by_hand(st
     grid = np.geomspace(0.05, 20.0, 7)
     names = ["single 0", "single 1", "all"]
     samples = torch.randn(50, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    table = pd.DataFrame({"posterior": ["all", "single 1", "single 0"], "delta": [0.01, -0.02, 0.03]})
+    table = pd.DataFrame({"posterior": ["all", "single 1", "single 0"], "delta": [0.01, -0.02, 0.03],
+                          "lower": [0.0, -0.05, 0.01], "upper": [0.02, 0.01, 0.04]})
     att = Attribution(table=table, samples=samples)
     out = scale_selection([study], att, stats, pc, torch.device("cpu"), seed=5)
     assert list(out.posterior) == names and (out.n_val == N_VAL).all()
@@ -235,13 +236,14 @@ def test_scale_selection_retunes_kappa_on_resampled_validation_images_by_hand(st
         assert (row.sel_lower, row.sel_upper) == pytest.approx((lo, hi), abs=1e-7)
         assert row.sel_se == pytest.approx(reps.std(ddof=1), abs=1e-7)
         col = table.posterior.tolist().index(name)
-        assert row.delta == table.delta[col]
+        assert (row.delta, row.lower, row.upper) == (table.delta[col], table.lower[col], table.upper[col])
         assert row.boot_se == pytest.approx(float(samples[:, col].std()), abs=1e-12)
         assert row.sel_share == pytest.approx(row.sel_se / row.boot_se, rel=1e-9)
     assert out.stable.min() < 1 and (out.sel_se > 0).any()  # the resampling changes κ_S for some posterior here
 
 
 def test_scale_selection_is_empty_without_tuning(study):
-    att = Attribution(table=pd.DataFrame({"posterior": ["all"], "delta": [0.0]}), samples=torch.zeros(5, 1))
+    att = Attribution(table=pd.DataFrame({"posterior": ["all"], "delta": [0.0], "lower": [0.0], "upper": [0.0]}),
+                      samples=torch.zeros(5, 1))
     out = scale_selection([study], att, StatsConfig(), PredictiveConfig(scale="none"), torch.device("cpu"), seed=0)
     assert out.empty and "sel_share" in out.columns

@@ -326,7 +326,8 @@ def _selection(sel_se: list[float], boot_se: list[float], stable: list[float]) -
     return pd.DataFrame({"posterior": [f"single {i}" for i in range(n - 1)] + ["all"], "kappa": [0.5] * n,
                          "stable": stable, "delta": [0.01] * n, "sel_lower": [0.0] * n, "sel_upper": [0.02] * n,
                          "sel_se": sel_se, "boot_se": boot_se,
-                         "sel_share": [a / b for a, b in zip(sel_se, boot_se)], "n_val": [1000] * n})
+                         "sel_share": [a / b for a, b in zip(sel_se, boot_se)], "lower": [-0.01] * n,
+                         "upper": [0.03] * n, "n_val": [1000] * n})
 
 
 def test_selection_summary_small_selection_error():
@@ -353,3 +354,14 @@ def test_display_selection_table_in_pp():
                                  "ΔECE, pp [90% range, re-tuned κ_S]", "SD, re-tuned κ_S (pp)", "SD, bootstrap (pp)",
                                  "ratio"]
     assert out.iloc[1].tolist() == ["all", "0.5", "60%", "+1.00 [+0.00, +2.00]", 0.2, 1.0, 0.2]
+
+
+def test_selection_summary_says_which_signs_survive_the_widening():
+    sel = _selection([0.008, 0.002, 0.006], [0.01, 0.01, 0.008], [0.3, 0.6, 0.4]).assign(
+        delta=[0.01, 0.01, -0.02], lower=[0.002, 0.009, -0.03], upper=[0.02, 0.011, -0.001])
+    # single 0: ratio 0.8, factor 1.28, lower 0.01 − 0.008·1.28 < 0; single 1: ratio 0.2, stays > 0;
+    # all: ratio 0.75, factor 1.25, upper −0.02 + 0.019·1.25 > 0
+    text = selection_summary(sel)
+    assert "the intervals of single 0, the all-block posterior would include zero" in text
+    assert "still does" not in selection_summary(sel.assign(lower=-0.01, upper=0.03))
+    assert "Every interval that excludes zero still does" in selection_summary(sel.assign(sel_share=0.01))
