@@ -21,7 +21,7 @@ from scipy.stats import kendalltau
 from lib.calibration import debiased_ece, ece, ece_equal_mass, prepare_reliability, smooth_ece
 from lib.config import PredictiveConfig, StatsConfig
 from lib.laplace.predictive import iter_subset_probs, sample_mixture
-from lib.laplace.scale import example_nll, scale_grid
+from lib.laplace.scale import example_nll, iter_grid_probs, scale_grid
 from lib.stats import (
     SeedSamples,
     bca_interval,
@@ -438,16 +438,15 @@ def scale_selection(studies: list[SeedStudy], att: Attribution, stats: StatsConf
     for s in studies:
         d = s.named()
         idx = [d["names"].index(n) for n in names]
-        masks = d["masks"][idx]
-        nll = example_nll(s.validation_bank().to(device), masks.to(device), grid, method=predictive.method)
+        masks = d["masks"][idx].to(device)
+        nll = example_nll(s.validation_bank().to(device), masks, grid, method=predictive.method)
         if weights is None:
             weights = bootstrap_counts(nll.shape[-1], stats.n_boot, g, torch.float32, device).cpu()
         own = nll.double().mean(-1).argmin(-1)  # (S,): the study's κ_S, tuned on the whole validation set
         chosen = torch.einsum("rn,sgn->rsg", weights, nll).argmin(-1)  # (R, S)
         bank = s.test_bank().to(device)
         det, labels = d["det"].to(device), d["labels"].to(device)
-        rows = masks.to(device).repeat_interleave(len(grid), dim=0)
-        probs = iter_subset_probs(bank, rows, method=predictive.method, scales=grid.to(torch.float32).repeat(len(idx)))
+        probs = iter_grid_probs(bank, masks, grid, method=predictive.method)
         on_grid = torch.cat([delta_ece(det, p.to(det.dtype), labels, stats.n_bins).cpu() for _, p in probs])
         on_grid = on_grid.reshape(len(idx), len(grid)).double()  # (S, G): test Δ at every grid κ
         shifted = shifted + on_grid.gather(1, chosen.T).T / len(studies)  # (R, S)

@@ -340,6 +340,11 @@ def scale_sensitivity_summary(agreement: pd.DataFrame, ranks: pd.DataFrame) -> s
                     + ["These are point estimates; the intervals elsewhere in this chapter are for the own κ_S."])
 
 
+MATERIAL = 0.5
+"""An extra error (Monte Carlo, κ_S selection) is called material when its standard deviation
+exceeds this fraction of the intervals' one: added in variance it widens them by more than ~12%."""
+
+
 def _widening(ratio: float) -> float:
     """Relative widening ``√(1 + ratio²) − 1`` of an interval when an independent error with
     ``ratio`` times its standard deviation is added in variance."""
@@ -361,7 +366,7 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
         f"{100 * share.median():.0f}% of the test-set standard error at the median and "
         f"{100 * worst.mc_share:.0f}% at most ({worst.posterior})."
     ]
-    noisy = table[share > 0.5].posterior.tolist()
+    noisy = table[share > MATERIAL].posterior.tolist()
     if noisy:
         which = "every posterior in the table" if len(noisy) == len(table) else _posterior_names(noisy)
         out.append(f"For {which} Monte Carlo noise is comparable to test-set noise (its standard error is more than "
@@ -567,7 +572,7 @@ def selection_summary(table: pd.DataFrame) -> str:
            f"{100 * table.stable.min():.0f}–{100 * table.stable.max():.0f}% of the resamples and moves ΔECE with a "
            f"standard deviation of at most {PP * table.sel_se.max():.2f} pp, {100 * worst.sel_share:.0f}% of the "
            f"bootstrap standard deviation of the intervals at the most ({_posterior_names([worst.posterior])})."]
-    material = table[table.sel_share > 0.5].posterior.tolist()
+    material = table[table.sel_share > MATERIAL].posterior.tolist()
     if material:
         out.append(f"For {_posterior_names(material)} this is material: the intervals of @sec-attribution, which hold "
                    f"κ_S fixed, would be up to {100 * widen:.0f}% wider with it, so conclusions that rest on an "
@@ -637,14 +642,14 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
     """The book's answer in one paragraph, from the saved result tables.
 
     ``mc``: :func:`lib.attribution.mc_error` of the first seed; when Monte Carlo noise is material
-    (``mc_share > 0.5``, as in :func:`mc_error_summary`) the paragraph says that it widens the
+    (``mc_share >`` :data:`MATERIAL`, as in :func:`mc_error_summary`) the paragraph says that it widens the
     intervals and that more samples would narrow them. ``agreement``:
     :func:`lib.attribution.estimator_agreement`; the paragraph says whether the leading block is the
     same under the other estimators of calibration error. ``scale``: :func:`scale_table`; the
     paragraph says when the all-block posterior's κ_S sits at the lower end of the grid, i.e. when
     validation prefers a posterior that predicts almost like the MAP. ``selection``:
     :func:`lib.attribution.scale_selection`; when re-tuning κ_S on resampled validation images is
-    material (``sel_share > 0.5``, as in :func:`selection_summary`) the paragraph says how much wider
+    material (``sel_share >`` :data:`MATERIAL`, as in :func:`selection_summary`) the paragraph says how much wider
     the intervals would be with it.
     """
     singles = table[table.kind == "single"].sort_values("delta", ascending=False)
@@ -693,14 +698,14 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
         else:
             text.append(f"Under the {_join(differ)} a different block leads (@sec-statistics-estimator), as can be "
                         "expected when no leader is certified.")
-    if mc is not None and (mc.mc_share > 0.5).any():
-        noisy = int((mc.mc_share > 0.5).sum())
+    if mc is not None and (mc.mc_share > MATERIAL).any():
+        noisy = int((mc.mc_share > MATERIAL).sum())
         text.append(f"With K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to the "
                     "test-set error (more than half of it, on the first seed) for "
                     + (f"all {noisy}" if noisy == len(mc) else f"{noisy} of the {len(mc)}")
                     + " posteriors checked; the intervals include it, and more samples would narrow them "
                     "(@sec-statistics-mc).")
-    if selection is not None and not selection.empty and (selection.sel_share > 0.5).any():
+    if selection is not None and not selection.empty and (selection.sel_share > MATERIAL).any():
         widen = _widening(float(selection.sel_share.max()))
         text.append("The intervals hold each κ_S at its validation-tuned value; re-tuning it on resampled "
                     f"validation images would make them up to {100 * widen:.0f}% wider (@sec-statistics-scale).")

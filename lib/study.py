@@ -66,13 +66,18 @@ class SeedStudy:
 
     def test_bank(self) -> Bank:
         """The perturbation bank of the test set (CPU fp32)."""
-        return Bank(**torch.load(self.bank.file("bank.pt"), weights_only=True))
+        return _load_bank(self.bank)
 
     def validation_bank(self) -> Bank:
         """The perturbation bank of the validation images that tuned κ_S (CPU fp32)."""
         if self.val_bank is None:
             raise ValueError("this study has no validation bank: predictive.scale is 'none' (κ_S = 1 is not tuned)")
-        return Bank(**torch.load(self.val_bank.file("bank.pt"), weights_only=True))
+        return _load_bank(self.val_bank)
+
+
+def _load_bank(st: Stage) -> Bank:
+    """The bank a ``bank`` / ``bank_val`` stage saved (``bank.pt``, CPU fp32)."""
+    return Bank(**torch.load(st.file("bank.pt"), weights_only=True))
 
 
 def _sync(device: torch.device) -> None:
@@ -165,7 +170,7 @@ def build_bank(
                 "numerics": numerics(device)},
                upstream=[lap])
     if st.done:
-        return st, Bank(**torch.load(st.file("bank.pt"), weights_only=True))
+        return st, _load_bank(st)
     per_part = pc.batch_size * -(-BANK_PART_IMAGES // pc.batch_size)
     starts = list(range(0, len(data), per_part))
     parts, seconds, resumed = [], 0.0, 0

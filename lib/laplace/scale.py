@@ -17,7 +17,7 @@ scaling ``Σ_S`` by ``κ`` scales every perturbation by ``√κ``, so the valida
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -40,24 +40,31 @@ EPS = 1e-12
 """Floor of the predicted probability of the true class in the validation NLL."""
 
 
+def iter_grid_probs(
+    bank: Bank, subsets: Tensor, grid: Tensor, *, method: Literal["mc", "probit"] = "mc"
+) -> Iterator[tuple[slice, Tensor]]:
+    """:func:`lib.laplace.predictive.iter_subset_probs` of every subset (bool (S, L)) at every scale
+    of ``grid`` (G,): ``(rows, probs)`` over the S·G pairs in subset-major order (row ``s·G + g``
+    is subset ``s`` at ``κ = grid[g]``)."""
+    subsets = torch.as_tensor(subsets)
+    rows = subsets.repeat_interleave(len(grid), dim=0)
+    return iter_subset_probs(bank, rows, method=method, scales=grid.to(torch.float32).repeat(subsets.shape[0]))
+
+
 def example_nll(
     bank: Bank, subsets: Tensor, grid: Tensor, *, method: Literal["mc", "probit"] = "mc"
 ) -> Tensor:
     """Per-example validation NLL (S, G, N) of every subset (bool (S, L)) at every scale of ``grid`` (G,).
 
     ``nll[s, g, n] = −log max(p_n[y_n], EPS)`` with ``p`` the linearised predictive of
-    ``subsets[s]`` at ``κ = grid[g]`` (:func:`lib.laplace.predictive.subset_probs`); float32 on CPU.
+    ``subsets[s]`` at ``κ = grid[g]`` (:func:`iter_grid_probs`); float32 on CPU.
     """
-    subsets = torch.as_tensor(subsets)
-    S, G = subsets.shape[0], len(grid)
-    rows = subsets.repeat_interleave(G, dim=0)
-    scales = grid.to(torch.float32).repeat(S)
     labels = bank.labels.to(bank.delta.device)
-    out = torch.empty(S * G, len(labels), dtype=torch.float32)
-    for sl, p in iter_subset_probs(bank, rows, method=method, scales=scales):
+    out = torch.empty(len(subsets) * len(grid), len(labels), dtype=torch.float32)
+    for sl, p in iter_grid_probs(bank, subsets, grid, method=method):
         picked = p.gather(-1, labels.expand(p.shape[0], -1)[..., None]).squeeze(-1)
         out[sl] = -picked.clamp_min(EPS).log().float().cpu()
-    return out.reshape(S, G, -1)
+    return out.reshape(len(subsets), len(grid), -1)
 
 
 def validation_nll(
