@@ -371,10 +371,11 @@ def test_gpu_numerics_run_end_to_end_under_cpu_autocast(tiny_cfg, monkeypatch, n
     """Every stage with the GPU's numerics (bf16 autocast for training, curvature, banks and
     latency), simulated with CPU autocast: the whole study, the attribution and the latency table
     run, record bf16, and give finite, well-formed results; a dtype slip in a CUDA-only branch
-    would otherwise surface only on the lent GPU. K = 4 < C = 5 builds the banks in forward mode,
-    K = 8 in reverse mode."""
+    would otherwise surface only on the lent GPU. With ``'auto'`` narrowed to ``C ≤ K``, K = 4 < C = 5
+    builds the banks in forward mode, K = 8 in reverse mode."""
     import sys
 
+    import lib.laplace.predictive
     import lib.train
     from lib.deploy import latency_table
 
@@ -382,6 +383,7 @@ def test_gpu_numerics_run_end_to_end_under_cpu_autocast(tiny_cfg, monkeypatch, n
     for module in list(sys.modules.values()):
         if getattr(module, "amp_dtype", None) is original:
             monkeypatch.setattr(module, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(lib.laplace.predictive, "REVERSE_CLASSES_PER_SAMPLE", 1)
     cfg = dataclasses.replace(tiny_cfg, predictive=dataclasses.replace(tiny_cfg.predictive, n_samples=n_samples))
     cpu = torch.device("cpu")
     studies = run_all(cfg, cpu)
