@@ -118,7 +118,9 @@ def bin_index(conf: Tensor, n_bins: int) -> Tensor:
     return torch.bucketize(conf.contiguous(), edges, right=True) - 1
 
 
-def _bin_sums(conf: Tensor, correct: Tensor, n_bins: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _bin_sums(
+    conf: Tensor, correct: Tensor, n_bins: int, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-slot (count, sum of confidences, sum of correct) over M + 1 slots, summed in ``dtype``
     (default: that of ``conf``); the slots are those of ``conf`` in its own dtype."""
     idx = bin_index(conf, n_bins)
