@@ -216,19 +216,19 @@ def _weighted_delta(conf_det: Tensor, corr_det: Tensor, probs: Tensor, labels: T
                     n_bins: int) -> Tensor:
     """Delta (c, P) of posteriors ``probs`` (c, P, N, C) with example multiplicities ``weights`` (c, N).
 
-    Models equal within a copy are merged (:func:`_distinct_rows`, the copy index leading each
-    row so that copies never merge), so a posterior equal to the deterministic model gives exactly 0.
+    A posterior whose confidences and correctness equal the deterministic model's in a copy takes
+    the deterministic ECE of that copy, so its Delta is exactly 0 whatever order the scatter sums
+    in (GPU atomics); an elementwise comparison, O(c P N), rather than the sort of
+    :func:`_distinct_rows` on every chunk.
     """
     conf, pred = probs.max(dim=-1)
     corr = (pred == labels).to(conf.dtype)
-    c, p, n = conf.shape
+    c = conf.shape[0]
+    same = ((conf == conf_det) & (corr == corr_det)).all(-1)  # (c, P)
     conf = torch.cat([conf_det.expand(c, 1, -1), conf], 1)  # (c, P + 1, N); row 0 deterministic
     corr = torch.cat([corr_det.expand(c, 1, -1), corr], 1)
-    copy = torch.arange(c, dtype=conf.dtype, device=conf.device)[:, None, None].expand(c, p + 1, 1)
-    keyed, corr, models = _distinct_rows(torch.cat([copy, conf], -1).reshape(c * (p + 1), n + 1),
-                                         corr.reshape(c * (p + 1), n))
-    ece = weighted_ece(keyed[:, 1:], corr, weights[keyed[:, 0].long()], n_bins)[models].reshape(c, p + 1)
-    return ece[:, :1] - ece[:, 1:]
+    ece = weighted_ece(conf, corr, weights[:, None, :], n_bins)
+    return ece[:, :1] - torch.where(same, ece[:, :1], ece[:, 1:])
 
 
 def sample_bootstrap(

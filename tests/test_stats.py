@@ -151,13 +151,16 @@ def test_identical_models_give_exactly_zero_delta():
 
 def test_identical_models_give_exactly_zero_in_the_sample_and_mc_bootstraps():
     """The bootstrap over seeds, examples and posterior samples, and the Monte Carlo error: a
-    posterior whose every sample equals the deterministic model gives exactly 0 everywhere."""
+    posterior whose every sample equals the deterministic model gives exactly 0 everywhere; a
+    different posterior alongside does not."""
     for seed in range(5):
         p, y = _identical_pair(seed)
-        # every one of the K = 4 samples of both posteriors is p, so every mixture of them is p
-        seeds = [SeedSamples(p, y, lambda w: p.expand(w.shape[0], 2, -1, -1), 4)] * 2
+        # every one of the K = 4 samples of posterior 0 is p (so is every mixture), of posterior 1 `other`
+        pair = torch.stack([p, (2 * p.log()).softmax(1)])
+        seeds = [SeedSamples(p, y, lambda w: pair.expand(w.shape[0], -1, -1, -1), 4)] * 2
         res = sample_bootstrap(seeds, 50, torch.Generator().manual_seed(seed), n_bins=10, chunk_size=8)
-        assert _nonzero(res.estimate) == 0 and _nonzero(res.samples) == 0
+        assert _nonzero(res.estimate[0]) == 0 and _nonzero(res.samples[:, 0]) == 0
+        assert _nonzero(res.samples[:, 1]) == 50
         mc = mc_error_delta_ece(p, y, lambda w: p.expand(w.shape[0], -1, -1), 4, 20,
                                 torch.Generator().manual_seed(seed), n_bins=10)
         assert (float(mc.estimate), float(mc.se), float(mc.halving)) == (0.0, 0.0, 0.0)
