@@ -1,0 +1,184 @@
+"""lib.shift: the per-method shift table against lib.calibration, OOD sets (near: held-out classes of
+a fabricated CIFAR-10; far: seeded synthetic images), the OOD table against sklearn, Kendall's τ-b
+against scipy, the paired rank-agreement bootstrap against a loop, and the box statistics against
+matplotlib's boxplot_stats (the figure is checked on its data, not pixels)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib import cbook
+from scipy.stats import kendalltau
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from conftest import write_fake_cifar10
+from lib.calibration import brier, ece, nll
+from lib.config import Config
+from lib.shift import (
+    far_ood_images,
+    kendall_tau_b,
+    near_ood_images,
+    ood_table,
+    plot_shift_boxes,
+    prepare_shift_boxes,
+    rank_agreement,
+    shift_metrics,
+)
+from lib.stats import bootstrap_counts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _probs(g: torch.Generator, n: int, c: int, sharp: float) -> torch.Tensor:
+    return torch.softmax(sharp * torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+
+
+def test_shift_metrics_match_calibration_module():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    probs = {"map": _probs(g, 200, 5, 3.0), "ts": _probs(g, 200, 5, 1.0)}
+    df = shift_metrics(probs, labels, corruption="fog", severity=3, n_bins=10)
+    assert list(df["method"]) == ["map", "ts"] and set(df["family"]) == {"weather"}
+    assert (df["severity"] == 3).all() and (df["n"] == 200).all()
+    for row, p in zip(df.itertuples(), probs.values()):
+        assert abs(row.ece - float(ece(p, labels, 10))) < 1e-12
+        assert abs(row.nll - float(nll(p, labels))) < 1e-12
+        assert abs(row.brier - float(brier(p, labels))) < 1e-12
+        assert abs(row.accuracy - float((p.argmax(1) == labels).double().mean())) < 1e-12
+    clean = shift_metrics(probs, labels, corruption="clean", severity=0)
+    assert set(clean["family"]) == {"clean"}
+    with pytest.raises(ValueError, match="severity 0"):
+        shift_metrics(probs, labels, corruption="clean", severity=1)
+    with pytest.raises(ValueError, match="unknown"):
+        shift_metrics(probs, labels, corruption="rain", severity=1)
+    with pytest.raises(ValueError, match="rows"):
+        shift_metrics({"map": probs["map"][:10]}, labels, corruption="fog", severity=1)
+
+
+def test_near_ood_images_are_the_held_out_classes(tmp_path):
+    ref = write_fake_cifar10(tmp_path, n_test=40)
+    cfg = Config.from_dict({"profile": "t", "data": {"name": "cifar10", "root": str(tmp_path), "classes": [5, 6, 7, 8, 9],
+                                                     "num_classes": 5}})
+    x = near_ood_images(cfg)
+    keep = np.isin(ref["test_labels"], [0, 1, 2, 3, 4])
+    assert torch.equal(x, torch.as_tensor(ref["test"][keep]).reshape(-1, 3, 32, 32))
+    sub = near_ood_images(cfg, max_images=7, seed=1)
+    assert sub.shape == (7, 3, 32, 32)
+    assert all(any(torch.equal(s, r) for r in x) for s in sub)
+    assert torch.equal(sub, near_ood_images(cfg, max_images=7, seed=1))
+    with pytest.raises(ValueError, match="data.classes"):
+        near_ood_images(Config.from_dict({"profile": "t", "data": {"name": "cifar10", "root": str(tmp_path)}}))
+
+
+def test_far_ood_images_are_seeded_and_of_two_kinds():
+    x, kinds = far_ood_images(101, seed=4)
+    assert x.shape == (101, 3, 32, 32) and x.dtype == torch.uint8
+    assert kinds.count("uniform") == 51 and kinds.count("smooth") == 50
+    y, _ = far_ood_images(101, seed=4)
+    z, _ = far_ood_images(101, seed=5)
+    assert torch.equal(x, y) and not torch.equal(x, z)
+    u, s = x[:51].double(), x[51:].double()
+    # uniform on 0..255: mean 127.5, sd 73.9 (discrete uniform, sqrt((256² − 1) / 12)); 156,672 values
+    assert abs(float(u.mean()) - 127.5) < 0.6 and abs(float(u.std()) - 73.9) < 0.5
+    # neighbouring pixels: independent for uniform (mean |diff| = 85.3), close for smooth blobs
+    tv = lambda t: float((t[..., 1:] - t[..., :-1]).abs().mean())  # noqa: E731
+    assert abs(tv(u) - 85.3) < 1.0 and tv(s) < 15
+
+
+def _sk(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    s = np.r_[a.numpy(), b.numpy()]
+    return roc_auc_score(y, s), average_precision_score(y, s)
+
+
+def test_ood_table_against_sklearn():
+    g = torch.Generator().manual_seed(1)
+    p_in = {"map": _probs(g, 120, 5, 4.0), "la": _probs(g, 120, 5, 3.0)}
+    p_out = {"map": _probs(g, 80, 5, 2.0), "la": _probs(g, 80, 5, 0.5)}
+    df = ood_table(p_in, p_out, ood_set="far", n_resamples=300, generator=torch.Generator().manual_seed(0),
+                   reference="map")
+    assert len(df) == 4 and set(df["score"]) == {"max_prob", "entropy"} and set(df["ood_set"]) == {"far"}
+    for row in df.itertuples():
+        if row.score == "entropy":
+            s = lambda p: -torch.special.xlogy(p, p).sum(1)  # noqa: E731
+        else:
+            s = lambda p: -p.max(1).values  # noqa: E731
+        ref_roc, ref_ap = _sk(s(p_in[row.method]), s(p_out[row.method]))
+        assert abs(row.auroc - ref_roc) < 1e-12 and abs(row.aupr - ref_ap) < 1e-12
+        assert row.auroc_lower <= row.auroc <= row.auroc_upper
+    ref_rows = df[df["method"] == "map"]
+    assert (ref_rows["auroc_diff"] == 0).all()
+    la = df[(df["method"] == "la") & (df["score"] == "entropy")].iloc[0]
+    map_ = df[(df["method"] == "map") & (df["score"] == "entropy")].iloc[0]
+    assert abs(la.auroc_diff - (la.auroc - map_.auroc)) < 1e-12 and la.auroc_diff > 0
+    with pytest.raises(ValueError, match="same methods"):
+        ood_table(p_in, {"map": p_out["map"]}, ood_set="far", n_resamples=5, generator=torch.Generator())
+
+
+def test_kendall_tau_b_against_scipy_with_ties():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(0, 4, (6, 9), generator=g).double()
+    b = torch.randint(0, 4, (6, 9), generator=g).double()
+    got = kendall_tau_b(a, b)
+    for k in range(6):
+        assert abs(float(got[k]) - kendalltau(a[k].numpy(), b[k].numpy()).statistic) < 1e-12
+    assert float(kendall_tau_b(torch.arange(5.0), torch.arange(5.0))) == 1.0
+    assert float(kendall_tau_b(torch.arange(5.0), -torch.arange(5.0))) == -1.0
+
+
+def test_rank_agreement_equals_a_loop_over_resamples():
+    """Same generator seed → bootstrap_counts(N, R) rows; each replicate is τ-b (scipy) between the
+    ΔECE vectors (lib.calibration.ece) of the explicitly resampled clean and corrupted images."""
+    g = torch.Generator().manual_seed(3)
+    n, p = 150, 4
+    labels = torch.randint(0, 3, (n,), generator=g)
+    clean = (_probs(g, n, 3, 3.0), torch.stack([_probs(g, n, 3, s) for s in (2.0, 1.5, 1.0, 0.7)]))
+    shifted = (_probs(g, n, 3, 3.0), torch.stack([_probs(g, n, 3, s) for s in (2.0, 1.5, 1.0, 0.7)]))
+    res = rank_agreement(clean, shifted, labels, n_resamples=6, generator=torch.Generator().manual_seed(9), n_bins=10)
+
+    def delta(pair, idx):
+        det, bayes = pair
+        e0 = float(ece(det[idx], labels[idx], 10))
+        return np.array([e0 - float(ece(b[idx], labels[idx], 10)) for b in bayes])
+
+    full = torch.arange(n)
+    assert np.allclose(res.delta_clean.numpy(), delta(clean, full), atol=1e-12)
+    assert abs(res.tau - kendalltau(delta(clean, full), delta(shifted, full)).statistic) < 1e-12
+    w = bootstrap_counts(n, 6, torch.Generator().manual_seed(9), torch.float64, "cpu")
+    for r in range(6):
+        idx = torch.arange(n).repeat_interleave(w[r].long())
+        ref = kendalltau(delta(clean, idx), delta(shifted, idx)).statistic
+        assert abs(float(res.samples[r]) - ref) < 1e-9
+    assert res.lower <= res.upper and res.samples.shape == (6,)
+    assert p == res.delta_shift.shape[0]
+
+
+def test_prepare_shift_boxes_matches_matplotlib_boxplot_stats():
+    g = np.random.default_rng(0)
+    rows = []
+    for sev in range(6):
+        for c in (["clean"] if sev == 0 else [f"c{i}" for i in range(9)]):
+            for m in ("map", "la"):
+                val = 0.02 * sev + g.normal(scale=0.01) + (0.3 if (c == "c0" and m == "la") else 0.0)
+                rows.append({"method": m, "corruption": c, "severity": sev, "ece": val})
+    table = pd.DataFrame(rows)
+    box = prepare_shift_boxes(table, "ece")
+    assert len(box) == 12 and list(box["method"][:2]) == ["map", "la"]
+    for row in box.itertuples():
+        v = table.loc[(table.severity == row.severity) & (table.method == row.method), "ece"].to_numpy()
+        ref = cbook.boxplot_stats(v)[0]
+        for k in ("q1", "med", "q3", "whislo", "whishi", "mean"):
+            assert abs(getattr(row, k) - ref[k]) < 1e-12, k
+        assert np.allclose(sorted(ref["fliers"]), row.fliers)
+    assert any(len(f) > 0 for f in box["fliers"])
+    fig = plot_shift_boxes(box, "ece")
+    ax = fig.axes[0]
+    medians = sorted(line.get_ydata()[0] for line in ax.lines
+                     if line.get_color() == "black" and line.get_linestyle() == "-" and len(line.get_ydata()) == 2)
+    assert np.allclose(medians, sorted(box["med"] * 100))
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["clean", "1", "2", "3", "4", "5"]
+    assert ax.get_ylabel() == "ECE (%)" and [t.get_text() for t in ax.get_legend().get_texts()] == ["map", "la"]
+    with pytest.raises(ValueError, match="metric"):
+        prepare_shift_boxes(table, "mce")
