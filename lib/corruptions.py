@@ -55,7 +55,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from lib.artifacts import stage
+from lib.artifacts import Stage, stage
 from lib.data import Split
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "corrupt",
     "subsample_index",
     "corrupt_split",
+    "CorruptedSplit",
     "cached_corrupt_split",
 ]
 
@@ -344,6 +345,18 @@ def corrupt_split(split: Split, name: str, severity: int, *, seed: int, max_imag
     return Split(corrupt(split.x[index], name, severity, seed=seed), split.y[index]), index
 
 
+@dataclass(frozen=True)
+class CorruptedSplit:
+    """A cached corrupted copy of a split: images and labels ``split``, the indices ``index`` (M,)
+    of its images in the clean split, the corruption ``name`` and ``severity``, and its ``stage``."""
+
+    split: Split
+    index: torch.Tensor
+    name: str
+    severity: int
+    stage: Stage
+
+
 def cached_corrupt_split(
     split: Split,
     split_inputs: Mapping[str, Any],
@@ -353,12 +366,12 @@ def cached_corrupt_split(
     seed: int,
     max_images: int | None = None,
     root: Path | None = None,
-) -> tuple[Split, torch.Tensor]:
+) -> CorruptedSplit:
     """:func:`corrupt_split` cached as a ``corrupt`` stage (:mod:`lib.artifacts`).
 
-    ``split_inputs`` identifies the clean split (e.g. ``cfg.section("data")``); the stage key also
-    holds the corruption, its constants, the severity, ``seed`` and ``max_images``. The stage file
-    ``split.pt`` holds ``x`` uint8 (M, 3, H, W), ``y`` int64 (M,) and ``index`` int64 (M,).
+    ``split_inputs`` identifies the clean split (e.g. the data section and the split's name); the
+    stage key also holds the corruption, its constant, the severity, ``seed`` and ``max_images``.
+    The stage file ``split.pt`` holds ``x`` uint8 (M, 3, H, W), ``y`` int64 (M,) and ``index`` int64 (M,).
     """
     corruption = _lookup(name, severity)
     inputs = {
@@ -376,4 +389,4 @@ def cached_corrupt_split(
         torch.save({"x": out.x, "y": out.y, "index": index}, path)
         st.mark_done()
     saved = torch.load(path, weights_only=True)
-    return Split(saved["x"], saved["y"]), saved["index"]
+    return CorruptedSplit(Split(saved["x"], saved["y"]), saved["index"], name, severity, st)

@@ -215,11 +215,14 @@ def test_subsample_is_seeded_sorted_and_shared_by_corruptions(images):
 def test_cached_corrupt_split_reuses_its_stage(images, tmp_path):
     split = Split(images[:20], torch.arange(20) % 10)
     inputs = {"name": "test", "n": 20}
-    a, ia = cached_corrupt_split(split, inputs, "jpeg_compression", 5, seed=0, max_images=10, root=tmp_path)
-    b, ib = cached_corrupt_split(split, inputs, "jpeg_compression", 5, seed=0, max_images=10, root=tmp_path)
-    assert torch.equal(a.x, b.x) and torch.equal(ia, ib) and torch.equal(a.y, split.y[ia])
-    assert torch.equal(a.x, corrupt(split.x[ia], "jpeg_compression", 5, seed=0))
-    cached_corrupt_split(split, inputs, "jpeg_compression", 4, seed=0, max_images=10, root=tmp_path)
+    a = cached_corrupt_split(split, inputs, "jpeg_compression", 5, seed=0, max_images=10, root=tmp_path)
+    b = cached_corrupt_split(split, inputs, "jpeg_compression", 5, seed=0, max_images=10, root=tmp_path)
+    assert a.stage.done and a.stage.path == b.stage.path and (a.name, a.severity) == ("jpeg_compression", 5)
+    assert torch.equal(a.split.x, b.split.x) and torch.equal(a.index, b.index)
+    assert torch.equal(a.split.y, split.y[a.index])
+    assert torch.equal(a.split.x, corrupt(split.x[a.index], "jpeg_compression", 5, seed=0))
+    c = cached_corrupt_split(split, inputs, "jpeg_compression", 4, seed=0, max_images=10, root=tmp_path)
+    assert c.stage.path != a.stage.path
     dirs = sorted(p.name for p in tmp_path.iterdir())
     assert len(dirs) == 2 and all(d.startswith("corrupt-") for d in dirs)
 
