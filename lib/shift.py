@@ -23,7 +23,7 @@ with a paired bootstrap over images (:cite:`efron1993introduction`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import matplotlib as mpl
@@ -35,27 +35,17 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lib.artifacts import Stage, stage
 from lib.calibration import accuracy, brier, ece, ece_from_weights, nll, top_label
-from lib.config import Config, ShiftConfig
-from lib.corruptions import CORRUPTIONS, CorruptedSplit, cached_corrupt_split
-from lib.data import Split, batches, read_cifar
+from lib.config import Config
+from lib.corruptions import CORRUPTIONS
+from lib.data import read_cifar
 from lib.figures import PALETTE, STYLE, WIDTH
-from lib.laplace.predictive import iter_subset_probs, perturbation_bank
 from lib.ood import auroc_difference, average_precision, ood_scores, paired_bootstrap_auroc
-from lib.pipeline import numerics
 from lib.stats import bootstrap_counts, percentile_interval
-from lib.study import SeedStudy
-from lib.temperature import apply_temperature
-from lib.train import amp_dtype
 
 __all__ = [
     "METRICS",
     "FAR_OOD_KINDS",
-    "shift_config",
-    "corrupted_test_sets",
-    "ShiftPredictions",
-    "shift_predictions",
     "shift_metrics",
     "near_ood_images",
     "far_ood_images",
@@ -71,102 +61,6 @@ METRICS = ("accuracy", "ece", "nll", "brier")
 """Columns of :func:`shift_metrics` (fractions; NLL in nats)."""
 
 FAR_OOD_KINDS = ("uniform", "smooth")
-
-
-def shift_config(cfg: Config) -> ShiftConfig:
-    """The profile's ``shift`` section; a ValueError naming the key when the profile has none."""
-    if cfg.shift is None:
-        raise ValueError(f"profile '{cfg.profile}' has no 'shift' section in its params; add one (see lib.config.ShiftConfig)")
-    return cfg.shift
-
-
-def corrupted_test_sets(cfg: Config, test: Split) -> Iterator[CorruptedSplit]:
-    """Every corruption × severity of ``cfg.shift`` applied to the test split, each a cached
-    ``corrupt`` stage keyed by the data section (without its root folder) and the shift settings;
-    all share the same ``shift.max_images`` subset of test images (:func:`lib.corruptions.subsample_index`)."""
-    sc = shift_config(cfg)
-    data = {k: v for k, v in cfg.section("data")["data"].items() if k != "root"}
-    inputs = {"data": data, "split": "test", "images": len(test)}
-    for name in sc.corruptions:
-        for severity in sc.severities:
-            yield cached_corrupt_split(test, inputs, name, severity, seed=sc.seed, max_images=sc.max_images)
-
-
-@dataclass(frozen=True)
-class ShiftPredictions:
-    """Predictive probabilities of every method of one seed on one image set.
-
-    Attributes:
-        names: the named posteriors of the study (``SeedStudy.named()['names']``).
-        probs: (P, N, C) their GLM predictive at the study's covariance scales κ_S.
-        det: (N, C) MAP softmax. ts: (N, C) temperature-scaled MAP (the study's temperature).
-        labels: (N,) int64 (zeros for OOD images without labels).
-        stage: the ``shift_probs`` stage holding them.
-    """
-
-    names: tuple[str, ...]
-    probs: Tensor
-    det: Tensor
-    ts: Tensor
-    labels: Tensor
-    stage: Stage
-
-    def methods(self, posteriors: Sequence[str]) -> dict[str, Tensor]:
-        """``{'MAP': det, 'temperature scaling': ts, 'Laplace, <name>': probs of name}`` for the given
-        named posteriors (e.g. ``'all'``, ``'single 3'``), in that order, ready for :func:`shift_metrics`."""
-        unknown = [p for p in posteriors if p not in self.names]
-        if unknown:
-            raise ValueError(f"posteriors {unknown} are not named posteriors of the study; use some of {list(self.names)}")
-        out = {"MAP": self.det, "temperature scaling": self.ts}
-        out.update({f"Laplace, {p}": self.probs[self.names.index(p)] for p in posteriors})
-        return out
-
-
-def shift_predictions(
-    cfg: Config,
-    study: SeedStudy,
-    images: Tensor,
-    labels: Tensor | None,
-    key: Mapping,
-    device: torch.device,
-    upstream: Sequence[Stage] = (),
-) -> ShiftPredictions:
-    """Probabilities of MAP, temperature scaling and every named posterior of ``study`` on ``images``.
-
-    A perturbation bank of the images (:func:`lib.laplace.predictive.perturbation_bank`, the same
-    seed, samples and batching as the study's test bank) gives each named posterior's GLM
-    predictive at its own κ_S; MAP and temperature scaling use the study's MAP logits and fitted
-    temperature. Cached as a ``shift_probs`` stage downstream of the study's ``subsets`` stage and
-    ``upstream`` (e.g. the ``corrupt`` stage of the images), with ``key`` naming the image set.
-    On the study's own test images it reproduces the study's probabilities.
-
-    Args:
-        images: uint8 (N, 3, H, W). labels: (N,) int64, or None for OOD images (stored as zeros).
-        key: JSON-able description of the image set (part of the stage key).
-    """
-    pc = cfg.predictive
-    if labels is None:
-        labels = torch.zeros(images.shape[0], dtype=torch.int64)
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must be (N,) = ({images.shape[0]},); got {tuple(labels.shape)}")
-    st = stage("shift_probs", {"images": dict(key), "n_samples": pc.n_samples, "batch_size": pc.batch_size,
-                               "method": pc.method, "numerics": numerics(device)},
-               upstream=[study.subsets, *upstream])
-    path = st.file("probs.pt")
-    if not st.done:
-        named = study.named()
-        bank = perturbation_bank(
-            study.run.model, study.posterior,
-            batches(Split(images, labels), pc.batch_size, preprocess=study.run.preprocess, device=device),
-            n_samples=pc.n_samples, seed=study.seed, device=device, dtype=amp_dtype(device) or torch.float32,
-        )
-        probs = torch.cat([p.cpu() for _, p in iter_subset_probs(bank.to(device), named["masks"].to(device),
-                                                                 method=pc.method, scales=named["scales"])])
-        torch.save({"names": list(named["names"]), "probs": probs, "det": torch.softmax(bank.map_logits.float(), -1),
-                    "ts": apply_temperature(bank.map_logits, named["temperature"]), "labels": labels}, path)
-        st.mark_done()
-    d = torch.load(path, weights_only=True)
-    return ShiftPredictions(tuple(d["names"]), d["probs"], d["det"], d["ts"], d["labels"], st)
 
 
 def shift_metrics(
@@ -394,7 +288,8 @@ def prepare_shift_boxes(table: pd.DataFrame, metric: str, methods: Sequence[str]
     """Tukey box statistics of ``metric`` over corruptions, per severity and method (Ovadia-style).
 
     Args:
-        table: concatenated :func:`shift_metrics` frames (the clean rows give severity 0).
+        table: concatenated :func:`shift_metrics` frames (the clean rows give severity 0); with a
+            ``seed`` column the metric is first averaged over seeds per (method, corruption, severity).
         metric: one of :data:`METRICS`.
         methods: order of the methods (default: order of first appearance).
 
@@ -409,6 +304,8 @@ def prepare_shift_boxes(table: pd.DataFrame, metric: str, methods: Sequence[str]
     if missing:
         raise ValueError(f"table is missing columns {missing}; pass concatenated shift_metrics frames")
     order = list(dict.fromkeys(table["method"])) if methods is None else list(methods)
+    if "seed" in table.columns:
+        table = table.groupby(["method", "corruption", "severity"], sort=False)[metric].mean().reset_index()
     rows = []
     for severity in sorted(table["severity"].unique()):
         for method in order:

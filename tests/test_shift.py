@@ -15,11 +15,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from conftest import write_fake_cifar10
 from lib.calibration import brier, ece, nll
-from lib.config import Config, ParamsError, load_params
-from lib.data import Split
-from lib.paths import PARAMS
+from lib.config import Config
 from lib.shift import (
-    corrupted_test_sets,
     far_ood_images,
     kendall_tau_b,
     near_ood_images,
@@ -28,10 +25,8 @@ from lib.shift import (
     prepare_shift_boxes,
     rank_agreement,
     shift_metrics,
-    shift_predictions,
 )
 from lib.stats import bootstrap_counts
-from lib.study import run_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,63 +184,9 @@ def test_prepare_shift_boxes_matches_matplotlib_boxplot_stats():
         prepare_shift_boxes(table, "mce")
 
 
-@pytest.fixture
-def tiny_shift_cfg(tmp_path, monkeypatch) -> Config:
-    """The tiny synthetic study of tests/test_study.py (one seed) with a small shift section."""
-    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path))
-    d = load_params(PARAMS / "smoke.yml")
-    d["seeds"] = [0]
-    d["model"]["kwargs"] = dict(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2)
-    d["data"]["synthetic"] = dict(n_train=96, n_val=48, n_test=64, native_size=16, noise=1.5)
-    d["train"]["epochs"] = 1
-    d["laplace"]["fit_size"] = 48
-    d["predictive"]["n_samples"] = 4
-    d["stats"].update(n_boot=60, n_boot_shapley=20)
-    d["shift"] = {"corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5], "max_images": 40, "seed": 3}
-    return Config.from_dict(d)
-
-
-def test_shift_predictions_reproduce_the_study_and_respond_to_corruption(tiny_shift_cfg):
-    cfg, cpu = tiny_shift_cfg, torch.device("cpu")
-    study = run_seed(cfg, 0, cpu)
-    named = study.named()
-    test = study.run.splits.test
-    clean = shift_predictions(cfg, study, test.x, test.y, {"set": "clean test"}, cpu)
-    assert clean.names == tuple(named["names"]) and torch.equal(clean.labels, test.y)
-    assert torch.allclose(clean.probs, named["probs"], atol=1e-5)
-    assert torch.allclose(clean.det, named["det"], atol=1e-5) and torch.allclose(clean.ts, named["ts"], atol=1e-5)
-    again = shift_predictions(cfg, study, test.x, test.y, {"set": "clean test"}, cpu)
-    assert again.stage.path == clean.stage.path and torch.equal(again.probs, clean.probs)
-
-    sets = list(corrupted_test_sets(cfg, test))
-    assert [(s.name, s.severity) for s in sets] == [("gaussian_noise", 1), ("gaussian_noise", 5), ("contrast", 1), ("contrast", 5)]
-    assert all(torch.equal(s.index, sets[0].index) and len(s.index) == 40 for s in sets)
-    frames = [shift_metrics(clean.methods(["all", "single 1"]), test.y, corruption="clean", severity=0)]
-    for s in sets:
-        pred = shift_predictions(cfg, study, s.split.x, s.split.y, {"corruption": s.stage.key}, cpu, upstream=[s.stage])
-        assert pred.probs.shape == (len(named["names"]), 40, cfg.data.num_classes)
-        assert not torch.allclose(pred.det, clean.det[s.index], atol=1e-4)
-        frames.append(shift_metrics(pred.methods(["all", "single 1"]), s.split.y, corruption=s.name, severity=s.severity))
-    table = pd.concat(frames)
-    assert set(table["method"]) == {"MAP", "temperature scaling", "Laplace, all", "Laplace, single 1"}
-    assert len(table) == 4 * 5
-    box = prepare_shift_boxes(table, "nll")
-    assert list(box["severity"].unique()) == [0, 1, 5] and (box.loc[box.severity == 1, "n"] == 2).all()
-
-    far, _ = far_ood_images(10, seed=0, size=16)
-    ood = shift_predictions(cfg, study, far, None, {"set": "far", "n": 10}, cpu)
-    assert (ood.labels == 0).all() and ood.probs.shape[1] == 10
-    with pytest.raises(ValueError, match="named posteriors"):
-        ood.methods(["single 7"])
-
-
-def test_missing_or_bad_shift_section_is_reported():
-    with pytest.raises(ValueError, match="no 'shift' section"):
-        list(corrupted_test_sets(Config.from_dict({"profile": "p"}), Split(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1).long())))
-    with pytest.raises(ParamsError, match="shift.corruptions has unknown names"):
-        Config.from_dict({"shift": {"corruptions": ["rain"]}}, source="p.yml")
-    with pytest.raises(ParamsError, match="shift.severities"):
-        Config.from_dict({"shift": {"severities": [0]}}, source="p.yml")
-    with pytest.raises(ParamsError, match="did you mean 'shift.max_images'"):
-        Config.from_dict({"shift": {"max_imgs": 3}}, source="p.yml")
-    assert Config.from_dict({}).shift is None
+def test_prepare_shift_boxes_averages_seeds_first():
+    """Two seeds of 3 corruptions: the box of a severity is over the 3 seed-averaged values."""
+    table = pd.DataFrame({"method": ["map"] * 6, "corruption": ["a", "b", "c"] * 2, "severity": [2] * 6,
+                          "seed": [0, 0, 0, 1, 1, 1], "nll": [1.0, 2.0, 3.0, 3.0, 4.0, 5.0]})
+    box = prepare_shift_boxes(table, "nll").iloc[0]
+    assert box.n == 3 and box.med == 3.0 and box.whislo == 2.0 and box.whishi == 4.0 and box["mean"] == 3.0
