@@ -360,5 +360,5 @@ def plot_shift_boxes(data: pd.DataFrame, metric: str, ax: Axes | None = None) ->
         ax.set_xlim(-0.5, len(severities) - 0.5)
         ax.set_xlabel("Corruption severity")
         ax.set_ylabel(_AXIS_LABELS[metric])
-        ax.legend(frameon=False, ncols=min(len(methods), 4))
+        ax.legend(frameon=False, ncols=min(len(methods), 3), loc="lower center", bbox_to_anchor=(0.5, 1.0))
     return fig
