@@ -238,21 +238,27 @@ def rank_agreement(
     *,
     n_resamples: int,
     generator: torch.Generator,
+    groups: Tensor | None = None,
     n_bins: int = 15,
     alpha: float = 0.05,
+    chunk_size: int = 256,
 ) -> RankAgreement:
     """Does the ranking of posteriors (e.g. single blocks) by ΔECE change under shift?
 
-    ``ΔECE(ℓ) = ECE_det − ECE_Bayes(ℓ)`` is computed on N clean images and on their N corrupted
-    copies (the same images, e.g. ``clean[·][:, index]`` with the index of
-    :func:`lib.corruptions.corrupt_split`); τ-b between the two ΔECE vectors is bootstrapped by
-    resampling the N images with the *same* multiplicities for both conditions (paired), with
-    :func:`lib.calibration.ece_from_weights`.
+    ``ΔECE(ℓ) = ECE_det − ECE_Bayes(ℓ)`` is computed on N clean rows and on their N corrupted
+    copies (row i of both conditions is the same image, e.g. ``clean[·][:, index]`` with the index
+    of :func:`lib.corruptions.corrupt_split`); τ-b between the two ΔECE vectors is bootstrapped by
+    resampling with the *same* multiplicities for both conditions (paired), with
+    :func:`lib.calibration.ece_from_weights`. With ``groups`` (N,) int64 in 0..G−1 the G groups
+    (the distinct ids, in increasing order) are resampled and every row takes its group's
+    multiplicity (a cluster bootstrap: pass the image id when the rows pool several corruptions of
+    the same images), else the N rows are.
 
     Args:
         clean: (probs_det (N, C), probs_bayes (P, N, C)) on the clean images.
         shifted: the same on the corrupted copies.
         labels: (N,) int64. n_resamples: R. generator: seeded, on the data's device.
+        groups: optional (N,) int64 cluster ids (any values). chunk_size: resamples per batch.
 
     Returns:
         :class:`RankAgreement`.
@@ -271,6 +277,12 @@ def rank_agreement(
     if c0.shape[0] < 3:
         raise ValueError("rank agreement needs at least 2 Bayesian posteriors (P >= 2)")
     n = labels.shape[0]
+    if groups is None:
+        groups = torch.arange(n, device=c0.device)
+    if groups.shape != (n,) or groups.dtype != torch.int64:
+        raise ValueError(f"groups must be int64 cluster ids of shape ({n},); got {tuple(groups.shape)} {groups.dtype}")
+    ids, groups = torch.unique(groups, return_inverse=True)
+    n_groups = len(ids)
 
     def delta(conf: Tensor, corr: Tensor, w: Tensor) -> Tensor:
         e = ece_from_weights(conf, corr, w, n_bins)
@@ -278,8 +290,12 @@ def rank_agreement(
 
     ones = torch.ones(1, n, dtype=c0.dtype, device=c0.device)
     d0, d1 = delta(c0, y0, ones)[0], delta(c1, y1, ones)[0]
-    w = bootstrap_counts(n, n_resamples, generator, c0.dtype, c0.device)
-    samples = kendall_tau_b(delta(c0, y0, w), delta(c1, y1, w))
+    chunks = []
+    for start in range(0, n_resamples, chunk_size):
+        rows = min(chunk_size, n_resamples - start)
+        w = bootstrap_counts(n_groups, rows, generator, c0.dtype, c0.device)[:, groups]
+        chunks.append(kendall_tau_b(delta(c0, y0, w), delta(c1, y1, w)))
+    samples = torch.cat(chunks)
     lo, hi = percentile_interval(samples[:, None], alpha)
     return RankAgreement(float(kendall_tau_b(d0, d1)), float(lo[0]), float(hi[0]), samples, d0, d1)
 

@@ -198,10 +198,11 @@ def evaluate_shift(
     """Calibration under shift, OOD detection and the per-block ranking under shift, for every seed.
 
     ``posteriors``: named posteriors (and ``extra`` names) reported next to MAP and temperature
-    scaling in ``metrics`` and ``ood``. The rank agreement uses every ``'single ℓ'`` posterior;
-    pooling corruptions resamples (image, corruption) pairs, which treats the corrupted copies of
-    one image as independent. Intervals: ``stats.n_boot`` resamples at level ``1 − stats.alpha``,
-    the generator seeded by the training seed.
+    scaling in ``metrics`` and ``ood``. The rank agreement uses every ``'single ℓ'`` posterior and
+    pools the corruptions of a severity; its bootstrap resamples test images, each with all its
+    corrupted copies (cluster bootstrap, ``groups`` of :func:`lib.shift.rank_agreement`).
+    Intervals: ``stats.n_boot`` resamples at level ``1 − stats.alpha``, the generator seeded by the
+    training seed.
     """
     sc, st = shift_config(cfg), cfg.stats
     metrics, ood, ranks = [], [], []
@@ -226,7 +227,7 @@ def evaluate_shift(
                     (clean.det[idx], clean.probs[single_idx][:, idx]),
                     (torch.cat([p.det for p, _ in preds]), torch.cat([p.probs[single_idx] for p, _ in preds], 1)),
                     clean.labels[idx], n_resamples=st.n_boot, generator=torch.Generator().manual_seed(study.seed),
-                    n_bins=st.n_bins, alpha=st.alpha,
+                    groups=idx, n_bins=st.n_bins, alpha=st.alpha,
                 )
                 ranks.append({"seed": study.seed, "severity": severity, "tau": res.tau, "lower": res.lower,
                               "upper": res.upper})

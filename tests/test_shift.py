@@ -190,3 +190,30 @@ def test_prepare_shift_boxes_averages_seeds_first():
                           "seed": [0, 0, 0, 1, 1, 1], "nll": [1.0, 2.0, 3.0, 3.0, 4.0, 5.0]})
     box = prepare_shift_boxes(table, "nll").iloc[0]
     assert box.n == 3 and box.med == 3.0 and box.whislo == 2.0 and box.whishi == 4.0 and box["mean"] == 3.0
+
+
+def test_rank_agreement_cluster_bootstrap_equals_a_loop_over_resampled_groups():
+    """Rows = 2 corruptions × 50 images (image ids 100..149 non-contiguous); each replicate resamples
+    the 50 images (bootstrap_counts(50, ·), chunks of 4 resamples) and takes every row of a drawn
+    image, so it equals τ-b of the ΔECE on the explicitly repeated rows."""
+    g = torch.Generator().manual_seed(4)
+    n, c = 100, 3
+    labels = torch.randint(0, c, (n,), generator=g)
+    clean = (_probs(g, n, c, 3.0), torch.stack([_probs(g, n, c, s) for s in (2.0, 1.5, 1.0)]))
+    shifted = (_probs(g, n, c, 3.0), torch.stack([_probs(g, n, c, s) for s in (2.0, 1.5, 1.0)]))
+    ids = torch.arange(100, 150).repeat(2)
+    res = rank_agreement(clean, shifted, labels, n_resamples=10, generator=torch.Generator().manual_seed(2),
+                         groups=ids, n_bins=8, chunk_size=4)
+    gen = torch.Generator().manual_seed(2)
+    w = torch.cat([bootstrap_counts(50, rows, gen, torch.float64, "cpu") for rows in (4, 4, 2)])
+
+    def delta(pair, idx):
+        det, bayes = pair
+        e0 = float(ece(det[idx], labels[idx], 8))
+        return np.array([e0 - float(ece(b[idx], labels[idx], 8)) for b in bayes])
+
+    for r in range(10):
+        rows = torch.arange(n).repeat_interleave(w[r][ids - 100].long())
+        assert abs(float(res.samples[r]) - kendalltau(delta(clean, rows), delta(shifted, rows)).statistic) < 1e-9
+    with pytest.raises(ValueError, match="groups"):
+        rank_agreement(clean, shifted, labels, n_resamples=2, generator=g, groups=ids[:10])
