@@ -23,7 +23,7 @@ from lib.corruptions import CorruptedSplit, cached_corrupt_split
 from lib.data import Split, batches
 from lib.laplace.predictive import Bank, iter_subset_probs, perturbation_bank
 from lib.pipeline import numerics
-from lib.shift import far_ood_images, near_ood_images, ood_table, rank_agreement, shift_metrics
+from lib.shift import far_ood_images, gain_intervals, near_ood_images, ood_table, rank_agreement, shift_metrics
 from lib.study import SeedStudy
 from lib.temperature import apply_temperature
 from lib.train import amp_dtype
@@ -171,19 +171,23 @@ def shift_predictions(
 
 @dataclass(frozen=True)
 class ShiftResults:
-    """Tables of :func:`evaluate_shift` (every row has its training ``seed``).
+    """Tables of :func:`evaluate_shift`.
 
     Attributes:
         metrics: :func:`lib.shift.shift_metrics` rows for the clean test set (severity 0) and every
-            corruption × severity.
+            corruption × severity, per ``seed``.
+        gains: ECE gain over MAP ``severity, method, gain, lower, upper`` of temperature scaling and
+            the reported posteriors, averaged over seeds (:func:`lib.shift.gain_intervals`; severity 0:
+            the clean test set, else all corruptions of that severity pooled, images resampled as clusters).
         ood: :func:`lib.shift.ood_table` rows for the near-OOD set (when the profile has one) and the
-            far-OOD set, with differences to MAP.
-        ranks: per severity, Kendall's τ-b between the single-block ΔECE on the clean subset and on
-            its corrupted copies (all corruptions of that severity pooled), with its interval:
+            far-OOD set, with differences to MAP, per ``seed``.
+        ranks: per seed and severity, Kendall's τ-b between the single-block ΔECE on the clean subset
+            and on its corrupted copies (corruptions of that severity pooled), with its interval:
             ``seed, severity, tau, lower, upper``.
     """
 
     metrics: pd.DataFrame
+    gains: pd.DataFrame
     ood: pd.DataFrame
     ranks: pd.DataFrame
 
@@ -195,22 +199,25 @@ def evaluate_shift(
     posteriors: Sequence[str],
     extra: Mapping[str, Tensor] | None = None,
 ) -> ShiftResults:
-    """Calibration under shift, OOD detection and the per-block ranking under shift, for every seed.
+    """Calibration under shift, OOD detection and the per-block ranking under shift.
 
     ``posteriors``: named posteriors (and ``extra`` names) reported next to MAP and temperature
-    scaling in ``metrics`` and ``ood``. The rank agreement uses every ``'single ℓ'`` posterior and
-    pools the corruptions of a severity; its bootstrap resamples test images, each with all its
-    corrupted copies (cluster bootstrap, ``groups`` of :func:`lib.shift.rank_agreement`).
-    Intervals: ``stats.n_boot`` resamples at level ``1 − stats.alpha``, the generator seeded by the
-    training seed.
+    scaling. The rank agreement uses every ``'single ℓ'`` posterior and pools the corruptions of a
+    severity; its bootstrap (like that of ``gains``) resamples test images, each with all its
+    corrupted copies (cluster bootstrap, :func:`lib.shift.cluster_counts`). Intervals:
+    ``stats.n_boot`` resamples at level ``1 − stats.alpha``; generators seeded by the training seed
+    (per-seed tables) or by ``shift.seed`` (``gains``, one draw shared by all seeds).
     """
     sc, st = shift_config(cfg), cfg.stats
+    if not studies:
+        raise ValueError("studies is empty: pass the SeedStudy of at least one seed (lib.study.run_all)")
+    compared = ["temperature scaling", *[f"Laplace, {p}" for p in posteriors]]
     metrics, ood, ranks = [], [], []
+    cleans, pooled = [], []
     for study in studies:
         test = study.run.splits.test
         clean = clean_predictions(cfg, study, device, extra)
-        singles = [n for n in clean.names if n.startswith("single ")]
-        single_idx = [clean.names.index(n) for n in singles]
+        singles = [clean.names.index(n) for n in clean.names if n.startswith("single ")]
         metrics.append(shift_metrics(clean.methods(posteriors), clean.labels, corruption="clean", severity=0,
                                      n_bins=st.n_bins).assign(seed=study.seed))
         by_severity: dict[int, list[tuple[ShiftPredictions, Tensor]]] = {}
@@ -220,17 +227,23 @@ def evaluate_shift(
             metrics.append(shift_metrics(pred.methods(posteriors), pred.labels, corruption=cs.name,
                                          severity=cs.severity, n_bins=st.n_bins).assign(seed=study.seed))
             by_severity.setdefault(cs.severity, []).append((pred, cs.index))
-        if len(singles) >= 2:
-            for severity, preds in sorted(by_severity.items()):
-                idx = torch.cat([i for _, i in preds])
+        seed_pooled = {}
+        for severity, preds in sorted(by_severity.items()):
+            idx = torch.cat([i for _, i in preds])
+            det = torch.cat([p.det for p, _ in preds])
+            methods = [p.methods(posteriors) for p, _ in preds]
+            seed_pooled[severity] = (idx, det, torch.cat([torch.stack([m[k] for k in compared]) for m in methods], 1))
+            if len(singles) >= 2:
                 res = rank_agreement(
-                    (clean.det[idx], clean.probs[single_idx][:, idx]),
-                    (torch.cat([p.det for p, _ in preds]), torch.cat([p.probs[single_idx] for p, _ in preds], 1)),
+                    (clean.det[idx], clean.probs[singles][:, idx]),
+                    (det, torch.cat([p.probs[singles] for p, _ in preds], 1)),
                     clean.labels[idx], n_resamples=st.n_boot, generator=torch.Generator().manual_seed(study.seed),
                     groups=idx, n_bins=st.n_bins, alpha=st.alpha,
                 )
                 ranks.append({"seed": study.seed, "severity": severity, "tau": res.tau, "lower": res.lower,
                               "upper": res.upper})
+        cleans.append(clean)
+        pooled.append(seed_pooled)
         ood_sets = {"far": (far_ood_images(sc.far_ood_images, seed=sc.seed, size=test.x.shape[-1])[0],
                             {"set": "far", "n": sc.far_ood_images, "seed": sc.seed, "size": test.x.shape[-1]})}
         if cfg.data.name != "synthetic" and cfg.data.classes is not None:
@@ -242,6 +255,20 @@ def evaluate_shift(
             ood.append(ood_table(clean.methods(posteriors), pred.methods(posteriors), ood_set=ood_set,
                                  n_resamples=st.n_boot, generator=torch.Generator().manual_seed(study.seed),
                                  alpha=st.alpha, reference="MAP").assign(seed=study.seed))
-    rank_cols = ["seed", "severity", "tau", "lower", "upper"]
-    return ShiftResults(pd.concat(metrics, ignore_index=True), pd.concat(ood, ignore_index=True),
-                        pd.DataFrame(ranks, columns=rank_cols))
+
+    gains = []
+    labels = cleans[0].labels
+    if any(not torch.equal(c.labels, labels) for c in cleans):
+        raise ValueError("the studies' test sets differ; the seeds of one profile must share data.split_seed")
+    sets = {0: (None, labels, torch.stack([c.det for c in cleans]),
+                torch.stack([torch.stack([c.methods(posteriors)[k] for k in compared]) for c in cleans]))}
+    for severity, (idx, _, _) in pooled[0].items():
+        sets[severity] = (idx, labels[idx], torch.stack([p[severity][1] for p in pooled]),
+                          torch.stack([p[severity][2] for p in pooled]))
+    for severity, (groups, y, det, probs) in sets.items():
+        est, lo, hi = gain_intervals(det, probs, y, n_resamples=st.n_boot, generator=torch.Generator().manual_seed(sc.seed),
+                                     groups=groups, n_bins=st.n_bins, alpha=st.alpha)
+        gains += [{"severity": severity, "method": k, "gain": float(e), "lower": float(a), "upper": float(b)}
+                  for k, e, a, b in zip(compared, est, lo, hi)]
+    return ShiftResults(pd.concat(metrics, ignore_index=True), pd.DataFrame(gains), pd.concat(ood, ignore_index=True),
+                        pd.DataFrame(ranks, columns=["seed", "severity", "tau", "lower", "upper"]))

@@ -121,6 +121,16 @@ def test_evaluate_shift_tables(tiny):
     assert abs(r1.tau - float(kendall_tau_b(d_clean, d_shift))) < 1e-9
     assert r1.lower <= r1.upper
 
+    g = res.gains
+    assert list(g.columns) == ["severity", "method", "gain", "lower", "upper"] and sorted(g.severity.unique()) == [0, 1, 5]
+    assert set(g.method) == {"temperature scaling", "Laplace, all", "Laplace, single 1"}
+    row = g[(g.severity == 0) & (g.method == "Laplace, all")].iloc[0]
+    ref = float(delta_ece(clean.det, clean.probs[[clean.names.index("all")]], clean.labels, cfg.stats.n_bins)[0])
+    assert abs(row.gain - ref) < 1e-6 and row.lower <= row.upper  # fp32 probabilities, another summation order
+    row = g[(g.severity == 1) & (g.method == "temperature scaling")].iloc[0]
+    ref = float(delta_ece(det_s, torch.cat([preds[0].ts, preds[2].ts])[None], clean.labels[idx], cfg.stats.n_bins)[0])
+    assert abs(row.gain - ref) < 1e-6
+
     o = res.ood
     assert set(o.ood_set) == {"far"} and len(o) == 2 * 4  # synthetic data: no near-OOD set
     assert ((o.auroc >= 0) & (o.auroc <= 1)).all() and (o[o.method == "MAP"].auroc_diff == 0).all()
