@@ -123,8 +123,8 @@ def weighted_auroc(scores_in: Tensor, scores_out: Tensor, w_in: Tensor, w_out: T
             f"got {tuple(w_in.shape)}, {tuple(w_out.shape)}"
         )
     order, left, right = _positions(scores_in, scores_out)
-    cum = torch.cat([torch.zeros_like(w_in[:, :1]), w_in[:, order].cumsum(1)], dim=1)
-    credit = (cum[:, left] + cum[:, right]) / 2
+    cum = torch.cat([torch.zeros_like(w_in[:, :1]), w_in.index_select(1, order).cumsum(1)], dim=1)
+    credit = (cum.index_select(1, left) + cum.index_select(1, right)) / 2
     return (w_out * credit).sum(1) / (w_in.sum(1) * w_out.sum(1))
 
 

@@ -209,7 +209,7 @@ def cluster_counts(groups: Tensor, rows: int, generator: torch.Generator, dtype:
     if groups.ndim != 1 or groups.dtype != torch.int64:
         raise ValueError(f"groups must be (N,) int64 cluster ids; got {tuple(groups.shape)} {groups.dtype}")
     ids, inverse = torch.unique(groups, return_inverse=True)
-    return bootstrap_counts(len(ids), rows, generator, dtype, groups.device)[:, inverse]
+    return bootstrap_counts(len(ids), rows, generator, dtype, groups.device).index_select(1, inverse)
 
 
 def gain_intervals(

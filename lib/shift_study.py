@@ -205,13 +205,21 @@ def evaluate_shift(
     scaling. The rank agreement uses every ``'single ℓ'`` posterior and pools the corruptions of a
     severity; its bootstrap (like that of ``gains``) resamples test images, each with all its
     corrupted copies (cluster bootstrap, :func:`lib.shift.cluster_counts`). Intervals:
-    ``stats.n_boot`` resamples at level ``1 − stats.alpha``; generators seeded by the training seed
-    (per-seed tables) or by ``shift.seed`` (``gains``, one draw shared by all seeds).
+    ``stats.n_boot`` resamples at level ``1 − stats.alpha``, drawn on ``device`` (the bootstraps run
+    there) from generators seeded by the training seed (per-seed tables) or by ``shift.seed``
+    (``gains``, one draw shared by all seeds).
     """
     sc, st = shift_config(cfg), cfg.stats
     if not studies:
         raise ValueError("studies is empty: pass the SeedStudy of at least one seed (lib.study.run_all)")
     compared = ["temperature scaling", *[f"Laplace, {p}" for p in posteriors]]
+
+    def generator(seed: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def on_device(probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(device) for k, v in probs.items()}
+
     metrics, ood, ranks = [], [], []
     cleans, pooled = [], []
     for study in studies:
@@ -235,10 +243,10 @@ def evaluate_shift(
             seed_pooled[severity] = (idx, det, torch.cat([torch.stack([m[k] for k in compared]) for m in methods], 1))
             if len(singles) >= 2:
                 res = rank_agreement(
-                    (clean.det[idx], clean.probs[singles][:, idx]),
-                    (det, torch.cat([p.probs[singles] for p, _ in preds], 1)),
-                    clean.labels[idx], n_resamples=st.n_boot, generator=torch.Generator().manual_seed(study.seed),
-                    groups=idx, n_bins=st.n_bins, alpha=st.alpha,
+                    (clean.det[idx].to(device), clean.probs[singles][:, idx].to(device)),
+                    (det.to(device), torch.cat([p.probs[singles] for p, _ in preds], 1).to(device)),
+                    clean.labels[idx].to(device), n_resamples=st.n_boot, generator=generator(study.seed),
+                    groups=idx.to(device), n_bins=st.n_bins, alpha=st.alpha,
                 )
                 ranks.append({"seed": study.seed, "severity": severity, "tau": res.tau, "lower": res.lower,
                               "upper": res.upper})
@@ -252,8 +260,8 @@ def evaluate_shift(
                                  "n": sc.near_ood_images, "seed": sc.seed})
         for ood_set, (images, key) in ood_sets.items():
             pred = shift_predictions(cfg, study, images, None, key, device, extra=extra)
-            ood.append(ood_table(clean.methods(posteriors), pred.methods(posteriors), ood_set=ood_set,
-                                 n_resamples=st.n_boot, generator=torch.Generator().manual_seed(study.seed),
+            ood.append(ood_table(on_device(clean.methods(posteriors)), on_device(pred.methods(posteriors)),
+                                 ood_set=ood_set, n_resamples=st.n_boot, generator=generator(study.seed),
                                  alpha=st.alpha, reference="MAP").assign(seed=study.seed))
 
     gains = []
@@ -266,8 +274,9 @@ def evaluate_shift(
         sets[severity] = (idx, labels[idx], torch.stack([p[severity][1] for p in pooled]),
                           torch.stack([p[severity][2] for p in pooled]))
     for severity, (groups, y, det, probs) in sets.items():
-        est, lo, hi = gain_intervals(det, probs, y, n_resamples=st.n_boot, generator=torch.Generator().manual_seed(sc.seed),
-                                     groups=groups, n_bins=st.n_bins, alpha=st.alpha)
+        est, lo, hi = gain_intervals(det.to(device), probs.to(device), y.to(device), n_resamples=st.n_boot,
+                                     generator=generator(sc.seed), groups=None if groups is None else groups.to(device),
+                                     n_bins=st.n_bins, alpha=st.alpha)
         gains += [{"severity": severity, "method": k, "gain": float(e), "lower": float(a), "upper": float(b)}
                   for k, e, a, b in zip(compared, est, lo, hi)]
     return ShiftResults(pd.concat(metrics, ignore_index=True), pd.DataFrame(gains), pd.concat(ood, ignore_index=True),
