@@ -288,8 +288,12 @@ def shift_summary(gains: pd.DataFrame, ranks: pd.DataFrame, alpha: float) -> str
                      f"{100 * row.gain:.2f} pp ({level} interval {100 * row.lower:.2f} to {100 * row.upper:.2f}); {sure}.")
     changed = [int(s) for s, r in best.iterrows() if base is not None and s != 0 and r.method != base]
     if base is not None:
-        parts.append(f"The choice differs from the in-distribution one ({base}) at severities {changed}." if changed
-                     else f"The in-distribution choice ({base}) stays the best at every severity.")
+        parts.append(
+            f"By point estimate the choice differs from the in-distribution one ({base}) at severit"
+            f"{'y' if len(changed) == 1 else 'ies'} {', '.join(map(str, changed))} (the intervals above are "
+            "of gains over MAP, not of differences between methods)." if changed
+            else f"By point estimate the in-distribution choice ({base}) stays the best at every severity."
+        )
     if not ranks.empty:
         mean_tau = ranks.groupby("severity")["tau"].mean()
         parts.append("Kendall's τ between the single-block ΔECE ranking on clean images and under shift, "
