@@ -16,9 +16,12 @@ OOD sets of the ``cifar10-transfer`` profile:
   grid of i.i.d. uniform colours upsampled bicubically to full size (smooth colour blobs without
   objects), both drawn from an explicit seeded generator.
 
-:func:`rank_agreement` answers whether the ranking of blocks by ΔECE changes under shift: Kendall's
-τ-b :cite:`kendall1938new` between the per-block ΔECE on clean images and on their corrupted copies,
-with a paired bootstrap over images (:cite:`efron1993introduction`).
+:func:`gain_intervals` gives the ECE gain of each method over MAP per severity with paired
+intervals, :func:`shift_summary` the resulting choice per severity, and :func:`rank_agreement`
+whether the ranking of blocks by ΔECE changes under shift: Kendall's τ-b :cite:`kendall1938new`
+between the per-block ΔECE on clean images and on their corrupted copies. Their bootstraps resample
+test images, as clusters with all their corrupted copies when corruptions are pooled
+(:func:`cluster_counts`, :cite:`efron1993introduction`).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ METRICS = ("accuracy", "ece", "nll", "brier")
 """Columns of :func:`shift_metrics` (fractions; NLL in nats)."""
 
 FAR_OOD_KINDS = ("uniform", "smooth")
+"""The kinds of :func:`far_ood_images`, in the order they are drawn."""
 
 
 def shift_metrics(
@@ -147,7 +151,8 @@ def far_ood_images(n: int, *, seed: int, size: int = 32) -> tuple[Tensor, tuple[
     coarse = 255 * torch.rand(n - n_uniform, 3, 4, 4, generator=g)
     smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
     smooth = smooth.round().clamp(0, 255).to(torch.uint8)
-    return torch.cat([uniform, smooth]), ("uniform",) * n_uniform + ("smooth",) * (n - n_uniform)
+    uniform_kind, smooth_kind = FAR_OOD_KINDS
+    return torch.cat([uniform, smooth]), (uniform_kind,) * n_uniform + (smooth_kind,) * (n - n_uniform)
 
 
 def ood_table(
