@@ -204,6 +204,26 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class ShiftConfig:
+    """Calibration under dataset shift and OOD detection (:mod:`lib.shift`, :mod:`lib.corruptions`).
+
+    ``corruptions`` at ``severities`` are applied to ``max_images`` test images (a seeded subset,
+    the same for every corruption; None: all), seeded by ``seed``. ``near_ood_images`` limits the
+    held-out-class test images (None: all), ``far_ood_images`` is the size of the synthetic far-OOD set.
+    """
+
+    corruptions: tuple[str, ...] = (
+        "gaussian_noise", "shot_noise", "gaussian_blur", "defocus_blur", "brightness", "fog",
+        "contrast", "jpeg_compression", "pixelate", "saturate",
+    )
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    max_images: int | None = _at_least(1000, 1)
+    seed: int = 0
+    near_ood_images: int | None = _at_least(None, 1)
+    far_ood_images: int = _at_least(1000, 1)
+
+
+@dataclass(frozen=True)
 class Config:
     """One profile: every section plus the training seeds and the device."""
 
@@ -220,6 +240,7 @@ class Config:
     predictive: PredictiveConfig = field(default_factory=PredictiveConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    shift: ShiftConfig | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "Config":
@@ -362,7 +383,22 @@ def _check_predictive(cfg: PredictiveConfig, source: str, prefix: str) -> None:
         raise ParamsError(f"{source}: '{prefix}scale_range' is {list(r)}; give two numbers [low, high] with 0 < low < high")
 
 
-_CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive}
+def _check_shift(cfg: ShiftConfig, source: str, prefix: str) -> None:
+    from lib.corruptions import CORRUPTIONS, SEVERITIES
+
+    unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
+    if unknown or not cfg.corruptions:
+        raise ParamsError(
+            f"{source}: {prefix}corruptions has unknown names {unknown or '(empty list)'}; "
+            f"use a non-empty list of {', '.join(CORRUPTIONS)}"
+        )
+    bad = [s for s in cfg.severities if s not in SEVERITIES]
+    if bad or not cfg.severities:
+        raise ParamsError(f"{source}: {prefix}severities must be a non-empty list of 1..5; got {list(cfg.severities)}")
+
+
+_CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive,
+           ShiftConfig: _check_shift}
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
