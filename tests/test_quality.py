@@ -3,6 +3,7 @@ on the tiny LoRA ViT (exact against itself; the K-FAC-reduce MLP undercount)."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
@@ -15,6 +16,7 @@ from lib.laplace.quality import (
     gaussian_kl,
     logit_variance,
     prepare_curvature_quality,
+    summarise_quality,
     trace_ratio,
 )
 
@@ -101,3 +103,20 @@ def test_bad_arguments():
         compare_block(g, g, {}, 1.0, jac[..., :3])
     with pytest.raises(ValueError, match="delta"):
         compare_block(g, g, {}, 0.0, jac)
+
+
+def test_summary_medians_and_order():
+    """Medians over blocks, the trace-ratio range, approximations and modules in the fixed order."""
+    rows = []
+    for b, tr in enumerate([0.5, 2.0, 1.0]):
+        for a in ("diagonal", "K-FAC-reduce"):
+            for m in ("block", "fc1", "qkv"):
+                rows.append({"block": b, "module": m, "approximation": a, "n_params": 1, "prior_precision": 1.0,
+                             "trace_ratio": tr, "frobenius_error": b, "kl": 2 * b, "logit_variance_ratio": 1.0,
+                             "logit_variance_error": 0.0})
+    s = summarise_quality(pd.DataFrame(rows))
+    assert list(s.index) == [(a, m) for a in ("K-FAC-reduce", "diagonal") for m in ("qkv", "fc1", "block")]
+    assert (s.trace_ratio == 1.0).all() and (s.trace_ratio_min == 0.5).all() and (s.trace_ratio_max == 2.0).all()
+    assert (s.frobenius_error == 1.0).all() and (s.kl == 2.0).all()
+    with pytest.raises(ValueError, match="kl"):
+        summarise_quality(pd.DataFrame(rows).drop(columns="kl"))

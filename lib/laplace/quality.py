@@ -165,3 +165,23 @@ def prepare_curvature_quality(
             for row in compare_block(ggn, approx_ggn, slices, delta, j):
                 out.append({"block": b, "approximation": name, "prior_precision": delta, **row})
     return pd.DataFrame(out, columns=COLUMNS)
+
+
+def summarise_quality(table: pd.DataFrame) -> pd.DataFrame:
+    """Per approximation and module (and ``block``): the median over blocks (and seeds) of every
+    metric of ``table`` (:func:`prepare_curvature_quality`), with the trace ratio's range.
+
+    Index (approximation, module) in the order of :data:`APPROXIMATIONS` and ``qkv, proj, fc1,
+    fc2, block``; columns ``trace_ratio`` (median), ``trace_ratio_min``, ``trace_ratio_max``,
+    ``frobenius_error``, ``kl``, ``logit_variance_ratio``, ``logit_variance_error`` (medians).
+    """
+    missing = set(COLUMNS) - set(table.columns)
+    if missing:
+        raise ValueError(f"table lacks columns {sorted(missing)}; pass the output of prepare_curvature_quality")
+    g = table.groupby(["approximation", "module"])
+    out = g[["trace_ratio", "frobenius_error", "kl", "logit_variance_ratio", "logit_variance_error"]].median()
+    out.insert(1, "trace_ratio_min", g.trace_ratio.min())
+    out.insert(2, "trace_ratio_max", g.trace_ratio.max())
+    order = {m: i for i, m in enumerate(("qkv", "proj", "fc1", "fc2", "block"))}
+    rank = {a: i for i, a in enumerate(APPROXIMATIONS)}
+    return out.sort_index(key=lambda idx: idx.map(lambda v: rank.get(v, order.get(v, len(order)))))
