@@ -7,7 +7,7 @@ import torch
 from conftest import dense_ggn
 
 from lib.laplace.curvature import fit_diag
-from lib.laplace.exact import block_params, block_slices, fit_block_ggn
+from lib.laplace.exact import block_params, block_slices, fit_block_ggn, weight_slices
 from lib.model import lora_modules
 
 RTOL = 1e-5  # float32 per-example gradients, sums in another order; observed ≤ 1e-6
@@ -75,3 +75,13 @@ def test_bad_arguments(tiny_lora_vit, tiny_batch):
         fit_block_ggn(tiny_lora_vit, _batches(x, y), device="cpu", dtype=torch.float16)
     with pytest.raises(ValueError, match="class_chunk"):
         fit_block_ggn(tiny_lora_vit, _batches(x, y), device="cpu", class_chunk=0)
+
+
+def test_weight_slices_tile_the_modules(tiny_lora_vit):
+    """Weight slices: A then B of each module, inside its module slice, tiling 0..P_ℓ."""
+    parts = weight_slices(tiny_lora_vit, 1)
+    mods = [m for m in lora_modules(tiny_lora_vit) if m.block == 1]
+    assert [s.stop - s.start for s in parts] == [lin.weight.numel() for m in mods for lin in (m.A, m.B)]
+    assert [s.start for s in parts[1:]] == [s.stop for s in parts[:-1]] and parts[0].start == 0
+    modules = list(block_slices(tiny_lora_vit, 1).values())
+    assert [(a.start, b.stop) for a, b in zip(parts[::2], parts[1::2])] == [(s.start, s.stop) for s in modules]

@@ -46,7 +46,7 @@ def test_exact_against_itself_is_perfect():
     """Comparing a matrix with itself: trace ratios 1, Frobenius error 0, KL 0, variance ratio 1."""
     g = _spd(10, 3)
     jac = torch.randn(4, 3, 10, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    rows = compare_block(g, g.clone(), {"a": slice(0, 4), "b": slice(4, 10)}, 0.5, jac)
+    rows = compare_block(g, {"self": g.clone()}, {"a": slice(0, 4), "b": slice(4, 10)}, 0.5, jac)
     assert [r["module"] for r in rows] == ["a", "b", "block"] and [r["n_params"] for r in rows] == [4, 6, 10]
     for r in rows:
         assert r["trace_ratio"] == pytest.approx(1.0, abs=1e-12)
@@ -58,17 +58,27 @@ def test_exact_against_itself_is_perfect():
 
 def test_block_diagonal_approximation_is_detected():
     """Dropping the off-diagonal coupling of a block leaves module traces at 1 but gives a
-    positive block Frobenius error equal to ‖off-diagonal‖_F / ‖G‖_F, and a positive KL."""
+    positive block Frobenius error equal to ‖off-diagonal‖_F / ‖G‖_F, and a positive KL equal to
+    the dense KL of the two covariances; computing the approximation part by part (``parts``)
+    gives the same rows as the dense computation."""
     g = _spd(8, 5)
     s = {"a": slice(0, 3), "b": slice(3, 8)}
     approx = torch.block_diag(g[s["a"], s["a"]], g[s["b"], s["b"]])
     jac = torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    rows = {r["module"]: r for r in compare_block(g, approx, s, 1.0, jac)}
+    dense = compare_block(g, {"bd": approx}, s, 1.0, jac)
+    rows = {r["module"]: r for r in dense}
     off = torch.linalg.matrix_norm(g - approx) / torch.linalg.matrix_norm(g)
     assert rows["block"]["trace_ratio"] == pytest.approx(1.0, abs=1e-12)
     assert rows["block"]["frobenius_error"] == pytest.approx(float(off), rel=1e-10) and float(off) > 0.1
     assert rows["a"]["frobenius_error"] == pytest.approx(0.0, abs=1e-12)
-    assert rows["block"]["kl"] > 1e-3
+    eye = torch.eye(8, dtype=torch.float64)
+    ref_kl = gaussian_kl(torch.linalg.inv(approx + eye), torch.linalg.inv(g + eye))
+    assert rows["block"]["kl"] == pytest.approx(ref_kl, rel=1e-9) and ref_kl > 1e-3
+    by_parts = compare_block(g, {"bd": approx}, s, 1.0, jac, parts=[slice(0, 3), slice(3, 8)])
+    for r, q in zip(dense, by_parts):
+        assert r.keys() == q.keys()
+        for k in r:
+            assert r[k] == (pytest.approx(q[k], rel=1e-9, abs=1e-12) if isinstance(r[k], float) else q[k])
 
 
 def test_reduce_undercounts_mlp_on_tiny_vit(tiny_lora_vit, tiny_batch, one_thread):
@@ -98,11 +108,13 @@ def test_bad_arguments():
     g = _spd(4, 0)
     jac = torch.zeros(2, 2, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="same square shape"):
-        compare_block(g, g[:3, :3], {}, 1.0, jac)
+        compare_block(g, {"x": g[:3, :3]}, {}, 1.0, jac)
     with pytest.raises(ValueError, match="jac has 3"):
-        compare_block(g, g, {}, 1.0, jac[..., :3])
+        compare_block(g, {"x": g}, {}, 1.0, jac[..., :3])
     with pytest.raises(ValueError, match="delta"):
-        compare_block(g, g, {}, 0.0, jac)
+        compare_block(g, {"x": g}, {}, 0.0, jac)
+    with pytest.raises(ValueError, match="zero outside"):
+        compare_block(g, {"x": g}, {}, 1.0, jac, parts=[slice(0, 2), slice(2, 4)])
 
 
 def test_summary_medians_and_order():

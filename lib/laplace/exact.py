@@ -182,5 +182,15 @@ def block_slices(model: nn.Module, block: int) -> dict[str, slice]:
     return out
 
 
+def weight_slices(model: nn.Module, block: int) -> list[slice]:
+    """Positions of each LoRA weight of ``block`` (``A`` then ``B`` of every module) in ``θ_ℓ``."""
+    out, o = [], 0
+    for m in _block_modules(model, block):
+        for lin in (m.A, m.B):
+            out.append(slice(o, o + lin.weight.numel()))
+            o += lin.weight.numel()
+    return out
+
+
 def _block_modules(model: nn.Module, block: int) -> list[LoraModule]:
     return [m for m in lora_modules(model) if m.block == block]

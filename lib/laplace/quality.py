@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lib.laplace.curvature import Fisher, fit_diag, fit_kron
-from lib.laplace.exact import block_rows, block_slices, fit_block_ggn
+from lib.laplace.exact import block_rows, block_slices, fit_block_ggn, weight_slices
 from lib.laplace.marglik import optimal_prior
 from lib.laplace.posterior import DiagPosterior, KronPosterior
 from lib.model import lora_modules
@@ -71,41 +71,74 @@ def logit_variance(jac: Tensor, cov: Tensor) -> Tensor:
     return torch.einsum("ncp,ncp->n", j @ cov.double(), j)
 
 
-def compare_block(exact: Tensor, approx: Tensor, slices: dict[str, slice], delta: float,
-                  jac: Tensor) -> list[dict]:
-    """Quality of ``approx`` (P, P) against the exact block GGN ``exact`` (P, P), one row per module and the block.
+def compare_block(exact: Tensor, approx: dict[str, Tensor], slices: dict[str, slice], delta: float,
+                  jac: Tensor, parts: list[slice] | None = None) -> list[dict]:
+    """Quality of every ``approx[name]`` (P, P) against the exact block GGN ``exact`` (P, P).
 
     ``slices``: module label → its positions in the block's parameter vector; ``delta``: the prior
-    precision of both posteriors; ``jac`` (N, C, P): logit Jacobians of the block on validation
-    images. Rows: ``module`` (the label, or ``'block'``), ``n_params`` and the metrics of the module
-    docstring (``trace_ratio``, ``frobenius_error``, ``kl``, ``logit_variance_ratio``,
-    ``logit_variance_error``).
+    precision of all posteriors; ``jac`` (N, C, P): logit Jacobians of the block on validation
+    images; ``parts``: diagonal blocks (the LoRA weights) outside which every approximation is
+    zero, so that its posterior covariance and log-determinant are computed part by part
+    (``Σ P_w³`` instead of ``P³``; None: dense). Rows, per approximation (``approximation``) and
+    module (the label, or ``'block'``): ``n_params`` and the metrics of the module docstring
+    (``trace_ratio``, ``frobenius_error``, ``kl``, ``logit_variance_ratio``,
+    ``logit_variance_error``). The block's KL uses the precisions,
+    ``½ [Σ_ij (G + δI)_ij Σ̂_ij − P + log det(Ĝ + δI) − log det(G + δI)]``.
     """
-    if exact.shape != approx.shape or exact.shape[0] != exact.shape[1]:
-        raise ValueError(f"exact {tuple(exact.shape)} and approx {tuple(approx.shape)} must be the same square shape")
+    if exact.ndim != 2 or exact.shape[0] != exact.shape[1]:
+        raise ValueError(f"exact {tuple(exact.shape)} must be a square matrix")
+    for name, a in approx.items():
+        if a.shape != exact.shape:
+            raise ValueError(f"approx[{name!r}] {tuple(a.shape)} and exact {tuple(exact.shape)} must be the same square shape")
     if jac.shape[-1] != exact.shape[0]:
         raise ValueError(f"jac has {jac.shape[-1]} parameters, the GGN {exact.shape[0]}")
     if not delta > 0:
         raise ValueError(f"delta is {delta}; the prior precision must be positive")
-    eye = torch.eye(exact.shape[0], dtype=torch.float64, device=exact.device)
-    cov_e = torch.cholesky_inverse(torch.linalg.cholesky(exact.double() + delta * eye))
-    cov_a = torch.cholesky_inverse(torch.linalg.cholesky(approx.double() + delta * eye))
+    p = exact.shape[0]
+    eye = torch.eye(p, dtype=torch.float64, device=exact.device)
+    prec_e = exact.double() + delta * eye
+    cov_e, logdet_e = _inverse(prec_e, None)
+    full = slice(0, p)
     rows = []
-    full = slice(0, exact.shape[0])
-    for label, s in [*slices.items(), ("block", full)]:
-        v_e = logit_variance(jac[..., s], cov_e[s, s])
-        v_a = logit_variance(jac[..., s], cov_a[s, s])
-        ratio = v_a / v_e
-        rows.append({
-            "module": label,
-            "n_params": s.stop - s.start,
-            "trace_ratio": trace_ratio(approx[s, s], exact[s, s]),
-            "frobenius_error": frobenius_error(approx[s, s], exact[s, s]),
-            "kl": gaussian_kl(cov_a[s, s], cov_e[s, s]),
-            "logit_variance_ratio": float(ratio.mean()),
-            "logit_variance_error": float((ratio - 1).abs().mean()),
-        })
+    for name, a in approx.items():
+        cov_a, logdet_a = _inverse(a.double() + delta * eye, parts)
+        for label, s in [*slices.items(), ("block", full)]:
+            v_e = logit_variance(jac[..., s], cov_e[s, s])
+            v_a = logit_variance(jac[..., s], cov_a[s, s])
+            ratio = v_a / v_e
+            if s == full:
+                kl = float(0.5 * ((prec_e * cov_a).sum() - p + logdet_a - logdet_e))
+            else:
+                kl = gaussian_kl(cov_a[s, s], cov_e[s, s])
+            rows.append({
+                "approximation": name,
+                "module": label,
+                "n_params": s.stop - s.start,
+                "trace_ratio": trace_ratio(a[s, s], exact[s, s]),
+                "frobenius_error": frobenius_error(a[s, s], exact[s, s]),
+                "kl": kl,
+                "logit_variance_ratio": float(ratio.mean()),
+                "logit_variance_error": float((ratio - 1).abs().mean()),
+            })
     return rows
+
+
+def _inverse(prec: Tensor, parts: list[slice] | None) -> tuple[Tensor, Tensor]:
+    """``(prec⁻¹, log det prec)`` of a symmetric positive definite (P, P), part by part when ``parts`` is given."""
+    if parts is None:
+        chol = torch.linalg.cholesky(prec)
+        return torch.cholesky_inverse(chol), 2 * chol.diagonal().log().sum()
+    inside = torch.block_diag(*[torch.ones(s.stop - s.start, s.stop - s.start, dtype=torch.bool, device=prec.device)
+                                for s in parts])
+    if inside.shape != prec.shape or bool(prec[~inside].ne(0).any()):
+        raise ValueError("parts must tile the matrix, and the approximation must be zero outside them")
+    cov = torch.zeros_like(prec)
+    logdet = torch.zeros((), dtype=prec.dtype, device=prec.device)
+    for s in parts:
+        chol = torch.linalg.cholesky(prec[s, s])
+        cov[s, s] = torch.cholesky_inverse(chol)
+        logdet = logdet + 2 * chol.diagonal().log().sum()
+    return cov, logdet
 
 
 def prepare_curvature_quality(
@@ -160,10 +193,9 @@ def prepare_curvature_quality(
         delta = float(optimal_prior([torch.linalg.eigvalsh(ggn)], sq.reshape(1))[0])
         j = torch.cat([torch.cat(chunks, dim=1) for chunks in jac[b]])  # (N, C, P)
         slices = {kinds[n]: s for n, s in block_slices(model, b).items()}
-        for name, post in posts.items():
-            approx_ggn = post.dense_precision([b]) - eye  # posts have δ = 1 in every block
-            for row in compare_block(ggn, approx_ggn, slices, delta, j):
-                out.append({"block": b, "approximation": name, "prior_precision": delta, **row})
+        approx_ggn = {name: post.dense_precision([b]) - eye for name, post in posts.items()}  # δ = 1 in posts
+        for row in compare_block(ggn, approx_ggn, slices, delta, j, parts=weight_slices(model, b)):
+            out.append({"block": b, "prior_precision": delta, **row})
     return pd.DataFrame(out, columns=COLUMNS)
 
 
