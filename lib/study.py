@@ -101,7 +101,9 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
     """Curvature on the training split and the marginal-likelihood-tuned posterior of one seed.
 
     With ``laplace.fit_size`` < N the curvature is computed on a random subset of that size and
-    extrapolated to the N training examples (the GGN is a sum over the data).
+    extrapolated to the N training examples (the GGN is a sum over the data). ``laplace.structure``
+    ``'kron'``/``'diag'``: :func:`lib.laplace.curvature.fit_curvature`; ``'dense_block'``: the
+    exact GGN of every block (:func:`lib.laplace.exact.fit_block_ggn`, blocks independent of each other).
     """
     _check_restricted_prior(cfg)
     lc = cfg.laplace
