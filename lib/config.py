@@ -21,6 +21,12 @@ import yaml
 from lib.paths import PARAMS, ROOT
 
 
+DENSE_BLOCK_MAX_PARAMS = 32_768
+"""Largest number of LoRA parameters ``P_ℓ`` of one transformer block for which a dense block GGN
+(``laplace.structure: dense_block``, and the curvature-quality table of ``laplace.quality_images``)
+is allowed: its ``P_ℓ²`` float32 entries take 4.3 GB at the limit (cifar10-transfer: 24,576
+parameters, 2.4 GB; vit-b16-cifar100: 196,608, 155 GB, refused)."""
+
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 """torchvision's folder of each real dataset inside ``data.root``."""
 
@@ -142,9 +148,14 @@ class LaplaceConfig:
     ``fit_size`` limits the training examples used for the curvature (None: all);
     ``class_chunk`` output vectors share one batched backward pass in the curvature fit (a speed
     knob: same factors, peak memory grows with it; see :mod:`lib.laplace.curvature`).
+    ``structure: dense_block`` keeps the exact GGN of each block's LoRA parameters dense
+    (:mod:`lib.laplace.exact`; ``kfac`` and ``rank`` do not apply), allowed for blocks of at most
+    :data:`DENSE_BLOCK_MAX_PARAMS` parameters. ``quality_images``: fit-set images on which chapter 3
+    compares K-FAC-expand, K-FAC-reduce and the diagonal GGN with the exact block GGN
+    (:mod:`lib.laplace.quality`; 0: no comparison; also limited to dense-sized blocks).
     """
 
-    structure: Literal["kron", "diag"] = "kron"
+    structure: Literal["kron", "diag", "dense_block"] = "kron"
     kfac: Literal["expand", "reduce"] = "reduce"
     fisher: Literal["exact", "mc"] = "exact"
     mc_samples: int = _at_least(1, 1)
@@ -156,6 +167,7 @@ class LaplaceConfig:
     fit_size: int | None = _at_least(None, 1)
     batch_size: int = _at_least(64, 1)
     class_chunk: int = _at_least(10, 1)
+    quality_images: int = _at_least(0, 0)
 
 
 @dataclass(frozen=True)
@@ -397,8 +409,39 @@ def _check_shift(cfg: ShiftConfig, source: str, prefix: str) -> None:
         raise ParamsError(f"{source}: {prefix}severities must be a non-empty list of 1..5; got {list(cfg.severities)}")
 
 
+def lora_block_params(model: ModelConfig, lora: LoraConfig) -> int:
+    """LoRA parameters of one transformer block, ``r · Σ_targets (in + out)``, read off the timm
+    architecture built on the meta device (no weights are allocated or loaded)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        vit = timm.create_model(model.name, pretrained=False, **model.kwargs)
+    block = vit.blocks[0]
+    maps = {"qkv": block.attn.qkv, "proj": block.attn.proj, "fc1": block.mlp.fc1, "fc2": block.mlp.fc2}
+    return lora.r * sum(maps[t].in_features + maps[t].out_features for t in lora.targets if t in maps)
+
+
+def _check_config(cfg: "Config", source: str, prefix: str) -> None:
+    lc = cfg.laplace
+    if lc.structure != "dense_block" and lc.quality_images == 0:
+        return
+    size = lora_block_params(cfg.model, cfg.lora)
+    if size <= DENSE_BLOCK_MAX_PARAMS:
+        if lc.structure == "dense_block" and lc.rank is not None:
+            raise ParamsError(f"{source}: '{prefix}laplace.rank' applies to kron only; remove it for structure dense_block")
+        return
+    fix = (f"use '{prefix}laplace.structure: kron' or 'diag'" if lc.structure == "dense_block"
+           else f"set '{prefix}laplace.quality_images: 0'")
+    key = "structure" if lc.structure == "dense_block" else "quality_images"
+    raise ParamsError(
+        f"{source}: '{prefix}laplace.{key}' needs a dense block GGN, but a block has {size} LoRA parameters, "
+        f"more than the limit {DENSE_BLOCK_MAX_PARAMS} (lib.config.DENSE_BLOCK_MAX_PARAMS); {fix}"
+    )
+
+
 _CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive,
-           ShiftConfig: _check_shift}
+           ShiftConfig: _check_shift, Config: _check_config}
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
