@@ -7,7 +7,7 @@ import torch
 from conftest import dense_ggn
 
 from lib.laplace.curvature import fit_diag
-from lib.laplace.exact import block_params, block_slices, fit_block_ggn, weight_slices
+from lib.laplace.exact import block_params, block_slices, fit_block_ggn, fit_block_rows, gram_eigenvalues, weight_slices
 from lib.model import lora_modules
 
 RTOL = 1e-5  # float32 per-example gradients, sums in another order; observed ≤ 1e-6
@@ -85,3 +85,27 @@ def test_weight_slices_tile_the_modules(tiny_lora_vit):
     assert [s.start for s in parts[1:]] == [s.stop for s in parts[:-1]] and parts[0].start == 0
     modules = list(block_slices(tiny_lora_vit, 1).values())
     assert [(a.start, b.stop) for a, b in zip(parts[::2], parts[1::2])] == [(s.start, s.stop) for s in modules]
+
+
+def test_block_rows_give_the_ggn_and_its_spectrum(tiny_lora_vit, tiny_batch, one_thread):
+    """The kept rows' Gram product is the dense GGN, and the spectrum from the small Gram matrix
+    (R = N (C − 1) rows < P parameters) equals eigvalsh of the dense GGN (zeros included)."""
+    x, y = tiny_batch
+    ggn = fit_block_ggn(tiny_lora_vit, _batches(x, y), device="cpu", dtype=torch.float64)
+    rows = fit_block_rows(tiny_lora_vit, _batches(x, y), device="cpu", blocks=[1, 2])
+    assert sorted(rows.rows) == [1, 2] and rows.n_data == ggn.n_data and abs(rows.loss - ggn.loss) < 1e-9 * abs(ggn.loss)
+    for b in (1, 2):
+        r = rows.rows[b]
+        assert r.dtype == torch.float64 and r.shape == (len(y) * 3, block_params(tiny_lora_vit)[b])  # C − 1 = 3
+        assert r.shape[0] < r.shape[1]
+        assert _rel(r.T @ r, ggn.ggn[b]) < 1e-12
+        eigs, ref = gram_eigenvalues(r), torch.linalg.eigvalsh(ggn.ggn[b]).clamp_min(0)
+        assert eigs.shape == ref.shape
+        assert torch.allclose(eigs, ref, rtol=0, atol=1e-9 * float(ref.max()))
+
+
+def test_gram_eigenvalues_tall_and_wide_hand_case():
+    rows = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]], dtype=torch.float64)  # G = diag(9, 16, 0)
+    assert torch.allclose(gram_eigenvalues(rows), torch.tensor([0.0, 9.0, 16.0], dtype=torch.float64), atol=1e-12)
+    tall = torch.cat([rows, torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)])
+    assert torch.allclose(gram_eigenvalues(tall), torch.tensor([4.0, 9.0, 16.0], dtype=torch.float64), atol=1e-12)

@@ -119,6 +119,68 @@ def fit_block_ggn(
     )
 
 
+@dataclass
+class BlockRows(_Common):
+    """The pulled-back rows of every requested block, stacked: ``rows[block]`` (N (C − 1), P_ℓ)
+    float64, so that the block's GGN is ``rowsᵀ rows`` (module docstring)."""
+
+    rows: dict[int, Tensor]
+
+
+def fit_block_rows(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device | str,
+    blocks: Iterable[int] | None = None,
+    fisher: Fisher = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    class_chunk: int = 1,
+    progress: bool | None = None,
+) -> BlockRows:
+    """The rows ``r_ns`` of :func:`fit_block_ggn` kept instead of their Gram product (float64), for
+    few images: ``N (C − 1) P_ℓ`` numbers per block instead of ``P_ℓ²``, and the spectrum of
+    ``G_ℓ`` from the smaller Gram matrix (:func:`gram_eigenvalues`). Arguments as :func:`fit_block_ggn`."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRA modules; wrap it with lib.model.add_lora first")
+    sizes = block_params(model)
+    blocks = sorted(set(sizes) if blocks is None else set(blocks))
+    bad = [b for b in blocks if b not in sizes]
+    if bad:
+        raise ValueError(f"blocks {bad} have no LoRA modules; the model has blocks {sorted(sizes)}")
+    device = torch.device(device)
+    parts: dict[int, list[Tensor]] = {b: [] for b in blocks}
+    loss, n_data = 0.0, 0
+    for logits, y, rows in block_rows(model, batches, blocks, device=device, fisher=fisher, mc_samples=mc_samples,
+                                      generator=generator, class_chunk=class_chunk, progress=progress):
+        if logits is not None:
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            n_data += len(y)
+        for b, r in rows.items():
+            parts[b].append(r.reshape(-1, r.shape[-1]).double())
+    return BlockRows(
+        blocks={m.name: m.block for m in mods},
+        mean={m.name: (m.A.weight.detach().float().clone(), m.B.weight.detach().float().clone()) for m in mods},
+        n_data=n_data, loss=loss, fisher=fisher, rows={b: torch.cat(p) for b, p in parts.items()},
+    )
+
+
+def gram_eigenvalues(rows: Tensor) -> Tensor:
+    """Eigenvalues (ascending, (P,)) of ``G = rowsᵀ rows`` for ``rows`` (R, P).
+
+    With ``R < P`` they are those of the ``R × R`` matrix ``rows rowsᵀ`` (same non-zero spectrum)
+    followed by ``P − R`` zeros: ``O(R² P + R³)`` instead of ``O(P³)``, e.g. 2,000 rows against a
+    24,576-parameter block. Negative round-off is clipped to 0 (``G`` is positive semi-definite).
+    """
+    n_rows, p = rows.shape
+    if n_rows >= p:
+        return torch.linalg.eigvalsh(rows.T @ rows).clamp_min(0)
+    small = torch.linalg.eigvalsh(rows @ rows.T).clamp_min(0)
+    return torch.cat([torch.zeros(p - n_rows, dtype=small.dtype, device=small.device), small])
+
+
 def block_rows(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],

@@ -18,12 +18,17 @@ for the diagonal GGN), while ``G_ℓ`` also couples the weights of the block. Pe
   (immer2021improving), as the mean ratio ``v̂_n / v_n`` and the mean relative error
   ``|v̂_n / v_n − 1|`` (for a module: ``J_n[:, m]`` and the marginal ``Σ[m, m]``).
 
-The comparison is in float64 on the curvature's device; every metric is a pure function of
-dense matrices (:func:`compare_block`).
+The comparison is in float64 on the curvature's device, one block at a time (one dense
+``P_ℓ × P_ℓ`` GGN and its approximations in memory, 4.8 GB each for a 24,576-parameter block); the
+exact GGN is kept as its ``N (C − 1)`` rows (:func:`lib.laplace.exact.fit_block_rows`), so the
+spectrum behind ``δ_ℓ`` comes from the small Gram matrix when there are fewer rows than parameters
+(:func:`lib.laplace.exact.gram_eigenvalues`). Every metric is a pure function of dense matrices
+(:func:`compare_block`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import pandas as pd
@@ -31,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lib.laplace.curvature import Fisher, fit_diag, fit_kron
-from lib.laplace.exact import block_rows, block_slices, fit_block_ggn, weight_slices
+from lib.laplace.exact import block_rows, block_slices, fit_block_rows, gram_eigenvalues, weight_slices
 from lib.laplace.marglik import optimal_prior
 from lib.laplace.posterior import DiagPosterior, KronPosterior
 from lib.model import lora_modules
@@ -166,36 +171,40 @@ def prepare_curvature_quality(
     fit_batches = list(fit_batches)
     blocks = sorted({m.block for m in lora_modules(model)} if blocks is None else set(blocks))
     kw = dict(device=device, fisher=fisher, class_chunk=class_chunk, progress=progress)
-    exact = fit_block_ggn(model, fit_batches, blocks=blocks, dtype=torch.float64, **kw)
+    rows = fit_block_rows(model, fit_batches, blocks=blocks, **kw)
     approx = {
         "K-FAC-expand": fit_kron(model, fit_batches, kfac="expand", **kw),
         "K-FAC-reduce": fit_kron(model, fit_batches, kfac="reduce", **kw),
         "diagonal": fit_diag(model, fit_batches, **kw),
     }
+    scale = 1.0
     if n_data is not None:
-        exact = exact.scaled(n_data)
+        scale = n_data / rows.n_data
         approx = {k: c.scaled(n_data) for k, c in approx.items()}
     posts = {k: (KronPosterior(c) if k.startswith("K-FAC") else DiagPosterior(c)) for k, c in approx.items()}
     jac: dict[int, list[list[Tensor]]] = {b: [] for b in blocks}
-    for logits, _, rows in block_rows(model, val_batches, blocks, device=device, fisher=None,
-                                      class_chunk=class_chunk, progress=progress):
-        for b, r in rows.items():
+    for logits, _, val_rows in block_rows(model, val_batches, blocks, device=device, fisher=None,
+                                          class_chunk=class_chunk, progress=progress):
+        for b, r in val_rows.items():
             if logits is not None:  # the first chunk of a new batch
                 jac[b].append([])
             jac[b][-1].append(r.transpose(0, 1))  # (N, k, P)
     kinds = {m.name: m.kind for m in lora_modules(model)}
     out = []
     for b in blocks:
-        ggn = exact.ggn[b]
+        r = rows.rows.pop(b) * math.sqrt(scale)  # (N (C − 1), P_ℓ) float64: G_ℓ = rᵀ r
+        ggn = r.T @ r
         eye = torch.eye(ggn.shape[0], dtype=torch.float64, device=device)
         sq = sum(a.double().square().sum() + w.double().square().sum()
-                 for n, (a, w) in exact.mean.items() if exact.blocks[n] == b)
-        delta = float(optimal_prior([torch.linalg.eigvalsh(ggn)], sq.reshape(1))[0])
-        j = torch.cat([torch.cat(chunks, dim=1) for chunks in jac[b]])  # (N, C, P)
+                 for n, (a, w) in rows.mean.items() if rows.blocks[n] == b)
+        delta = float(optimal_prior([gram_eigenvalues(r)], sq.reshape(1))[0])
+        del r
+        j = torch.cat([torch.cat(chunks, dim=1) for chunks in jac.pop(b)])  # (N, C, P)
         slices = {kinds[n]: s for n, s in block_slices(model, b).items()}
         approx_ggn = {name: post.dense_precision([b]) - eye for name, post in posts.items()}  # δ = 1 in posts
         for row in compare_block(ggn, approx_ggn, slices, delta, j, parts=weight_slices(model, b)):
             out.append({"block": b, "prior_precision": delta, **row})
+        del ggn, eye, approx_ggn, j
     return pd.DataFrame(out, columns=COLUMNS)
 
 
