@@ -116,3 +116,27 @@ def test_errors_and_config():
         McDropoutConfig.from_dict({"rate": 1.0})
     with lora_dropout_on(_model(0.1)) as drops:
         assert all(d.training for d in drops)
+
+
+def test_map_run_with_lora_dropout_is_its_own_seeded_stage(tmp_path, monkeypatch):
+    """map_run(lora_dropout=p): a stage apart from the MAP one, LoRA dropout modules present,
+    weights reproducible whatever the global random state, and different from the p = 0 fine-tune."""
+    from test_pipeline import tiny_profile
+
+    from lib.pipeline import map_run
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "a"))
+    cfg = tiny_profile()
+    run = map_run(cfg, 0, cpu, lora_dropout=0.2)
+    base = map_run(cfg, 0, cpu)
+    assert run.stage.path != base.stage.path
+    assert len(lora_dropout_modules(run.model)) == 2 * 4 and lora_dropout_modules(base.model) == []
+    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "b"))
+    torch.manual_seed(999)
+    again = map_run(cfg, 0, cpu, lora_dropout=0.2)
+    trained = [p for p in run.model.parameters() if p.requires_grad]
+    for a, b in zip(trained, [p for p in again.model.parameters() if p.requires_grad]):
+        assert torch.equal(a, b)
+    diff = max(float((a - b).abs().max()) for a, b in zip(trained, [p for p in base.model.parameters() if p.requires_grad]))
+    assert diff > 1e-6
