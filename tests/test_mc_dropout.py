@@ -138,5 +138,5 @@ def test_map_run_with_lora_dropout_is_its_own_seeded_stage(tmp_path, monkeypatch
     trained = [p for p in run.model.parameters() if p.requires_grad]
     for a, b in zip(trained, [p for p in again.model.parameters() if p.requires_grad]):
         assert torch.equal(a, b)
-    diff = max(float((a - b).abs().max()) for a, b in zip(trained, [p for p in base.model.parameters() if p.requires_grad]))
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(trained, [p for p in base.model.parameters() if p.requires_grad]))
     assert diff > 1e-6
