@@ -28,6 +28,7 @@ irrelevant to the last-layer mode (it differentiates the head only, in closed fo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Mapping
 
@@ -120,8 +121,10 @@ def fit_last_layer(
                  last_layer_name=head_name(model))
     la.fit(SplitLoader(train, cfg.batch_size, preprocess=preprocess, device=device))
     start = cfg.prior_init if cfg.prior_init is not None else prior_init
-    la.optimize_prior_precision(pred_type="glm", method="marglik", n_steps=cfg.marglik_steps, lr=cfg.marglik_lr,
-                                init_prior_prec=start, prior_structure="scalar")
+    with warnings.catch_warnings():  # its reminder that link_approx defaults to probit: we predict with probit
+        warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
+        la.optimize_prior_precision(pred_type="glm", method="marglik", n_steps=cfg.marglik_steps, lr=cfg.marglik_lr,
+                                    init_prior_prec=start, prior_structure="scalar")
     return la
 
 
