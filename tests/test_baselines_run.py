@@ -8,7 +8,15 @@ from test_pipeline import tiny_profile
 
 import lib.baselines.run as brun
 from lib.baselines.ensemble import ensemble_probs
-from lib.baselines.run import BaselinesConfig, ensemble_run, last_layer_run, mc_dropout_run, variational_run
+from lib.baselines.importance import update_norm
+from lib.baselines.run import (
+    BaselinesConfig,
+    ensemble_run,
+    importance_run,
+    last_layer_run,
+    mc_dropout_run,
+    variational_run,
+)
 from lib.config import ParamsError
 from lib.pipeline import map_run
 from lib.train import predict_logits
@@ -69,6 +77,19 @@ def test_all_baselines_run_and_are_reused(artifacts, monkeypatch):
     for a, b in zip(results, again):
         assert a.stage.path == b.stage.path and a.cost == b.cost
         assert torch.equal(a.test_probs, b.test_probs) and torch.equal(a.val_probs, b.val_probs)
+
+
+def test_importance_scores_are_cached(artifacts, monkeypatch):
+    cfg = tiny_profile()
+    run = map_run(cfg, 0, CPU)
+    bc = BaselinesConfig.from_dict({"importance_batches": 2, "importance_batch_size": 4})
+    st, scores = importance_run(bc, run, CPU)
+    assert list(scores) == ["AdaLoRA sensitivity", "Fisher trace", "gradient norm", "LoRA update norm"]
+    assert all(v.shape == (2,) and v.dtype == torch.float64 and (v > 0).all() for v in scores.values())
+    assert torch.equal(scores["LoRA update norm"], update_norm(run.model))
+    _refuse(monkeypatch, "fisher_and_gradient", "adalora_sensitivity")
+    st2, again = importance_run(bc, run, CPU)
+    assert st2.path == st.path and all(torch.equal(scores[k], again[k]) for k in scores)
 
 
 def test_config_nested_unknown_key():

@@ -32,8 +32,11 @@ from lib.train import predict_logits
 @dataclass(frozen=True)
 class EnsembleConfig:
     """``sizes``: the ensemble sizes M reported (nested, the largest is trained); ``seed_stride``:
-    member ``j`` of study seed ``s`` is trained with seed ``s + j·seed_stride`` (larger than the
-    number of study seeds, so that no member is another study seed's MAP model)."""
+    member ``j`` of study seed ``s`` is trained with seed ``s + j·seed_stride``. A stride larger
+    than the seed range keeps every ensemble's members apart from the other study seeds' MAP
+    models (independent ensembles, (M − 1)× extra fine-tunes per seed); stride 1 with contiguous
+    study seeds reuses their MAP runs as members (overlapping ensembles, only M − 1 extra
+    fine-tunes in all: the cheap choice under a time budget)."""
 
     sizes: tuple[int, ...] = (3, 5)
     seed_stride: int = _at_least(1000, 1)

@@ -27,11 +27,12 @@ from torch import nn
 
 from lib.artifacts import Stage, stage
 from lib.baselines.ensemble import EnsembleConfig, ensemble_cost, member_probs, member_seeds
+from lib.baselines.importance import adalora_sensitivity, fisher_and_gradient, update_norm
 from lib.baselines.last_layer import LastLayerConfig, fit_last_layer, last_layer_probs
 from lib.baselines.mc_dropout import McDropoutConfig, mc_dropout_probs, mc_dropout_samples
 from lib.baselines.variational import VariationalConfig, VariationalLoRA, fit_variational, variational_probs
 from lib.config import Config, _at_least, _build
-from lib.data import Preprocess, Split, splits_for
+from lib.data import Preprocess, Split, batches, splits_for
 from lib.deploy import time_call
 from lib.model import add_lora, build_backbone, count_parameters, data_config
 from lib.pipeline import MapRun, _data_identity, _finetune_model_cfg, backbone_stage, map_run, numerics
@@ -40,7 +41,9 @@ from lib.train import autocast, prior_precision
 
 @dataclass(frozen=True)
 class BaselinesConfig:
-    """All baselines' settings (a params section ``baselines:``) and the timing batch."""
+    """All baselines' settings (a params section ``baselines:``), the timing batch (first
+    ``timing_batch`` test images, ``timing_iters`` timed calls) and the importance scores' data
+    (the first ``importance_batches`` training minibatches of ``importance_batch_size`` images)."""
 
     last_layer: LastLayerConfig = LastLayerConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
@@ -48,6 +51,8 @@ class BaselinesConfig:
     variational: VariationalConfig = VariationalConfig()
     timing_batch: int = _at_least(64, 1)
     timing_iters: int = _at_least(5, 1)
+    importance_batches: int = _at_least(8, 1)
+    importance_batch_size: int = _at_least(32, 1)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "BaselinesConfig":
@@ -217,3 +222,24 @@ def variational_run(cfg: Config, bc: BaselinesConfig, seed: int, device: torch.d
     cost = {"train_seconds": train_seconds, "ms_per_image": ms, "peak_mib": mem, "map_ms_per_image": map_ms,
             "forward_passes": vc.samples, "ranks": sum(vlora.ranks().values())}
     return _save(st, "variational LoRA", val, test, cost)
+
+
+def importance_run(bc: BaselinesConfig, run: MapRun, device: torch.device) -> tuple[Stage, dict[str, torch.Tensor]]:
+    """Per-block importance scores of the MAP model of ``run`` (:mod:`lib.baselines.importance`):
+    ``{'AdaLoRA sensitivity', 'Fisher trace', 'gradient norm', 'LoRA update norm'}`` → (L,)
+    float64, from the first ``importance_batches`` training minibatches (in order). File: ``scores.pt``."""
+    st = stage("baseline_importance", {"batches": bc.importance_batches, "batch_size": bc.importance_batch_size,
+                                       "numerics": numerics(device)}, upstream=[run.stage])
+    if st.done:
+        return st, torch.load(st.file("scores.pt"), weights_only=True)
+    data = []
+    for x, y in batches(run.splits.train, bc.importance_batch_size, preprocess=run.preprocess, device=device):
+        if len(data) == bc.importance_batches:
+            break
+        data.append((x, y))
+    fisher, grad = fisher_and_gradient(run.model, data)
+    scores = {"AdaLoRA sensitivity": adalora_sensitivity(run.model, data), "Fisher trace": fisher,
+              "gradient norm": grad, "LoRA update norm": update_norm(run.model)}
+    torch.save(scores, st.file("scores.pt"))
+    st.mark_done()
+    return st, scores
