@@ -153,6 +153,22 @@ def test_short_training_decreases_loss_and_prunes():
     assert not model.training
 
 
+def test_log_alpha_step_size_is_its_own():
+    """log α moves by at most ~lr per Adam step: with lr = 1e-3 for everything it stays within
+    2 steps × 1e-3 of its start; with log_alpha_lr = 0.2 it moves further than that."""
+    train = synthetic_images(16, 4, 16, 0.3, seed=1)
+    moved = []
+    for alpha_lr in (None, 0.2):
+        model = add_lora(build_backbone(TINY_VIT, 4, seed=0, device="cpu"), LoraConfig(r=2), seed=0)
+        pre = Preprocess.from_data_config(data_config(model))
+        v = VariationalLoRA(model, init_log_alpha=-4.0, generator=torch.Generator().manual_seed(0))
+        cfg = VariationalConfig(epochs=1, batch_size=8, lr=1e-3, log_alpha_lr=alpha_lr, prune_threshold=100.0)
+        fit_variational(model, v, train, cfg, preprocess=pre, device="cpu", seed=0)
+        moved.append(max(float((p + 4.0).abs().max()) for p in v.log_alpha.values()))
+    assert moved[0] <= 2 * 1e-3 * 1.01
+    assert moved[1] > 0.1
+
+
 def test_predictive_is_deterministic_and_averages_draws():
     model = _model()
     pre = Preprocess.from_data_config(data_config(model))

@@ -59,7 +59,9 @@ LOG_ALPHA_MAX = 8.0
 class VariationalConfig:
     """Variational LoRA training and prediction.
 
-    ``epochs``, ``batch_size``, ``lr`` (Adam, no weight decay): training; ``init_log_alpha``: log α
+    ``epochs``, ``batch_size``, ``lr`` (Adam, no weight decay): training; ``log_alpha_lr``: Adam
+    step size of log α (None: ``lr``; the KL/N gradient is small, so a short run needs a larger
+    one for the rates to move and pruning to act); ``init_log_alpha``: log α
     of every rank at the start (−4: gate std 0.14); ``kl_weight``: β; ``prune_threshold``: ranks
     with log α above it are pruned; ``prune_every``: prune after every that many epochs (0: only
     after the last); ``min_ranks``: ranks kept per module whatever their α; ``samples``: gate
@@ -69,6 +71,7 @@ class VariationalConfig:
     epochs: int = _at_least(2, 1)
     batch_size: int = _at_least(64, 1)
     lr: float = _above(1e-3, 0.0)
+    log_alpha_lr: float | None = _above(None, 0.0)
     init_log_alpha: float = -4.0
     kl_weight: float = _at_least(1.0, 0.0)
     prune_threshold: float = 3.0
@@ -211,8 +214,9 @@ def fit_variational(
     n = len(train)
 
     def optimizer() -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad] + list(vlora.parameters())
-        return torch.optim.Adam(params, lr=cfg.lr)
+        params = [p for p in model.parameters() if p.requires_grad]
+        alpha_lr = cfg.lr if cfg.log_alpha_lr is None else cfg.log_alpha_lr
+        return torch.optim.Adam([{"params": params}, {"params": list(vlora.parameters()), "lr": alpha_lr}], lr=cfg.lr)
 
     opt = optimizer()
     history, log = [], []
