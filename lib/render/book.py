@@ -42,6 +42,7 @@ class Book:
     pdf_echo: bool = True
     warning: bool = True
     profile: str | None = None
+    output_file: str | None = None
 
     @classmethod
     def load(cls, root: Path, profile: str | None = None) -> "Book":
@@ -72,7 +73,8 @@ class Book:
         bib = bib[0] if isinstance(bib, list) else bib
         fmt = cfg.get("format") or {}
         html = fmt.get("html") or {}
-        pdf = fmt.get("pdf") or fmt.get("typst") or {}
+        pdf = fmt.get("typst") or fmt.get("pdf") or {}
+        output_file = book.get("output-file")
         return cls(
             root=root,
             title=str(book.get("title", "Book")),
@@ -83,10 +85,14 @@ class Book:
             pdf_echo=pdf.get("echo", True) is not False if isinstance(pdf, dict) else True,
             warning=(cfg.get("execute") or {}).get("warning", True) is not False,
             profile=profile or cfg.get("book-profile"),
+            output_file=Path(str(output_file)).stem if output_file else None,
         )
 
     def slug(self) -> str:
-        """File-name slug of the title (the PDF is ``<slug>.pdf``)."""
+        """Base name of the PDF (``<slug>.pdf``): ``book.output-file`` as Quarto uses it, else the
+        slug of the title (Quarto's fallback)."""
+        if self.output_file:
+            return self.output_file
         return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-") or "book"
 
     def convert(self, target: str, fig_dir: Path, fig_href: str) -> list[ChapterDoc]:

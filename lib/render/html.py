@@ -98,6 +98,7 @@ def write_site(book: Book, out: Path) -> Result:
     """Write ``out/index.html``, one page per chapter and ``references.html``."""
     docs = book.convert("html", out / "figures", "figures")
     labels, warnings = collect_labels(docs)
+    warnings += [w for doc in docs for w in doc.warnings]
     pages = {e.name: e.page for e in book.entries}
     pdf_name = f"{book.slug()}.pdf"
     written = []
