@@ -106,7 +106,7 @@ def html_table_to_pipe(html: str) -> str | None:
 
 def _is_number(text: str) -> bool:
     try:
-        float(text.replace(",", "").replace("−", "-").replace("%", ""))
+        float(text.replace(",", "").replace("−", "-").replace("%", "").lstrip("<>"))
     except ValueError:
         return False
     return True
