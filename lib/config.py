@@ -199,11 +199,13 @@ class StatsConfig:
 
 @dataclass(frozen=True)
 class DeployConfig:
-    """Latency and memory measurement of the predictive for each choice of Bayesian blocks."""
+    """Latency and memory measurement of the predictive for each choice of Bayesian blocks: the
+    median and inter-quartile range over ``n_iters`` timed batches after ``n_warmup`` untimed ones
+    (:func:`lib.deploy.time_call`); the quartiles need a few dozen batches to be stable."""
 
     batch_size: int = _at_least(64, 1)
-    n_warmup: int = _at_least(2, 0)
-    n_iters: int = _at_least(5, 1)
+    n_warmup: int = _at_least(3, 0)
+    n_iters: int = _at_least(25, 1)
 
 
 @dataclass(frozen=True)

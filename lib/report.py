@@ -843,3 +843,63 @@ def laplace_fit_table(stages: list, seeds: list[int]) -> pd.DataFrame:
                      "fit_images_per_s": info["fit_images_per_s"], "prior_init": info["prior_init"],
                      "log_marginal_likelihood": info["log_marginal_likelihood"], "device": info["environment"]["device"]})
     return pd.DataFrame(rows)
+
+
+def latency_summary(latency: pd.DataFrame, violations: pd.DataFrame) -> str:
+    """How the latencies were measured and whether they agree with the cost model, in words.
+
+    ``latency``: :func:`lib.deploy.latency_table`; ``violations``: its
+    :func:`lib.deploy.cost_model_violations` (pairs where a superset of Bayesian blocks is cheaper
+    than its subset by more than the inter-quartile ranges)."""
+    n = int(latency.n_iters.iloc[0]) if "n_iters" in latency.columns else None
+    rows = latency[latency.posterior != "deterministic"]
+    sets = [frozenset(str(b).split()) for b in rows.blocks]
+    pairs = sum(a < b for a in sets for b in sets)
+    text = ("Each latency is the median over "
+            + (f"{n} timed batches" if n else "the timed batches")
+            + " after warm-up, with the inter-quartile range as its noise (bars in @fig-latency). ")
+    if violations.empty:
+        return text + (f"The measurements agree with the cost model: of the {pairs} pairs of priced choices in which one "
+                       "set of Bayesian blocks contains the other, no larger set is cheaper beyond that noise.")
+    worst = violations.assign(gap=violations.subset_ms - violations.superset_ms).sort_values("gap").iloc[-1]
+    return text + (f"For {len(violations)} of the {pairs} pairs of priced choices in which one set of Bayesian blocks "
+                   f"contains the other, the larger set is measured cheaper beyond that noise, against the cost model "
+                   f"(most: {display_name(worst.superset)}, {worst.superset_ms:.3g} ms, against "
+                   f"{display_name(worst.subset)}, {worst.subset_ms:.3g} ms per image); latency differences of that "
+                   "size are not resolved by these measurements, and conclusions that rest on them are not supported.")
+
+
+def temperature_gain(baseline: pd.DataFrame) -> float:
+    """Temperature scaling's calibration gain ECE_det − ECE_TS (a fraction, as ΔECE) from the saved
+    :func:`baseline_table`, the reference line of the answer figure."""
+    b = baseline.set_index("method")["ECE (%)"]
+    return float(b["deterministic (MAP)"] - b["temperature scaling (validation-fitted)"]) / PP
+
+
+REFERENCE_PROFILE = "vit-b16-cifar100"
+"""The reference setting of the question: an ImageNet-pre-trained ViT-B/16 with LoRA on CIFAR-100."""
+
+
+def profile_note(cfg: Config) -> str:
+    """What the book's profile is and what it is not, from its configuration: its data and backbone,
+    and, unless it is the reference setting, how the reference numbers would be produced."""
+    d, m = cfg.data, cfg.model
+    data = ("synthetic class-conditional images" if d.name == "synthetic" else
+            f"{d.name.upper().replace('CIFAR', 'CIFAR-')} images" + (f" (classes {', '.join(map(str, d.classes))})"
+                                                                     if d.classes else ""))
+    if cfg.pretrain is not None:
+        backbone = (f"a `{m.name}` backbone pre-trained from scratch by this project on classes "
+                    f"{', '.join(map(str, cfg.pretrain.classes))} of the same dataset")
+    elif m.pretrained or m.checkpoint:
+        backbone = f"the pre-trained `{m.name}` backbone"
+    else:
+        backbone = f"a randomly initialised `{m.name}` backbone"
+    text = f"The **`{cfg.profile}`** profile fine-tunes LoRA adapters on {data}, with {backbone}."
+    if cfg.profile == REFERENCE_PROFILE:
+        return text + " This is the reference setting of the question."
+    kind = ("Its numbers exercise the code and carry no scientific meaning." if d.name == "synthetic" else
+            "Its numbers are real measurements of that model, not of a large ImageNet-pre-trained one.")
+    return (text + f" {kind} It is not the reference setting, an ImageNet-pre-trained ViT-B/16 with LoRA on "
+            f"CIFAR-100 (profile `{REFERENCE_PROFILE}`): on a machine with a GPU and internet access, "
+            f"`make run PROFILE={REFERENCE_PROFILE} && make book BOOK_PROFILE={REFERENCE_PROFILE}` downloads "
+            "CIFAR-100 and the pretrained ViT-B/16, executes every chapter on them and renders the book from it.")

@@ -414,3 +414,34 @@ def test_statistics_summary_names_every_block():
     assert ("For blocks 1 and 2 the 95% interval lies above zero, but the Holm-adjusted test does not reject: the gain "
             "is not established once the 5 blocks are tested together.") in text
     assert "For block 3 the data cannot tell the sign" in text and "Block 4 makes calibration worse" in text
+
+
+def test_latency_summary_states_whether_the_cost_model_holds():
+    from lib.report import latency_summary
+
+    latency = pd.DataFrame({"posterior": ["deterministic", "single 0", "first 2", "all"],
+                            "blocks": ["", "0", "0 1", "0 1 2"], "n_iters": [50] * 4})
+    none = pd.DataFrame(columns=["subset", "superset", "subset_ms", "subset_q25", "superset_ms", "superset_q75"])
+    ok = latency_summary(latency, none)
+    assert "median over 50 timed batches" in ok and "@fig-latency" in ok
+    assert "agree with the cost model: of the 3 pairs" in ok
+    bad = latency_summary(latency, pd.DataFrame({"subset": ["single 0"], "superset": ["first 2"], "subset_ms": [0.442],
+                                                 "subset_q25": [0.44], "superset_ms": [0.316], "superset_q75": [0.32]}))
+    assert "For 1 of the 3 pairs" in bad and "first 2 blocks, 0.316 ms, against block 0 only, 0.442 ms" in bad
+
+
+def test_temperature_gain_and_profile_note():
+    from lib.report import profile_note, temperature_gain
+
+    assert temperature_gain(_baseline(2.5, ts_ece=3.0)) == pytest.approx(0.03)
+    smoke = profile_note(Config.from_dict({"profile": "smoke"}))
+    assert "**`smoke`**" in smoke and "synthetic" in smoke and "no scientific meaning" in smoke
+    assert "`make run PROFILE=vit-b16-cifar100" in smoke
+    c10 = profile_note(Config.from_dict({"profile": "cifar10-transfer", "model": {"name": "vit_small"},
+                                         "data": {"name": "cifar10", "classes": [5, 6, 7, 8, 9], "num_classes": 5},
+                                         "pretrain": {"classes": [0, 1, 2, 3, 4]}}))
+    assert "CIFAR-10 images (classes 5, 6, 7, 8, 9)" in c10 and "pre-trained from scratch by this project on classes 0, 1" in c10
+    assert "not the reference setting" in c10 and "unless" not in c10
+    ref = profile_note(Config.from_dict({"profile": "vit-b16-cifar100", "model": {"pretrained": True},
+                                         "data": {"name": "cifar100", "num_classes": 100, "download": True}}))
+    assert ref.endswith("This is the reference setting of the question.")
