@@ -256,3 +256,66 @@ def test_repository_quarto_config_builds_the_pdf_with_typst():
     assert book.slug() == cfg["book"]["output-file"]
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert {"/.quarto/", "**/*.quarto_ipynb", "/_freeze/site_libs/"} <= set(ignored)
+
+
+TWIN_BIB = """
+@article{smith2021first,
+  title = {First Twin Paper}, author = {Smith, Ann and Jones, Bob and Lee, Cy}, journal = {J}, year = {2021}
+}
+@article{smith2021second,
+  title = {Second Twin Paper}, author = {Smith, Ann and Brown, Dee and Khan, Eve}, journal = {J}, year = {2021}
+}
+"""
+
+
+def test_papers_of_one_author_and_year_get_the_same_suffix_on_every_page(tmp_path):
+    """With the book's CSL and ``nocite`` of both papers, each page tells them apart by 2021a/2021b
+    the same way, although each page cites only one of them, and lists only what it cites."""
+    import shutil
+
+    from lib.paths import ROOT
+
+    _write_book(tmp_path)
+    shutil.copy(ROOT / "chicago-author-date-year-suffix.csl", tmp_path / "style.csl")
+    (tmp_path / "references.bib").write_text(BIB + TWIN_BIB)
+    quarto = tmp_path / "_quarto.yml"
+    quarto.write_text(quarto.read_text() + "csl: style.csl\nnocite: |\n  @smith2021first, @smith2021second\n")
+    frozen = tmp_path / "_freeze" / "t"
+    for name, key in (("01-intro", "smith2021first"), ("02-results", "smith2021second")):
+        nb = nbformat.read(frozen / f"{name}.ipynb", as_version=4)
+        nb.cells.append(nbformat.v4.new_markdown_cell(f"As shown [@{key}]."))
+        nbformat.write(nb, frozen / f"{name}.ipynb")
+    render_book(tmp_path, profile="t", pdf=False)
+    intro = re.sub(r"<[^>]+>", "", (tmp_path / "_book" / "01-intro.html").read_text())
+    results = re.sub(r"<[^>]+>", "", (tmp_path / "_book" / "02-results.html").read_text())
+    # suffixes follow the bibliography's order (Smith, Brown … before Smith, Jones …) on every page
+    assert "As shown (Smith et al. 2021b)." in intro and "Lee. 2021b. “First Twin Paper." in intro
+    assert "As shown (Smith et al. 2021a)." in results and "Khan. 2021a. “Second Twin Paper." in results
+    assert "Second Twin Paper" not in intro and "First Twin Paper" not in results  # each page lists what it cites
+    refs = re.sub(r"<[^>]+>", "", (tmp_path / "_book" / "references.html").read_text())
+    assert "2021a. “Second Twin Paper." in refs and "2021b. “First Twin Paper." in refs
+
+
+def test_every_same_author_and_year_group_of_the_bibliography_is_in_nocite():
+    """The repository's ``nocite`` (which makes the suffixes the same on every page) covers every
+    group of references.bib entries that share first author surname and year."""
+    import yaml
+
+    from lib.paths import ROOT
+    from lib.render.book import Book
+
+    bib = (ROOT / "references.bib").read_text()
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key, body in re.findall(r"@\w+\s*\{\s*([^,\s]+)\s*,(.*?)\n\}", bib, flags=re.S):
+        author = re.search(r"author\s*=\s*\{([^,}]+)", body)
+        year = re.search(r"year\s*=\s*\{?(\d{4})", body)
+        if author and year:
+            groups.setdefault((author.group(1).strip().lower(), year.group(1)), []).append(key)
+    twins = {k for keys in groups.values() if len(keys) > 1 for k in keys}
+    assert {"daxberger2021laplace", "daxberger2021bayesian"} <= twins
+    cfg = yaml.safe_load((ROOT / "_quarto.yml").read_text())
+    nocite = set(re.findall(r"@([\w:.-]+)", str(cfg["nocite"])))
+    assert twins <= nocite, f"add {sorted(twins - nocite)} to nocite in _quarto.yml"
+    assert (ROOT / cfg["csl"]).is_file()
+    assert 'disambiguate-add-year-suffix="true"' in (ROOT / cfg["csl"]).read_text()
+    assert Book.load(ROOT).csl == ROOT / cfg["csl"]

@@ -43,6 +43,8 @@ class Book:
     warning: bool = True
     profile: str | None = None
     output_file: str | None = None
+    csl: Path | None = None
+    nocite: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, root: Path, profile: str | None = None) -> "Book":
@@ -86,7 +88,20 @@ class Book:
             warning=(cfg.get("execute") or {}).get("warning", True) is not False,
             profile=profile or cfg.get("book-profile"),
             output_file=Path(str(output_file)).stem if output_file else None,
+            csl=(root / cfg["csl"]) if cfg.get("csl") else None,
+            nocite=re.findall(r"@([\w][\w:.#$%&+?<>~/-]*[\w])", str(cfg.get("nocite") or "")),
         )
+
+    def citeproc_args(self) -> list[str]:
+        """pandoc arguments for the citations: ``--citeproc`` with the bibliography and the CSL style."""
+        if not (self.bibliography and self.bibliography.is_file()):
+            return []
+        args = ["--citeproc", f"--bibliography={self.bibliography}"]
+        if self.csl is not None:
+            if not self.csl.is_file():
+                raise RenderError(f"_quarto.yml: csl {self.csl} not found")
+            args.append(f"--csl={self.csl}")
+        return args
 
     def slug(self) -> str:
         """Base name of the PDF (``<slug>.pdf``): ``book.output-file`` as Quarto uses it, else the
