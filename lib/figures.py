@@ -253,6 +253,7 @@ def plot_delta_ranked(data: pd.DataFrame, ax: Axes | None = None, reference: flo
     is_all = ranked["layer"].astype(str) == ALL_BLOCKS
     df = pd.concat([ranked[is_all], ranked[~is_all]])
     n_all = int(is_all.sum())
+    own = ax is None
     with mpl.rc_context(STYLE):
         fig, ax = _new(ax, 2.8)
         x = np.arange(len(df))
@@ -273,8 +274,11 @@ def plot_delta_ranked(data: pd.DataFrame, ax: Axes | None = None, reference: flo
         _label_ticks(ax, df["layer"])
         ax.set_xlabel("Posterior (blocks with Laplace covariance); single blocks ranked")
         ax.set_ylabel(DELTA_LABEL)
-        if n_all or reference is not None:
-            ax.legend(frameon=False, loc="upper right")  # single blocks are ranked: the right end is lowest
+        if n_all or reference is not None:  # above the axes, clear of bars and reference line
+            if own:
+                fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center", ncol=2, frameon=False)
+            else:
+                ax.legend(frameon=False)
     return fig
 
 

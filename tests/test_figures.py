@@ -97,7 +97,7 @@ def test_plot_delta_ranked_bars_sorted_with_zero_line():
     assert any(np.allclose(line.get_ydata(), 0) for line in ax.get_lines())
     assert [t.get_text() for t in ax.get_xticklabels()] == list(df.sort_values("delta", ascending=False)["layer"])
     assert "pp" in ax.get_ylabel() and ax.get_xlabel()
-    assert ax.get_legend() is None  # nothing to set apart
+    assert ax.get_legend() is None and not fig.legends  # nothing to set apart
     _check_text(fig)
 
 
@@ -116,7 +116,10 @@ def test_answer_figure_sets_the_all_block_bar_apart_and_draws_temperature_scalin
     assert any(np.allclose(line.get_xdata(), 0.5) for line in ax.get_lines())  # separator after the first bar
     ref = [line for line in ax.get_lines() if line.get_label().startswith("Temperature scaling")]
     assert len(ref) == 1 and np.allclose(ref[0].get_ydata(), 0.97) and "+0.97 pp" in ref[0].get_label()
-    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"Temperature scaling (+0.97 pp)", "All blocks"}
+    (legend,) = fig.legends
+    assert {t.get_text() for t in legend.get_texts()} == {"Temperature scaling (+0.97 pp)", "All blocks"}
+    fig.draw_without_rendering()
+    assert not legend.get_window_extent().overlaps(ax.get_window_extent())
     _check_text(fig)
 
 
