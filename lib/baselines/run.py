@@ -76,8 +76,8 @@ def _timing_batch(split: Split, bc: BaselinesConfig, pre: Preprocess, device: to
 
 
 def _ms(fn, x: torch.Tensor, bc: BaselinesConfig, device: torch.device) -> tuple[float, float | None]:
-    sec, mem = time_call(fn, n_warmup=1, n_iters=bc.timing_iters, device=device)
-    return 1e3 * sec / len(x), mem
+    t = time_call(fn, n_warmup=1, n_iters=bc.timing_iters, device=device)
+    return 1e3 * t.median / len(x), t.peak_mib
 
 
 def _map_ms(model: nn.Module, x: torch.Tensor, bc: BaselinesConfig, device: torch.device) -> float:
