@@ -166,6 +166,12 @@ class PredictiveConfig:
     of a log grid (``scale_range`` end points, ``scale_points`` values) with the lowest
     validation NLL, computed from a perturbation bank of the first ``scale_images`` validation
     images (None: all); ``'none'`` keeps ``κ = 1`` (:mod:`lib.laplace.scale`).
+
+    ``control_range`` / ``control_points``: the log grid of the isotropic control's noise variance
+    ``σ²`` (:mod:`lib.laplace.isotropic`), tuned per block on the same validation images and by the
+    same rule as ``κ_S`` whatever ``scale`` says. It is a variance per LoRA weight, not a multiple of a
+    posterior covariance, so it spans more decades than ``scale_range``; a ``σ²`` at either end of
+    it is reported (:func:`lib.report.control_summary`).
     """
 
     n_samples: int = _at_least(32, 2)
@@ -175,6 +181,8 @@ class PredictiveConfig:
     scale_range: tuple[float, ...] = (1e-4, 10.0)
     scale_points: int = _at_least(26, 2)
     scale_images: int | None = _at_least(None, 1)
+    control_range: tuple[float, ...] = (1e-9, 1e1)
+    control_points: int = _at_least(41, 2)
 
 
 @dataclass(frozen=True)
@@ -357,9 +365,10 @@ def _check_model(cfg: ModelConfig, source: str, prefix: str) -> None:
 
 
 def _check_predictive(cfg: PredictiveConfig, source: str, prefix: str) -> None:
-    r = cfg.scale_range
-    if len(r) != 2 or not 0 < r[0] < r[1]:
-        raise ParamsError(f"{source}: '{prefix}scale_range' is {list(r)}; give two numbers [low, high] with 0 < low < high")
+    for key in ("scale_range", "control_range"):
+        r = getattr(cfg, key)
+        if len(r) != 2 or not 0 < r[0] < r[1]:
+            raise ParamsError(f"{source}: '{prefix}{key}' is {list(r)}; give two numbers [low, high] with 0 < low < high")
 
 
 _CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive}

@@ -2,7 +2,8 @@
 
 ``map`` (:mod:`lib.pipeline`) → ``laplace`` (curvature + tuned prior, :mod:`lib.laplace`) →
 ``bank`` (per-block GLM logit perturbations of the test set; ``bank_val`` the same for the
-validation images when the covariance scale is tuned, :mod:`lib.laplace.scale`) → ``subsets``
+validation images when the covariance scale is tuned, :mod:`lib.laplace.scale`; ``bank_iso`` and
+``bank_iso_val`` those of the isotropic control, :mod:`lib.laplace.isotropic`) → ``subsets``
 (predictive probabilities of the study's named posteriors, temperature-scaling baseline, and the
 bootstrap ECE of all 2^L block subsets for Shapley values). Each stage records where it was computed.
 """
@@ -25,6 +26,7 @@ from lib.calibration import calibration_summary, weighted_ece
 from lib.config import Config
 from lib.data import Split, batches
 from lib.laplace.curvature import fit_curvature
+from lib.laplace.isotropic import IsotropicPosterior
 from lib.laplace.posterior import LaplacePosterior, build_posterior
 from lib.laplace.predictive import Bank, iter_subset_mixtures, iter_subset_probs, perturbation_bank, standard_subsets
 from lib.laplace.scale import scale_grid, tune_scales, validation_nll
@@ -37,7 +39,9 @@ from lib.train import amp_dtype, prior_precision
 
 @dataclass
 class SeedStudy:
-    """All cached stages of one training seed (``val_bank``: only when the covariance scale is tuned)."""
+    """All cached stages of one training seed (``val_bank``: the validation images' bank, which tunes
+    κ_S and chooses blocks; ``control`` / ``control_val``: the isotropic control's test and
+    validation banks)."""
 
     seed: int
     run: MapRun
@@ -45,7 +49,9 @@ class SeedStudy:
     laplace: Stage
     bank: Stage
     subsets: Stage
-    val_bank: Stage | None = None
+    val_bank: Stage
+    control: Stage
+    control_val: Stage
 
     def named(self) -> dict:
         """The named posteriors' predictions: {names, masks (P, L), scales (P,), probs (P, N, C),
@@ -69,10 +75,20 @@ class SeedStudy:
         return _load_bank(self.bank)
 
     def validation_bank(self) -> Bank:
-        """The perturbation bank of the validation images that tuned κ_S (CPU fp32)."""
-        if self.val_bank is None:
-            raise ValueError("this study has no validation bank: predictive.scale is 'none' (κ_S = 1 is not tuned)")
+        """The perturbation bank of the validation images that tune κ_S (CPU fp32)."""
         return _load_bank(self.val_bank)
+
+    def control_bank(self) -> Bank:
+        """The isotropic control's perturbation bank of the test set, unit variance (CPU fp32)."""
+        return _load_bank(self.control)
+
+    def control_validation_bank(self) -> Bank:
+        """The isotropic control's bank of the validation images that tune its σ² (CPU fp32)."""
+        return _load_bank(self.control_val)
+
+    def validation_logits(self) -> tuple[Tensor, Tensor]:
+        """MAP logits (N_val, C) and labels (N_val,) of the whole validation split (temperature scaling's data)."""
+        return torch.load(self.run.stage.file("val_logits.pt"), weights_only=True), self.run.splits.val.y
 
 
 def _load_bank(st: Stage) -> Bank:
@@ -146,12 +162,17 @@ BANK_PART_IMAGES = 1024
 
 
 def build_bank(
-    cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device, split: str = "test"
+    cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device, split: str = "test",
+    control: bool = False,
 ) -> tuple[Stage, Bank]:
     """The per-block perturbation bank of the ``'test'`` or ``'val'`` split (cached, CPU fp32).
 
-    The validation bank (for the covariance scale, ``predictive.scale``) covers the first
-    ``predictive.scale_images`` validation images (all when None).
+    The validation bank (for the covariance scale, ``predictive.scale``, and the choice of blocks on
+    validation data, :func:`lib.attribution.validation_table`) covers the first
+    ``predictive.scale_images`` validation images (all when None). ``control``: the bank of the
+    isotropic control :meth:`IsotropicPosterior.like` ``(post)`` instead (stages ``bank_iso`` /
+    ``bank_iso_val``, keyed by the Laplace stage like the Laplace banks, so they are recomputed
+    whenever the posterior is), with unit variance: its noise size enters as a scale.
 
     Resumable: the images are processed in parts of about :data:`BANK_PART_IMAGES`, each saved
     (``parts/<start>-<stop>.pt``, named by its image range and written atomically) as soon as it
@@ -165,10 +186,13 @@ def build_bank(
     data = {"test": run.splits.test, "val": run.splits.val}[split]
     if split == "val" and pc.scale_images is not None:
         data = Split(data.x[: pc.scale_images], data.y[: pc.scale_images])
-    st = stage("bank" if split == "test" else "bank_val",
-               {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
-                "numerics": numerics(device)},
-               upstream=[lap])
+    name = ("bank_iso" if control else "bank") + ("" if split == "test" else "_val")
+    inputs = {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
+              "numerics": numerics(device)}
+    if control:
+        inputs["posterior"] = "isotropic N(0, I)"
+        post = IsotropicPosterior.like(post)
+    st = stage(name, inputs, upstream=[lap])
     if st.done:
         return st, _load_bank(st)
     per_part = pc.batch_size * -(-BANK_PART_IMAGES // pc.batch_size)
@@ -335,9 +359,11 @@ def run_seed(cfg: Config, seed: int, device: torch.device) -> SeedStudy:
     run = map_run(cfg, seed, device)
     lap, post = fit_laplace(cfg, run, device)
     bank_stage, bank = build_bank(cfg, run, post, lap, device)
-    val = build_bank(cfg, run, post, lap, device, split="val") if cfg.predictive.scale != "none" else None
+    val = build_bank(cfg, run, post, lap, device, split="val")
     subsets = subset_predictions(cfg, run, bank, bank_stage, device, val)
-    return SeedStudy(seed, run, post, lap, bank_stage, subsets, val[0] if val else None)
+    control, _ = build_bank(cfg, run, post, lap, device, control=True)
+    control_val, _ = build_bank(cfg, run, post, lap, device, split="val", control=True)
+    return SeedStudy(seed, run, post, lap, bank_stage, subsets, val[0], control, control_val)
 
 
 def run_all(cfg: Config, device: torch.device) -> list[SeedStudy]:
