@@ -143,8 +143,8 @@ def tuned_seed(study: SeedStudy, names: list[str], predictive: PredictiveConfig,
     cnll = _padded(example_nll(ctrl_val, eye, cgrid, method=method).to(device), n_val)
     columns += [TunedColumn(cnll[i], _BankColumn(ctrl, eye[i], cgrid, method)) for i in range(ctrl.n_blocks)]
     temps = temperature_grid(float(d["temperature"])).to(device)
-    tnll = torch.nn.functional.cross_entropy(val_logits.double()[None] / temps[:, None, None],
-                                             val_labels.expand(len(temps), -1).T, reduction="none")  # (G, N_val)
+    logp = torch.log_softmax(val_logits.double()[None] / temps[:, None, None], -1)  # (G, N_val, C)
+    tnll = -logp.gather(-1, val_labels.expand(len(temps), -1)[..., None]).squeeze(-1)  # (G, N_val)
     test_logits = bank.map_logits.double()
     columns.append(TunedColumn(tnll, lambda g, w: torch.softmax(test_logits / temps[g], -1).expand(w.shape[0], -1, -1)))
     return TunedSeed(d["det"].to(device).double(), d["labels"].to(device), columns, bank.delta.shape[2])
