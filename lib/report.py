@@ -450,15 +450,14 @@ def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFr
     cost = float(front.set_index("name").loc[choice, "cost"])
     full_cost = float(front.set_index("name").loc["all", "cost"])
     d_acc = (b.loc[f"Laplace, {choice}", "accuracy (%)"] - det["accuracy (%)"]) / PP
-    rule = (f"the cheapest priced choice with at least {100 * SET_SHARE:.0f}% of the all-block gain on the validation "
-            "images")
+    rule = f"the cheapest priced choice with at least {100 * SET_SHARE:.0f}% of the all-block validation gain"
     if pick.lower <= 0:
-        text = (f"Chosen on the validation images ({rule}), **{choice}** has on the test set ΔECE = "
+        text = (f"Chosen on the validation images as {rule}, **{choice}** has on the test set ΔECE = "
                 f"{ci(pick.delta, pick.lower, pick.upper)} pp: its interval includes zero, so no choice of Bayesian "
                 "blocks can be recommended for calibration on this evidence (test set, seeds, posterior samples and "
                 f"the choice of κ_S); it costs {cost:.3g} ms extra per image and changes accuracy by {pp(d_acc)} pp.")
     else:
-        text = (f"Make **{choice}** Bayesian ({rule}): on the test set, which played no part in choosing it, its ΔECE is "
+        text = (f"Make **{choice}** Bayesian (chosen on the validation images as {rule}): on the test set, which played no part in choosing it, its ΔECE is "
                 f"{ci(pick.delta, pick.lower, pick.upper)} pp, against {ci(full.delta, full.lower, full.upper)} pp for all "
                 f"blocks, at {cost:.3g} ms extra per image ({100 * cost / full_cost:.0f}% of the all-block extra latency); "
                 f"its accuracy changes by {pp(d_acc)} pp.")
@@ -648,7 +647,9 @@ def control_summary(control: pd.DataFrame, alpha: float) -> str:
         hit = control[control.sigma2_edge.fillna("") == word].block.tolist()
         if hit:
             out.append(f"For {_blocks_text(hit)} the tuned σ² sits at the {word} end of its grid on at least one seed, so "
-                       f"the control's best size may lie beyond it (widen `predictive.control_range`).")
+                       f"the control's best size may lie beyond it (widen `predictive.control_range`)"
+                       + ("; at the lower end the noise is so small that the control predicts almost like the MAP."
+                          if word == "lower" else "."))
     return " ".join(out)
 
 

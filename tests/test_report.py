@@ -40,8 +40,8 @@ def _baseline(ece_last2: float = 2.5, ts_ece: float = 3.0) -> pd.DataFrame:
 
 def test_recommends_the_validation_choice_with_its_test_interval_and_the_paired_ts_interval():
     text = recommendation(_front(), _table(), _baseline(), "last 2", alpha=0.05)
-    assert text.startswith("Make **last 2** Bayesian (the cheapest priced choice with at least 80% of the all-block "
-                           "gain on the validation images): on the test set, which played no part in choosing it, its "
+    assert text.startswith("Make **last 2** Bayesian (chosen on the validation images as the cheapest priced choice "
+                           "with at least 80% of the all-block validation gain): on the test set, which played no part in choosing it, its "
                            "ΔECE is +0.90 [+0.20, +1.50] pp, against +1.00 [+0.40, +1.60] pp for all blocks")
     assert "at 2 ms extra per image (50% of the all-block extra latency); its accuracy changes by −0.20 pp" in text
     assert ("It calibrates better than temperature scaling, which costs nothing at prediction time: "
@@ -216,7 +216,7 @@ def test_control_summary_verdict_per_block_from_the_paired_interval():
     same = control_summary(_control([-0.001, -0.003, -0.004], [0.004, 0.005, 0.001], ("", "upper", "lower")), 0.1)
     assert same.startswith("For every block the isotropic control matches the Laplace block's ΔECE")
     assert "the calibration gain is not specific to the posterior's shape" in same
-    assert "For block 2 the tuned σ² sits at the lower end of its grid" in same
+    assert "For block 2 the tuned σ² sits at the lower end of its grid" in same and "almost like the MAP" in same
     assert "For block 1 the tuned σ² sits at the upper end of its grid" in same
     assert "end of its grid" not in text
 

@@ -190,8 +190,8 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     r2 = gain.set_index("posterior").loc["single 2"]
     assert (f"Chosen on the validation images, the best single block is block 2; on the test set, which played no part "
             f"in choosing it, its ΔECE is {ci(r2.delta, r2.lower, r2.upper)} pp.") in text
-    assert ("Make **single 1** Bayesian (the cheapest priced choice with at least 80% of the all-block gain on the "
-            "validation images): on the test set, which played no part in choosing it, its ΔECE is "
+    assert ("Make **single 1** Bayesian (chosen on the validation images as the cheapest priced choice with at least "
+            "80% of the all-block validation gain): on the test set, which played no part in choosing it, its ΔECE is "
             "+1.80 [+1.00, +2.60] pp") in text
     assert "its accuracy changes by −10.00 pp" in text
     assert "the data cannot tell the two apart: ECE_TS − ECE = +0.40 [−0.10, +0.90] pp" in text
