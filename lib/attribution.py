@@ -343,12 +343,14 @@ def shapley(studies: list[SeedStudy], stats: StatsConfig) -> tuple[pd.DataFrame,
     """Exact Shapley values of the blocks for v(S) = ECE_det − ECE_S, and adjacent interactions.
 
     Per seed, v is evaluated for all 2^L subsets on the test set and on R bootstrap replicates
-    that resample its test images and posterior samples, shared by all subsets
-    (:func:`lib.study.subset_predictions`); the values are averaged over seeds. The percentile
-    interval (level 1 − ``stats.alpha``) is over ``stats.n_boot`` replicates of a bootstrap over
-    seeds that, for each drawn seed, takes one of its R stored replicates
-    (:func:`lib.stats.pooled_seed_bootstrap`), so it covers seeds × test images × posterior
-    samples, like the intervals of :func:`attribution`.
+    that resample its test images, posterior samples and validation images (each subset's κ_S
+    re-tuned on the latter), shared by all subsets (:func:`lib.study.subset_predictions`); the
+    values are averaged over seeds. The percentile interval (level 1 − ``stats.alpha``) is over
+    ``stats.n_boot`` replicates of a bootstrap over seeds that, for each drawn seed, takes one of
+    its R stored replicates (:func:`lib.stats.pooled_seed_bootstrap`), so it covers seeds × test
+    images × posterior samples × validation images, like the intervals of :func:`attribution`
+    (there one validation resample serves all seeds of a replicate; here each drawn seed brings
+    its own).
     """
     vals, inter = [], []
     for s in studies:

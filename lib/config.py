@@ -189,9 +189,21 @@ class PredictiveConfig:
 class StatsConfig:
     """Calibration bins, bootstrap sizes and the levels of every interval and test.
 
-    ``n_boot`` resamples test images (and seeds) for every interval; ``n_boot_shapley`` does so for
-    the ECE of all 2^L subsets; ``n_boot_mc`` resamples the predictive's posterior samples for its
-    Monte Carlo error (:func:`lib.stats.mc_error_delta_ece`).
+    ``n_boot`` replicates for every interval: each resamples seeds, test images, posterior samples
+    and validation images, re-choosing κ_S, the control's σ² and the temperature on the latter
+    (:func:`lib.stats.tuned_bootstrap`); ``n_boot_shapley`` does so per seed for the ECE of all 2^L
+    subsets; ``n_boot_mc`` resamples the predictive's posterior samples for its Monte Carlo error
+    (:func:`lib.stats.mc_error_delta_ece`).
+
+    Every interval is a two-sided percentile interval at level ``1 − alpha``
+    (:func:`lib.stats.percentile_interval`; efron1993introduction), and there is deliberately no
+    option for another type. BCa (efron1987better) would need the jackknife acceleration of the
+    whole procedure — deleting a seed, a test image, a posterior sample or a validation image and
+    re-tuning κ_S each time — which has no closed form and is ill-defined for a statistic that jumps
+    between grid values of κ_S; the percentile interval needs only the replicates, respects monotone
+    transformations and keeps to the statistic's range. Its coverage is checked by simulation in
+    the test suite, and chapter 5 compares it with BCa where BCa is exact (one seed, samples and κ_S
+    fixed) as a check, not as a second interval.
     """
 
     n_bins: int = _at_least(15, 1)

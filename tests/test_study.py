@@ -24,7 +24,7 @@ from lib.data import batches
 from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales, validation_nll
 from lib.pipeline import map_run
-from lib.study import fit_laplace, run_all, run_seed
+from lib.study import VALIDATION_SEED, fit_laplace, run_all, run_seed
 
 
 @pytest.fixture
@@ -200,34 +200,48 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert "On the validation images the all-block Laplace does not lower the ECE" in text
 
 
-def test_subset_bootstrap_rows_resample_images_and_posterior_samples(tiny_cfg):
-    """Row r of subset_ece.pt, rebuilt from the stage's generator stream: the K posterior samples
-    resampled (sample_mixture at κ_S), then the test images repeated by their counts, ECE by
-    lib.calibration.ece."""
+def test_subset_bootstrap_rows_resample_images_posterior_samples_and_validation_images(tiny_cfg):
+    """Row r of subset_ece.pt, rebuilt from the stage's generator streams: κ_S re-tuned on the
+    validation images repeated by their counts (the grid argmin of their mean NLL), the K posterior
+    samples resampled (sample_mixture at that κ), then the test images repeated by their counts,
+    ECE by lib.calibration.ece."""
     cpu = torch.device("cpu")
     st = run_seed(tiny_cfg, 0, cpu)
-    bank = Bank(**torch.load(st.bank.file("bank.pt"), weights_only=True))
+    bank, val = st.test_bank(), st.validation_bank()
     kappa = torch.load(st.subsets.file("subset_scales.pt"), weights_only=True)
+    boot = torch.load(st.subsets.file("subset_scales_boot.pt"), weights_only=True)
     e = st.subset_ece()
     R, (n, K) = tiny_cfg.stats.n_boot_shapley, bank.delta.shape[1:3]
+    assert boot.shape == (R + 1, 8) and torch.equal(boot[0], kappa)
     g = torch.Generator().manual_seed(0)
     images, samples = bootstrap_counts(n, R, g, torch.float32, cpu), bootstrap_counts(K, R, g, torch.float32, cpu) / K
+    counts = bootstrap_counts(len(val.labels), R, torch.Generator().manual_seed(VALIDATION_SEED), torch.float64, cpu)
+    pc = tiny_cfg.predictive
+    grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
+    moved = 0
     for s in (0, 3, 5, 7):
-        mix = sample_mixture(bank, s, scale=float(kappa[s]))(samples)
         for r in (0, 7, R - 1):
+            vidx = torch.repeat_interleave(torch.arange(len(val.labels)), counts[r].long())
+            nll = [float(torch.nn.functional.nll_loss(subset_probs(val, s, scale=float(k))[vidx].clamp_min(1e-12).log(),
+                                                      val.labels[vidx])) for k in grid]
+            k_r = grid[int(torch.tensor(nll).argmin())]
+            assert abs(float(boot[r + 1, s]) - float(k_r)) < 1e-12 * float(k_r)
+            moved += int(k_r != kappa[s])
+            mix = sample_mixture(bank, s, scale=float(k_r))(samples[r : r + 1])
             idx = torch.repeat_interleave(torch.arange(n), images[r].long())
-            ref = ece(mix[r][idx], bank.labels[idx], tiny_cfg.stats.n_bins)
+            ref = ece(mix[0][idx], bank.labels[idx], tiny_cfg.stats.n_bins)
             assert abs(float(e[r + 1, s]) - float(ref)) < 1e-5
     assert e[1:, 7].std() > 0 and not torch.allclose(e[1:, 0], e[1:, 7])
+    assert (boot[1:] != kappa).any()  # the validation resamples do move κ_S for some subset
 
 
-def _counted(monkeypatch, module, name: str, fail_at: int | None = None) -> list:
-    """Replace ``module.name`` (a function of :mod:`lib.laplace.predictive`) by a wrapper that records
-    each call in the returned list and raises KeyboardInterrupt at call number ``fail_at`` (an
-    interrupted stage)."""
+def _counted(monkeypatch, module, name: str, fail_at: int | None = None, source=None) -> list:
+    """Replace ``module.name`` (a function of ``source``, default :mod:`lib.laplace.predictive`) by a
+    wrapper that records each call in the returned list and raises KeyboardInterrupt at call number
+    ``fail_at`` (an interrupted stage)."""
     from lib.laplace import predictive
 
-    real = getattr(predictive, name)
+    real = getattr(predictive if source is None else source, name)
     calls: list = []
 
     def wrapper(*args, **kwargs):
@@ -393,12 +407,14 @@ def test_subsets_stage_resumes_from_its_parts_and_equals_one_pass(tiny_cfg, monk
     ece_whole, scales_whole = whole.subset_ece(), torch.load(whole.subsets.file("subset_scales.pt"), weights_only=True)
     shutil.rmtree(whole.subsets.path)
     monkeypatch.setattr(study, "SUBSET_PART", 3)  # 8 subsets -> parts 0-3, 3-6, 6-8
-    calls = _counted(monkeypatch, study, "iter_subset_mixtures", fail_at=2)
+    real = study._scales
+    calls = _counted(monkeypatch, study, "_scales", fail_at=2, source=study)
     with pytest.raises(KeyboardInterrupt):
         run_seed(cfg, 0, cpu)
-    calls = _counted(monkeypatch, study, "iter_subset_mixtures")
+    monkeypatch.setattr(study, "_scales", real)
+    calls = _counted(monkeypatch, study, "_scales", source=study)
     resumed = run_seed(cfg, 0, cpu)
-    assert len(calls) == 2  # part 0-3 was kept
+    assert len(calls) == 2  # part 0-3 was kept: κ_S and the ECEs of the two other parts only
     assert resumed.subsets.path == whole.subsets.path and resumed.subsets.done
     assert not (resumed.subsets.path / "parts").exists()
     assert torch.equal(torch.load(resumed.subsets.file("subset_scales.pt"), weights_only=True), scales_whole)
