@@ -248,9 +248,9 @@ def _scales(cfg: Config, val_bank: Bank | None, subsets: Tensor, val_weights: Te
         return {"scale": torch.ones(S, dtype=torch.float64), "nll": nan[:, None], "unit": nan,
                 "chosen": torch.zeros(cfg.stats.n_boot_shapley + 1, S, dtype=torch.int64)}
     grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
-    per_example = example_nll(val_bank, subsets, grid, method=pc.method).double()  # (S, G, N_val)
+    per_example = example_nll(val_bank, subsets, grid, method=pc.method).double()  # (S, G, N_val), CPU
     nll = per_example.mean(-1)
-    chosen = torch.einsum("rn,sgn->rsg", val_weights.cpu(), per_example).argmin(-1)
+    chosen = torch.einsum("rn,sgn->rsg", val_weights, per_example.to(val_weights.device)).argmin(-1).cpu()
     chosen[0] = nll.argmin(1)  # the study's κ_S exactly as lib.laplace.scale.tune_scales chooses it
     unit = validation_nll(val_bank, subsets, torch.ones(1, dtype=torch.float64), method=pc.method)[:, 0]
     return {"scale": grid[chosen[0]], "nll": nll, "unit": unit, "chosen": chosen}
