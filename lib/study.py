@@ -2,8 +2,9 @@
 
 ``map`` (:mod:`lib.pipeline`) → ``laplace`` (curvature + tuned prior, :mod:`lib.laplace`) →
 ``bank`` (per-block GLM logit perturbations of the test set; ``bank_val`` the same for the
-validation images when the covariance scale is tuned, :mod:`lib.laplace.scale`; ``bank_iso`` and
-``bank_iso_val`` those of the isotropic control, :mod:`lib.laplace.isotropic`) → ``subsets``
+validation images, which tune the covariance scale, :mod:`lib.laplace.scale`, and choose the best
+blocks, :func:`lib.attribution.validation_table`; ``bank_iso`` and ``bank_iso_val`` those of the
+isotropic control, :mod:`lib.laplace.isotropic`) → ``subsets``
 (predictive probabilities of the study's named posteriors, temperature-scaling baseline, and the
 bootstrap ECE of all 2^L block subsets for Shapley values). Each stage records where it was computed.
 """
