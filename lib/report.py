@@ -572,6 +572,26 @@ def display_selection_table(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
     })
 
 
+def interval_check_summary(intervals: pd.DataFrame) -> str:
+    """How far BCa endpoints lie from the percentile ones where both are exact, from
+    :func:`lib.attribution.interval_comparison` (one seed, samples and κ_S fixed): the largest shift
+    of an endpoint in pp and as a share of the percentile interval's width, and the blocks whose
+    verdict (interval excludes zero or not) would differ. The book's intervals are percentile ones."""
+    width = intervals.percentile_upper - intervals.percentile_lower
+    shift = pd.concat([(intervals.bca_lower - intervals.percentile_lower).abs(),
+                       (intervals.bca_upper - intervals.percentile_upper).abs()], axis=1).max(axis=1)
+    excl = lambda lo, hi: (lo > 0) | (hi < 0)  # noqa: E731
+    differ = intervals[excl(intervals.percentile_lower, intervals.percentile_upper)
+                       != excl(intervals.bca_lower, intervals.bca_upper)].block.tolist()
+    i = int((shift / width).to_numpy().argmax())
+    out = (f"Where BCa is exact, its endpoints lie at most {PP * shift.max():.2f} pp from the percentile ones "
+           f"({100 * float((shift / width).iloc[i]):.0f}% of the interval's width, block {int(intervals.block.iloc[i])}); ")
+    if differ:
+        return out + (f"for {_blocks_text(differ)} the two disagree on whether the interval excludes zero, so the "
+                      "verdicts of the book there rest on the interval type and should be read as borderline.")
+    return out + "no block's verdict (interval excludes zero or not) depends on the interval type."
+
+
 def selection_summary(table: pd.DataFrame) -> str:
     """What re-tuning κ_S on resampled validation images does to ΔECE, from
     :func:`lib.attribution.scale_selection`, and how much of the intervals' spread it makes.

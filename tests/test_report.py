@@ -12,7 +12,8 @@ import torch
 
 from lib.config import Config
 from lib.report import (agreement_notes, display_selection_table, selection_summary, attribution_summary, baseline_table, block_table, deterministic_table,
-                        control_summary, display_control_table, display_layer_table, statistics_summary, display_rank_table, estimator_summary, in_pp, laplace_fit_table,
+                        control_summary, display_control_table, display_layer_table, interval_check_summary,
+                        statistics_summary, display_rank_table, estimator_summary, in_pp, laplace_fit_table,
                         mc_error_summary, posterior_summary, readable, recommendation, scale_sensitivity_summary,
                         scale_summary)
 
@@ -421,3 +422,15 @@ def test_display_selection_table_in_pp():
                                  "ΔECE, pp [90% range, re-tuned κ_S]", "SD, re-tuned κ_S (pp)", "SD, bootstrap (pp)",
                                  "ratio"]
     assert out.iloc[1].tolist() == ["all", "0.5", "60%", "+1.00 [+0.00, +2.00]", 0.2, 1.0, 0.2]
+
+
+def test_interval_check_summary_largest_shift_and_changed_verdicts():
+    intervals = pd.DataFrame({"block": [0, 1, 2], "delta": [0.0, 0.01, -0.01],
+                              "percentile_lower": [-0.01, 0.001, -0.02], "percentile_upper": [0.01, 0.02, 0.0],
+                              "bca_lower": [-0.012, -0.002, -0.021], "bca_upper": [0.01, 0.019, 0.001]})
+    text = interval_check_summary(intervals)
+    # shifts: 0.2 pp of 2 pp (10%), 0.3 pp of 1.9 pp (16%), 0.1 pp of 2 pp (5%); block 1 loses its sign
+    assert text.startswith("Where BCa is exact, its endpoints lie at most 0.30 pp from the percentile ones (16% of "
+                           "the interval's width, block 1); for block 1 the two disagree")
+    same = interval_check_summary(intervals.assign(bca_lower=[-0.012, 0.0005, -0.021]))
+    assert "no block's verdict (interval excludes zero or not) depends on the interval type" in same

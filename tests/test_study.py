@@ -22,7 +22,7 @@ from lib.report import (answer, attribution_summary, ci, control_summary, displa
 from lib.stats import bootstrap_counts, delta_ece, pareto_front
 from lib.data import batches
 from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
-from lib.laplace.scale import scale_grid, tune_scales, validation_nll
+from lib.laplace.scale import scale_grid, tune_scales
 from lib.pipeline import map_run
 from lib.study import VALIDATION_SEED, fit_laplace, run_all, run_seed
 
