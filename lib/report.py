@@ -259,8 +259,8 @@ def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.Da
         + (f" and certifies {_blocks_text(sure)} as members." if sure else "; no block is certified as a member.")
     )
     lead = shap.iloc[0]
-    parts.append(f"By Shapley value, {lead.layer} contributes most, {pp(lead.phi)} pp"
-                 + (f" ({100 * share:.0f}% of the all-block gain)" if _clear_gain(full) else "")
+    parts.append(f"By Shapley value, {lead.layer} contributes most on the test set, "
+                 + ci(lead.phi, lead.lower, lead.upper) + " pp" + (f" ({100 * share:.0f}% of the all-block gain)" if _clear_gain(full) else "")
                  + f"; the Shapley values of all blocks sum to the all-block gain, {pp(total)} pp.")
     return " ".join(parts)
 

@@ -169,15 +169,18 @@ def _attribution(all_lower: float, single_lower=(-0.001, 0.001)) -> tuple[pd.Dat
                           "lower": [all_lower, *single_lower], "upper": [0.02, 0.005, 0.011], "d_acc": [0.0, 0.0, 0.0],
                           "improves": [False, False, True]})
     ranks = pd.DataFrame({"block": [0, 1], "surely_top_k": [False, True], "top_k_candidate": [True, True]})
-    shapley = pd.DataFrame({"layer": ["block 0", "block 1"], "phi": [0.003, 0.007]})
+    shapley = pd.DataFrame({"layer": ["block 0", "block 1"], "phi": [0.003, 0.007], "lower": [-0.001, -0.002],
+                            "upper": [0.006, 0.012]})
     return table, ranks, shapley
 
 
 def test_shapley_shares_only_of_a_gain_whose_interval_excludes_zero():
     text = attribution_summary(*_attribution(0.004), 0.05, 1, best=1)
-    assert "By Shapley value, block 1 contributes most, +0.70 pp (70% of the all-block gain)" in text
+    assert ("By Shapley value, block 1 contributes most on the test set, +0.70 [−0.20, +1.20] pp (70% of the all-block "
+            "gain)") in text
     unclear = attribution_summary(*_attribution(-0.004), 0.05, 1, best=1)
-    assert "block 1 contributes most, +0.70 pp; the Shapley values of all blocks sum to the all-block gain, +1.00 pp" in unclear
+    assert ("block 1 contributes most on the test set, +0.70 [−0.20, +1.20] pp; the Shapley values of all blocks sum to "
+            "the all-block gain, +1.00 pp") in unclear
     assert "%" not in unclear.split("By Shapley value")[1]
 
 
