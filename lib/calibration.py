@@ -4,14 +4,24 @@ All functions are pure and device-agnostic: they take ``probs`` of shape (N, C) 
 simplex) and ``labels`` of shape (N,) int64 on any device, and return tensors on that device
 (or python floats in :func:`calibration_summary`).
 
-Binning convention (equal-width bins). We match ``torchmetrics`` exactly (``torch.bucketize``
-with ``right=True`` on ``linspace(0, 1, M + 1)`` in the confidences' dtype): slot ``m < M`` holds
-confidences in ``[b_m, b_{m+1})`` and an extra slot ``M`` holds confidences exactly equal to 1.0
-(frequent with saturated float32 softmax). So every binned function below works with ``M + 1``
-slots; the extra slot is a point mass at 1 and is empty for most data. This differs from the
-``(lo, hi]`` description of :cite:`guo2017calibration` only for confidences lying exactly on an
-edge. Top-label confidence and prediction are ``probs.max(dim=1)`` (same tie-breaking as
-torchmetrics).
+Binning convention (equal-width bins). Slot ``m < M`` holds confidences ``c`` with
+``e_m <= c < e_{m+1}`` (left-closed, right-open, as ``torch.bucketize(..., right=True)`` in
+torchmetrics) and an extra slot ``M`` holds confidences equal to 1.0 (frequent with saturated
+float32 softmax); so every binned function below works with ``M + 1`` slots, the extra one a point
+mass at 1 that is empty for most data. The edges are ``e_k = k / M`` rounded to the nearest number
+of the confidences' dtype (:func:`bin_edges`), so a confidence that *is* ``k / M`` in its dtype
+(float64 ``0.3`` with M = 10) lands in slot k, the slot whose lower edge it equals. ``linspace``
+edges do not have this property: float64 ``linspace(0, 1, 11)[3]`` is ``0.30000000000000004``,
+which would put 0.3 in ``[0.2, 0.3)``.
+
+Relation to torchmetrics (``MulticlassCalibrationError``): it casts confidences to float32 and
+bins them on float32 ``linspace(0, 1, M + 1)``. Those edges are not always the float32 nearest
+to ``k / M`` (one ulp off for M = 15 at k = 3 and 6-10, for M = 20 at k = 9), and a float64
+confidence within half a float32 ulp of an edge is rounded onto it. So the slots, hence the ECE,
+agree exactly except for confidences within about one float32 ulp of an edge; for M = 10 the
+float64 values ``k / 10`` themselves land in slot k in both. The convention differs from the
+``(lo, hi]`` bins of :cite:`guo2017calibration` only for confidences on an edge. Top-label
+confidence and prediction are ``probs.max(dim=1)`` (same tie-breaking as torchmetrics).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from torch import Tensor
 __all__ = [
     "ReliabilityData",
     "top_label",
+    "bin_edges",
     "bin_index",
     "ece",
     "ece_equal_mass",
@@ -80,26 +91,42 @@ def top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return conf, (pred == labels).to(probs.dtype)
 
 
+def bin_edges(n_bins: int, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    """Equal-width bin edges ``e_k = k / M``, k = 0..M, each rounded to the nearest number of ``dtype``.
+
+    Computed as a correctly rounded float64 division on the CPU and then cast (for float32 the
+    double rounding is exact for any practical M), so the edges do not depend on the device's
+    division or on ``linspace``'s accumulation. Returns (M + 1,) on ``device``.
+    """
+    _check_bins(n_bins)
+    edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    return edges.to(dtype=dtype, device=device)
+
+
 def bin_index(conf: Tensor, n_bins: int) -> Tensor:
-    """Equal-width bin slot of each confidence, torchmetrics convention.
+    """Equal-width bin slot of each confidence (convention of the module docstring).
 
     Args:
         conf: (..., N) confidences in [0, 1].
         n_bins: number M of equal-width bins.
 
     Returns:
-        int64 tensor like ``conf`` with values in {0, ..., M}; slot m < M is ``[m/M, (m+1)/M)``
-        and slot M is the point mass ``{1}`` (see module docstring).
+        int64 tensor like ``conf`` with values in {0, ..., M}: slot m < M is ``[e_m, e_{m+1})`` with
+        ``e_k`` = :func:`bin_edges` (``k / M`` rounded to the dtype of ``conf``), slot M is ``{1}``.
     """
-    _check_bins(n_bins)
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype, device=conf.device)
+    edges = bin_edges(n_bins, conf.dtype, conf.device)
     return torch.bucketize(conf.contiguous(), edges, right=True) - 1
 
 
-def _bin_sums(conf: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-slot (count, sum of confidences, sum of correct) over M + 1 slots."""
+def _bin_sums(
+    conf: Tensor, correct: Tensor, n_bins: int, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-slot (count, sum of confidences, sum of correct) over M + 1 slots, summed in ``dtype``
+    (default: that of ``conf``); the slots are those of ``conf`` in its own dtype."""
     idx = bin_index(conf, n_bins)
-    zeros = torch.zeros(n_bins + 1, dtype=conf.dtype, device=conf.device)
+    dtype = conf.dtype if dtype is None else dtype
+    conf, correct = conf.to(dtype), correct.to(dtype)
+    zeros = torch.zeros(n_bins + 1, dtype=dtype, device=conf.device)
     count = zeros.scatter_add(0, idx, torch.ones_like(conf))
     conf_sum = zeros.scatter_add(0, idx, conf)
     acc_sum = zeros.scatter_add(0, idx, correct)
@@ -110,7 +137,8 @@ def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> Tensor:
     """Top-label expected calibration error with M equal-width bins.
 
     ``ECE = sum_m |B_m|/N * |acc(B_m) - conf(B_m)|`` :cite:`guo2017calibration,naeini2015obtaining`,
-    equal to ``torchmetrics`` ``MulticlassCalibrationError(norm="l1")``.
+    equal to ``torchmetrics`` ``MulticlassCalibrationError(norm="l1")`` up to float round-off
+    unless a confidence lies on a bin edge (module docstring).
 
     Args:
         probs: (N, C) probabilities. labels: (N,) int64. n_bins: M.
@@ -137,7 +165,8 @@ def signed_ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> Tensor:
 def mce(probs: Tensor, labels: Tensor, n_bins: int = 15) -> Tensor:
     """Maximum calibration error ``max_m |acc(B_m) - conf(B_m)|`` over non-empty bins.
 
-    :cite:`naeini2015obtaining`; equals torchmetrics ``norm="max"``. Returns a 0-dim tensor.
+    :cite:`naeini2015obtaining`; equals torchmetrics ``norm="max"`` (same proviso on bin edges as
+    :func:`ece`). Returns a 0-dim tensor.
     """
     conf, correct = top_label(probs, labels)
     count, conf_sum, acc_sum = _bin_sums(conf, correct, n_bins)
@@ -385,7 +414,8 @@ class ReliabilityData:
     """Reliability-diagram data for one model (M equal-width bins + the point mass at 1).
 
     Attributes (all 1-D tensors on CPU, float64 except ``count``):
-        edges: (M + 1,) bin edges ``linspace(0, 1, M + 1)``; slot m < M is ``[edges[m], edges[m+1])``.
+        edges: (M + 1,) bin edges ``k / M`` (:func:`bin_edges`, float64); slot m < M is
+            ``[edges[m], edges[m+1])`` (the slots are taken in the dtype of the confidences).
         confidence: (M + 1,) mean confidence per slot (NaN where empty); slot M is ``{1}``.
         accuracy: (M + 1,) mean correctness per slot (NaN where empty).
         count: (M + 1,) int64 number of examples per slot.
@@ -411,14 +441,15 @@ class ReliabilityData:
 def prepare_reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> ReliabilityData:
     """Per-bin confidence, accuracy and count for a reliability diagram :cite:`guo2017calibration`.
 
-    Uses the same M + 1 slots as :func:`ece`, so ``prepare_reliability(...).ece == ece(...)``.
+    Uses the same M + 1 slots as :func:`ece` (binned in the dtype of ``probs``, summed in float64),
+    so ``prepare_reliability(...).ece == ece(...)``.
     """
     conf, correct = top_label(probs, labels)
-    count, conf_sum, acc_sum = _bin_sums(conf.double(), correct.double(), n_bins)
+    count, conf_sum, acc_sum = _bin_sums(conf, correct, n_bins, torch.float64)
     nan = torch.full_like(count, float("nan"))
     has = count > 0
     return ReliabilityData(
-        edges=torch.linspace(0, 1, n_bins + 1, dtype=torch.float64),
+        edges=bin_edges(n_bins),
         confidence=torch.where(has, conf_sum / count.clamp_min(1), nan).cpu(),
         accuracy=torch.where(has, acc_sum / count.clamp_min(1), nan).cpu(),
         count=count.round().to(torch.int64).cpu(),

@@ -21,6 +21,12 @@ import yaml
 from lib.paths import PARAMS, ROOT
 
 
+DENSE_BLOCK_MAX_PARAMS = 32_768
+"""Largest number of LoRA parameters ``P_ℓ`` of one transformer block for which a dense block GGN
+(``laplace.structure: dense_block``, and the curvature-quality table of ``laplace.quality_images``)
+is allowed: its ``P_ℓ²`` float32 entries take 4.3 GB at the limit (cifar10-transfer: 24,576
+parameters, 2.4 GB; vit-b16-cifar100: 196,608, 155 GB, refused)."""
+
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 """torchvision's folder of each real dataset inside ``data.root``."""
 
@@ -142,9 +148,14 @@ class LaplaceConfig:
     ``fit_size`` limits the training examples used for the curvature (None: all);
     ``class_chunk`` output vectors share one batched backward pass in the curvature fit (a speed
     knob: same factors, peak memory grows with it; see :mod:`lib.laplace.curvature`).
+    ``structure: dense_block`` keeps the exact GGN of each block's LoRA parameters dense
+    (:mod:`lib.laplace.exact`; ``kfac`` and ``rank`` do not apply), allowed for blocks of at most
+    :data:`DENSE_BLOCK_MAX_PARAMS` parameters. ``quality_images``: fit-set images on which chapter 3
+    compares K-FAC-expand, K-FAC-reduce and the diagonal GGN with the exact block GGN
+    (:mod:`lib.laplace.quality`; 0: no comparison; also limited to dense-sized blocks).
     """
 
-    structure: Literal["kron", "diag"] = "kron"
+    structure: Literal["kron", "diag", "dense_block"] = "kron"
     kfac: Literal["expand", "reduce"] = "reduce"
     fisher: Literal["exact", "mc"] = "exact"
     mc_samples: int = _at_least(1, 1)
@@ -156,6 +167,7 @@ class LaplaceConfig:
     fit_size: int | None = _at_least(None, 1)
     batch_size: int = _at_least(64, 1)
     class_chunk: int = _at_least(10, 1)
+    quality_images: int = _at_least(0, 0)
 
 
 @dataclass(frozen=True)
@@ -224,6 +236,26 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class ShiftConfig:
+    """Calibration under dataset shift and OOD detection (:mod:`lib.shift`, :mod:`lib.corruptions`).
+
+    ``corruptions`` at ``severities`` are applied to ``max_images`` test images (a seeded subset,
+    the same for every corruption; None: all), seeded by ``seed``. ``near_ood_images`` limits the
+    held-out-class test images (None: all), ``far_ood_images`` is the size of the synthetic far-OOD set.
+    """
+
+    corruptions: tuple[str, ...] = (
+        "gaussian_noise", "shot_noise", "gaussian_blur", "defocus_blur", "brightness", "fog",
+        "contrast", "jpeg_compression", "pixelate", "saturate",
+    )
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    max_images: int | None = _at_least(1000, 1)
+    seed: int = 0
+    near_ood_images: int | None = _at_least(None, 1)
+    far_ood_images: int = _at_least(1000, 1)
+
+
+@dataclass(frozen=True)
 class Config:
     """One profile: every section plus the training seeds and the device."""
 
@@ -240,6 +272,7 @@ class Config:
     predictive: PredictiveConfig = field(default_factory=PredictiveConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    shift: ShiftConfig | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "Config":
@@ -383,7 +416,53 @@ def _check_predictive(cfg: PredictiveConfig, source: str, prefix: str) -> None:
             raise ParamsError(f"{source}: '{prefix}{key}' is {list(r)}; give two numbers [low, high] with 0 < low < high")
 
 
-_CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive}
+def _check_shift(cfg: ShiftConfig, source: str, prefix: str) -> None:
+    from lib.corruptions import CORRUPTIONS, SEVERITIES
+
+    unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
+    if unknown or not cfg.corruptions:
+        raise ParamsError(
+            f"{source}: {prefix}corruptions has unknown names {unknown or '(empty list)'}; "
+            f"use a non-empty list of {', '.join(CORRUPTIONS)}"
+        )
+    bad = [s for s in cfg.severities if s not in SEVERITIES]
+    if bad or not cfg.severities:
+        raise ParamsError(f"{source}: {prefix}severities must be a non-empty list of 1..5; got {list(cfg.severities)}")
+
+
+def lora_block_params(model: ModelConfig, lora: LoraConfig) -> int:
+    """LoRA parameters of one transformer block, ``r · Σ_targets (in + out)``, read off the timm
+    architecture built on the meta device (no weights are allocated or loaded)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        vit = timm.create_model(model.name, pretrained=False, **model.kwargs)
+    block = vit.blocks[0]
+    maps = {"qkv": block.attn.qkv, "proj": block.attn.proj, "fc1": block.mlp.fc1, "fc2": block.mlp.fc2}
+    return lora.r * sum(maps[t].in_features + maps[t].out_features for t in lora.targets if t in maps)
+
+
+def _check_config(cfg: "Config", source: str, prefix: str) -> None:
+    lc = cfg.laplace
+    if lc.structure != "dense_block" and lc.quality_images == 0:
+        return
+    size = lora_block_params(cfg.model, cfg.lora)
+    if size <= DENSE_BLOCK_MAX_PARAMS:
+        if lc.structure == "dense_block" and lc.rank is not None:
+            raise ParamsError(f"{source}: '{prefix}laplace.rank' applies to kron only; remove it for structure dense_block")
+        return
+    fix = (f"use '{prefix}laplace.structure: kron' or 'diag'" if lc.structure == "dense_block"
+           else f"set '{prefix}laplace.quality_images: 0'")
+    key = "structure" if lc.structure == "dense_block" else "quality_images"
+    raise ParamsError(
+        f"{source}: '{prefix}laplace.{key}' needs a dense block GGN, but a block has {size} LoRA parameters, "
+        f"more than the limit {DENSE_BLOCK_MAX_PARAMS} (lib.config.DENSE_BLOCK_MAX_PARAMS); {fix}"
+    )
+
+
+_CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive,
+           ShiftConfig: _check_shift, Config: _check_config}
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:

@@ -40,8 +40,8 @@ class GLMPredictor:
     JVP of the tail per sample (batched by ``vmap``); ``'reverse'``: one forward pass and ``C``
     backward passes to ``ℓ₀`` (batched by :data:`~lib.laplace.predictive.CLASS_CHUNK`) whose
     per-example Jacobians are contracted with the samples
-    (:func:`lib.laplace.predictive.reverse_delta`); ``'auto'`` takes reverse when ``C ≤ K``, as
-    the bank does.
+    (:func:`lib.laplace.predictive.reverse_delta`); ``'auto'`` takes reverse when ``C ≤ 4K``
+    (:data:`~lib.laplace.predictive.REVERSE_CLASSES_PER_SAMPLE`), as the bank does.
     """
 
     def __init__(self, model: nn.Module, posterior: BlockPosterior, blocks: list[int], *, n_samples: int,

@@ -42,6 +42,7 @@ __all__ = [
     "prepare_training_curves",
     "plot_training_curves",
     "plot_block_quantities",
+    "plot_curvature_quality",
     "plot_latency",
     "plot_delta_scatter_grid",
 ]
@@ -431,6 +432,45 @@ def plot_block_quantities(data: pd.DataFrame, columns: Sequence[tuple[str, str]]
             a.set_yscale("log")
             a.set_xlabel("Block")
             a.set_ylabel(label)
+    return fig
+
+
+def plot_curvature_quality(data: pd.DataFrame, ax: Sequence[Axes] | None = None) -> Figure:
+    """Trace ratio ``tr Ĝ / tr G`` of each approximation against the exact block GGN, per block.
+
+    One log-scale panel per approximation (in order of appearance), one line per module (and
+    ``block``) over the block index, mean over seeds, with a dotted line at 1 (correct scale).
+
+    Args:
+        data: the table of :func:`lib.laplace.quality.prepare_curvature_quality` (columns
+            ``approximation``, ``module``, ``block``, ``trace_ratio``).
+    """
+    _require(data, ["approximation", "module", "block", "trace_ratio"], "plot_curvature_quality")
+    approximations = list(dict.fromkeys(data.approximation))
+    modules = list(dict.fromkeys(data.module))
+    mean = data.groupby(["approximation", "module", "block"]).trace_ratio.mean()
+    with mpl.rc_context(STYLE):
+        if ax is None:
+            fig = Figure(figsize=(WIDTH, 2.4), layout="constrained")
+            axes = fig.subplots(1, len(approximations), sharey=True, squeeze=False)[0]
+        else:
+            axes = list(ax)
+            if len(axes) != len(approximations):
+                raise ValueError(f"plot_curvature_quality: {len(approximations)} approximations need "
+                                 f"{len(approximations)} axes, got {len(axes)}")
+            fig = axes[0].get_figure()
+        for a, name in zip(axes, approximations):
+            for i, m in enumerate(modules):
+                series = mean[name, m]
+                a.plot(series.index, series.to_numpy(float), marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
+                       label=m, ls="--" if m == "block" else "-")
+            a.axhline(1.0, color="0.4", lw=0.8, ls=":")
+            a.set_yscale("log")
+            a.set_title(name)
+            a.set_xlabel("Block")
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].set_ylabel("tr(approx) / tr(exact GGN)")
+        axes[-1].legend(frameon=False)
     return fig
 
 

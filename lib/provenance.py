@@ -101,16 +101,21 @@ def _git(root: Path, *args: str) -> str | None:
 
 
 def git_state(root: Path = ROOT) -> dict[str, Any]:
-    """``{"git_sha": commit or None, "git_dirty": bool or None}``.
+    """``{"git_sha": commit or None, "git_dirty": bool or None}`` of the project at ``root``.
 
-    ``git_dirty`` ignores ``_freeze/``, which a run itself rewrites. Where the checkout has no
-    ``.git`` (a copy of the working tree sent to a GPU machine), the commit the copy was made from
-    is taken from the environment variable ``LLA_GIT_SHA`` (with ``git_dirty`` unknown); so it is
-    where git finds no commit at all.
+    git is asked only when ``root`` is the top level of its repository (``git rev-parse
+    --show-toplevel`` equals ``root``, symlinks resolved). A copy of the working tree without its
+    own ``.git`` (sent to a GPU machine, or unpacked inside some other repository) is not described
+    by the commit of an enclosing repository: then, and where the repository has no commit yet, the
+    commit the copy was made from is taken from the environment variable ``LLA_GIT_SHA`` with
+    ``git_dirty`` unknown (None); without the variable nothing is known and both are None.
+    ``git_dirty`` ignores ``_freeze/``, which a run itself rewrites.
     """
-    sha = _git(root, "rev-parse", "--verify", "--quiet", "HEAD")
-    if not sha and os.environ.get("LLA_GIT_SHA"):
-        return {"git_sha": os.environ["LLA_GIT_SHA"], "git_dirty": None}
+    top = _git(root, "rev-parse", "--show-toplevel")
+    own = bool(top) and Path(top).resolve() == Path(root).resolve()
+    sha = _git(root, "rev-parse", "--verify", "--quiet", "HEAD") if own else None
+    if not sha and (not own or os.environ.get("LLA_GIT_SHA")):
+        return {"git_sha": os.environ.get("LLA_GIT_SHA") or None, "git_dirty": None}
     status = _git(root, "status", "--porcelain", "--", ".", ":(exclude)_freeze")
     return {"git_sha": sha or None, "git_dirty": None if status is None else bool(status)}
 

@@ -71,8 +71,12 @@ class BootstrapResult:
     samples: Tensor
 
 
-def _stack_inputs(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(P + 1, N) confidences and correctness; row 0 is the deterministic model."""
+def _stack_inputs(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Confidences and correctness of the distinct models among the P + 1 (row 0 deterministic).
+
+    Returns ``conf`` and ``corr`` (U, N) of the U <= P + 1 distinct (confidence, correctness) rows
+    and ``models`` (P + 1,) int64, model j being distinct row ``models[j]`` (:func:`_distinct_rows`).
+    """
     if probs_bayes.ndim != 3 or probs_bayes.shape[1:] != probs_det.shape:
         raise ValueError(
             f"probs_bayes must be (P, N, C) matching probs_det {tuple(probs_det.shape)}; "
@@ -81,11 +85,27 @@ def _stack_inputs(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor) -> tup
     conf_d, corr_d = top_label(probs_det, labels)
     conf_b, pred_b = probs_bayes.max(dim=2)
     corr_b = (pred_b == labels[None]).to(probs_det.dtype)
-    return torch.cat([conf_d[None], conf_b]), torch.cat([corr_d[None], corr_b])
+    return _distinct_rows(torch.cat([conf_d[None], conf_b]), torch.cat([corr_d[None], corr_b]))
 
 
-def _delta_from_sums(sums: Tensor, total: Tensor, n_models: int, n_bins: int) -> Tensor:
-    e = sums.reshape(*sums.shape[:-1], n_models, n_bins + 1).abs().sum(-1) / total[..., None]
+def _distinct_rows(conf: Tensor, corr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge models with identical confidences and correctness: (R, N) -> (U, N), (U, N), index (R,).
+
+    Every ECE is then computed once per distinct model and copied to its duplicates, so models
+    with equal inputs get bitwise equal ECEs and a Delta of exactly 0, whatever order the reduction
+    kernels (matmul blocking, SIMD tails, GPU atomics) sum in; without this, two equal columns of
+    the residual design can differ by ~1e-17 and an interval of Delta can exclude 0 by round-off.
+    Costs one sort of the R rows, O(R log R N).
+    """
+    n = conf.shape[-1]
+    rows, index = torch.unique(torch.cat([conf, corr], -1), dim=0, return_inverse=True)
+    return rows[:, :n], rows[:, n:], index
+
+
+def _delta_from_sums(sums: Tensor, total: Tensor, models: Tensor, n_bins: int) -> Tensor:
+    """Delta (..., P) from per-bin residual sums (..., U (M + 1)) of the U distinct models."""
+    e = sums.reshape(*sums.shape[:-1], -1, n_bins + 1).abs().sum(-1) / total[..., None]
+    e = e[..., models]
     return e[..., :1] - e[..., 1:]
 
 
@@ -96,15 +116,16 @@ def delta_ece(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor, n_bins: in
         probs_det: (N, C) deterministic (MAP) probabilities.
         probs_bayes: (P, N, C) predictive probabilities of P posteriors on the same examples.
         labels: (N,) int64.
-        n_bins: M equal-width bins (torchmetrics convention).
+        n_bins: M equal-width bins (:func:`lib.calibration.bin_index`).
 
     Returns:
-        (P,) tensor.
+        (P,) tensor; exactly 0 for a posterior whose confidences and correctness equal the
+        deterministic model's (each distinct model's ECE is computed once).
     """
-    conf, corr = _stack_inputs(probs_det, probs_bayes, labels)
+    conf, corr, models = _stack_inputs(probs_det, probs_bayes, labels)
     d = _residual_design(conf, corr, n_bins)
     n = torch.tensor(float(conf.shape[1]), dtype=conf.dtype, device=conf.device)
-    return _delta_from_sums(d.sum(0), n, conf.shape[0], n_bins)
+    return _delta_from_sums(d.sum(0), n, models, n_bins)
 
 
 def _check_generator(generator: torch.Generator, device: torch.device) -> None:
@@ -125,9 +146,9 @@ def bootstrap_counts(n: int, rows: int, generator: torch.Generator, dtype: torch
     return w.scatter_add_(1, idx, torch.ones(rows, n, dtype=dtype, device=device))
 
 
-def _bootstrap_design(conf: Tensor, corr: Tensor, n_resamples: int, n_bins: int,
+def _bootstrap_design(conf: Tensor, corr: Tensor, models: Tensor, n_resamples: int, n_bins: int,
                       generator: torch.Generator, chunk_size: int) -> Tensor:
-    """(R, P) bootstrap Delta from (P + 1, N) inputs, chunked over R."""
+    """(R, P) bootstrap Delta from the (U, N) distinct models of :func:`_stack_inputs`, chunked over R."""
     _check_generator(generator, conf.device)
     if n_resamples < 1 or chunk_size < 1:
         raise ValueError(f"n_resamples and chunk_size must be >= 1; got {n_resamples}, {chunk_size}")
@@ -138,7 +159,7 @@ def _bootstrap_design(conf: Tensor, corr: Tensor, n_resamples: int, n_bins: int,
         rows = min(chunk_size, n_resamples - start)
         w = bootstrap_counts(n, rows, generator, conf.dtype, conf.device)
         total = torch.full((rows,), float(n), dtype=conf.dtype, device=conf.device)
-        out.append(_delta_from_sums(w @ d, total, conf.shape[0], n_bins))
+        out.append(_delta_from_sums(w @ d, total, models, n_bins))
     return torch.cat(out)
 
 
@@ -165,13 +186,14 @@ def paired_bootstrap(
         n_bins: M. chunk_size: resamples per matmul.
 
     Returns:
-        :class:`BootstrapResult` with estimate (P,) and samples (R, P).
+        :class:`BootstrapResult` with estimate (P,) and samples (R, P); every replicate is exactly 0
+        for a posterior equal to the deterministic model (as in :func:`delta_ece`).
     """
-    conf, corr = _stack_inputs(probs_det, probs_bayes, labels)
+    conf, corr, models = _stack_inputs(probs_det, probs_bayes, labels)
     d = _residual_design(conf, corr, n_bins)
     n = torch.tensor(float(conf.shape[1]), dtype=conf.dtype, device=conf.device)
-    est = _delta_from_sums(d.sum(0), n, conf.shape[0], n_bins)
-    samples = _bootstrap_design(conf, corr, n_resamples, n_bins, generator, chunk_size)
+    est = _delta_from_sums(d.sum(0), n, models, n_bins)
+    samples = _bootstrap_design(conf, corr, models, n_resamples, n_bins, generator, chunk_size)
     return BootstrapResult(estimate=est, samples=samples)
 
 
@@ -195,14 +217,21 @@ class SeedSamples:
 
 def _weighted_delta(conf_det: Tensor, corr_det: Tensor, probs: Tensor, labels: Tensor, weights: Tensor,
                     n_bins: int) -> Tensor:
-    """Delta (c, P) of posteriors ``probs`` (c, P, N, C) with example multiplicities ``weights`` (c, N)."""
+    """Delta (c, P) of posteriors ``probs`` (c, P, N, C) with example multiplicities ``weights`` (c, N).
+
+    A posterior whose confidences and correctness equal the deterministic model's in a copy takes
+    the deterministic ECE of that copy, so its Delta is exactly 0 whatever order the scatter sums
+    in (GPU atomics); an elementwise comparison, O(c P N), rather than the sort of
+    :func:`_distinct_rows` on every chunk.
+    """
     conf, pred = probs.max(dim=-1)
     corr = (pred == labels).to(conf.dtype)
     c = conf.shape[0]
+    same = ((conf == conf_det) & (corr == corr_det)).all(-1)  # (c, P)
     conf = torch.cat([conf_det.expand(c, 1, -1), conf], 1)  # (c, P + 1, N); row 0 deterministic
     corr = torch.cat([corr_det.expand(c, 1, -1), corr], 1)
     ece = weighted_ece(conf, corr, weights[:, None, :], n_bins)
-    return ece[:, :1] - ece[:, 1:]
+    return ece[:, :1] - torch.where(same, ece[:, :1], ece[:, 1:])
 
 
 def sample_bootstrap(
@@ -445,17 +474,17 @@ def jackknife_delta_ece(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor, 
     Returns:
         (N, P) tensor; row i is Delta computed without example i.
     """
-    conf, corr = _stack_inputs(probs_det, probs_bayes, labels)
+    conf, corr, models = _stack_inputs(probs_det, probs_bayes, labels)
     n = conf.shape[1]
     if n < 2:
         raise ValueError("jackknife needs N >= 2 examples")
-    idx = bin_index(conf, n_bins)  # (P+1, N)
+    idx = bin_index(conf, n_bins)  # (U, N)
     r = corr - conf
     sums = torch.zeros(conf.shape[0], n_bins + 1, dtype=conf.dtype, device=conf.device)
     sums.scatter_add_(1, idx, r)
-    total = sums.abs().sum(1, keepdim=True)  # (P+1, 1)
-    s_i = sums.gather(1, idx)  # (P+1, N)
-    e = (total - s_i.abs() + (s_i - r).abs()) / (n - 1)  # (P+1, N)
+    total = sums.abs().sum(1, keepdim=True)  # (U, 1)
+    s_i = sums.gather(1, idx)  # (U, N)
+    e = ((total - s_i.abs() + (s_i - r).abs()) / (n - 1))[models]  # (P+1, N)
     return (e[:1] - e[1:]).T
 
 

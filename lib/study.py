@@ -27,8 +27,10 @@ from lib.calibration import calibration_summary, weighted_ece
 from lib.config import Config
 from lib.data import Split, batches
 from lib.laplace.curvature import fit_curvature
+from lib.laplace.exact import fit_block_ggn
 from lib.laplace.isotropic import IsotropicPosterior
 from lib.laplace.posterior import LaplacePosterior, build_posterior
+from lib.laplace.quality import prepare_curvature_quality
 from lib.laplace.predictive import Bank, iter_subset_mixtures, iter_subset_probs, perturbation_bank, standard_subsets
 from lib.laplace.scale import example_nll, scale_grid, validation_nll
 from lib.pipeline import MapRun, map_run, numerics
@@ -116,14 +118,16 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
     """Curvature on the training split and the marginal-likelihood-tuned posterior of one seed.
 
     With ``laplace.fit_size`` < N the curvature is computed on a random subset of that size and
-    extrapolated to the N training examples (the GGN is a sum over the data).
+    extrapolated to the N training examples (the GGN is a sum over the data). ``laplace.structure``
+    ``'kron'``/``'diag'``: :func:`lib.laplace.curvature.fit_curvature`; ``'dense_block'``: the
+    exact GGN of every block (:func:`lib.laplace.exact.fit_block_ggn`, blocks independent of each other).
     """
     _check_restricted_prior(cfg)
     lc = cfg.laplace
     # restricted_prior is left out of the key: with per-block priors re-tuning on a subset gives each
     # block the prior it already has, and a shared prior with 'retune' is refused above, so it never
-    # changes this stage's result.
-    inputs = {k: v for k, v in dataclasses.asdict(lc).items() if k != "restricted_prior"}
+    # changes this stage's result; quality_images only feeds the curvature_quality stage.
+    inputs = {k: v for k, v in dataclasses.asdict(lc).items() if k not in ("restricted_prior", "quality_images")}
     st = stage("laplace", {"laplace": inputs, "numerics": numerics(device)}, upstream=[run.stage])
     if st.done:
         return st, LaplacePosterior.load(st.file("posterior.pt"), map_location=device)
@@ -134,12 +138,14 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
     delta0 = lc.prior_init if lc.prior_init is not None else prior_precision(cfg.train.weight_decay, len(run.splits.train))
     _sync(device)
     t0 = time.perf_counter()
-    curvature = fit_curvature(
-        run.model, batches(train, lc.batch_size, preprocess=run.preprocess, device=device),
-        structure=lc.structure, device=device, kfac=lc.kfac, fisher=lc.fisher, mc_samples=lc.mc_samples,
-        generator=torch.Generator(device=device).manual_seed(run.seed), autocast_dtype=amp_dtype(device),
-        class_chunk=lc.class_chunk,
-    )
+    kw = dict(device=device, fisher=lc.fisher, mc_samples=lc.mc_samples,
+              generator=torch.Generator(device=device).manual_seed(run.seed), autocast_dtype=amp_dtype(device),
+              class_chunk=lc.class_chunk)
+    data = batches(train, lc.batch_size, preprocess=run.preprocess, device=device)
+    if lc.structure == "dense_block":
+        curvature = fit_block_ggn(run.model, data, **kw)
+    else:
+        curvature = fit_curvature(run.model, data, structure=lc.structure, kfac=lc.kfac, **kw)
     _sync(device)
     fit_s = time.perf_counter() - t0
     if len(train) < len(run.splits.train):
@@ -155,6 +161,44 @@ def fit_laplace(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, 
     }, indent=1))
     st.mark_done()
     return st, post
+
+
+def curvature_quality(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, pd.DataFrame]:
+    """Curvature-quality table of one seed (:func:`lib.laplace.quality.prepare_curvature_quality`), cached.
+
+    K-FAC-expand, K-FAC-reduce and the diagonal GGN against the exact GGN of every block, all
+    fitted (exact output vectors, float32 forward) on the first ``laplace.quality_images`` images
+    of the training split and extrapolated to all of it (as :func:`fit_laplace` extrapolates
+    ``fit_size``); the logit variances on the first ``laplace.quality_images`` validation images.
+    File: ``quality.csv``.
+    """
+    lc = cfg.laplace
+    if lc.quality_images < 1:
+        raise ValueError("laplace.quality_images is 0: the curvature-quality table is switched off; set it ≥ 1")
+    inputs = {"images": lc.quality_images, "batch_size": lc.batch_size, "class_chunk": lc.class_chunk,
+              "numerics": numerics(device)}
+    st = stage("curvature_quality", inputs, upstream=[run.stage])
+    if st.done:
+        return st, pd.read_csv(st.file("quality.csv"))
+    n = lc.quality_images
+    fit = Split(run.splits.train.x[:n], run.splits.train.y[:n])
+    val = Split(run.splits.val.x[:n], run.splits.val.y[:n])
+    _sync(device)
+    t0 = time.perf_counter()
+    table = prepare_curvature_quality(
+        run.model, list(batches(fit, lc.batch_size, preprocess=run.preprocess, device=device)),
+        batches(val, lc.batch_size, preprocess=run.preprocess, device=device),
+        device=device, n_data=len(run.splits.train), class_chunk=lc.class_chunk,
+    )
+    _sync(device)
+    table.insert(0, "seed", run.seed)
+    table.to_csv(st.file("quality.csv"), index=False)
+    st.file("info.json").write_text(json.dumps({
+        "seconds": time.perf_counter() - t0, "fit_images": len(fit), "val_images": len(val),
+        "environment": environment(),
+    }, indent=1))
+    st.mark_done()
+    return st, table
 
 
 BANK_PART_IMAGES = 1024

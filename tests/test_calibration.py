@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import relplot
 import torch
@@ -9,6 +10,7 @@ from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibr
 
 from lib.calibration import (
     accuracy,
+    bin_edges,
     bin_index,
     brier,
     calibration_summary,
@@ -91,6 +93,51 @@ def test_ece_mce_equal_torchmetrics(n_bins, n_classes):
     tm_max = MulticlassCalibrationError(n_classes, n_bins=n_bins, norm="max")(probs, labels)
     assert torch.allclose(ece(probs, labels, n_bins), tm_l1, atol=1e-6)
     assert torch.allclose(mce(probs, labels, n_bins), tm_max, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bin_edges_are_k_over_m_rounded_and_left_closed(dtype):
+    """Edge k is k/M correctly rounded in the confidences' dtype (Python's float64 division, numpy's
+    float32 division); a confidence equal to an edge lands in the slot starting there, the number just
+    below it in the slot before (1.0 in the point-mass slot M)."""
+    for n_bins in range(1, 61):
+        ref = [k / n_bins for k in range(n_bins + 1)] if dtype == torch.float64 else [
+            np.float32(k) / np.float32(n_bins) for k in range(n_bins + 1)]
+        edges = bin_edges(n_bins, dtype)
+        assert edges.dtype == dtype and edges.tolist() == [float(e) for e in ref]
+        k = torch.arange(n_bins + 1)
+        assert torch.equal(bin_index(edges, n_bins), k)
+        below = torch.nextafter(edges[1:], torch.zeros((), dtype=dtype))
+        assert torch.equal(bin_index(below, n_bins), k[:-1])
+
+
+def test_on_edge_float64_confidences_hand_worked_and_torchmetrics():
+    """float64 0.3 with 10 bins is in [0.3, 0.4) (float64 linspace's edge 0.30000000000000004 put it
+    in [0.2, 0.3)), and likewise 0.0, 0.1, 0.7 and 1.0 land in the slot whose lower edge they are, as
+    torchmetrics bins them (in float32) for M = 10. ECE by hand with 4 classes:
+    conf 0.26 wrong (slot 2), 0.3 right (slot 3), 0.65 right (slot 6), 0.7 wrong (slot 7), 1.0 right
+    (slot 10): (0.26 + 0.7 + 0.35 + 0.7 + 0) / 5 = 0.402; with 0.3 in slot 2 it would be 0.298."""
+    conf = torch.tensor([0.0, 0.1, 0.3, 0.7, 1.0], dtype=torch.float64)
+    assert bin_index(conf, 10).tolist() == [0, 1, 3, 7, 10]
+    assert bin_index(conf.float(), 10).tolist() == [0, 1, 3, 7, 10]
+    assert bin_index(torch.tensor([3 / 15, 0.8, 1 / 3], dtype=torch.float64), 15).tolist() == [3, 12, 5]
+    probs, labels = _probs_from_conf([0.26, 0.3, 0.65, 0.7, 1.0], [0, 1, 1, 0, 1], n_classes=4)
+    expected = (0.26 + 0.7 + 0.35 + 0.7 + 0.0) / 5
+    assert torch.allclose(ece(probs, labels, 10), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15)
+    tm = MulticlassCalibrationError(4, n_bins=10, norm="l1")(probs, labels)
+    assert torch.allclose(tm.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6)
+    rd = prepare_reliability(probs, labels, 10)
+    assert rd.count.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1] and rd.ece == pytest.approx(expected, abs=1e-15)
+
+
+def test_reliability_bins_in_the_dtype_of_the_confidences():
+    """float32 0.7 (0.699999988 as a float64) is the float32 edge 7/10: reliability data (summed in
+    float64) puts it in slot 7, as ece() on the float32 probabilities does."""
+    probs, labels = _probs_from_conf([0.7, 0.3, 0.9], [1, 0, 1], n_classes=4)
+    probs = probs.float()
+    rd = prepare_reliability(probs, labels, 10)
+    assert rd.count.tolist() == [0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 0]
+    assert rd.ece == pytest.approx(float(ece(probs, labels, 10)), abs=1e-7)
 
 
 def test_classwise_ece_equals_mean_of_binary_torchmetrics():

@@ -9,6 +9,7 @@ import yaml
 
 from lib.config import (
     CIFAR_DIRS,
+    DENSE_BLOCK_MAX_PARAMS,
     Config,
     LaplaceConfig,
     ModelConfig,
@@ -16,6 +17,7 @@ from lib.config import (
     PretrainConfig,
     TrainConfig,
     load_params,
+    lora_block_params,
     params_path,
 )
 from lib.paths import PARAMS
@@ -293,3 +295,41 @@ def test_bad_scale_range_names_the_key(value, tmp_path):
     raw["predictive"]["scale_range"] = value
     msg = _one_line_error(_write(tmp_path, raw))
     assert f"'predictive.scale_range' is {value}; give two numbers [low, high] with 0 < low < high" in msg, msg
+
+
+@pytest.mark.parametrize(("profile", "size"), [("smoke", 4 * 16 * 64), ("cifar10-transfer", 24_576),
+                                               ("vit-b16-cifar100", 196_608)])
+def test_lora_block_params_of_the_profiles(profile, size):
+    """r · Σ_targets (in + out) of a timm ViT block: r · 16 D for qkv, proj, fc1, fc2 (mlp_ratio 4)."""
+    cfg = Config.from_dict(_raw(profile))
+    assert lora_block_params(cfg.model, cfg.lora) == size
+    assert DENSE_BLOCK_MAX_PARAMS >= 24_576  # cifar10-transfer's blocks fit a dense block
+
+
+def test_dense_block_accepted_where_blocks_are_small(tmp_path):
+    raw = _raw("smoke")
+    raw["laplace"]["structure"] = "dense_block"
+    assert load_params(_write(tmp_path, raw))["laplace"]["structure"] == "dense_block"
+
+
+@pytest.mark.parametrize(("key", "value"), [("structure", "dense_block"), ("quality_images", 10)])
+def test_dense_block_rejected_for_large_blocks(key, value, tmp_path):
+    """vit-b16-cifar100 has 196,608 LoRA parameters per block: a dense block GGN is refused, naming the key."""
+    raw = _with_data_root(_raw("vit-b16-cifar100"), tmp_path)
+    raw["laplace"][key] = value
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert f"'laplace.{key}'" in msg and "196608" in msg and str(DENSE_BLOCK_MAX_PARAMS) in msg, msg
+
+
+def test_rank_rejected_for_dense_block(tmp_path):
+    raw = _raw("smoke")
+    raw["laplace"].update(structure="dense_block", rank=4)
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert "'laplace.rank'" in msg, msg
+
+
+def test_negative_quality_images_rejected(tmp_path):
+    raw = _raw("smoke")
+    raw["laplace"]["quality_images"] = -1
+    msg = _one_line_error(_write(tmp_path, raw))
+    assert "'laplace.quality_images' is -1" in msg, msg

@@ -53,7 +53,10 @@ def test_predictor_depends_on_samples(fitted):
     assert (a - b).abs().max() > 1e-4
 
 
-def test_latency_table_rows_and_fused_attention_restored(fitted):
+def test_latency_table_rows_and_fused_attention_restored(fitted, monkeypatch):
+    import lib.laplace.predictive
+
+    monkeypatch.setattr(lib.laplace.predictive, "REVERSE_CLASSES_PER_SAMPLE", 1)  # 'auto' = forward when C > K
     model, post, x, _ = fitted
     fused = [m.fused_attn for m in unwrap(model).modules() if hasattr(m, "fused_attn")]
     table = latency_table(model, post, x, {"single 0": [0], "all": [0, 1, 2]}, n_samples=2, seed=0,

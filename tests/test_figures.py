@@ -14,6 +14,7 @@ from lib.calibration import prepare_reliability
 from lib.figures import (
     PALETTE,
     plot_block_quantities,
+    plot_curvature_quality,
     plot_cumulative,
     plot_delta_ranked,
     plot_delta_scatter,
@@ -302,3 +303,23 @@ def test_plot_delta_scatter_grid_two_panels_per_row():
     with pytest.raises(ValueError, match="panels must not be empty"):
         plot_delta_scatter_grid({})
     _close(fig)
+
+
+def test_plot_curvature_quality_lines_per_module():
+    """One log panel per approximation; each module's line passes through its seed-mean trace
+    ratios at the block indices; a reference line at 1."""
+    rows = [{"seed": s, "approximation": a, "module": m, "block": b, "trace_ratio": (b + 1) * (k + 1) * (1 + s) / 10}
+            for s in (0, 1) for a in ("K-FAC-reduce", "diagonal") for k, m in enumerate(("fc1", "block"))
+            for b in range(3)]
+    data = pd.DataFrame(rows)
+    fig = plot_curvature_quality(data)
+    assert len(fig.axes) == 2 and [ax.get_title() for ax in fig.axes] == ["K-FAC-reduce", "diagonal"]
+    for ax in fig.axes:
+        assert ax.get_yscale() == "log"
+        lines = {ln.get_label(): ln for ln in ax.get_lines()}
+        for k, m in enumerate(("fc1", "block")):
+            assert np.allclose(lines[m].get_xdata(), [0, 1, 2])
+            assert np.allclose(lines[m].get_ydata(), [(b + 1) * (k + 1) * 1.5 / 10 for b in range(3)], atol=1e-12)
+        assert any(np.allclose(ln.get_ydata(), 1.0) for ln in ax.get_lines() if ln.get_label() not in ("fc1", "block"))
+    with pytest.raises(ValueError, match="missing columns \\['trace_ratio'\\]"):
+        plot_curvature_quality(data.drop(columns="trace_ratio"))

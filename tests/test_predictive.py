@@ -166,16 +166,33 @@ def test_reverse_mode_bank_equals_forward_mode(tiny_lora_vit, tiny_batch, poster
     assert [p.requires_grad for p in tiny_lora_vit.parameters()] == grad_flags
 
 
-def test_auto_mode_picks_reverse_only_when_classes_do_not_exceed_samples(tiny_lora_vit, tiny_batch, posterior, monkeypatch):
+def test_auto_mode_picks_reverse_only_when_classes_do_not_exceed_the_sample_ratio(tiny_lora_vit, tiny_batch, posterior,
+                                                                                   monkeypatch):
     import lib.laplace.predictive as P
 
     x, y = tiny_batch
     calls = []
     real = P._reverse_bank
     monkeypatch.setattr(P, "_reverse_bank", lambda *a, **k: calls.append(1) or real(*a, **k))
-    perturbation_bank(tiny_lora_vit, posterior, [(x, y)], n_samples=4, seed=0, device="cpu")  # C = 4 <= K = 4
-    perturbation_bank(tiny_lora_vit, posterior, [(x, y)], n_samples=3, seed=0, device="cpu")  # C = 4 > K = 3
+    monkeypatch.setattr(P, "REVERSE_CLASSES_PER_SAMPLE", 1)
+    perturbation_bank(tiny_lora_vit, posterior, [(x, y)], n_samples=4, seed=0, device="cpu")  # C = 4 <= 1 * 4
+    perturbation_bank(tiny_lora_vit, posterior, [(x, y)], n_samples=3, seed=0, device="cpu")  # C = 4 > 1 * 3
     assert calls == [1]
+
+
+def test_auto_mode_rule_at_the_measured_ratio():
+    """C = 100, K = 32 (ViT-B/16 on CIFAR-100, where reverse mode was measured faster) is reverse;
+    C = 100 with K = 24 (C > 4K) stays forward; explicit modes are obeyed."""
+    from lib.laplace.predictive import REVERSE_CLASSES_PER_SAMPLE, uses_reverse_mode
+
+    head = torch.nn.Linear(2, 100)
+    head.num_classes = 100
+    assert REVERSE_CLASSES_PER_SAMPLE == 4
+    assert uses_reverse_mode(head, 32, "auto") and uses_reverse_mode(head, 25, "auto")
+    assert not uses_reverse_mode(head, 24, "auto")
+    assert uses_reverse_mode(head, 1, "reverse") and not uses_reverse_mode(head, 1000, "forward")
+    with pytest.raises(ValueError, match="mode must be"):
+        uses_reverse_mode(head, 32, "fast")
 
 
 def test_mc_averages_probabilities_not_logits_hand_case():

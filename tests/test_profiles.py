@@ -3,7 +3,7 @@
 ``vit-b16-cifar100`` cannot download here, so its data and weights are fabricated in the real
 formats (torchvision's ``cifar-100-python/`` pickles, a timm state-dict file) and only sizes are
 shrunk; everything else (MC-Fisher K-FAC-reduce, per-block evidence prior, K = 32 samples, the
-validation-tuned covariance scale, 100 classes, hence the forward-mode bank) is the profile's.
+validation-tuned covariance scale, 100 classes ≤ 4K, hence the reverse-mode bank) is the profile's.
 """
 
 from __future__ import annotations
@@ -72,3 +72,19 @@ def test_cifar10_transfer_profile_runs_on_fabricated_cifar10(tmp_path, monkeypat
     assert n_test > 0 and named["probs"].shape == (len(named["names"]), n_test, 5)
     assert st.subset_ece().shape == (5, 2**3) and torch.isfinite(st.subset_ece()).all()
     assert st.run.stage.path != st.laplace.path and st.val_bank is not None
+
+
+def test_vit_b16_synthetic_profile_has_the_reference_shapes_and_settings():
+    """The GPU rehearsal of the reference path differs from ``vit-b16-cifar100`` only in its data,
+    its random initialisation, its sizes and its seeds' epochs, so its stage times and memory
+    extrapolate to the reference run."""
+    syn = Config.from_dict(load_params(PARAMS / "vit-b16-synthetic.yml", check_data=False))
+    ref = Config.from_dict(load_params(PARAMS / "vit-b16-cifar100.yml", check_data=False))
+    assert syn.data.name == "synthetic" and syn.data.num_classes == ref.data.num_classes == 100
+    assert syn.data.synthetic.native_size == 32  # CIFAR's 32 px, upsampled to the model's 224 like CIFAR-100
+    assert syn.model.name == ref.model.name.split(".")[0] and not syn.model.pretrained
+    assert syn.lora == ref.lora and syn.seeds == ref.seeds and syn.stats == ref.stats and syn.deploy == ref.deploy
+    same = lambda a, b, skip: all(getattr(a, f) == getattr(b, f) for f in a.__dataclass_fields__ if f not in skip)  # noqa: E731
+    assert same(syn.laplace, ref.laplace, {"fit_size"}) and syn.laplace.fit_size < ref.laplace.fit_size
+    assert same(syn.predictive, ref.predictive, {"scale_images"})
+    assert same(syn.train, ref.train, {"epochs", "warmup_epochs"}) and syn.train.compile

@@ -79,6 +79,49 @@ def test_git_state_prefers_the_repository_over_the_environment(repo, monkeypatch
     assert git_state(repo) == {"git_sha": _git(repo, "rev-parse", "HEAD"), "git_dirty": False}
 
 
+@pytest.fixture
+def nested(isolated):
+    """``repo/project``: a copy of a project tree (no ``.git`` of its own) inside a repository with
+    one commit, as when the working tree is unpacked in some other checkout."""
+    _git(isolated, "init", "-q")
+    (isolated / "outer.txt").write_text("outer\n")
+    _git(isolated, "add", "outer.txt")
+    _git(isolated, "commit", "-q", "-m", "outer")
+    project = isolated / "project"
+    (project / "lib").mkdir(parents=True)
+    (project / "lib" / "__init__.py").write_text("")
+    (project / "_quarto.yml").write_text("project: {}\n")
+    return project
+
+
+def test_git_state_ignores_an_enclosing_repository(nested, monkeypatch):
+    """git would report the outer repository's commit, dirty because the copy is untracked there:
+    neither describes the project, so nothing is recorded, or the commit given in LLA_GIT_SHA."""
+    outer = _git(nested.parent, "rev-parse", "HEAD")
+    assert _git(nested, "rev-parse", "HEAD") == outer  # what git alone would record
+    assert git_state(nested) == {"git_sha": None, "git_dirty": None}
+    assert environment(nested)["git_sha"] is None
+    monkeypatch.setenv("LLA_GIT_SHA", "0123456789abcdef0123456789abcdef01234567")
+    assert git_state(nested) == {"git_sha": "0123456789abcdef0123456789abcdef01234567", "git_dirty": None}
+
+
+def test_git_state_of_a_repository_nested_in_another(nested, monkeypatch):
+    """The project with its own repository inside another one: its own commit and state."""
+    monkeypatch.setenv("LLA_GIT_SHA", "f" * 40)
+    _git(nested, "init", "-q")
+    _git(nested, "add", ".")
+    _git(nested, "commit", "-q", "-m", "project")
+    assert git_state(nested) == {"git_sha": _git(nested, "rev-parse", "HEAD"), "git_dirty": False}
+    assert git_state(nested)["git_sha"] != _git(nested.parent, "rev-parse", "HEAD")
+
+
+def test_git_state_through_a_symlinked_root(repo, tmp_path):
+    """A root reached through a symlink is still the repository's top level (paths are resolved)."""
+    link = tmp_path / "link"
+    link.symlink_to(repo, target_is_directory=True)
+    assert git_state(link) == {"git_sha": _git(repo, "rev-parse", "HEAD"), "git_dirty": False}
+
+
 def test_environment_records_git_device_and_versions(repo):
     env = environment(repo)
     assert set(env) == {"git_sha", "git_dirty", "device", "versions"}

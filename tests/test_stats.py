@@ -88,17 +88,86 @@ def test_delta_ece_equals_difference_of_ece():
     assert torch.allclose(delta_ece(det, bayes, labels), ref, atol=1e-12)
 
 
+# Round-off bound for a float64 Delta from bin sums over N examples with multiplicities summing to N:
+# each |S_m| = |sum_i w_i 1[i in B_m] r_i| with |r_i| <= 1 is summed with error <= N eps sum_i w_i |r_i|
+# (recursive summation, any order), so each ECE is off by <= N eps and Delta by <= 2 N eps.
+EPS64 = torch.finfo(torch.float64).eps
+
+
 def test_paired_bootstrap_equals_explicit_resampling():
     gen = torch.Generator().manual_seed(1)
     det, bayes, labels = _random_models(300, 3, 5, gen)
-    res = paired_bootstrap(det, bayes, labels, 40, torch.Generator().manual_seed(9), n_bins=10, chunk_size=64)
+    g64 = torch.Generator().manual_seed(9)
+    res = paired_bootstrap(det, bayes, labels, 40, g64, n_bins=10, chunk_size=64)
     idx = torch.randint(0, 300, (40, 300), generator=torch.Generator().manual_seed(9))
     ref = torch.stack([delta_ece(det[i], bayes[:, i], labels[i], 10) for i in idx])
-    assert torch.allclose(res.samples, ref, atol=1e-12)
-    assert torch.allclose(res.estimate, delta_ece(det, bayes, labels, 10), atol=1e-12)
-    # chunking over R consumes the same random stream: identical draws
-    res2 = paired_bootstrap(det, bayes, labels, 40, torch.Generator().manual_seed(9), n_bins=10, chunk_size=7)
-    assert torch.equal(res2.samples, res.samples)
+    bound = 2 * 300 * EPS64  # 1.3e-13; different draws would differ by ~1e-2
+    assert torch.allclose(res.samples, ref, rtol=0, atol=bound)
+    assert torch.allclose(res.estimate, delta_ece(det, bayes, labels, 10), rtol=0, atol=bound)
+    # chunking over R consumes the same random stream: the same draws (the generator ends in the same
+    # state, and the replicates agree with the explicit ones), summed by matmuls of other shapes, whose
+    # kernels may order the sums differently (they do on AMD EPYC): equal up to round-off only
+    g7 = torch.Generator().manual_seed(9)
+    res2 = paired_bootstrap(det, bayes, labels, 40, g7, n_bins=10, chunk_size=7)
+    assert torch.equal(g7.get_state(), g64.get_state())
+    assert torch.allclose(res2.samples, res.samples, rtol=0, atol=bound)
+    assert torch.allclose(res2.samples, ref, rtol=0, atol=bound)
+
+
+def _identical_pair(seed):
+    """The case of issue 14: p = softmax of 400 x 3 float64 logits, labels uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(400, 3, generator=gen, dtype=torch.float64).softmax(1)
+    return p, torch.randint(0, 3, (400,), generator=gen)
+
+
+def _nonzero(x):
+    return int((x != 0).sum())
+
+
+def test_identical_models_give_exactly_zero_delta():
+    """A posterior equal to the deterministic model has Delta exactly 0: point estimate, every paired
+    bootstrap replicate (any chunking), every jackknife value, hence BCa and percentile intervals
+    [0, 0] and a bootstrap p-value of 1. Before the fix (AMD EPYC, torch 2.14.1) 58 of 200 such seeds
+    gave Delta != 0 (up to 1.1e-16, from the column sums of the residual design), replicates were
+    off by up to 1.1e-16 and 5 of the first 20 seeds had a BCa interval that excluded 0. Other
+    posteriors alongside keep their Delta."""
+    hits = {"delta": 0, "boot": 0, "jack": 0, "bca": 0, "pct": 0, "pvalue": 0}
+    for seed in range(20):
+        p, y = _identical_pair(seed)
+        other = (2 * p.log()).softmax(1)  # sharper, a different model
+        bayes = torch.stack([p, other, p])
+        d = delta_ece(p, bayes, y, 10)
+        hits["delta"] += _nonzero(d[[0, 2]])
+        assert abs(float(d[1]) - float(ece(p, y, 10) - ece(other, y, 10))) <= 2 * 400 * EPS64 and d[1] != 0
+        for chunk in (7, 256):
+            res = paired_bootstrap(p, bayes, y, 200, torch.Generator().manual_seed(seed), n_bins=10, chunk_size=chunk)
+            hits["boot"] += _nonzero(res.estimate[[0, 2]]) + _nonzero(res.samples[:, [0, 2]])
+        jk = jackknife_delta_ece(p, bayes, y, 10)
+        hits["jack"] += _nonzero(jk[:, [0, 2]])
+        lo, hi = bca_interval(res.samples, res.estimate, jk)
+        hits["bca"] += _nonzero(lo[[0, 2]]) + _nonzero(hi[[0, 2]])
+        lo, hi = percentile_interval(res.samples)
+        hits["pct"] += _nonzero(lo[[0, 2]]) + _nonzero(hi[[0, 2]])
+        hits["pvalue"] += _nonzero(bootstrap_pvalues(res.samples)[[0, 2]] - 1)
+    assert hits == {"delta": 0, "boot": 0, "jack": 0, "bca": 0, "pct": 0, "pvalue": 0}
+
+
+def test_identical_models_give_exactly_zero_in_the_sample_and_mc_bootstraps():
+    """The bootstrap over seeds, examples and posterior samples, and the Monte Carlo error: a
+    posterior whose every sample equals the deterministic model gives exactly 0 everywhere; a
+    different posterior alongside does not."""
+    for seed in range(5):
+        p, y = _identical_pair(seed)
+        # every one of the K = 4 samples of posterior 0 is p (so is every mixture), of posterior 1 `other`
+        pair = torch.stack([p, (2 * p.log()).softmax(1)])
+        seeds = [SeedSamples(p, y, lambda w: pair.expand(w.shape[0], -1, -1, -1), 4)] * 2
+        res = sample_bootstrap(seeds, 50, torch.Generator().manual_seed(seed), n_bins=10, chunk_size=8)
+        assert _nonzero(res.estimate[0]) == 0 and _nonzero(res.samples[:, 0]) == 0
+        assert _nonzero(res.samples[:, 1]) == 50
+        mc = mc_error_delta_ece(p, y, lambda w: p.expand(w.shape[0], -1, -1), 4, 20,
+                                torch.Generator().manual_seed(seed), n_bins=10)
+        assert (float(mc.estimate), float(mc.se), float(mc.halving)) == (0.0, 0.0, 0.0)
 
 
 def test_jackknife_closed_form_equals_leave_one_out():

@@ -24,7 +24,7 @@ from lib.data import batches
 from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales
 from lib.pipeline import map_run
-from lib.study import VALIDATION_SEED, fit_laplace, run_all, run_seed
+from lib.study import VALIDATION_SEED, curvature_quality, fit_laplace, run_all, run_seed
 
 
 @pytest.fixture
@@ -441,10 +441,11 @@ def test_gpu_numerics_run_end_to_end_under_cpu_autocast(tiny_cfg, monkeypatch, n
     """Every stage with the GPU's numerics (bf16 autocast for training, curvature, banks and
     latency), simulated with CPU autocast: the whole study, the attribution and the latency table
     run, record bf16, and give finite, well-formed results; a dtype slip in a CUDA-only branch
-    would otherwise surface only on the lent GPU. K = 4 < C = 5 builds the banks in forward mode,
-    K = 8 in reverse mode."""
+    would otherwise surface only on the lent GPU. With ``'auto'`` narrowed to ``C ≤ K``, K = 4 < C = 5
+    builds the banks in forward mode, K = 8 in reverse mode."""
     import sys
 
+    import lib.laplace.predictive
     import lib.train
     from lib.deploy import latency_table
 
@@ -452,6 +453,7 @@ def test_gpu_numerics_run_end_to_end_under_cpu_autocast(tiny_cfg, monkeypatch, n
     for module in list(sys.modules.values()):
         if getattr(module, "amp_dtype", None) is original:
             monkeypatch.setattr(module, "amp_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(lib.laplace.predictive, "REVERSE_CLASSES_PER_SAMPLE", 1)
     cfg = dataclasses.replace(tiny_cfg, predictive=dataclasses.replace(tiny_cfg.predictive, n_samples=n_samples))
     cpu = torch.device("cpu")
     studies = run_all(cfg, cpu)
@@ -470,3 +472,39 @@ def test_gpu_numerics_run_end_to_end_under_cpu_autocast(tiny_cfg, monkeypatch, n
     lat = latency_table(s.run.model, s.posterior, x, {"all": [0, 1, 2]}, n_samples=n_samples, seed=s.seed,
                         device=cpu, n_warmup=0, n_iters=1)
     assert lat.set_index("posterior").loc["all", "mode"] == mode
+
+
+def test_dense_block_structure_runs_the_study(tiny_cfg):
+    """laplace.structure: dense_block fits the exact block GGNs, tunes a prior per block and feeds
+    the bank and subsets stages; its stage key differs from the K-FAC one."""
+    d = tiny_cfg.to_dict()
+    d["seeds"] = [0]
+    d["laplace"]["structure"] = "dense_block"
+    cfg = Config.from_dict(d)
+    cpu = torch.device("cpu")
+    study = run_seed(cfg, 0, cpu)
+    kron_stage, _ = fit_laplace(tiny_cfg, map_run(tiny_cfg, 0, cpu), cpu)
+    assert study.posterior.kind == "dense_block" and study.laplace.path != kron_stage.path
+    p = 16 * 4 * 16  # r · 16 · width per block
+    assert all(e["U"].shape == (p, p) for e in study.posterior.eig.values())
+    assert len(study.named()["names"]) > 1 and torch.isfinite(study.test_bank().delta).all()
+
+
+def test_curvature_quality_stage_cached_and_keyed(tiny_cfg):
+    """The quality table has a row per block, module and approximation, is reused from its stage,
+    and a different laplace.quality_images gives another stage; 0 is refused."""
+    cpu = torch.device("cpu")
+    run = map_run(tiny_cfg, 0, cpu)
+    st, table = curvature_quality(tiny_cfg, run, cpu)
+    assert len(table) == 3 * 5 * 3 and set(table.module) == {"qkv", "proj", "fc1", "fc2", "block"}
+    assert (table.seed == 0).all() and (table.trace_ratio > 0).all() and (table.kl >= 0).all()
+    again, cached = curvature_quality(tiny_cfg, run, cpu)
+    assert again.path == st.path
+    pd.testing.assert_frame_equal(cached, table)
+    d = tiny_cfg.to_dict()
+    d["laplace"]["quality_images"] = tiny_cfg.laplace.quality_images // 2
+    other, _ = curvature_quality(Config.from_dict(d), run, cpu)
+    assert other.path != st.path
+    d["laplace"]["quality_images"] = 0
+    with pytest.raises(ValueError, match="quality_images"):
+        curvature_quality(Config.from_dict(d), run, cpu)

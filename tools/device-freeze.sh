@@ -19,13 +19,22 @@
 set -uo pipefail
 profile=${1:?usage: device-freeze.sh PROFILE}
 source tools/device-env.sh
-python3 -m lib.data materialize-cifar10 data --source .carry/cifar10-jpeg || exit 1
+# Only the CIFAR-10 profiles need the carried JPEG pack (vit-b16-synthetic makes its own images).
+if grep -qE '^\s*name:\s*cifar10\s*$' "params/$profile.yml"; then
+  python3 -m lib.data materialize-cifar10 data --source .carry/cifar10-jpeg || exit 1
+fi
+# GPU memory in use (the whole device, the caching allocator's reserve included: an upper bound on
+# what the run needs), sampled every second; its maximum is printed at the end.
+nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader,nounits -lms 1000 > "$OUT/gpu-memory.csv" 2>/dev/null &
+smi=$!
 start=$(date +%s)
 # Stop the runner before the device call's own limit (600 s) so that what finished still comes back.
 timeout -s INT "${FREEZE_LIMIT_S:-530}" python3 -m lib.runner run --profile "$profile" 2>&1 \
   | grep -v -E "Warning|warnings.warn|Executing Cell|Ending Cell|cell/s\]|^\s*$" | tail -200
 rc=${PIPESTATUS[0]}
 echo "runner exit $rc after $(( $(date +%s) - start )) s"
+kill "$smi" 2>/dev/null
+echo "peak GPU memory in use: $(cut -d, -f2 "$OUT/gpu-memory.csv" | sort -n | tail -1) MiB"
 tar czf "$OUT/freeze.tgz" "_freeze/$profile" $( [ -d _failed ] && echo _failed )
 find artifacts \( -name info.json -o -name history.json -o -name blocks.csv -o -name metrics.csv \) -print0 \
   | tar czf "$OUT/artifacts-small.tgz" --null -T -

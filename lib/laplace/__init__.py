@@ -1,4 +1,4 @@
-"""Laplace approximation over the LoRA weights: curvature (K-FAC / diagonal GGN), posterior, evidence."""
+"""Laplace approximation over the LoRA weights: curvature (K-FAC / diagonal / exact dense-block GGN), posterior, evidence."""
 
 from lib.laplace.curvature import (
     DiagCurvature,
@@ -8,9 +8,12 @@ from lib.laplace.curvature import (
     fit_diag,
     fit_kron,
 )
-from lib.laplace.posterior import DiagPosterior, KronPosterior, LaplacePosterior, build_posterior
+from lib.laplace.exact import DenseCurvature, fit_block_ggn
+from lib.laplace.posterior import DenseBlockPosterior, DiagPosterior, KronPosterior, LaplacePosterior, build_posterior
 
 __all__ = [
+    "DenseBlockPosterior",
+    "DenseCurvature",
     "DiagCurvature",
     "DiagPosterior",
     "KronCurvature",
@@ -18,6 +21,7 @@ __all__ = [
     "KronPosterior",
     "LaplacePosterior",
     "build_posterior",
+    "fit_block_ggn",
     "fit_curvature",
     "fit_diag",
     "fit_kron",

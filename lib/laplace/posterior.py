@@ -2,7 +2,8 @@
 
 Posterior precision per weight ``W`` of block ``ℓ``: ``GGN_W + δ_ℓ I`` with ``GGN_W`` from
 :mod:`lib.laplace.curvature` (mackay1992practical, daxberger2021laplace; over LoRA weights as in
-Laplace-LoRA, yang2024bayesian). Different weights are independent (block-diagonal precision).
+Laplace-LoRA, yang2024bayesian). Different weights are independent (block-diagonal precision),
+except in the dense-block posterior, where only different transformer blocks are.
 
 * K-FAC, ``GGN_W ≈ G ⊗ X`` with eigendecompositions ``G = U_G diag(λ_G) U_Gᵀ``,
   ``X = U_X diag(λ_X) U_Xᵀ``: ``Σ_W = (U_G ⊗ U_X) diag(1/(λ_G λ_Xᵀ + δ)) (U_G ⊗ U_X)ᵀ`` in
@@ -12,6 +13,9 @@ Laplace-LoRA, yang2024bayesian). Different weights are independent (block-diagon
   ``span(U_G ⊗ U_X)``. A sample is ``ΔW = E/√δ + U_G [(U_Gᵀ E U_X) ⊙ (1/√(λ_G λ_Xᵀ + δ) − 1/√δ)] U_Xᵀ``
   with ``E ~ N(0, I)`` (``out × in``); untruncated it is ``U_G (Z ⊙ (λ_G λ_Xᵀ + δ)^{-1/2}) U_Xᵀ``.
 * Diagonal: ``Σ_W = diag(1/(diag GGN_W + δ))``.
+* Dense block (:class:`DenseBlockPosterior`): the exact GGN of all LoRA weights of a block,
+  ``Σ_ℓ = (G_ℓ + δ_ℓ I)⁻¹`` through its eigendecomposition; weights of one block are coupled,
+  different blocks independent.
 
 The prior precision is one ``δ_ℓ`` per transformer block (``prior_precision`` has shape (L,);
 a scalar prior is the same value in every block) and can be tuned by the Laplace marginal
@@ -30,6 +34,7 @@ from typing import Iterable, Literal
 import torch
 
 from lib.laplace.curvature import DiagCurvature, KronCurvature
+from lib.laplace.exact import DenseCurvature
 from lib.laplace.marglik import log_evidence_terms, optimal_prior
 
 Sample = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -87,8 +92,12 @@ class LaplacePosterior:
         if bad:
             raise ValueError(f"blocks {bad} out of range; the model has blocks 0..{self.n_blocks - 1}")
 
+    def _block_eigs(self, block: int) -> torch.Tensor:
+        """Eigenvalues of block ``block``'s GGN (P_ℓ,), in any order."""
+        return torch.cat([self._eigs(e).reshape(-1) for e in self.block_entries(block)])
+
     def _groups(self, blocks: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
-        eigs = [torch.cat([self._eigs(e).reshape(-1) for e in self.block_entries(b)]) for b in blocks]
+        eigs = [self._block_eigs(b) for b in blocks]
         sq = torch.stack([sum(e["mean"].double().square().sum() for e in self.block_entries(b)) for b in blocks])
         return eigs, sq
 
@@ -195,15 +204,14 @@ class LaplacePosterior:
         for b in range(self.n_blocks):
             es = self.block_entries(b)
             d = float(self.prior_precision[b])
-            lam = torch.cat([self._eigs(e).reshape(-1).double() for e in es])
+            lam = self._block_eigs(b).double()
             rows.append({
                 "block": b,
                 "in_posterior": b in self.blocks,
                 "n_params": sum(e["mean"].numel() for e in es),
                 "prior_precision": d,
                 "curvature_trace": float(lam.sum()),
-                "variance_trace": float(sum(self._variance(e, self.prior_precision[b]).double().sum() for e in es))
-                if b in self.blocks else 0.0,
+                "variance_trace": float(sum(v.double().sum() for pair in self.variance_block(b).values() for v in pair)),
                 "effective_params": float((lam / (lam + d)).sum()),
             })
         return rows
@@ -230,9 +238,9 @@ class LaplacePosterior:
 
     @staticmethod
     def load(path: str | Path, map_location: torch.device | str | None = None) -> "LaplacePosterior":
-        """Rebuild a saved :class:`KronPosterior` or :class:`DiagPosterior`."""
+        """Rebuild a saved :class:`KronPosterior`, :class:`DiagPosterior` or :class:`DenseBlockPosterior`."""
         state = torch.load(path, map_location=map_location, weights_only=True)
-        cls = {"kron": KronPosterior, "diag": DiagPosterior}.get(state.get("kind"))
+        cls = {"kron": KronPosterior, "diag": DiagPosterior, "dense_block": DenseBlockPosterior}.get(state.get("kind"))
         if cls is None:
             raise ValueError(f"{path}: not a saved Laplace posterior")
         post = object.__new__(cls)
@@ -345,8 +353,102 @@ class DiagPosterior(LaplacePosterior):
         return torch.diag(1.0 / d if covariance else d)
 
 
+class DenseBlockPosterior(LaplacePosterior):
+    """Laplace posterior with the exact GGN of each transformer block kept dense (:mod:`lib.laplace.exact`).
+
+    Precision of block ``ℓ``: ``G_ℓ + δ_ℓ I`` (P_ℓ × P_ℓ) with ``G_ℓ = U_ℓ diag(λ_ℓ) U_ℓᵀ``
+    (eigendecomposition in float64, stored float32), so ``Σ_ℓ = U_ℓ diag(1/(λ_ℓ + δ_ℓ)) U_ℓᵀ``, a
+    sample is ``δθ_ℓ = U_ℓ (z ⊙ (λ_ℓ + δ_ℓ)^{-1/2})`` with ``z ~ N(0, I_{P_ℓ})``, the marginal
+    variances are ``(U_ℓ ⊙ U_ℓ)(1/(λ_ℓ + δ_ℓ))`` and the evidence of :mod:`lib.laplace.marglik`
+    takes the eigenvalues ``λ_ℓ`` (the full-covariance Laplace of mackay1992practical and
+    daxberger2021laplace, restricted to one block's LoRA weights). Within a block every LoRA
+    weight is coupled with every other; *across* blocks the precision is block-diagonal (the
+    GGN's cross-block terms are dropped), so a subset ``S`` (``restrict``) is the product of its
+    blocks' Gaussians, as the per-block perturbation bank requires. Memory: ``P_ℓ²`` float32 per block.
+    """
+
+    kind = "dense_block"
+
+    def __init__(self, curvature: DenseCurvature, prior_precision: float | torch.Tensor = 1.0,
+                 blocks: Iterable[int] | None = None):
+        if not isinstance(curvature, DenseCurvature):
+            raise ValueError("DenseBlockPosterior needs a DenseCurvature (lib.laplace.exact.fit_block_ggn)")
+        missing = sorted(set(curvature.blocks.values()) - set(curvature.ggn))
+        if missing:
+            raise ValueError(f"the DenseCurvature has no GGN for blocks {missing}; fit every block (blocks=None)")
+        entries = [{"name": name, "which": which, "block": curvature.blocks[name], "mean": mean}
+                   for name in curvature.names for which, mean in zip("AB", curvature.mean[name])]
+        self.eig = {}
+        for b, g in curvature.ggn.items():
+            lam, u = _eigh(g, None)
+            self.eig[b] = {"lam": lam, "U": u}
+        super().__init__(entries, curvature.n_blocks, curvature.loss, curvature.n_data, prior_precision, blocks)
+
+    def _block_eigs(self, block):
+        return self.eig[block]["lam"]
+
+    def sample_block(self, block, n_samples, generator):
+        """``n_samples`` zero-mean draws from ``N(0, Σ_block)`` (see :meth:`LaplacePosterior.sample_block`)."""
+        self._check_blocks([block])
+        if block not in self.blocks:
+            return self._split(block, torch.zeros(n_samples, self._size(block), device=self.device))
+        e = self.eig[block]
+        z = torch.randn(n_samples, e["lam"].numel(), generator=generator, device=self.device)
+        return self._split(block, (z * torch.rsqrt(e["lam"] + self.prior_precision[block])) @ e["U"].T)
+
+    def variance_block(self, block):
+        """Marginal posterior variances (see :meth:`LaplacePosterior.variance_block`)."""
+        self._check_blocks([block])
+        if block not in self.blocks:
+            return self._split(block, torch.zeros(1, self._size(block), device=self.device), squeeze=True)
+        e = self.eig[block]
+        var = e["U"].square() @ (1.0 / (e["lam"] + self.prior_precision[block]))
+        return self._split(block, var[None], squeeze=True)
+
+    def _dense(self, blocks, covariance):
+        blocks = self.blocks if blocks is None else sorted(set(blocks))
+        self._check_blocks(blocks)
+        mats = []
+        for b in blocks:
+            u, lam = self.eig[b]["U"].double(), self.eig[b]["lam"].double()
+            d = self.prior_precision[b].double()
+            mats.append((u / (lam + d)) @ u.T if covariance else (u * (lam + d)) @ u.T)
+        if not mats:
+            return torch.zeros(0, 0, dtype=torch.float64, device=self.device)
+        return torch.block_diag(*mats)
+
+    def _size(self, block: int) -> int:
+        return sum(e["mean"].numel() for e in self.block_entries(block))
+
+    def _split(self, block: int, flat: torch.Tensor, squeeze: bool = False) -> Sample:
+        """(K, P_ℓ) in parameter order → name → (A (K, r, in), B (K, out, r)) (``squeeze``: drop K)."""
+        out: dict[str, list[torch.Tensor]] = {}
+        o = 0
+        for e in self.block_entries(block):
+            n = e["mean"].numel()
+            t = flat[:, o : o + n].reshape(len(flat), *e["mean"].shape)
+            out.setdefault(e["name"], []).append(t[0] if squeeze else t)
+            o += n
+        return {k: tuple(v) for k, v in out.items()}
+
+    def state_dict(self) -> dict:
+        """:meth:`LaplacePosterior.state_dict` plus the per-block eigendecompositions (``eig``)."""
+        return {**super().state_dict(), "eig": self.eig}
+
+    def load_state_dict(self, state: dict) -> None:
+        """See :meth:`LaplacePosterior.load_state_dict`."""
+        super().load_state_dict(state)
+        self.eig = state["eig"]
+
+    def to(self, device):
+        """A copy on ``device``."""
+        new = super().to(device)
+        new.eig = {b: {k: v.to(device) for k, v in e.items()} for b, e in self.eig.items()}
+        return new
+
+
 def build_posterior(
-    curvature: KronCurvature | DiagCurvature,
+    curvature: KronCurvature | DiagCurvature | DenseCurvature,
     *,
     prior_precision: float | torch.Tensor = 1.0,
     prior_tuning: Literal["marglik", "none"] = "marglik",
@@ -357,14 +459,17 @@ def build_posterior(
 
     ``prior_tuning='marglik'`` replaces ``prior_precision`` by the evidence maximiser (per block or
     shared); ``'none'`` keeps it. ``prior_per_block`` is also what ``restrict(…, 'retune')`` uses.
-    ``rank`` truncates the K-FAC factors (:class:`KronPosterior`); a diagonal posterior rejects it.
+    ``rank`` truncates the K-FAC factors (:class:`KronPosterior`); a diagonal or dense-block
+    posterior (:class:`DiagPosterior`, :class:`DenseBlockPosterior`) rejects it.
     """
     if isinstance(curvature, KronCurvature):
         post = KronPosterior(curvature, prior_precision, rank=rank)
     elif rank is not None:
-        raise ValueError("rank truncation applies to K-FAC only; set rank=None for a diagonal posterior")
-    else:
+        raise ValueError("rank truncation applies to K-FAC only; set rank=None for a diagonal or dense-block posterior")
+    elif isinstance(curvature, DiagCurvature):
         post = DiagPosterior(curvature, prior_precision)
+    else:
+        post = DenseBlockPosterior(curvature, prior_precision)
     if prior_tuning not in ("marglik", "none"):
         raise ValueError(f"prior_tuning is {prior_tuning!r}; use 'marglik' or 'none'")
     if prior_tuning == "marglik":

@@ -1,0 +1,485 @@
+"""Calibration under dataset shift and OOD detection per method: tables, OOD sets, box plots.
+
+The protocol is Ovadia et al.'s :cite:`ovadia2019can`: every method (MAP, temperature scaling,
+Laplace posteriors over block subsets, ...) is evaluated on the clean test set (severity 0) and on
+each corrupted copy (:mod:`lib.corruptions`, CIFAR-10-C constants :cite:`hendrycks2019benchmarking`)
+at severities 1..5, with accuracy, ECE, NLL and Brier score (:mod:`lib.calibration`); a box per
+method and severity summarises the spread over corruptions. OOD detection follows Laplace Redux
+:cite:`daxberger2021laplace` with the metrics of :mod:`lib.ood`.
+
+OOD sets of the ``cifar10-transfer`` profile:
+
+- **near-OOD**: the CIFAR-10 test images of the classes *not* fine-tuned on (classes 0-4, which
+  the backbone saw in pre-training while the LoRA head was fine-tuned on classes 5-9);
+- **far-OOD**: :func:`far_ood_images`, synthetic images of two kinds in equal numbers —
+  ``uniform``: i.i.d. uniform pixel values in 0..255 per pixel and channel; ``smooth``: a 4 × 4
+  grid of i.i.d. uniform colours upsampled bicubically to full size (smooth colour blobs without
+  objects), both drawn from an explicit seeded generator.
+
+:func:`gain_intervals` gives the ECE gain of each method over MAP per severity with paired
+intervals, :func:`shift_summary` the resulting choice per severity, and :func:`rank_agreement`
+whether the ranking of blocks by ΔECE changes under shift: Kendall's τ-b :cite:`kendall1938new`
+between the per-block ΔECE on clean images and on their corrupted copies. Their bootstraps resample
+test images, as clusters with all their corrupted copies when corruptions are pooled
+(:func:`cluster_counts`, :cite:`efron1993introduction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from lib.calibration import accuracy, brier, ece, ece_from_weights, nll, top_label
+from lib.config import Config
+from lib.corruptions import CORRUPTIONS
+from lib.data import read_cifar
+from lib.figures import PALETTE, STYLE, WIDTH
+from lib.ood import auroc_difference, average_precision, ood_scores, paired_bootstrap_auroc
+from lib.stats import bootstrap_counts, percentile_interval
+
+__all__ = [
+    "METRICS",
+    "FAR_OOD_KINDS",
+    "shift_metrics",
+    "near_ood_images",
+    "far_ood_images",
+    "ood_table",
+    "cluster_counts",
+    "gain_intervals",
+    "shift_summary",
+    "kendall_tau_b",
+    "RankAgreement",
+    "rank_agreement",
+    "prepare_shift_boxes",
+    "plot_shift_boxes",
+]
+
+METRICS = ("accuracy", "ece", "nll", "brier")
+"""Columns of :func:`shift_metrics` (fractions; NLL in nats)."""
+
+FAR_OOD_KINDS = ("uniform", "smooth")
+"""The kinds of :func:`far_ood_images`, in the order they are drawn."""
+
+
+def shift_metrics(
+    probs: Mapping[str, Tensor],
+    labels: Tensor,
+    *,
+    corruption: str,
+    severity: int,
+    n_bins: int = 15,
+) -> pd.DataFrame:
+    """Accuracy, equal-width ECE, NLL and Brier score of each method on one (corrupted) test set.
+
+    Args:
+        probs: method name → (N, C) predictive probabilities on the same N images.
+        labels: (N,) int64.
+        corruption: a name of :data:`lib.corruptions.CORRUPTIONS`, or ``'clean'`` with severity 0.
+        severity: 0 (clean) or 1..5.
+        n_bins: M of :func:`lib.calibration.ece`.
+
+    Returns:
+        One row per method: ``method, corruption, family, severity, n, accuracy, ece, nll, brier``
+        (``family`` is ``'clean'`` for the clean set). Concatenate the frames of all corruptions and
+        severities for :func:`prepare_shift_boxes`.
+    """
+    if corruption == "clean":
+        if severity != 0:
+            raise ValueError(f"the clean test set has severity 0; got severity {severity}")
+        family = "clean"
+    elif corruption in CORRUPTIONS:
+        if severity not in (1, 2, 3, 4, 5):
+            raise ValueError(f"severity of corruption {corruption!r} must be in 1..5; got {severity}")
+        family = CORRUPTIONS[corruption].family
+    else:
+        raise ValueError(f"corruption {corruption!r} is unknown; use 'clean' or one of {', '.join(CORRUPTIONS)}")
+    if not probs:
+        raise ValueError("probs is empty: pass at least one method's probabilities")
+    rows = []
+    for method, p in probs.items():
+        if p.shape[0] != labels.shape[0]:
+            raise ValueError(f"probs[{method!r}] has {p.shape[0]} rows but labels has {labels.shape[0]}")
+        rows.append({
+            "method": method, "corruption": corruption, "family": family, "severity": severity,
+            "n": int(labels.shape[0]), "accuracy": float(accuracy(p, labels)), "ece": float(ece(p, labels, n_bins)),
+            "nll": float(nll(p, labels)), "brier": float(brier(p, labels)),
+        })
+    return pd.DataFrame(rows)
+
+
+def near_ood_images(cfg: Config, *, max_images: int | None = None, seed: int = 0) -> Tensor:
+    """Test images of the classes of the dataset that were *not* fine-tuned on, uint8 (M, 3, 32, 32).
+
+    For ``cifar10-transfer`` these are the 5,000 test images of classes 0-4. ``max_images`` keeps a
+    sorted random subset drawn with ``torch.Generator().manual_seed(seed)``.
+    """
+    if cfg.data.name == "synthetic" or cfg.data.classes is None:
+        raise ValueError(
+            f"profile '{cfg.profile}': near-OOD images need a real dataset with data.classes set "
+            "(the held-out classes are the near-OOD set)"
+        )
+    _, test, _ = read_cifar(cfg.data_root, cfg.data.name, download=cfg.data.download)
+    keep = ~torch.isin(test.y, torch.tensor(cfg.data.classes))
+    x = test.x[keep]
+    if max_images is not None and max_images < len(x):
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
+        x = x[idx]
+    return x
+
+
+def far_ood_images(n: int, *, seed: int, size: int = 32) -> tuple[Tensor, tuple[str, ...]]:
+    """Synthetic far-OOD images uint8 (n, 3, size, size) and the kind of each (see module docstring).
+
+    The first ``ceil(n / 2)`` are ``uniform`` (pixels i.i.d. uniform in 0..255), the rest ``smooth``
+    (4 × 4 uniform colours in [0, 255], bicubic upsampling to ``size``, clipped), all drawn from
+    ``torch.Generator().manual_seed(seed)`` in that order.
+    """
+    if n < 1 or size < 4:
+        raise ValueError(f"n must be >= 1 and size >= 4; got n={n}, size={size}")
+    g = torch.Generator().manual_seed(seed)
+    n_uniform = (n + 1) // 2
+    uniform = torch.randint(0, 256, (n_uniform, 3, size, size), generator=g, dtype=torch.uint8)
+    coarse = 255 * torch.rand(n - n_uniform, 3, 4, 4, generator=g)
+    smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    smooth = smooth.round().clamp(0, 255).to(torch.uint8)
+    uniform_kind, smooth_kind = FAR_OOD_KINDS
+    return torch.cat([uniform, smooth]), (uniform_kind,) * n_uniform + (smooth_kind,) * (n - n_uniform)
+
+
+def ood_table(
+    probs_in: Mapping[str, Tensor],
+    probs_out: Mapping[str, Tensor],
+    *,
+    ood_set: str,
+    n_resamples: int,
+    generator: torch.Generator,
+    alpha: float = 0.05,
+    reference: str | None = None,
+) -> pd.DataFrame:
+    """AUROC and AUPR (OOD positive) of both OOD scores for every method, with bootstrap intervals.
+
+    Args:
+        probs_in: method → (N_in, C) probabilities on the in-distribution test images.
+        probs_out: method → (N_out, C) on the OOD images (same methods).
+        ood_set: label of the OOD set (e.g. ``'near'``, ``'far'``), copied into the table.
+        n_resamples, generator: the paired stratified bootstrap of :func:`lib.ood.paired_bootstrap_auroc`
+            (one draw shared by all methods and both scores).
+        alpha: 1 − level of the percentile intervals.
+        reference: a method name; adds ``auroc_diff_*`` = AUROC(method) − AUROC(reference) with its
+            paired interval (0 for the reference itself).
+
+    Returns:
+        One row per (method, score ∈ {max_prob, entropy}): ``method, ood_set, score, auroc,
+        auroc_lower, auroc_upper, aupr`` and with ``reference`` ``auroc_diff, auroc_diff_lower,
+        auroc_diff_upper``.
+    """
+    methods = list(probs_in)
+    if set(methods) != set(probs_out):
+        raise ValueError(f"probs_in and probs_out must have the same methods; got {sorted(probs_in)} and {sorted(probs_out)}")
+    if reference is not None and reference not in probs_in:
+        raise ValueError(f"reference {reference!r} is not one of the methods {methods}")
+    s_in = {m: ood_scores(probs_in[m]) for m in methods}
+    s_out = {m: ood_scores(probs_out[m]) for m in methods}
+    rows = []
+    for score in ("max_prob", "entropy"):
+        a = torch.stack([s_in[m][score] for m in methods])
+        b = torch.stack([s_out[m][score] for m in methods])
+        res = paired_bootstrap_auroc(a, b, n_resamples, generator)
+        lo, hi = percentile_interval(res.samples, alpha)
+        aupr = average_precision(a, b)
+        for k, m in enumerate(methods):
+            row = {"method": m, "ood_set": ood_set, "score": score, "auroc": float(res.estimate[k]),
+                   "auroc_lower": float(lo[k]), "auroc_upper": float(hi[k]), "aupr": float(aupr[k])}
+            if reference is not None:
+                d, dlo, dhi = auroc_difference(res, k, methods.index(reference), alpha)
+                row.update(auroc_diff=d, auroc_diff_lower=dlo, auroc_diff_upper=dhi)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cluster_counts(groups: Tensor, rows: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """(rows, N) bootstrap multiplicities of N rows resampled by cluster: the G distinct values of
+    ``groups`` (N,) int64 (in increasing order) are drawn with replacement
+    (:func:`lib.stats.bootstrap_counts` of G) and every row takes its cluster's count
+    :cite:`davison1997bootstrap`. With distinct groups this is the ordinary bootstrap of the rows."""
+    if groups.ndim != 1 or groups.dtype != torch.int64:
+        raise ValueError(f"groups must be (N,) int64 cluster ids; got {tuple(groups.shape)} {groups.dtype}")
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    return bootstrap_counts(len(ids), rows, generator, dtype, groups.device).index_select(1, inverse)
+
+
+def gain_intervals(
+    det: Tensor,
+    probs: Tensor,
+    labels: Tensor,
+    *,
+    n_resamples: int,
+    generator: torch.Generator,
+    groups: Tensor | None = None,
+    n_bins: int = 15,
+    alpha: float = 0.05,
+    chunk_size: int = 256,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ECE gain over a reference, ``ECE_ref − ECE_m``, of M methods, averaged over S training seeds,
+    with paired percentile intervals.
+
+    The same (cluster) bootstrap multiplicities of the N test rows (:func:`cluster_counts`) weight
+    the reference and every method of every seed (the seeds share the test images), and each
+    replicate's ECEs come from :func:`lib.calibration.ece_from_weights` (:cite:`guo2017calibration`,
+    :cite:`efron1993introduction`); the intervals reflect the test images, the seeds held fixed.
+    Pass the image id as ``groups`` when the rows pool several corrupted copies of the same images.
+
+    Args:
+        det: (S, N, C) or (N, C) reference probabilities (e.g. MAP).
+        probs: (S, M, N, C) or (M, N, C) the methods' probabilities on the same rows.
+        labels: (N,) int64. groups: optional (N,) int64 cluster ids (default: every row its own).
+
+    Returns:
+        (estimate (M,), lower (M,), upper (M,)) of the seed-mean gain.
+    """
+    if det.ndim == 2:
+        det, probs = det[None], probs[None]
+    if det.ndim != 3 or probs.ndim != 4 or probs.shape[0] != det.shape[0] or probs.shape[2:] != det.shape[1:] \
+            or det.shape[1] != labels.shape[0]:
+        raise ValueError(f"det must be (S, N, C) and probs (S, M, N, C) with N = {labels.shape[0]}; "
+                         f"got {tuple(det.shape)}, {tuple(probs.shape)}")
+    n_seeds, m = probs.shape[:2]
+    conf, corr = zip(*(top_label(p, labels) for d, ps in zip(det, probs) for p in (d, *ps)))
+    conf, corr = torch.stack(conf), torch.stack(corr)  # (S (M + 1), N)
+    n = labels.shape[0]
+    groups = torch.arange(n, device=det.device) if groups is None else groups
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},); got {tuple(groups.shape)}")
+
+    def gain(w: Tensor) -> Tensor:
+        e = ece_from_weights(conf, corr, w, n_bins).reshape(-1, n_seeds, m + 1)
+        return (e[..., :1] - e[..., 1:]).mean(1)
+
+    estimate = gain(torch.ones(1, n, dtype=conf.dtype, device=conf.device))[0]
+    samples = torch.cat([gain(cluster_counts(groups, min(chunk_size, n_resamples - start), generator, conf.dtype))
+                         for start in range(0, n_resamples, chunk_size)])
+    lo, hi = percentile_interval(samples, alpha)
+    return estimate, lo, hi
+
+
+def shift_summary(gains: pd.DataFrame, ranks: pd.DataFrame, alpha: float) -> str:
+    """Sentences on the best method per severity by ECE gain over MAP, where that choice differs
+    from the in-distribution one (severity 0), and Kendall's τ of the block ranking under shift.
+
+    ``gains``: rows ``severity, method, gain, lower, upper`` (fractions; shown in percentage points);
+    ``ranks``: rows ``seed, severity, tau, lower, upper`` (may be empty).
+    """
+    need = ["severity", "method", "gain", "lower", "upper"]
+    if any(c not in gains.columns for c in need) or gains.empty:
+        raise ValueError(f"gains must be a non-empty DataFrame with columns {need}")
+    level = f"{100 * (1 - alpha):.0f}%"
+    best = gains.loc[gains.groupby("severity")["gain"].idxmax()].set_index("severity")
+    parts = []
+    base = best.loc[0].method if 0 in best.index else None
+    for sev, row in best.iterrows():
+        where = "on the clean test set" if sev == 0 else f"at severity {sev}"
+        sure = ("its interval excludes zero" if row.lower > 0 else
+                "its interval includes zero, so no method is shown to beat MAP")
+        parts.append(f"{where.capitalize()} the largest ECE gain over MAP is {row.method}'s, "
+                     f"{100 * row.gain:.2f} pp ({level} interval {100 * row.lower:.2f} to {100 * row.upper:.2f}); {sure}.")
+    changed = [int(s) for s, r in best.iterrows() if base is not None and s != 0 and r.method != base]
+    if base is not None:
+        parts.append(
+            f"By point estimate the choice differs from the in-distribution one ({base}) at severit"
+            f"{'y' if len(changed) == 1 else 'ies'} {', '.join(map(str, changed))} (the intervals above are "
+            "of gains over MAP, not of differences between methods)." if changed
+            else f"By point estimate the in-distribution choice ({base}) stays the best at every severity."
+        )
+    if not ranks.empty:
+        mean_tau = ranks.groupby("severity")["tau"].mean()
+        parts.append("Kendall's τ between the single-block ΔECE ranking on clean images and under shift, "
+                     "averaged over seeds: " + ", ".join(f"{t:.2f} (severity {s})" for s, t in mean_tau.items()) + ".")
+    return " ".join(parts)
+
+
+def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
+    """Kendall's τ-b :cite:`kendall1938new` between rows of ``a`` and ``b`` (..., P) → (...,).
+
+    ``τ_b = Σ_{i<j} sgn(a_i − a_j) sgn(b_i − b_j) / sqrt((n_0 − n_a)(n_0 − n_b))`` with
+    ``n_0 = P(P−1)/2`` and ``n_a``, ``n_b`` the tied pairs of ``a`` and ``b`` (NaN if either row is constant).
+    """
+    if a.shape != b.shape or a.shape[-1] < 2:
+        raise ValueError(f"a and b must have the same shape (..., P) with P >= 2; got {tuple(a.shape)}, {tuple(b.shape)}")
+    p = a.shape[-1]
+    iu = torch.triu_indices(p, p, 1, device=a.device)
+    sa = torch.sign(a[..., iu[0]] - a[..., iu[1]])
+    sb = torch.sign(b[..., iu[0]] - b[..., iu[1]])
+    den = (sa.abs().sum(-1) * sb.abs().sum(-1)).sqrt()
+    return (sa * sb).sum(-1) / den
+
+
+@dataclass(frozen=True)
+class RankAgreement:
+    """Kendall's τ-b between per-posterior ΔECE on clean images and on their corrupted copies.
+
+    Attributes:
+        tau: τ-b on the data. lower, upper: percentile interval. samples: (R,) bootstrap replicates.
+        delta_clean, delta_shift: (P,) ΔECE on the clean and the corrupted images.
+    """
+
+    tau: float
+    lower: float
+    upper: float
+    samples: Tensor
+    delta_clean: Tensor
+    delta_shift: Tensor
+
+
+def rank_agreement(
+    clean: tuple[Tensor, Tensor],
+    shifted: tuple[Tensor, Tensor],
+    labels: Tensor,
+    *,
+    n_resamples: int,
+    generator: torch.Generator,
+    groups: Tensor | None = None,
+    n_bins: int = 15,
+    alpha: float = 0.05,
+    chunk_size: int = 256,
+) -> RankAgreement:
+    """Does the ranking of posteriors (e.g. single blocks) by ΔECE change under shift?
+
+    ``ΔECE(ℓ) = ECE_det − ECE_Bayes(ℓ)`` is computed on N clean rows and on their N corrupted
+    copies (row i of both conditions is the same image, e.g. ``clean[·][:, index]`` with the index
+    of :func:`lib.corruptions.corrupt_split`); τ-b between the two ΔECE vectors is bootstrapped by
+    resampling with the *same* multiplicities for both conditions (paired), with
+    :func:`lib.calibration.ece_from_weights`. With ``groups`` (N,) int64 in 0..G−1 the G groups
+    (the distinct ids, in increasing order) are resampled and every row takes its group's
+    multiplicity (a cluster bootstrap: pass the image id when the rows pool several corruptions of
+    the same images), else the N rows are.
+
+    Args:
+        clean: (probs_det (N, C), probs_bayes (P, N, C)) on the clean images.
+        shifted: the same on the corrupted copies.
+        labels: (N,) int64. n_resamples: R. generator: seeded, on the data's device.
+        groups: optional (N,) int64 cluster ids (any values). chunk_size: resamples per batch.
+
+    Returns:
+        :class:`RankAgreement`.
+    """
+    def stacked(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        det, bayes = pair
+        if bayes.ndim != 3 or bayes.shape[1:] != det.shape or det.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"each of clean and shifted must be (probs_det (N, C), probs_bayes (P, N, C)) with N = "
+                f"{labels.shape[0]}; got {tuple(det.shape)}, {tuple(bayes.shape)}"
+            )
+        conf, corr = zip(*(top_label(p, labels) for p in (det, *bayes)))
+        return torch.stack(conf), torch.stack(corr)
+
+    (c0, y0), (c1, y1) = stacked(clean), stacked(shifted)
+    if c0.shape[0] < 3:
+        raise ValueError("rank agreement needs at least 2 Bayesian posteriors (P >= 2)")
+    n = labels.shape[0]
+    groups = torch.arange(n, device=c0.device) if groups is None else groups
+    if groups.shape != (n,):
+        raise ValueError(f"groups must be int64 cluster ids of shape ({n},); got {tuple(groups.shape)}")
+
+    def delta(conf: Tensor, corr: Tensor, w: Tensor) -> Tensor:
+        e = ece_from_weights(conf, corr, w, n_bins)
+        return e[:, :1] - e[:, 1:]
+
+    ones = torch.ones(1, n, dtype=c0.dtype, device=c0.device)
+    d0, d1 = delta(c0, y0, ones)[0], delta(c1, y1, ones)[0]
+    chunks = []
+    for start in range(0, n_resamples, chunk_size):
+        rows = min(chunk_size, n_resamples - start)
+        w = cluster_counts(groups, rows, generator, c0.dtype)
+        chunks.append(kendall_tau_b(delta(c0, y0, w), delta(c1, y1, w)))
+    samples = torch.cat(chunks)
+    lo, hi = percentile_interval(samples[:, None], alpha)
+    return RankAgreement(float(kendall_tau_b(d0, d1)), float(lo[0]), float(hi[0]), samples, d0, d1)
+
+
+def prepare_shift_boxes(table: pd.DataFrame, metric: str, methods: Sequence[str] | None = None) -> pd.DataFrame:
+    """Tukey box statistics of ``metric`` over corruptions, per severity and method (Ovadia-style).
+
+    Args:
+        table: concatenated :func:`shift_metrics` frames (the clean rows give severity 0); with a
+            ``seed`` column the metric is first averaged over seeds per (method, corruption, severity).
+        metric: one of :data:`METRICS`.
+        methods: order of the methods (default: order of first appearance).
+
+    Returns:
+        One row per (severity, method): ``severity, method, n, mean, q1, med, q3, whislo, whishi,
+        fliers`` — quartiles by linear interpolation, whiskers at the most extreme values within
+        1.5 IQR of the box (matplotlib's ``boxplot`` convention), ``fliers`` a tuple of the rest.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    missing = [c for c in ("method", "severity", "corruption", metric) if c not in table.columns]
+    if missing:
+        raise ValueError(f"table is missing columns {missing}; pass concatenated shift_metrics frames")
+    order = list(dict.fromkeys(table["method"])) if methods is None else list(methods)
+    if "seed" in table.columns:
+        table = table.groupby(["method", "corruption", "severity"], sort=False)[metric].mean().reset_index()
+    rows = []
+    for severity in sorted(table["severity"].unique()):
+        for method in order:
+            v = table.loc[(table["severity"] == severity) & (table["method"] == method), metric].to_numpy(float)
+            if len(v) == 0:
+                continue
+            q1, med, q3 = np.percentile(v, [25, 50, 75])
+            iqr = q3 - q1
+            inside = v[(v >= q1 - 1.5 * iqr) & (v <= q3 + 1.5 * iqr)]
+            fliers = tuple(float(x) for x in np.sort(v[(v < q1 - 1.5 * iqr) | (v > q3 + 1.5 * iqr)]))
+            rows.append({"severity": int(severity), "method": method, "n": len(v), "mean": float(v.mean()),
+                         "q1": float(q1), "med": float(med), "q3": float(q3), "whislo": float(inside.min()),
+                         "whishi": float(inside.max()), "fliers": fliers})
+    return pd.DataFrame(rows)
+
+
+_AXIS_LABELS = {"accuracy": "Accuracy (%)", "ece": "ECE (%)", "nll": "NLL (nats)", "brier": "Brier score"}
+_PERCENT = {"accuracy", "ece"}
+
+
+def plot_shift_boxes(data: pd.DataFrame, metric: str, ax: Axes | None = None) -> Figure:
+    """Draw :func:`prepare_shift_boxes` output: one group of boxes per severity (0 = clean), one
+    box per method in the Okabe-Ito colours of :mod:`lib.figures`; accuracy and ECE in percent."""
+    need = ["severity", "method", "q1", "med", "q3", "whislo", "whishi", "fliers", "mean"]
+    if not isinstance(data, pd.DataFrame) or any(c not in data.columns for c in need):
+        raise ValueError(f"plot_shift_boxes: data must be a prepare_shift_boxes DataFrame with columns {need}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    scale = 100.0 if metric in _PERCENT else 1.0
+    methods = list(dict.fromkeys(data["method"]))
+    severities = sorted(data["severity"].unique())
+    width = 0.8 / len(methods)
+    with mpl.rc_context(STYLE):
+        if ax is None:
+            fig = Figure(figsize=(WIDTH, 3.0), layout="constrained")
+            ax = fig.add_subplot()
+        else:
+            fig = ax.get_figure()
+        for k, method in enumerate(methods):
+            sub = data[data["method"] == method]
+            stats = [{"med": r.med * scale, "q1": r.q1 * scale, "q3": r.q3 * scale, "whislo": r.whislo * scale,
+                      "whishi": r.whishi * scale, "fliers": np.asarray(r.fliers) * scale, "mean": r.mean * scale}
+                     for r in sub.itertuples()]
+            pos = [severities.index(s) - 0.4 + width * (k + 0.5) for s in sub["severity"]]
+            colour = PALETTE[k % len(PALETTE)]
+            ax.bxp(stats, positions=pos, widths=width * 0.85, patch_artist=True, manage_ticks=False,
+                   boxprops={"facecolor": colour, "edgecolor": colour, "alpha": 0.6},
+                   medianprops={"color": "black"}, whiskerprops={"color": colour}, capprops={"color": colour},
+                   flierprops={"markeredgecolor": colour, "markersize": 3})
+            ax.plot([], [], color=colour, linewidth=6, alpha=0.6, label=method)
+        ax.set_xticks(range(len(severities)), ["clean" if s == 0 else str(s) for s in severities])
+        ax.set_xlim(-0.5, len(severities) - 0.5)
+        ax.set_xlabel("Corruption severity")
+        ax.set_ylabel(_AXIS_LABELS[metric])
+        ax.legend(frameon=False, ncols=min(len(methods), 3), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    return fig

@@ -1,0 +1,291 @@
+"""The shift and OOD evaluation of a study's seeds, as cached stages (:mod:`lib.shift` holds the metrics).
+
+For each seed of :func:`lib.study.run_all`: the corrupted test sets of the profile's ``shift``
+section (``corrupt`` stages, :mod:`lib.corruptions`), the probabilities of MAP, temperature
+scaling and the chosen Laplace posteriors on them and on the OOD sets (``shift_probs`` stages,
+one perturbation bank per image set, the same posterior samples as the study's test bank), and
+from those the tables of :func:`evaluate_shift`.
+
+Cost. The perturbation banks dominate: ``seeds × (|corruptions| · |severities| · max_images +
+near + far OOD images)`` bank images against ``seeds × (test + validation)`` for the study itself.
+Measured on the shared 2-core CPU (one thread): generating all 12 corruptions × 5 severities of 1,000
+CIFAR images takes 20 s (cached once, shared by the seeds); the OOD table of 15 methods on 5,000 +
+5,000 images with 2,000 resamples 25 s on the CPU (the bootstraps run on ``device``); the whole
+evaluation on the smoke profile (2 seeds, 4 corruptions × 3 severities × 96 images, 96 far-OOD
+images) 18 s, 0.6 s when cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from lib.artifacts import Stage, stage
+from lib.config import Config, ShiftConfig
+from lib.corruptions import CorruptedSplit, cached_corrupt_split
+from lib.data import Split, batches
+from lib.laplace.predictive import Bank, iter_subset_probs, perturbation_bank
+from lib.pipeline import numerics
+from lib.shift import far_ood_images, gain_intervals, near_ood_images, ood_table, rank_agreement, shift_metrics
+from lib.study import SeedStudy
+from lib.temperature import apply_temperature
+from lib.train import amp_dtype
+
+__all__ = [
+    "shift_config",
+    "corrupted_test_sets",
+    "ShiftPredictions",
+    "clean_predictions",
+    "shift_predictions",
+    "ShiftResults",
+    "evaluate_shift",
+]
+
+
+def shift_config(cfg: Config) -> ShiftConfig:
+    """The profile's ``shift`` section; a ValueError naming the key when the profile has none."""
+    if cfg.shift is None:
+        raise ValueError(f"profile '{cfg.profile}' has no 'shift' section in its params; add one (see lib.config.ShiftConfig)")
+    return cfg.shift
+
+
+def corrupted_test_sets(cfg: Config, test: Split) -> Iterator[CorruptedSplit]:
+    """Every corruption × severity of ``cfg.shift`` applied to the test split, each a cached
+    ``corrupt`` stage keyed by the data section (without its root folder) and the shift settings;
+    all share the same ``shift.max_images`` subset of test images (:func:`lib.corruptions.subsample_index`)."""
+    sc = shift_config(cfg)
+    data = {k: v for k, v in cfg.section("data")["data"].items() if k != "root"}
+    inputs = {"data": data, "split": "test", "images": len(test)}
+    for name in sc.corruptions:
+        for severity in sc.severities:
+            yield cached_corrupt_split(test, inputs, name, severity, seed=sc.seed, max_images=sc.max_images)
+
+
+@dataclass(frozen=True)
+class ShiftPredictions:
+    """Predictive probabilities of every method of one seed on one image set.
+
+    Attributes:
+        names: the posteriors: the study's named ones, then the ``extra`` subsets.
+        probs: (P, N, C) their GLM predictive, each at its covariance scale κ_S of the study.
+        det: (N, C) MAP softmax. ts: (N, C) temperature-scaled MAP (the study's temperature).
+        labels: (N,) int64 (zeros for OOD images without labels).
+    """
+
+    names: tuple[str, ...]
+    probs: Tensor
+    det: Tensor
+    ts: Tensor
+    labels: Tensor
+
+    def methods(self, posteriors: Sequence[str]) -> dict[str, Tensor]:
+        """``{'MAP': det, 'temperature scaling': ts, 'Laplace, <name>': probs of name}`` for the given
+        posteriors (e.g. ``'all'``, ``'single 3'``), in that order, ready for :func:`lib.shift.shift_metrics`."""
+        unknown = [p for p in posteriors if p not in self.names]
+        if unknown:
+            raise ValueError(f"posteriors {unknown} are not named posteriors of the study; use some of {list(self.names)}")
+        out = {"MAP": self.det, "temperature scaling": self.ts}
+        out.update({f"Laplace, {p}": self.probs[self.names.index(p)] for p in posteriors})
+        return out
+
+
+def _posteriors(study: SeedStudy, extra: Mapping[str, Tensor] | None) -> tuple[list[str], Tensor, Tensor, float]:
+    """Names, bool masks (P, L), scales κ_S (P,) and temperature: the study's named posteriors and
+    the ``extra`` block subsets (their κ_S from the study's ``subset_scales.pt``, indexed by bitmask)."""
+    named = study.named()
+    names, masks, scales = list(named["names"]), named["masks"], named["scales"]
+    if extra:
+        L = masks.shape[1]
+        clash = [n for n in extra if n in names]
+        if clash:
+            raise ValueError(f"extra subsets {clash} reuse names of the study's named posteriors; rename them")
+        extra_masks = torch.stack([torch.as_tensor(m, dtype=torch.bool) for m in extra.values()])
+        if extra_masks.shape[1] != L:
+            raise ValueError(f"extra subsets must be bool masks of the {L} blocks; got shape {tuple(extra_masks.shape)}")
+        all_scales = torch.load(study.subsets.file("subset_scales.pt"), weights_only=True)
+        index = (extra_masks.long() << torch.arange(L)).sum(1)
+        names += list(extra)
+        masks = torch.cat([masks, extra_masks])
+        scales = torch.cat([scales, all_scales[index].to(scales)])
+    return names, masks, scales, float(named["temperature"])
+
+
+def _predict(bank: Bank, names: list[str], masks: Tensor, scales: Tensor, temperature: float, method: str,
+             device: torch.device) -> dict:
+    probs = torch.cat([p.cpu() for _, p in iter_subset_probs(bank.to(device), masks.to(device), method=method,
+                                                             scales=scales)])
+    return {"names": names, "probs": probs, "det": torch.softmax(bank.map_logits.float(), -1),
+            "ts": apply_temperature(bank.map_logits, temperature), "labels": bank.labels}
+
+
+def clean_predictions(cfg: Config, study: SeedStudy, device: torch.device,
+                      extra: Mapping[str, Tensor] | None = None) -> ShiftPredictions:
+    """:class:`ShiftPredictions` on the study's own test set, from its cached test bank (no new bank)."""
+    names, masks, scales, temperature = _posteriors(study, extra)
+    d = _predict(study.test_bank(), names, masks, scales, temperature, cfg.predictive.method, device)
+    return ShiftPredictions(tuple(d["names"]), d["probs"], d["det"], d["ts"], d["labels"])
+
+
+def shift_predictions(
+    cfg: Config,
+    study: SeedStudy,
+    images: Tensor,
+    labels: Tensor | None,
+    key: Mapping,
+    device: torch.device,
+    upstream: Sequence[Stage] = (),
+    extra: Mapping[str, Tensor] | None = None,
+) -> ShiftPredictions:
+    """Probabilities of MAP, temperature scaling and the study's posteriors on new ``images``.
+
+    A perturbation bank of the images (:func:`lib.laplace.predictive.perturbation_bank`, the
+    study's seed, samples and batching) gives each named posterior and each ``extra`` block subset
+    (name → bool mask (L,), e.g. a recommended set) its GLM predictive at the study's κ_S; MAP and
+    temperature scaling use the MAP logits and the study's temperature. Cached as a ``shift_probs``
+    stage downstream of the study's ``subsets`` stage and ``upstream`` (e.g. the images' ``corrupt``
+    stage); ``key`` (JSON-able) names the image set. On the study's test images it reproduces the
+    study's probabilities.
+
+    Args:
+        images: uint8 (N, 3, H, W). labels: (N,) int64, or None for OOD images (stored as zeros).
+    """
+    pc = cfg.predictive
+    if labels is None:
+        labels = torch.zeros(images.shape[0], dtype=torch.int64)
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be (N,) = ({images.shape[0]},); got {tuple(labels.shape)}")
+    extra_key = {n: torch.as_tensor(m, dtype=torch.bool).tolist() for n, m in (extra or {}).items()}
+    st = stage("shift_probs", {"images": dict(key), "extra": extra_key, "n_samples": pc.n_samples,
+                               "batch_size": pc.batch_size, "method": pc.method, "numerics": numerics(device)},
+               upstream=[study.subsets, *upstream])
+    path = st.file("probs.pt")
+    if not st.done:
+        names, masks, scales, temperature = _posteriors(study, extra)
+        bank = perturbation_bank(
+            study.run.model, study.posterior,
+            batches(Split(images, labels), pc.batch_size, preprocess=study.run.preprocess, device=device),
+            n_samples=pc.n_samples, seed=study.seed, device=device, dtype=amp_dtype(device) or torch.float32,
+        )
+        torch.save(_predict(bank, names, masks, scales, temperature, pc.method, device), path)
+        st.mark_done()
+    d = torch.load(path, weights_only=True)
+    return ShiftPredictions(tuple(d["names"]), d["probs"], d["det"], d["ts"], d["labels"])
+
+
+@dataclass(frozen=True)
+class ShiftResults:
+    """Tables of :func:`evaluate_shift`.
+
+    Attributes:
+        metrics: :func:`lib.shift.shift_metrics` rows for the clean test set (severity 0) and every
+            corruption × severity, per ``seed``.
+        gains: ECE gain over MAP ``severity, method, gain, lower, upper`` of temperature scaling and
+            the reported posteriors, averaged over seeds (:func:`lib.shift.gain_intervals`; severity 0:
+            the clean test set, else all corruptions of that severity pooled, images resampled as clusters).
+        ood: :func:`lib.shift.ood_table` rows for the near-OOD set (when the profile has one) and the
+            far-OOD set, with differences to MAP, per ``seed``.
+        ranks: per seed and severity, Kendall's τ-b between the single-block ΔECE on the clean subset
+            and on its corrupted copies (corruptions of that severity pooled), with its interval:
+            ``seed, severity, tau, lower, upper``.
+    """
+
+    metrics: pd.DataFrame
+    gains: pd.DataFrame
+    ood: pd.DataFrame
+    ranks: pd.DataFrame
+
+
+def evaluate_shift(
+    cfg: Config,
+    studies: Sequence[SeedStudy],
+    device: torch.device,
+    posteriors: Sequence[str],
+    extra: Mapping[str, Tensor] | None = None,
+) -> ShiftResults:
+    """Calibration under shift, OOD detection and the per-block ranking under shift.
+
+    ``posteriors``: named posteriors (and ``extra`` names) reported next to MAP and temperature
+    scaling. The rank agreement uses every ``'single ℓ'`` posterior and pools the corruptions of a
+    severity; its bootstrap (like that of ``gains``) resamples test images, each with all its
+    corrupted copies (cluster bootstrap, :func:`lib.shift.cluster_counts`). Intervals:
+    ``stats.n_boot`` resamples at level ``1 − stats.alpha``, drawn on ``device`` (the bootstraps run
+    there) from generators seeded by the training seed (per-seed tables) or by ``shift.seed``
+    (``gains``, one draw shared by all seeds).
+    """
+    sc, st = shift_config(cfg), cfg.stats
+    if not studies:
+        raise ValueError("studies is empty: pass the SeedStudy of at least one seed (lib.study.run_all)")
+    compared = ["temperature scaling", *[f"Laplace, {p}" for p in posteriors]]
+
+    def generator(seed: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def on_device(probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(device) for k, v in probs.items()}
+
+    metrics, ood, ranks = [], [], []
+    cleans, pooled = [], []
+    for study in studies:
+        test = study.run.splits.test
+        clean = clean_predictions(cfg, study, device, extra)
+        singles = [clean.names.index(n) for n in clean.names if n.startswith("single ")]
+        metrics.append(shift_metrics(clean.methods(posteriors), clean.labels, corruption="clean", severity=0,
+                                     n_bins=st.n_bins).assign(seed=study.seed))
+        by_severity: dict[int, list[tuple[ShiftPredictions, Tensor]]] = {}
+        for cs in tqdm(list(corrupted_test_sets(cfg, test)), desc=f"shift (seed {study.seed})", disable=None):
+            pred = shift_predictions(cfg, study, cs.split.x, cs.split.y, {"corrupt": cs.stage.key}, device,
+                                     upstream=[cs.stage], extra=extra)
+            metrics.append(shift_metrics(pred.methods(posteriors), pred.labels, corruption=cs.name,
+                                         severity=cs.severity, n_bins=st.n_bins).assign(seed=study.seed))
+            by_severity.setdefault(cs.severity, []).append((pred, cs.index))
+        seed_pooled = {}
+        for severity, preds in sorted(by_severity.items()):
+            idx = torch.cat([i for _, i in preds])
+            det = torch.cat([p.det for p, _ in preds])
+            methods = [p.methods(posteriors) for p, _ in preds]
+            seed_pooled[severity] = (idx, det, torch.cat([torch.stack([m[k] for k in compared]) for m in methods], 1))
+            if len(singles) >= 2:
+                res = rank_agreement(
+                    (clean.det[idx].to(device), clean.probs[singles][:, idx].to(device)),
+                    (det.to(device), torch.cat([p.probs[singles] for p, _ in preds], 1).to(device)),
+                    clean.labels[idx].to(device), n_resamples=st.n_boot, generator=generator(study.seed),
+                    groups=idx.to(device), n_bins=st.n_bins, alpha=st.alpha,
+                )
+                ranks.append({"seed": study.seed, "severity": severity, "tau": res.tau, "lower": res.lower,
+                              "upper": res.upper})
+        cleans.append(clean)
+        pooled.append(seed_pooled)
+        ood_sets = {"far": (far_ood_images(sc.far_ood_images, seed=sc.seed, size=test.x.shape[-1])[0],
+                            {"set": "far", "n": sc.far_ood_images, "seed": sc.seed, "size": test.x.shape[-1]})}
+        if cfg.data.name != "synthetic" and cfg.data.classes is not None:
+            ood_sets["near"] = (near_ood_images(cfg, max_images=sc.near_ood_images, seed=sc.seed),
+                                {"set": "near", "data": cfg.data.name, "classes": list(cfg.data.classes),
+                                 "n": sc.near_ood_images, "seed": sc.seed})
+        for ood_set, (images, key) in ood_sets.items():
+            pred = shift_predictions(cfg, study, images, None, key, device, extra=extra)
+            ood.append(ood_table(on_device(clean.methods(posteriors)), on_device(pred.methods(posteriors)),
+                                 ood_set=ood_set, n_resamples=st.n_boot, generator=generator(study.seed),
+                                 alpha=st.alpha, reference="MAP").assign(seed=study.seed))
+
+    gains = []
+    labels = cleans[0].labels
+    if any(not torch.equal(c.labels, labels) for c in cleans):
+        raise ValueError("the studies' test sets differ; the seeds of one profile must share data.split_seed")
+    sets = {0: (None, labels, torch.stack([c.det for c in cleans]),
+                torch.stack([torch.stack([c.methods(posteriors)[k] for k in compared]) for c in cleans]))}
+    for severity, (idx, _, _) in pooled[0].items():
+        sets[severity] = (idx, labels[idx], torch.stack([p[severity][1] for p in pooled]),
+                          torch.stack([p[severity][2] for p in pooled]))
+    for severity, (groups, y, det, probs) in sets.items():
+        est, lo, hi = gain_intervals(det.to(device), probs.to(device), y.to(device), n_resamples=st.n_boot,
+                                     generator=generator(sc.seed), groups=None if groups is None else groups.to(device),
+                                     n_bins=st.n_bins, alpha=st.alpha)
+        gains += [{"severity": severity, "method": k, "gain": float(e), "lower": float(a), "upper": float(b)}
+                  for k, e, a, b in zip(compared, est, lo, hi)]
+    return ShiftResults(pd.concat(metrics, ignore_index=True), pd.DataFrame(gains), pd.concat(ood, ignore_index=True),
+                        pd.DataFrame(ranks, columns=["seed", "severity", "tau", "lower", "upper"]))

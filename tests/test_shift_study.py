@@ -1,0 +1,149 @@
+"""lib.shift_study on the tiny synthetic study of tests/test_study.py: predictions on new images
+reproduce the study on its own test set, extra block subsets equal the named posterior with the same
+mask, corrupted sets are cached and paired, and evaluate_shift's tables agree with the metric
+functions applied by hand."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from lib.calibration import ece, nll
+from lib.config import Config, ParamsError, load_params
+from lib.data import Split
+from lib.paths import PARAMS
+from lib.shift import far_ood_images, kendall_tau_b, shift_metrics
+from lib.shift_study import clean_predictions, corrupted_test_sets, evaluate_shift, shift_predictions
+from lib.stats import delta_ece
+from lib.study import run_seed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny synthetic study of tests/test_study.py (one seed, 3 blocks) with a small shift section."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLA_ARTIFACTS", str(tmp_path_factory.mktemp("artifacts")))
+    d = load_params(PARAMS / "smoke.yml")
+    d["seeds"] = [0]
+    d["model"]["kwargs"] = dict(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2)
+    d["data"]["synthetic"] = dict(n_train=96, n_val=48, n_test=64, native_size=16, noise=1.5)
+    d["train"]["epochs"] = 1
+    d["laplace"]["fit_size"] = 48
+    d["predictive"]["n_samples"] = 4
+    d["stats"].update(n_boot=60, n_boot_shapley=20)
+    d["shift"] = {"corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5], "max_images": 40, "seed": 3,
+                  "far_ood_images": 12}
+    cfg = Config.from_dict(d)
+    study = run_seed(cfg, 0, torch.device("cpu"))
+    yield cfg, study
+    mp.undo()
+
+
+def test_predictions_reproduce_the_study_on_its_test_set(tiny):
+    cfg, study = tiny
+    cpu = torch.device("cpu")
+    named, test = study.named(), study.run.splits.test
+    new = shift_predictions(cfg, study, test.x, test.y, {"set": "clean test"}, cpu)
+    old = clean_predictions(cfg, study, cpu)
+    for pred in (new, old):
+        assert pred.names == tuple(named["names"]) and torch.equal(pred.labels, test.y)
+        assert torch.allclose(pred.probs, named["probs"], atol=1e-5)
+        assert torch.allclose(pred.det, named["det"], atol=1e-5) and torch.allclose(pred.ts, named["ts"], atol=1e-5)
+    again = shift_predictions(cfg, study, test.x, test.y, {"set": "clean test"}, cpu)
+    assert torch.equal(again.probs, new.probs)
+
+
+def test_extra_subset_equals_the_named_posterior_with_its_mask(tiny):
+    cfg, study = tiny
+    cpu = torch.device("cpu")
+    extra = {"blocks 0+2": torch.tensor([True, False, True])}
+    pred = clean_predictions(cfg, study, cpu, extra)
+    assert pred.names[-1] == "blocks 0+2"
+    assert torch.allclose(pred.probs[-1], pred.probs[pred.names.index("all but 1")], atol=1e-6)
+    methods = pred.methods(["blocks 0+2", "single 1"])
+    assert list(methods) == ["MAP", "temperature scaling", "Laplace, blocks 0+2", "Laplace, single 1"]
+    with pytest.raises(ValueError, match="reuse names"):
+        clean_predictions(cfg, study, cpu, {"all": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="named posteriors"):
+        pred.methods(["single 7"])
+
+
+def test_corrupted_sets_are_cached_paired_and_change_predictions(tiny):
+    cfg, study = tiny
+    cpu = torch.device("cpu")
+    test = study.run.splits.test
+    sets = list(corrupted_test_sets(cfg, test))
+    assert [(s.name, s.severity) for s in sets] == [("gaussian_noise", 1), ("gaussian_noise", 5), ("contrast", 1), ("contrast", 5)]
+    assert all(torch.equal(s.index, sets[0].index) and len(s.index) == 40 for s in sets)
+    assert [s.stage.path for s in corrupted_test_sets(cfg, test)] == [s.stage.path for s in sets]
+    clean = clean_predictions(cfg, study, cpu)
+    s = sets[-1]
+    pred = shift_predictions(cfg, study, s.split.x, s.split.y, {"corrupt": s.stage.key}, cpu, upstream=[s.stage])
+    assert pred.probs.shape == (len(clean.names), 40, cfg.data.num_classes)
+    assert not torch.allclose(pred.det, clean.det[s.index], atol=1e-3)
+    far, _ = far_ood_images(10, seed=0, size=16)
+    ood = shift_predictions(cfg, study, far, None, {"set": "far", "n": 10}, cpu)
+    assert (ood.labels == 0).all() and ood.probs.shape[1] == 10
+
+
+def test_evaluate_shift_tables(tiny):
+    cfg, study = tiny
+    cpu = torch.device("cpu")
+    res = evaluate_shift(cfg, [study], cpu, posteriors=["all", "single 1"])
+    m = res.metrics
+    assert len(m) == (1 + 4) * 4 and set(m.seed) == {0}
+    assert set(m.method) == {"MAP", "temperature scaling", "Laplace, all", "Laplace, single 1"}
+    clean = clean_predictions(cfg, study, cpu)
+    row = m[(m.severity == 0) & (m.method == "Laplace, all")].iloc[0]
+    assert abs(row.ece - float(ece(clean.probs[clean.names.index("all")], clean.labels, cfg.stats.n_bins))) < 1e-9
+
+    sets = list(corrupted_test_sets(cfg, study.run.splits.test))
+    preds = [shift_predictions(cfg, study, s.split.x, s.split.y, {"corrupt": s.stage.key}, cpu, upstream=[s.stage])
+             for s in sets]
+    row = m[(m.corruption == "contrast") & (m.severity == 5) & (m.method == "MAP")].iloc[0]
+    assert abs(row.nll - float(nll(preds[3].det, sets[3].split.y))) < 1e-9
+    ref = shift_metrics(preds[0].methods(["all", "single 1"]), sets[0].split.y, corruption="gaussian_noise", severity=1,
+                        n_bins=cfg.stats.n_bins)
+    got = m[(m.corruption == "gaussian_noise") & (m.severity == 1)].drop(columns="seed").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, ref)
+
+    assert list(res.ranks.severity) == [1, 5]
+    singles = [clean.names.index(f"single {i}") for i in range(3)]
+    idx = torch.cat([sets[0].index, sets[2].index])  # severity 1: gaussian_noise, contrast pooled
+    d_clean = delta_ece(clean.det[idx], clean.probs[singles][:, idx], clean.labels[idx], cfg.stats.n_bins)
+    det_s = torch.cat([preds[0].det, preds[2].det])
+    bayes_s = torch.cat([preds[0].probs[singles], preds[2].probs[singles]], 1)
+    d_shift = delta_ece(det_s, bayes_s, clean.labels[idx], cfg.stats.n_bins)
+    r1 = res.ranks[res.ranks.severity == 1].iloc[0]
+    assert abs(r1.tau - float(kendall_tau_b(d_clean, d_shift))) < 1e-9
+    assert r1.lower <= r1.upper
+
+    g = res.gains
+    assert list(g.columns) == ["severity", "method", "gain", "lower", "upper"] and sorted(g.severity.unique()) == [0, 1, 5]
+    assert set(g.method) == {"temperature scaling", "Laplace, all", "Laplace, single 1"}
+    row = g[(g.severity == 0) & (g.method == "Laplace, all")].iloc[0]
+    ref = float(delta_ece(clean.det, clean.probs[[clean.names.index("all")]], clean.labels, cfg.stats.n_bins)[0])
+    assert abs(row.gain - ref) < 1e-6 and row.lower <= row.upper  # fp32 probabilities, another summation order
+    row = g[(g.severity == 1) & (g.method == "temperature scaling")].iloc[0]
+    ref = float(delta_ece(det_s, torch.cat([preds[0].ts, preds[2].ts])[None], clean.labels[idx], cfg.stats.n_bins)[0])
+    assert abs(row.gain - ref) < 1e-6
+
+    o = res.ood
+    assert set(o.ood_set) == {"far"} and len(o) == 2 * 4  # synthetic data: no near-OOD set
+    assert ((o.auroc >= 0) & (o.auroc <= 1)).all() and (o[o.method == "MAP"].auroc_diff == 0).all()
+
+
+def test_missing_or_bad_shift_section_is_reported():
+    split = Split(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no 'shift' section"):
+        list(corrupted_test_sets(Config.from_dict({"profile": "p"}), split))
+    with pytest.raises(ParamsError, match="shift.corruptions has unknown names"):
+        Config.from_dict({"shift": {"corruptions": ["rain"]}}, source="p.yml")
+    with pytest.raises(ParamsError, match="shift.severities"):
+        Config.from_dict({"shift": {"severities": [0]}}, source="p.yml")
+    with pytest.raises(ParamsError, match="did you mean 'shift.max_images'"):
+        Config.from_dict({"shift": {"max_imgs": 3}}, source="p.yml")
+    assert Config.from_dict({}).shift is None
