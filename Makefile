@@ -1,5 +1,7 @@
 # Book machinery. `make book` and `make test` need nothing but python3 (they create .venv).
 #   make run PROFILE=smoke [CHAPTER=04-attribution]   execute chapters into _freeze/<profile>/
+#   make run PROFILE=smoke SET="stats.n_bins=20 seeds=[0,1]"
+#                                                     "what if": into _freeze/<profile>+<slug>/ (git-ignored)
 #   make book [BOOK_PROFILE=...]                      render _book/ from frozen outputs (no execution)
 #   make link [BOOK_PROFILE=...]                      point index.ipynb and book/*.ipynb at _freeze/<profile>/
 #   make test                                         unit + freshness tests, nbval on _freeze/smoke/
@@ -11,6 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= smoke
 CHAPTER ?=
+SET ?=
 BOOK_PROFILE ?=
 # Torch must not oversubscribe the 2-core CI machine.
 export OMP_NUM_THREADS ?= 2
@@ -29,7 +32,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m lib.runner run --profile $(PROFILE) $(if $(CHAPTER),--chapter $(CHAPTER))
+	$(PY) -m lib.runner run --profile $(PROFILE) $(if $(CHAPTER),--chapter $(CHAPTER)) $(foreach s,$(SET),--set '$(s)')
 
 link: $(STAMP)
 	$(PY) -m lib.runner link $(if $(BOOK_PROFILE),--profile $(BOOK_PROFILE))

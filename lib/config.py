@@ -8,13 +8,16 @@ dict back into a :class:`Config` with :meth:`Config.from_dict`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
@@ -228,11 +231,13 @@ class StatsConfig:
 
 @dataclass(frozen=True)
 class DeployConfig:
-    """Latency and memory measurement of the predictive for each choice of Bayesian blocks."""
+    """Latency and memory measurement of the predictive for each choice of Bayesian blocks: the
+    median and inter-quartile range over ``n_iters`` timed batches after ``n_warmup`` untimed ones
+    (:func:`lib.deploy.time_call`); the quartiles need a few dozen batches to be stable."""
 
     batch_size: int = _at_least(64, 1)
-    n_warmup: int = _at_least(2, 0)
-    n_iters: int = _at_least(5, 1)
+    n_warmup: int = _at_least(3, 0)
+    n_iters: int = _at_least(25, 1)
 
 
 @dataclass(frozen=True)
@@ -300,9 +305,57 @@ def params_path(profile: str) -> Path:
     return PARAMS / f"{profile}.yml"
 
 
-def load_params(path: str | Path, *, check_data: bool = True) -> dict[str, Any]:
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"stats.n_bins=20"`` → ``("stats.n_bins", 20)``: a dotted key into the params file and a
+    value parsed as YAML (``seeds=[0,1]`` is a list, ``laplace.rank=null`` is None, ``x=kron`` a
+    string), exactly as it would be read from the file. The key is checked when the overrides are
+    validated with the file (:func:`load_params`)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not _DOTTED.fullmatch(key) or not value.strip():
+        raise ParamsError(f"--set {text!r}: write KEY=VALUE with a dotted key and a YAML value, "
+                          "e.g. --set stats.n_bins=20 or --set seeds=[0,1] (null for None)")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ParamsError(f"--set {text!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[tuple[str, Any]], source: str) -> dict[str, Any]:
+    """A copy of the parsed params file ``raw`` with each ``(dotted key, value)`` set in turn (the
+    last one wins); a section missing from the file is created, so its defaults apply to the keys
+    not set. Raises :class:`ParamsError` when a key runs through a value that is not a section."""
+    out = copy.deepcopy(dict(raw))
+    for key, value in overrides:
+        node, parts = out, key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ParamsError(f"{source}: '{'.'.join(parts[: i + 1])}' is {child!r}, not a section, so "
+                                  f"--set {key}=… cannot set a key inside it")
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
+    return out
+
+
+def override_source(path: Path, overrides: Sequence[tuple[str, Any]]) -> str:
+    """How error messages name a params file read with overrides: ``params/smoke.yml with --set stats.n_bins=20``."""
+    if not overrides:
+        return str(path)
+    return f"{path} with " + " ".join(f"--set {k}={json.dumps(v, ensure_ascii=False)}" for k, v in overrides)
+
+
+def load_params(path: str | Path, *, check_data: bool = True,
+                overrides: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
     """Read and validate a params YAML file; returns the full dict with defaults filled in.
 
+    ``overrides`` (:func:`parse_override` pairs) are set into the parsed file before validation,
+    so they are checked by the same rules and named in the same one-line errors.
     Raises :class:`ParamsError` (one line) for a missing file, unknown/mistyped keys, wrong types,
     or (with ``check_data``) a missing data root for a dataset that cannot be downloaded.
     """
@@ -319,9 +372,10 @@ def load_params(path: str | Path, *, check_data: bool = True) -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    cfg = Config.from_dict(raw, source=str(path))
+    source = override_source(path, overrides)
+    cfg = Config.from_dict(apply_overrides(raw, overrides, source), source=source)
     if check_data:
-        check_data_root(cfg, source=str(path))
+        check_data_root(cfg, source=source)
     return cfg.to_dict()
 
 

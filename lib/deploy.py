@@ -12,11 +12,12 @@ depth of the tail and with the number of classes C, hardly with K.
 
 from __future__ import annotations
 
-import statistics
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -104,51 +105,111 @@ class GLMPredictor:
         return torch.softmax(f.unsqueeze(0) + g, -1).mean(0)
 
 
-def time_call(fn: Callable[[], object], *, n_warmup: int, n_iters: int, device: torch.device) -> tuple[float, float | None]:
-    """Median wall time (s) of ``fn()`` over ``n_iters`` calls, and peak extra CUDA memory (MiB).
+@dataclass(frozen=True)
+class Timing:
+    """Wall time of repeated calls: ``median``, ``q25``, ``q75`` (s; the inter-quartile range gives the
+    noise) over ``n`` timed calls, and the peak extra CUDA memory (MiB; None on CPU)."""
 
-    CUDA is synchronised around every call; memory is ``max_memory_allocated`` above the
-    allocation before the calls (None on CPU).
+    median: float
+    q25: float
+    q75: float
+    n: int
+    peak_mib: float | None
+
+
+def time_call(fn: Callable[[], object], *, n_warmup: int, n_iters: int, device: torch.device) -> Timing:
+    """Time ``n_iters`` calls of ``fn()`` after ``n_warmup`` untimed ones.
+
+    On CUDA each call is timed on the GPU by a pair of ``torch.cuda.Event(enable_timing=True)``
+    recorded around it on the current stream (the host waits for the end event after every
+    call, so calls do not overlap); on the CPU by ``time.perf_counter``. Memory is
+    ``max_memory_allocated`` above the allocation before the timed calls (None on CPU).
     """
+    if n_iters < 1:
+        raise ValueError(f"n_iters must be >= 1, got {n_iters}")
     for _ in range(n_warmup):
         fn()
     cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(n_iters):
-        t0 = time.perf_counter()
-        fn()
         if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    mem = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
-    return statistics.median(times), mem
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    mem = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+    q25, med, q75 = (float(v) for v in np.quantile(np.asarray(times), [0.25, 0.5, 0.75]))
+    return Timing(median=med, q25=q25, q75=q75, n=n_iters, peak_mib=mem)
 
 
 def latency_table(model: nn.Module, posterior: BlockPosterior, x: Tensor, subsets: dict[str, list[int]], *,
                   n_samples: int, seed: int, device: torch.device, n_warmup: int, n_iters: int) -> pd.DataFrame:
-    """Latency (ms per image) and peak extra memory of the GLM predictive for each block choice.
+    """Latency (ms per image: median and quartiles over ``n_iters`` timed batches, :func:`time_call`)
+    and peak extra memory of the GLM predictive for each block choice.
 
     Row ``"deterministic"`` is the plain MAP forward pass with fused attention (the merged-weights
     cost is lower still); the Bayesian rows run the GLM predictive (:class:`GLMPredictor` in its
-    ``'auto'`` mode, recorded in ``mode``) without fused attention; ``extra_ms`` is each row's
-    latency minus the deterministic one.
+    ``'auto'`` mode, recorded in ``mode``) without fused attention; ``blocks`` lists each choice's
+    Bayesian blocks (space-separated); ``extra_ms`` is each row's median latency minus the
+    deterministic one.
     """
     model.eval()
     dtype = amp_dtype(device) or torch.float32
     with torch.no_grad(), autocast(device):
-        sec, mem = time_call(lambda: model(x), n_warmup=n_warmup, n_iters=n_iters, device=device)
-    rows = [{"posterior": "deterministic", "n_blocks": 0, "first_block": -1, "mode": "", "ms_per_image": 1e3 * sec / len(x),
-             "peak_mib": mem}]
+        t = time_call(lambda: model(x), n_warmup=n_warmup, n_iters=n_iters, device=device)
+    rows = [{"posterior": "deterministic", "n_blocks": 0, "first_block": -1, "blocks": "", "mode": "", **_ms(t, len(x))}]
     for name, blocks in subsets.items():
         pred = GLMPredictor(model, posterior, blocks, n_samples=n_samples, seed=seed, device=device, dtype=dtype)
-        sec, mem = time_call(partial(pred, x), n_warmup=n_warmup, n_iters=n_iters, device=device)
+        t = time_call(partial(pred, x), n_warmup=n_warmup, n_iters=n_iters, device=device)
         rows.append({"posterior": name, "n_blocks": len(blocks), "first_block": min(blocks),
-                     "mode": "reverse" if pred.reverse else "forward",
-                     "ms_per_image": 1e3 * sec / len(x), "peak_mib": mem})
+                     "blocks": " ".join(map(str, sorted(blocks))), "mode": "reverse" if pred.reverse else "forward",
+                     **_ms(t, len(x))})
     table = pd.DataFrame(rows)
     table["extra_ms"] = table.ms_per_image - table.ms_per_image.iloc[0]
     return table
+
+
+def _ms(t: Timing, batch: int) -> dict[str, float | int | None]:
+    scale = 1e3 / batch
+    return {"ms_per_image": scale * t.median, "ms_q25": scale * t.q25, "ms_q75": scale * t.q75, "n_iters": t.n,
+            "peak_mib": t.peak_mib}
+
+
+def cost_model_violations(latency: pd.DataFrame) -> pd.DataFrame:
+    """Pairs of priced choices that contradict the cost model: a superset of Bayesian blocks costs at
+    least as much as its subset (the tail from its first Bayesian block is at least as deep and it
+    has at least as many Bayesian blocks; ``all`` is a superset of every choice).
+
+    ``latency``: :func:`latency_table` rows (``posterior``, ``blocks``, ``ms_per_image``,
+    ``ms_q25``, ``ms_q75``). A pair (subset ``A``, superset ``B``) is a violation only when the
+    difference exceeds the measurement noise: ``B``'s upper quartile lies below ``A``'s lower
+    quartile (their inter-quartile ranges do not overlap). Returns one row per violation
+    (``subset``, ``superset`` and both medians and quartiles), empty when the measurements are
+    consistent with the model; rows of equal block sets are not compared.
+    """
+    need = ["posterior", "blocks", "ms_per_image", "ms_q25", "ms_q75"]
+    missing = [c for c in need if c not in latency.columns]
+    if missing:
+        raise ValueError(f"cost_model_violations: latency table lacks columns {missing}; use lib.deploy.latency_table")
+    rows = latency[latency.posterior != "deterministic"]
+    sets = {r.posterior: frozenset(int(b) for b in str(r.blocks).split()) for r in rows.itertuples()}
+    by = rows.set_index("posterior")
+    out = []
+    for a, sa in sets.items():
+        for b, sb in sets.items():
+            if sa < sb and by.loc[b, "ms_q75"] < by.loc[a, "ms_q25"]:
+                out.append({"subset": a, "superset": b,
+                            "subset_ms": by.loc[a, "ms_per_image"], "subset_q25": by.loc[a, "ms_q25"],
+                            "superset_ms": by.loc[b, "ms_per_image"], "superset_q75": by.loc[b, "ms_q75"]})
+    cols = ["subset", "superset", "subset_ms", "subset_q25", "superset_ms", "superset_q75"]
+    return pd.DataFrame(out, columns=cols)

@@ -119,6 +119,58 @@ def _label_ticks(ax: Axes, labels: Sequence) -> None:
                   ha="right" if crowded else "center")
 
 
+_LABEL_SPOTS = [(dx * r, dy * r, ha, va) for r in (1, 2.5, 4.5) for dx, dy, ha, va in (
+    (3, 3, "left", "bottom"), (3, -3, "left", "top"), (-3, 3, "right", "bottom"), (-3, -3, "right", "top"),
+    (0, 4, "center", "bottom"), (0, -4, "center", "top"), (5, 0, "left", "center"), (-5, 0, "right", "center"))]
+"""Candidate label positions around a point: offset (points) and alignment, nearest first."""
+
+
+def _label_box(px: np.ndarray, spot: tuple, w: float, h: float, pt: float) -> np.ndarray:
+    """Display-space box (x0, y0, x1, y1) of a ``w`` × ``h`` px label at ``spot`` of point ``px``."""
+    dx, dy, ha, va = spot
+    x0 = px[0] + dx * pt - {"left": 0.0, "center": w / 2, "right": w}[ha]
+    y0 = px[1] + dy * pt - {"bottom": 0.0, "center": h / 2, "top": h}[va]
+    return np.array([x0, y0, x0 + w, y0 + h])
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def label_points(ax: Axes, x: Sequence[float], y: Sequence[float], labels: Sequence, fontsize: float = 8) -> list:
+    """Annotate every point ``(x, y)`` with its label so that no two labels and no label and marker
+    overlap where avoidable: labels are placed greedily (points in order of their y value, highest
+    first) at the first of :data:`_LABEL_SPOTS` that collides with nothing placed before and stays
+    inside the axes, else at the spot with the least overlap. Returns the annotations."""
+    fig = ax.get_figure()
+    fig.draw_without_rendering()  # final layout, so data → display coordinates hold
+    pts = ax.transData.transform(np.column_stack([np.asarray(x, float), np.asarray(y, float)]))
+    pt = fig.dpi / 72
+    marker = 3 * pt
+    boxes = [np.array([p[0] - marker, p[1] - marker, p[0] + marker, p[1] + marker]) for p in pts]
+    frame = ax.get_window_extent()
+    out = []
+    for i in np.argsort(-pts[:, 1], kind="stable"):
+        text = str(labels[i])
+        w, h = 0.62 * fontsize * len(text) * pt, 1.05 * fontsize * pt
+        best, best_cost = None, np.inf
+        for spot in _LABEL_SPOTS:
+            box = _label_box(pts[i], spot, w, h, pt)
+            inside = box[0] >= frame.x0 and box[2] <= frame.x1 and box[1] >= frame.y0 and box[3] <= frame.y1
+            cost = sum(_overlap(box, b) for b in boxes) + (0.0 if inside else w * h)
+            if cost < best_cost:
+                best, best_cost = (spot, box), cost
+            if cost == 0:
+                break
+        (dx, dy, ha, va), box = best
+        boxes.append(box)
+        ann = ax.annotate(text, (x[i], y[i]), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va,
+                          fontsize=fontsize)
+        ann.set_in_layout(False)
+        out.append(ann)
+    return out
+
+
 def plot_reliability(data: Mapping[str, ReliabilityData], ax: Sequence[Sequence[Axes]] | None = None) -> Figure:
     """Reliability diagrams as small multiples, one column per model, with count histograms.
 
@@ -127,15 +179,17 @@ def plot_reliability(data: Mapping[str, ReliabilityData], ax: Sequence[Sequence[
             ``{"Deterministic": ..., "Bayes (block 7)": ..., "All blocks": ...}``).
         ax: optional 2 x K grid of Axes (row 0 reliability, row 1 counts).
 
-    Top row: per-bin accuracy (bars) vs mean confidence (markers) and the diagonal; the point mass
-    at confidence 1 (see :mod:`lib.calibration`) is a diamond. Bottom row: examples per bin (log).
+    Top row: per-bin accuracy as bars over the bin; a dot at (mean confidence, accuracy) of each
+    bin, whose vertical segment to the diagonal is the bin's calibration gap (accuracy − mean
+    confidence); the point mass at confidence 1 (see :mod:`lib.calibration`) is a diamond. The
+    legend sits above the panels, clear of the bars. Bottom row: examples per bin (log).
     """
     if not data:
         raise ValueError("plot_reliability: data must map at least one model name to ReliabilityData")
     k = len(data)
     with mpl.rc_context(STYLE):
         if ax is None:
-            fig = Figure(figsize=(WIDTH, 3.2), layout="constrained")
+            fig = Figure(figsize=(WIDTH, 3.5), layout="constrained")
             axes = fig.subplots(2, k, sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1]})
         else:
             axes = np.asarray(ax, dtype=object).reshape(2, k)
@@ -148,17 +202,19 @@ def plot_reliability(data: Mapping[str, ReliabilityData], ax: Sequence[Sequence[
             has = cnt[:m] > 0
             left, width = edges[:-1][has], np.diff(edges)[has]
             top.bar(left, acc[:m][has], width=width, align="edge", color=PALETTE[0], alpha=0.8,
-                    edgecolor="white", linewidth=0.5, label="Accuracy")
-            top.plot(conf[:m][has], acc[:m][has], "o", color=PALETTE[1], markersize=3, label="Mean confidence")
+                    edgecolor="white", linewidth=0.5, label="Accuracy of the bin")
+            top.plot(conf[:m][has], acc[:m][has], "o", color=PALETTE[1], markersize=3,
+                     label="Accuracy at the bin's mean confidence")
             top.vlines(conf[:m][has], np.minimum(acc[:m][has], conf[:m][has]),
-                       np.maximum(acc[:m][has], conf[:m][has]), color=PALETTE[1], linewidth=1)
+                       np.maximum(acc[:m][has], conf[:m][has]), color=PALETTE[1], linewidth=1,
+                       label="Gap to the diagonal")
             if cnt[m] > 0:
                 top.plot([1.0], [acc[m]], "D", color=PALETTE[3], markersize=4, label="Confidence = 1")
-            top.plot([0, 1], [0, 1], "--", color="0.4", linewidth=0.8)
+            top.plot([0, 1], [0, 1], "--", color="0.4", linewidth=0.8, label="Perfect calibration")
             top.set_xlim(0, 1)
             top.set_ylim(0, 1)
             top.set_title(name)
-            top.text(0.04, 0.92, f"ECE = {rd.ece * PP:.2f} pp", transform=top.transAxes, fontsize=8, va="top")
+            top.text(0.04, 0.96, f"ECE = {rd.ece * PP:.2f}%", transform=top.transAxes, fontsize=8, va="top")
             bottom.bar(edges[:-1], np.maximum(cnt[:m], 0), width=np.diff(edges), align="edge",
                        color="0.55", edgecolor="white", linewidth=0.5)
             bottom.set_yscale("symlog", linthresh=1)
@@ -166,29 +222,64 @@ def plot_reliability(data: Mapping[str, ReliabilityData], ax: Sequence[Sequence[
             if j == 0:
                 top.set_ylabel("Accuracy (fraction)")
                 bottom.set_ylabel("Count (examples)")
-                top.legend(loc="upper left", bbox_to_anchor=(0.0, 0.86), frameon=False)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        for a in axes[0, 1:]:  # a diamond drawn in another panel only
+            for h, lab in zip(*a.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        fig.legend(handles, labels, loc="outside upper center", ncol=min(len(labels), 3), frameon=False)
     return fig
 
 
-def plot_delta_ranked(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
+ALL_BLOCKS = "all blocks"
+"""The ``layer`` of the all-block posterior in :func:`plot_delta_ranked` data."""
+
+
+def plot_delta_ranked(data: pd.DataFrame, ax: Axes | None = None, reference: float | None = None,
+                      reference_label: str = "Temperature scaling") -> Figure:
     """Ranked bars of Delta_ECE(l) with CI error bars and a zero line (positive = improvement).
+
+    The all-block posterior (``layer == "all blocks"``), when present, is drawn first, hatched in
+    grey and separated from the ranked single blocks by a vertical line; ``reference`` (a
+    fraction, e.g. temperature scaling's ECE_det − ECE_TS) is drawn as a dashed horizontal line
+    labelled ``reference_label``.
 
     Args:
         data: DataFrame with columns ``layer`` (str or int), ``delta``, ``lower``, ``upper``
             (fractions; e.g. from :func:`lib.stats.paired_bootstrap` + an interval).
     """
     _require(data, ["layer", "delta", "lower", "upper"], "plot_delta_ranked")
-    df = data.sort_values("delta", ascending=False, kind="stable")
+    ranked = data.sort_values("delta", ascending=False, kind="stable")
+    is_all = ranked["layer"].astype(str) == ALL_BLOCKS
+    df = pd.concat([ranked[is_all], ranked[~is_all]])
+    n_all = int(is_all.sum())
+    own = ax is None
     with mpl.rc_context(STYLE):
-        fig, ax = _new(ax, 2.6)
+        fig, ax = _new(ax, 2.8)
         x = np.arange(len(df))
         colors = [PALETTE[0] if v > 0 else PALETTE[1] for v in df["delta"]]
-        ax.bar(x, df["delta"].to_numpy(float) * PP, color=colors, yerr=_yerr(df, "delta", "lower", "upper"),
-               error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.2"})
+        bars = ax.bar(x, df["delta"].to_numpy(float) * PP, color=colors, yerr=_yerr(df, "delta", "lower", "upper"),
+                      error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.2"})
+        for bar in bars.patches[:n_all]:
+            bar.set_facecolor("0.6")
+            bar.set_hatch("//")
+            bar.set_edgecolor("0.25")
+            bar.set_label("All blocks")
+        if n_all and len(df) > n_all:
+            ax.axvline(n_all - 0.5, color="0.3", linewidth=0.8, linestyle=":")
         ax.axhline(0, color="0.2", linewidth=0.8)
+        if reference is not None:
+            ax.axhline(reference * PP, color=PALETTE[2], linestyle="--", linewidth=1.2,
+                       label=f"{reference_label} ({reference * PP:+.2f} pp)".replace("-", "−"))
         _label_ticks(ax, df["layer"])
-        ax.set_xlabel("Posterior (blocks with Laplace covariance), ranked")
+        ax.set_xlabel("Posterior (blocks with Laplace covariance); single blocks ranked")
         ax.set_ylabel(DELTA_LABEL)
+        if n_all or reference is not None:  # above the axes, clear of bars and reference line
+            if own:
+                fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center", ncol=2, frameon=False)
+            else:
+                ax.legend(frameon=False)
     return fig
 
 
@@ -202,7 +293,8 @@ def plot_delta_scatter(data: pd.DataFrame, ax: Axes | None = None, xlabel: str =
 
     Args:
         data: DataFrame with columns ``x``, ``delta``, ``lower``, ``upper``; optional
-            ``x_lower``, ``x_upper`` (CI of x, same units as x) and ``label`` (point annotation).
+            ``x_lower``, ``x_upper`` (CI of x, same units as x) and ``label`` (point annotation,
+            placed by :func:`label_points` so that labels do not collide).
     """
     _require(data, ["x", "delta", "lower", "upper"], "plot_delta_scatter")
     if not xlabel:
@@ -215,9 +307,6 @@ def plot_delta_scatter(data: pd.DataFrame, ax: Axes | None = None, xlabel: str =
             xerr = np.abs(np.stack([x - data["x_lower"].to_numpy(float), data["x_upper"].to_numpy(float) - x]))
         ax.errorbar(x, data["delta"].to_numpy(float) * PP, yerr=_yerr(data, "delta", "lower", "upper"), xerr=xerr,
                     fmt="o", color=PALETTE[0], markersize=4, elinewidth=0.8, capsize=2)
-        if "label" in data.columns:
-            for xi, yi, lab in zip(x, data["delta"].to_numpy(float) * PP, data["label"]):
-                ax.annotate(str(lab), (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=8)
         ax.axhline(0, color="0.2", linewidth=0.8)
         finite = x[np.isfinite(x)]
         if len(finite) and np.all(finite == np.round(finite)):
@@ -226,11 +315,15 @@ def plot_delta_scatter(data: pd.DataFrame, ax: Axes | None = None, xlabel: str =
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(DELTA_LABEL)
+        if "label" in data.columns:
+            label_points(ax, x, data["delta"].to_numpy(float) * PP, list(data["label"]))
     return fig
 
 
 def plot_rank_heatmap(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
-    """Heat map of bootstrap rank probabilities (layers x ranks).
+    """Heat map of bootstrap rank probabilities (layers x ranks), each cell annotated with its
+    probability in percent (blank below 0.5%); the colour scale (viridis) runs from 0 to the
+    largest probability, so that small differences stay visible.
 
     Args:
         data: DataFrame, index = layer names, columns = ranks 1..P, values = probabilities
@@ -239,9 +332,17 @@ def plot_rank_heatmap(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
     """
     if not isinstance(data, pd.DataFrame) or data.shape[0] == 0:
         raise ValueError("plot_rank_heatmap: data must be a non-empty DataFrame (index layers, columns ranks)")
+    values = data.to_numpy(float)
+    vmax = max(float(np.nanmax(values)), 1e-12)
+    cmap = mpl.colormaps["viridis"]
     with mpl.rc_context(STYLE):
-        fig, ax = _new(ax, 0.9 + 0.2 * data.shape[0])
-        im = ax.imshow(data.to_numpy(float), cmap="cividis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        fig, ax = _new(ax, 1.0 + 0.26 * data.shape[0])
+        im = ax.imshow(values, cmap=cmap, vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+        for (i, j), v in np.ndenumerate(values):
+            if v >= 0.005:
+                dark = np.dot(cmap(v / vmax)[:3], [0.299, 0.587, 0.114]) < 0.5
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
         ax.set_xticks(np.arange(data.shape[1]), [str(c) for c in data.columns])
         ax.set_yticks(np.arange(data.shape[0]), [str(i) for i in data.index])
         ax.set_xlabel("Rank (1 = largest ΔECE)")
@@ -270,26 +371,37 @@ def plot_shapley(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
     return fig
 
 
-def plot_cumulative(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
-    """Delta_ECE of the first-k and last-k block posteriors vs k, with CI bands.
+def plot_cumulative(data: pd.DataFrame, ax: Sequence[Axes] | None = None) -> Figure:
+    """Delta_ECE of the first-k (left panel) and last-k (right panel) block posteriors vs k, with
+    CI error bars; the panels share the y axis, so that the two series can be compared without
+    their intervals overlapping.
 
     Args:
         data: DataFrame with columns ``k`` and, for ``s`` in (``first_k``, ``last_k``), ``s``,
             ``s_lower``, ``s_upper`` (fractions).
+        ax: optional pair of Axes (first k, last k).
     """
     cols = ["k"] + [f"{s}{suf}" for s in ("first_k", "last_k") for suf in ("", "_lower", "_upper")]
     _require(data, cols, "plot_cumulative")
     with mpl.rc_context(STYLE):
-        fig, ax = _new(ax, 2.6)
+        if ax is None:
+            fig = Figure(figsize=(WIDTH, 2.6), layout="constrained")
+            axes = fig.subplots(1, 2, sharey=True)
+        else:
+            axes = list(ax)
+            if len(axes) != 2:
+                raise ValueError(f"plot_cumulative: needs 2 axes (first k, last k), got {len(axes)}")
+            fig = axes[0].get_figure()
         k = data["k"].to_numpy(float)
-        for i, (s, lab) in enumerate((("first_k", "First k blocks"), ("last_k", "Last k blocks"))):
-            ax.plot(k, data[s].to_numpy(float) * PP, "o-", color=PALETTE[i], markersize=3, label=lab)
-            ax.fill_between(k, data[f"{s}_lower"].to_numpy(float) * PP, data[f"{s}_upper"].to_numpy(float) * PP,
-                            color=PALETTE[i], alpha=0.2, linewidth=0)
-        ax.axhline(0, color="0.2", linewidth=0.8)
-        ax.set_xlabel("Number of blocks with Laplace covariance k")
-        ax.set_ylabel(DELTA_LABEL)
-        ax.legend(frameon=False)
+        for i, (a, s, title) in enumerate(zip(axes, ("first_k", "last_k"),
+                                              ("First k blocks (from the input)", "Last k blocks (from the output)"))):
+            a.errorbar(k, data[s].to_numpy(float) * PP, yerr=_yerr(data, s, f"{s}_lower", f"{s}_upper"), fmt="o-",
+                       color=PALETTE[i], markersize=3, elinewidth=0.8, capsize=2)
+            a.axhline(0, color="0.2", linewidth=0.8)
+            a.set_title(title)
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+            a.set_xlabel("Number of Bayesian blocks k")
+        axes[0].set_ylabel(DELTA_LABEL)
     return fig
 
 
@@ -347,28 +459,50 @@ def prepare_pareto_from_tables(latency: pd.DataFrame, table: pd.DataFrame) -> pd
     return prepare_pareto(names, col(priced, "extra_ms"), col(t, "delta"), col(t, "lower"), col(t, "upper"))
 
 
+PARETO_KINDS = {"single": ("o", "single block ℓ (label ℓ)"), "first": ("^", "first k blocks (label Fk)"),
+                "last": ("v", "last k blocks (label Lk)"), "all": ("*", "all blocks")}
+"""Marker and legend entry of each kind of priced block choice in :func:`plot_pareto`."""
+
+
+def short_name(name: str) -> str:
+    """Point label of a priced block choice: ``single 3`` → ``3``, ``first 4`` → ``F4``,
+    ``last 2`` → ``L2``, ``all`` → ``all`` (the legend of :func:`plot_pareto` explains them)."""
+    kind, _, k = str(name).partition(" ")
+    return {"single": k, "first": f"F{k}", "last": f"L{k}"}.get(kind, str(name))
+
+
 def plot_pareto(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
-    """Extra latency per image (ms) vs Delta_ECE with the Pareto front highlighted (deployment chapter).
+    """Extra latency per image (ms) vs Delta_ECE of every priced block choice, each point labelled
+    (:func:`short_name`, marker by kind), with the Pareto front drawn as a line (deployment chapter).
 
     Args:
         data: DataFrame from :func:`prepare_pareto` (columns ``name``, ``cost`` in ms per image,
             ``delta``, ``front``; optional ``lower``, ``upper`` for CI bars).
     """
     _require(data, ["name", "cost", "delta", "front"], "plot_pareto")
+    own = ax is None
     with mpl.rc_context(STYLE):
-        fig, ax = _new(ax, 2.8)
+        fig, ax = _new(ax, 3.4)
         front = data["front"].to_numpy(bool)
         yerr = _yerr(data, "delta", "lower", "upper") if {"lower", "upper"} <= set(data.columns) else None
-        ax.errorbar(data["cost"], data["delta"] * PP, yerr=yerr, fmt="none", ecolor="0.6", elinewidth=0.7)
-        ax.scatter(data["cost"][~front], data["delta"][~front] * PP, color="0.6", s=14, label="Dominated")
+        ax.errorbar(data["cost"], data["delta"] * PP, yerr=yerr, fmt="none", ecolor="0.75", elinewidth=0.7)
+        kinds = data["name"].astype(str).str.split().str[0]
+        for kind, (marker, label) in PARETO_KINDS.items():
+            sel = (kinds == kind).to_numpy()
+            if sel.any():
+                ax.scatter(data["cost"][sel], data["delta"][sel] * PP, marker=marker, s=26 if kind == "all" else 16,
+                           color=[PALETTE[1] if f else "0.45" for f in front[sel]], label=label, zorder=3)
         f = data[front].sort_values("cost")
-        ax.plot(f["cost"], f["delta"] * PP, "o-", color=PALETTE[1], markersize=5, label="Pareto front")
-        for _, row in f.iterrows():
-            ax.annotate(str(row["name"]), (row["cost"], row["delta"] * PP), xytext=(3, 3),
-                        textcoords="offset points", fontsize=8)
+        ax.plot(f["cost"], f["delta"] * PP, "-", color=PALETTE[1], linewidth=1.2, label="Pareto front", zorder=2)
         ax.set_xlabel("Extra latency (ms per image)")
         ax.set_ylabel(DELTA_LABEL)
-        ax.legend(frameon=False, loc="lower right")
+        handles, labels = ax.get_legend_handles_labels()
+        leg = (fig.legend(handles, labels, loc="outside upper center", ncol=3, frameon=False) if own
+               else ax.legend(handles, labels, frameon=False))
+        for h in leg.legend_handles[:-1]:  # markers by kind in one colour; the front's colour is the line's
+            h.set_color("0.45")
+        label_points(ax, data["cost"].to_numpy(float), data["delta"].to_numpy(float) * PP,
+                     [short_name(n) for n in data["name"]])
     return fig
 
 
@@ -475,22 +609,32 @@ def plot_curvature_quality(data: pd.DataFrame, ax: Sequence[Axes] | None = None)
 
 
 def plot_latency(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
-    """Latency per image of each block choice (bars) with the deterministic model as a line.
+    """Latency per image of each block choice: the median (bars) with its inter-quartile range
+    (error bars, when ``ms_q25``/``ms_q75`` are given), the deterministic model as a line.
 
     Args:
-        data: DataFrame with ``posterior``, ``ms_per_image``; the row ``"deterministic"`` is the line.
+        data: DataFrame with ``posterior``, ``ms_per_image`` (median) and optional ``ms_q25``,
+            ``ms_q75`` (:func:`lib.deploy.latency_table`); the row ``"deterministic"`` is the line.
+            Tick labels are the posteriors' reader names (:func:`lib.report.display_name`).
     """
+    from lib.report import display_name
+
     _require(data, ["posterior", "ms_per_image"], "plot_latency")
     with mpl.rc_context(STYLE):
-        fig, ax = _new(ax, 2.8)
-        det = data[data.posterior == "deterministic"].ms_per_image
+        fig, ax = _new(ax, 3.0)
+        det = data[data.posterior == "deterministic"]
         rest = data[data.posterior != "deterministic"]
-        ax.bar(range(len(rest)), rest.ms_per_image, color=PALETTE[0])
-        ax.set_xticks(range(len(rest)), rest.posterior, rotation=90)
+        med = rest.ms_per_image.to_numpy(float)
+        yerr = None
+        if {"ms_q25", "ms_q75"} <= set(data.columns):
+            yerr = np.abs(np.stack([med - rest.ms_q25.to_numpy(float), rest.ms_q75.to_numpy(float) - med]))
+        ax.bar(range(len(rest)), med, yerr=yerr, color=PALETTE[0],
+               error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": "0.2"})
+        ax.set_xticks(range(len(rest)), [display_name(n) for n in rest.posterior], rotation=90)
         if len(det):
-            ax.axhline(float(det.iloc[0]), color=PALETTE[1], linestyle="--", label="Deterministic (MAP)")
+            ax.axhline(float(det.ms_per_image.iloc[0]), color=PALETTE[1], linestyle="--", label="Deterministic (MAP)")
             ax.legend(frameon=False)
-        ax.set_ylabel("Latency (ms per image)")
+        ax.set_ylabel("Latency (ms per image; median, IQR)" if yerr is not None else "Latency (ms per image)")
     return fig
 
 

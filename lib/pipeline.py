@@ -93,19 +93,25 @@ def _finetune_model_cfg(cfg: Config, backbone: Stage | None) -> ModelConfig:
     return dataclasses.replace(cfg.model, pretrained=False, checkpoint=str(backbone.file("backbone.pt")))
 
 
-def map_run(cfg: Config, seed: int, device: torch.device) -> MapRun:
-    """Train (or load) the LoRA MAP model of one seed; saves the trainable weights and history."""
+def map_run(cfg: Config, seed: int, device: torch.device, *, lora_dropout: float = 0.0) -> MapRun:
+    """Train (or load) the LoRA MAP model of one seed; saves the trainable weights and history.
+
+    ``lora_dropout`` > 0 trains with peft's LoRA dropout (the MC-dropout baseline,
+    :mod:`lib.baselines.mc_dropout`): a separate stage (the rate is part of its key; 0 leaves the
+    MAP key unchanged), its dropout masks drawn from the global stream forked and seeded with ``seed``.
+    """
     backbone = backbone_stage(cfg, device)
+    dropout_key = {"lora_dropout": lora_dropout} if lora_dropout else {}
     st = stage(
         "map",
         {"data": _data_identity(cfg), **cfg.section("model", "lora", "train"), "seed": seed,
-         "numerics": numerics(device)},
+         "numerics": numerics(device), **dropout_key},
         upstream=[backbone] if backbone else [],
     )
     splits = splits_for(cfg)
     model = build_backbone(_finetune_model_cfg(cfg, backbone), splits.num_classes, seed=seed, device=device)
     model.requires_grad_(False)
-    model = add_lora(model, cfg.lora, seed=seed).to(device)
+    model = add_lora(model, cfg.lora, seed=seed, dropout=lora_dropout).to(device)
     pre = Preprocess.from_data_config(data_config(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if st.done:
@@ -118,8 +124,10 @@ def map_run(cfg: Config, seed: int, device: torch.device) -> MapRun:
         t = cfg.train
         spec = FitSpec(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, warmup_epochs=t.warmup_epochs,
                        grad_clip=t.grad_clip, augment=t.augment, l2=t.weight_decay, compile=t.compile)
-        history = fit(model, trainable, splits.train, splits.val, spec, preprocess=pre, device=device,
-                      seed=seed, ckpt=st.file("checkpoint.pt"), desc=f"LoRA seed {seed}")
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            history = fit(model, trainable, splits.train, splits.val, spec, preprocess=pre, device=device,
+                          seed=seed, ckpt=st.file("checkpoint.pt"), desc=f"LoRA seed {seed}")
         torch.save([p.detach().cpu() for p in trainable], st.file("map.pt"))
         st.file("history.json").write_text(json.dumps(history, indent=1))
         for name, split in (("val", splits.val), ("test", splits.test)):

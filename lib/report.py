@@ -70,6 +70,68 @@ def level(alpha: float) -> str:
     return f"{100 * (1 - alpha):.3g}%"
 
 
+KAPPA_S = r"$\kappa_S$"
+"""The covariance scale of a subset in prose (math, so both HTML and PDF show the subscript)."""
+KAPPA_ALL = r"$\kappa_{\mathrm{all}}$"
+"""The all-block posterior's covariance scale in prose."""
+DELTA_DEF = r"$\mathrm{ECE}_{\det} - \mathrm{ECE}_{\mathrm{Bayes}}$"
+"""The definition of ΔECE in prose."""
+
+
+def display_name(name: str) -> str:
+    """The reader's name of a posterior key of the result tables (the saved keys stay as they are):
+    ``single 3`` → ``block 3 only``, ``first 4`` → ``first 4 blocks``, ``last 2`` → ``last 2 blocks``,
+    ``all`` → ``all blocks``, ``all but 5`` → ``all blocks but 5``, ``none``/``deterministic`` →
+    ``deterministic (MAP)``; other names unchanged. Every table, figure and sentence shows these."""
+    parts = str(name).split()
+    if name == "all":
+        return "all blocks"
+    if name in ("none", "deterministic"):
+        return "deterministic (MAP)"
+    if len(parts) == 2 and parts[1].isdigit():
+        if parts[0] == "single":
+            return f"block {parts[1]} only"
+        if parts[0] in ("first", "last"):
+            return f"{parts[0]} {parts[1]} block{'s' if parts[1] != '1' else ''}"
+    if len(parts) == 3 and parts[:2] == ["all", "but"]:
+        return f"all blocks but {parts[2]}"
+    return str(name)
+
+
+FORMATS = {
+    "delta_pp": "differences in percentage points (ΔECE, its bounds, signed ECE): signed, 2 decimals",
+    "pp": "errors and spreads in percentage points (SE, SD): 2 decimals",
+    "percent": "ECE and accuracy in %: 2 decimals",
+    "p": "p-values: 3 decimals, '<0.001' below 0.0005",
+    "ratio": "ratios and shares: 2 decimals",
+    "seconds": "times in s: 1 decimal",
+    "rate": "throughput (images/s): integer with thousands separators",
+    "count": "counts: integer with thousands separators",
+    "kappa": "covariance scales κ and prior precisions δ: 3 significant digits",
+    "metric": "NLL and Brier score (and their differences): 4 decimals",
+    "evidence": "log evidence: 1 decimal",
+    "tolerance": "numerical differences and tolerances: 2 significant digits, scientific",
+}
+"""The one display rule per quantity of the book's tables (:func:`format_number`)."""
+
+
+def format_number(x: float, quantity: str) -> str:
+    """``x`` as the book shows a ``quantity`` of :data:`FORMATS` (typographic minus; ``–`` for NaN)."""
+    if quantity not in FORMATS:
+        raise ValueError(f"quantity {quantity!r} has no display rule; use one of {', '.join(FORMATS)}")
+    if x is None or pd.isna(x):
+        return "–"
+    x = float(x)
+    if quantity == "delta_pp":
+        return signed(x, 2)
+    if quantity == "p":
+        return "<0.001" if x < 0.0005 else f"{x:.3f}"
+    text = {"pp": f"{x:.2f}", "percent": f"{x:.2f}", "ratio": f"{x:.2f}", "seconds": f"{x:.1f}",
+            "rate": f"{x:,.0f}", "count": f"{x:,.0f}", "kappa": f"{x:.3g}", "metric": f"{x:.4f}",
+            "evidence": f"{x:.1f}", "tolerance": f"{x:.1e}"}[quantity]
+    return text.replace("-", "−")
+
+
 def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
     """Data, model, LoRA and training settings of the profile as a two-column table."""
     s, d = run.splits, data_config(run.model)
@@ -123,15 +185,15 @@ def deterministic_table(runs: list[MapRun], n_bins: int) -> pd.DataFrame:
 def display_layer_table(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Attribution rows formatted for reading: ΔECE with its ``1 − alpha`` interval, Δ NLL/Brier/accuracy, Holm p."""
     out = pd.DataFrame({
-        "Posterior": table.posterior,
-        "ECE (%)": (PP * table.ece).round(2),
+        "Posterior": table.posterior.map(display_name),
+        "ECE (%)": (PP * table.ece).map(lambda v: format_number(v, "percent")),
         f"ΔECE, pp [{level(alpha)} CI]": [ci(d, lo, hi) for d, lo, hi in zip(table.delta, table.lower, table.upper)],
         "ΔNLL": table.d_nll.map(lambda v: signed(v, 4)),
         "ΔBrier": table.d_brier.map(lambda v: signed(v, 4)),
         "Δacc. (pp)": table.d_acc.map(pp),
     })
     if "p_holm" in table:
-        out["Holm p"] = table.p_holm.map(lambda v: "" if pd.isna(v) else f"{v:.3g}")
+        out["Holm p"] = table.p_holm.map(lambda v: "" if pd.isna(v) else format_number(v, "p"))
     return out
 
 
@@ -161,9 +223,26 @@ READABLE = {
     "fit_images": "fit images", "fit_seconds": "fit s", "fit_images_per_s": "images / s",
     "prior_init": "initial δ", "log_marginal_likelihood": "log evidence", "device": "device",
     "max_abs_diff": "max abs. difference", "max_rel_diff": "max rel. difference", "tolerance": "rel. tolerance",
-    "ok": "within tolerance", "kappa_own": "κ_S (median)",
+    "ok": "within tolerance", "kappa_own": "own κ (median)",
+    "own κ_S": "own κ", "shared κ_all": "all-block κ",
 }
-"""Reader-facing column names of the result tables (units stay in the table captions)."""
+"""Reader-facing column names of the result tables (units stay in the table captions); table
+cells and headers hold no ``$…$`` math (pandas tables reach Quarto as HTML, where it would stay
+raw text), so the covariance scale of a subset is "own κ" there and $\kappa_S$ in the prose."""
+
+QUANTITIES = {
+    **dict.fromkeys(["delta", "lower", "upper", "percentile_lower", "percentile_upper", "bca_lower", "bca_upper",
+                     "halving", "interaction", "signed_ece", "phi", "equal-width ECE", "equal-mass ECE",
+                     "debiased ℓ2 ECE", "smooth ECE", "own κ_S", "shared κ_all", "κ = 1"], "delta_pp"),
+    **dict.fromkeys(["seed_sd", "mc_se", "test_se"], "pp"),
+    **dict.fromkeys(["accuracy", "ece", "val_accuracy"], "percent"),
+    "p_holm": "p", "mc_share": "ratio", "train_seconds": "seconds", "fit_seconds": "seconds",
+    "fit_images_per_s": "rate", "fit_images": "count", "kappa_own": "kappa", "prior_init": "kappa",
+    "nll": "metric", "brier": "metric", "log_marginal_likelihood": "evidence",
+    "max_abs_diff": "tolerance", "max_rel_diff": "tolerance", "tolerance": "tolerance",
+}
+"""The :data:`FORMATS` rule of each result-table column that :func:`readable` formats
+(``delta_seed<s>`` columns: ``delta_pp``); the ΔECE-like columns must already be in pp (:func:`in_pp`)."""
 
 
 def in_pp(df: pd.DataFrame, columns: list[str], digits: int = 3) -> pd.DataFrame:
@@ -178,9 +257,21 @@ def in_pp(df: pd.DataFrame, columns: list[str], digits: int = 3) -> pd.DataFrame
 
 
 def readable(df: pd.DataFrame, alpha: float | None = None) -> pd.DataFrame:
-    """``df`` with its columns and index names renamed by :data:`READABLE` (``delta_seed<s>`` →
-    ``seed <s>``; with ``alpha``, ``lower``/``upper`` → ``95% lower``/``95% upper`` at its level)
-    and boolean columns shown as yes/no; other values unchanged, unknown names kept."""
+    """``df`` for reading: numeric columns formatted by their :data:`QUANTITIES` rule, posterior
+    keys (a ``posterior`` column or index) by :func:`display_name`, boolean columns as yes/no, and
+    columns and index names renamed by :data:`READABLE` (``delta_seed<s>`` → ``seed <s>``; with
+    ``alpha``, ``lower``/``upper`` → ``95% lower``/``95% upper`` at its level); other values
+    unchanged, unknown names kept."""
+    df = df.copy()
+    for col in df.columns:
+        rule = "delta_pp" if str(col).startswith("delta_seed") else QUANTITIES.get(col)
+        if rule and pd.api.types.is_numeric_dtype(df[col]) and df[col].dtype != bool:
+            df[col] = df[col].map(lambda v, r=rule: format_number(v, r))
+    if "posterior" in df.columns:
+        df["posterior"] = df["posterior"].map(display_name)
+    if "posterior" in df.index.names and df.index.nlevels == 1:
+        df.index = df.index.map(display_name).rename("posterior")
+
     def name(n):
         if isinstance(n, str) and n.startswith("delta_seed"):
             return f"seed {n[len('delta_seed'):]}"
@@ -276,6 +367,7 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
     sig = singles[singles.improves].block.tolist()
     worse = singles[singles.upper < 0].block.tolist()
     unclear = singles[(singles.lower <= 0) & (singles.upper >= 0)].block.tolist()
+    uncorrected = singles[(singles.lower > 0) & ~singles.improves.astype(bool)].block.tolist()
     width = float((singles.upper - singles.lower).median())
     above, below = _signed_blocks(singles)
     out = [
@@ -286,6 +378,10 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
          f"test, family-wise error {alpha:g}).") if sig else
         "Not supported: that any single block, on its own, improves calibration (no Holm-adjusted test rejects).",
     ]
+    if uncorrected:
+        out.append(f"For {_blocks_text(uncorrected)} the {level(alpha)} interval lies above zero, but the "
+                   f"Holm-adjusted test does not reject: the gain is not established once the {len(singles)} blocks "
+                   "are tested together.")
     if worse:
         out.append(f"{_blocks_text(worse).capitalize()} make{'s' if len(worse) == 1 else ''} calibration worse "
                    "(interval entirely below zero).")
@@ -299,8 +395,9 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
 
 
 def _posterior_names(names) -> str:
-    """Named posteriors for prose: ``single 3, the all-block posterior``."""
-    return ", ".join("the all-block posterior" if n == "all" else n for n in names)
+    """Named posteriors for prose: ``block 3 only and the all-block posterior`` (:func:`display_name`)."""
+    shown = ["the all-block posterior" if n == "all" else display_name(n) for n in names]
+    return _join(shown) if shown else ""
 
 
 def _leader(agreement: pd.DataFrame, ranks: pd.DataFrame) -> tuple[int, bool, pd.DataFrame]:
@@ -357,8 +454,14 @@ def estimator_summary(agreement: pd.DataFrame, coincide: bool, ranks: pd.DataFra
 def scale_sensitivity_summary(agreement: pd.DataFrame, ranks: pd.DataFrame) -> str:
     """Whether the single-block ranking depends on how the posteriors are scaled, in words, from
     :func:`lib.attribution.ranking_agreement` of :func:`lib.attribution.scale_sensitivity`."""
-    return " ".join(_agreement_text(agreement, ranks, "each subset's own κ_S", "", "the own-κ_S gain")
-                    + ["These are point estimates; the intervals elsewhere in this chapter are for the own κ_S."])
+    shown = agreement.assign(estimator=agreement.estimator.map(lambda e: SCALE_WORDS.get(e, e)))
+    return " ".join(_agreement_text(shown, ranks, f"each subset's own {KAPPA_S}", "", f"the own-{KAPPA_S} gain")
+                    + [f"These are point estimates; the intervals elsewhere in this chapter are for the own {KAPPA_S}."])
+
+
+SCALE_WORDS = {"own κ_S": f"each subset's own {KAPPA_S}", "shared κ_all": f"the all-block {KAPPA_ALL}",
+               "κ = 1": r"$\kappa = 1$"}
+"""The scalings of :data:`lib.attribution.SCALES` in prose."""
 
 
 MATERIAL = 0.5
@@ -385,7 +488,7 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
         f"With K = {n_samples} posterior samples the Monte Carlo standard error of ΔECE is at most "
         f"{PP * table.mc_se.max():.2f} pp (median {PP * table.mc_se.median():.2f} pp): "
         f"{100 * share.median():.0f}% of the test-set standard error at the median and "
-        f"{100 * worst.mc_share:.0f}% at most ({worst.posterior})."
+        f"{100 * worst.mc_share:.0f}% at most ({_posterior_names([worst.posterior])})."
     ]
     noisy = table[share > MATERIAL].posterior.tolist()
     if noisy:
@@ -449,15 +552,16 @@ def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFr
     pick = t.loc[choice]
     cost = float(front.set_index("name").loc[choice, "cost"])
     full_cost = float(front.set_index("name").loc["all", "cost"])
-    d_acc = (b.loc[f"Laplace, {choice}", "accuracy (%)"] - det["accuracy (%)"]) / PP
+    d_acc = (b.loc[f"Laplace, {display_name(choice)}", "accuracy (%)"] - det["accuracy (%)"]) / PP
     rule = f"the cheapest priced choice with at least {100 * SET_SHARE:.0f}% of the all-block validation gain"
     if pick.lower <= 0:
-        text = (f"Chosen on the validation images as {rule}, **{choice}** has on the test set ΔECE = "
+        text = (f"Chosen on the validation images as {rule}, **{display_name(choice)}** has on the test set ΔECE = "
                 f"{ci(pick.delta, pick.lower, pick.upper)} pp: its interval includes zero, so no choice of Bayesian "
                 "blocks can be recommended for calibration on this evidence (test set, seeds, posterior samples and "
-                f"the choice of κ_S); it costs {cost:.3g} ms extra per image and changes accuracy by {pp(d_acc)} pp.")
+                f"the choice of {KAPPA_S}); it costs {cost:.3g} ms extra per image and changes accuracy by {pp(d_acc)} pp.")
     else:
-        text = (f"Make **{choice}** Bayesian (chosen on the validation images as {rule}): on the test set, which played no part in choosing it, its ΔECE is "
+        text = (f"Make **{display_name(choice)}** Bayesian (chosen on the validation images as {rule}): on the test set, "
+                f"which played no part in choosing it, its ΔECE is "
                 f"{ci(pick.delta, pick.lower, pick.upper)} pp, against {ci(full.delta, full.lower, full.upper)} pp for all "
                 f"blocks, at {cost:.3g} ms extra per image ({100 * cost / full_cost:.0f}% of the all-block extra latency); "
                 f"its accuracy changes by {pp(d_acc)} pp.")
@@ -540,20 +644,17 @@ def scale_table(metrics: list[pd.DataFrame], scales: list[pd.DataFrame]) -> pd.D
 
 
 def display_scale_table(table: pd.DataFrame) -> pd.DataFrame:
-    """:func:`scale_table` formatted for reading: κ as median [min, max], NLL to 3 decimals, % to 2."""
-    def num(v: float, fmt: str) -> str:
-        return "–" if pd.isna(v) else format(v, fmt)
-
+    """:func:`scale_table` formatted for reading (:data:`FORMATS`): κ as median [min, max], NLL and %."""
     return pd.DataFrame({
-        "Posterior": table.posterior,
-        "κ_S [range]": [("–" if pd.isna(m) else f"{m:.3g} [{lo:.3g}, {hi:.3g}]")
-                        for m, lo, hi in zip(table["κ median"], table["κ min"], table["κ max"])],
-        "val. NLL, κ = 1": table["val NLL κ=1"].map(lambda v: num(v, ".3f")),
-        "val. NLL, κ_S": table["val NLL κ_S"].map(lambda v: num(v, ".3f")),
-        "ECE (%), κ = 1": table["ECE % κ=1"].map(lambda v: num(v, ".2f")),
-        "ECE (%), κ_S": table["ECE % κ_S"].map(lambda v: num(v, ".2f")),
-        "acc. (%), κ = 1": table["acc % κ=1"].map(lambda v: num(v, ".1f")),
-        "acc. (%), κ_S": table["acc % κ_S"].map(lambda v: num(v, ".1f")),
+        "Posterior": table.posterior.map(display_name),
+        "tuned κ [range]": [("–" if pd.isna(m) else f"{m:.3g} [{lo:.3g}, {hi:.3g}]")
+                            for m, lo, hi in zip(table["κ median"], table["κ min"], table["κ max"])],
+        "val. NLL, κ = 1": table["val NLL κ=1"].map(lambda v: format_number(v, "metric")),
+        "val. NLL, tuned κ": table["val NLL κ_S"].map(lambda v: format_number(v, "metric")),
+        "ECE (%), κ = 1": table["ECE % κ=1"].map(lambda v: format_number(v, "percent")),
+        "ECE (%), tuned κ": table["ECE % κ_S"].map(lambda v: format_number(v, "percent")),
+        "acc. (%), κ = 1": table["acc % κ=1"].map(lambda v: format_number(v, "percent")),
+        "acc. (%), tuned κ": table["acc % κ_S"].map(lambda v: format_number(v, "percent")),
     })
 
 
@@ -561,14 +662,14 @@ def display_selection_table(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """:func:`lib.attribution.scale_selection` formatted for reading: κ_S, how often it is selected
     again, ΔECE at κ_S with the ``1 − alpha`` range over re-tuned κ_S, and both standard deviations (pp)."""
     return pd.DataFrame({
-        "Posterior": table.posterior,
-        "κ_S (median)": table.kappa.map(lambda v: f"{v:.3g}"),
-        "κ_S selected again": table.stable.map(lambda v: f"{100 * v:.0f}%"),
-        f"ΔECE, pp [{level(alpha)} range, re-tuned κ_S]": [ci(d, lo, hi) for d, lo, hi in
-                                                         zip(table.delta, table.sel_lower, table.sel_upper)],
-        "SD, re-tuned κ_S (pp)": (PP * table.sel_se).round(3),
-        "SD, bootstrap (pp)": (PP * table.boot_se).round(3),
-        "ratio": table.sel_share.round(2),
+        "Posterior": table.posterior.map(display_name),
+        "tuned κ (median)": table.kappa.map(lambda v: format_number(v, "kappa")),
+        "same κ selected": table.stable.map(lambda v: f"{100 * v:.0f}%"),
+        f"ΔECE, pp [{level(alpha)} range, re-tuned κ]": [ci(d, lo, hi) for d, lo, hi in
+                                                       zip(table.delta, table.sel_lower, table.sel_upper)],
+        "SD, re-tuned κ (pp)": (PP * table.sel_se).map(lambda v: format_number(v, "pp")),
+        "SD, bootstrap (pp)": (PP * table.boot_se).map(lambda v: format_number(v, "pp")),
+        "ratio": table.sel_share.map(lambda v: format_number(v, "ratio")),
     })
 
 
@@ -604,15 +705,15 @@ def selection_summary(table: pd.DataFrame) -> str:
         return ("The covariance scale is not tuned (`predictive.scale: none`, κ = 1 for every posterior), so no "
                 "selection error arises.")
     worst = table.loc[table.sel_share.idxmax()]
-    out = [f"Re-tuning κ_S on bootstrap resamples of the {int(table.n_val.iloc[0])} validation images selects the same κ_S in "
+    out = [f"Re-tuning {KAPPA_S} on bootstrap resamples of the {int(table.n_val.iloc[0])} validation images selects the same {KAPPA_S} in "
            f"{100 * table.stable.min():.0f}–{100 * table.stable.max():.0f}% of the resamples and moves ΔECE with a "
            f"standard deviation of at most {PP * table.sel_se.max():.2f} pp, {100 * worst.sel_share:.0f}% of the "
            f"standard deviation of the intervals' bootstrap at the most ({_posterior_names([worst.posterior])}).",
-           "The intervals of @sec-attribution include this error: every bootstrap replicate re-tunes κ_S on its own "
-           "resample of the validation images."]
+           "The intervals of @sec-attribution include this error: every bootstrap replicate re-tunes " + KAPPA_S
+           + " on its own resample of the validation images."]
     material = table[table.sel_share > MATERIAL].posterior.tolist()
     if material:
-        out.append(f"For {_posterior_names(material)} the choice of κ_S is a material part of the interval's width; more "
+        out.append(f"For {_posterior_names(material)} the choice of {KAPPA_S} is a material part of the interval's width; more "
                    "validation images (`predictive.scale_images`, `data.val_size`) would narrow it.")
     else:
         out.append("It is a small part of every interval's width.")
@@ -687,7 +788,7 @@ def scale_summary(table: pd.DataFrame, cfg: Config) -> str:
     return (raw + f" The validation NLL selects κ = {full['κ median']:.3g} for it (median over seeds; grid "
             f"{grid[0]:g}–{grid[1]:g}, {cfg.predictive.scale_points} points), which gives {full['acc % κ_S']:.1f}% "
             f"accuracy and {full['ECE % κ_S']:.2f}% ECE; single blocks select κ between {singles['κ min'].min():.3g} and "
-            f"{singles['κ max'].max():.3g}. All results below use each subset's own κ_S." + _grid_edges(t, grid))
+            f"{singles['κ max'].max():.3g}. All results below use each subset's own {KAPPA_S}." + _grid_edges(t, grid))
 
 
 def _at_grid_ends(t: pd.DataFrame, grid: tuple[float, ...]) -> tuple[pd.Series, pd.Series]:
@@ -748,9 +849,9 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, pareto: pd.DataFrame, basel
         + (" (each posterior with its covariance scale tuned on validation NLL, @sec-attribution-scale)"
            if cfg.predictive.scale != "none" else "")
         + f" gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp ({level(alpha)} percentile bootstrap interval "
-        "over seeds, test images, posterior samples and validation images, with κ_S re-tuned in every replicate; "
+        f"over seeds, test images, posterior samples and validation images, with {KAPPA_S} re-tuned in every replicate; "
         f"positive: lower ECE; accuracy {pp(full.d_acc)} pp)."
-        + (" Its κ_S sits at the lower end of the validation grid on at least one seed: validation prefers a "
+        + (f" Its {KAPPA_S} sits at the lower end of the validation grid on at least one seed: validation prefers a "
            "posterior that predicts almost like the MAP." if scale is not None and cfg.predictive.scale != "none"
            and bool(_at_grid_ends(scale.set_index("posterior"), cfg.predictive.scale_range)[1]["all"])
            else ""),
@@ -792,7 +893,7 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, pareto: pd.DataFrame, basel
                     + " posteriors checked; the intervals include it, and more samples would narrow them "
                     "(@sec-statistics-mc).")
     if selection is not None and not selection.empty and (selection.sel_share > MATERIAL).any():
-        text.append("The choice of κ_S on the validation images is a material part of the intervals' width; more "
+        text.append(f"The choice of {KAPPA_S} on the validation images is a material part of the intervals' width; more "
                     "validation images would narrow them (@sec-statistics-scale).")
     text.append(recommendation(pareto, table, baseline, choose_set(validation, pareto), alpha=alpha))
     return " ".join(text)
@@ -809,7 +910,7 @@ def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.
     rows = []
     for n in names:
         vals = pd.concat([m.set_index("posterior").loc[[n]] for m in metrics])
-        row = {"method": label.get(n, f"Laplace, {n}"), "ECE (%)": round(PP * vals.ece.mean(), 2),
+        row = {"method": label.get(n, f"Laplace, {display_name(n)}"), "ECE (%)": round(PP * vals.ece.mean(), 2),
                "signed ECE (pp)": round(PP * vals.signed_ece.mean(), 2),
                "NLL": round(vals.nll.mean(), 4), "accuracy (%)": round(PP * vals.accuracy.mean(), 2),
                "extra ms / image": round(float(lat.extra_ms.get(n, 0.0)), 4)}
@@ -828,3 +929,63 @@ def laplace_fit_table(stages: list, seeds: list[int]) -> pd.DataFrame:
                      "fit_images_per_s": info["fit_images_per_s"], "prior_init": info["prior_init"],
                      "log_marginal_likelihood": info["log_marginal_likelihood"], "device": info["environment"]["device"]})
     return pd.DataFrame(rows)
+
+
+def latency_summary(latency: pd.DataFrame, violations: pd.DataFrame) -> str:
+    """How the latencies were measured and whether they agree with the cost model, in words.
+
+    ``latency``: :func:`lib.deploy.latency_table`; ``violations``: its
+    :func:`lib.deploy.cost_model_violations` (pairs where a superset of Bayesian blocks is cheaper
+    than its subset by more than the inter-quartile ranges)."""
+    n = int(latency.n_iters.iloc[0]) if "n_iters" in latency.columns else None
+    rows = latency[latency.posterior != "deterministic"]
+    sets = [frozenset(str(b).split()) for b in rows.blocks]
+    pairs = sum(a < b for a in sets for b in sets)
+    text = ("Each latency is the median over "
+            + (f"{n} timed batches" if n else "the timed batches")
+            + " after warm-up, with the inter-quartile range as its noise (bars in @fig-latency). ")
+    if violations.empty:
+        return text + (f"The measurements agree with the cost model: of the {pairs} pairs of priced choices in which one "
+                       "set of Bayesian blocks contains the other, no larger set is cheaper beyond that noise.")
+    worst = violations.assign(gap=violations.subset_ms - violations.superset_ms).sort_values("gap").iloc[-1]
+    return text + (f"For {len(violations)} of the {pairs} pairs of priced choices in which one set of Bayesian blocks "
+                   f"contains the other, the larger set is measured cheaper beyond that noise, against the cost model "
+                   f"(most: {display_name(worst.superset)}, {worst.superset_ms:.3g} ms, against "
+                   f"{display_name(worst.subset)}, {worst.subset_ms:.3g} ms per image); latency differences of that "
+                   "size are not resolved by these measurements, and conclusions that rest on them are not supported.")
+
+
+def temperature_gain(baseline: pd.DataFrame) -> float:
+    """Temperature scaling's calibration gain ECE_det − ECE_TS (a fraction, as ΔECE) from the saved
+    :func:`baseline_table`, the reference line of the answer figure."""
+    b = baseline.set_index("method")["ECE (%)"]
+    return float(b["deterministic (MAP)"] - b["temperature scaling (validation-fitted)"]) / PP
+
+
+REFERENCE_PROFILE = "vit-b16-cifar100"
+"""The reference setting of the question: an ImageNet-pre-trained ViT-B/16 with LoRA on CIFAR-100."""
+
+
+def profile_note(cfg: Config) -> str:
+    """What the book's profile is and what it is not, from its configuration: its data and backbone,
+    and, unless it is the reference setting, how the reference numbers would be produced."""
+    d, m = cfg.data, cfg.model
+    data = ("synthetic class-conditional images" if d.name == "synthetic" else
+            f"{d.name.upper().replace('CIFAR', 'CIFAR-')} images" + (f" (classes {', '.join(map(str, d.classes))})"
+                                                                     if d.classes else ""))
+    if cfg.pretrain is not None:
+        backbone = (f"a `{m.name}` backbone pre-trained from scratch by this project on classes "
+                    f"{', '.join(map(str, cfg.pretrain.classes))} of the same dataset")
+    elif m.pretrained or m.checkpoint:
+        backbone = f"the pre-trained `{m.name}` backbone"
+    else:
+        backbone = f"a randomly initialised `{m.name}` backbone"
+    text = f"The **`{cfg.profile}`** profile fine-tunes LoRA adapters on {data}, with {backbone}."
+    if cfg.profile == REFERENCE_PROFILE:
+        return text + " This is the reference setting of the question."
+    kind = ("Its numbers exercise the code and carry no scientific meaning." if d.name == "synthetic" else
+            "Its numbers are real measurements of that model, not of a large ImageNet-pre-trained one.")
+    return (text + f" {kind} It is not the reference setting, an ImageNet-pre-trained ViT-B/16 with LoRA on "
+            f"CIFAR-100 (profile `{REFERENCE_PROFILE}`): on a machine with a GPU and internet access, "
+            f"`make run PROFILE={REFERENCE_PROFILE} && make book BOOK_PROFILE={REFERENCE_PROFILE}` downloads "
+            "CIFAR-100 and the pretrained ViT-B/16, executes every chapter on them and renders the book from it.")

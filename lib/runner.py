@@ -5,6 +5,13 @@ chapter listed in ``_quarto.yml`` (``index`` last, because it summarises the oth
 injected ``profile`` and validated ``params``, writes ``_freeze/<P>/<C>.ipynb`` and the record
 ``_freeze/<P>/<C>.json`` and appends a "Provenance" markdown cell to the executed notebook.
 
+``python -m lib.runner run --profile P --set stats.n_bins=20 --set seeds=[0,1]`` asks "what if":
+the overrides are set into ``params/<P>.yml`` and validated with it (:func:`lib.config.load_params`),
+recorded in the provenance, and the chapters are written to the scratch folder
+``_freeze/<P>+<slug>/`` (:func:`run_name`; git-ignored), never over the committed ``_freeze/<P>/``.
+Artifact stages are keyed by the validated parameters, so nothing computed under other values is
+reused. ``make book BOOK_PROFILE=<P>+<slug>`` renders it.
+
 ``python -m lib.runner link [--profile P]`` (re)creates the committed symlinks ``index.ipynb`` and
 ``book/<C>.ipynb`` that Quarto renders, pointing into ``_freeze/<P>/``, and records ``P`` as
 ``book-profile`` in ``_quarto.yml``. ``run`` never touches the links.
@@ -21,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,9 +38,11 @@ import nbformat
 import yaml
 
 from lib import paths
-from lib.provenance import environment, lib_sha256, notebook_sha256, params_sha256
+from lib.provenance import canonical_json, environment, lib_sha256, notebook_sha256, params_sha256, sha256_text
 
 INDEX = "index"
+SCRATCH = "+"
+"""Separates a profile from the slug of its overrides in a scratch run's folder name (:func:`run_name`)."""
 
 
 class RunnerError(RuntimeError):
@@ -102,6 +111,31 @@ def book_profile(layout: Layout = REPO) -> str:
     return profile
 
 
+def override_slug(overrides: Sequence[tuple[str, Any]]) -> str:
+    """Folder-name slug of ``--set`` overrides: each ``key-value`` (value as canonical JSON, reduced
+    to ``[A-Za-z0-9._-]``) joined by ``+``, then 8 hex characters of the SHA-256 of the effective
+    overrides (last value per key), so that different overrides never share a folder.
+    ``[("stats.n_bins", 20), ("seeds", [0, 1])]`` → ``stats.n_bins-20+seeds-0-1+<hash>``."""
+    if not overrides:
+        raise ValueError("override_slug needs at least one override")
+    effective = dict(overrides)
+    parts = [f"{k}-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", canonical_json(v, k)).strip("-") or "x")
+             for k, v in effective.items()]
+    readable = SCRATCH.join(parts)[:60].rstrip(SCRATCH + "-")
+    return f"{readable}{SCRATCH}{sha256_text(canonical_json(effective, 'overrides'))[:8]}"
+
+
+def run_name(profile: str, overrides: Sequence[tuple[str, Any]] = ()) -> str:
+    """The folder under ``_freeze/`` (and the ``profile`` injected into the chapters) of a run:
+    the profile itself, or ``<profile>+<slug>`` (:func:`override_slug`) with overrides."""
+    return f"{profile}{SCRATCH}{override_slug(overrides)}" if overrides else profile
+
+
+def is_scratch(name: str) -> bool:
+    """Whether ``_freeze/<name>/`` holds a run with overrides (git-ignored, never a committed profile)."""
+    return SCRATCH in name
+
+
 def _params_cell_check(nb: nbformat.NotebookNode, src: Path) -> None:
     for cell in nb.cells:
         if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
@@ -117,9 +151,11 @@ def _provenance_cell(record: Mapping[str, Any], params_file: str) -> nbformat.No
     sha = record["git_sha"] or "none (no commit)"
     if record["git_dirty"]:
         sha += " (uncommitted changes)"
+    overrides = record.get("overrides") or {}
     rows = [
         ("Profile", f"`{record['profile']}`"),
         ("Params file", f"`{params_file}`"),
+        *([("Overrides", ", ".join(f"`{k}={canonical_json(v, k)}`" for k, v in overrides.items()))] if overrides else []),
         ("Params SHA-256", f"`{record['params_sha256'][:16]}`"),
         ("Seeds", ", ".join(map(str, seeds)) if seeds else "—"),
         ("Git commit", f"`{sha}`"),
@@ -165,8 +201,12 @@ def run_chapter(
     params: Mapping[str, Any],
     params_file: Path,
     layout: Layout = REPO,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Execute one chapter; write ``_freeze/<profile>/<chapter>.ipynb`` and ``.json``; return the record."""
+    """Execute one chapter; write ``_freeze/<profile>/<chapter>.ipynb`` and ``.json``; return the record.
+
+    ``profile`` is the run's name (:func:`run_name`); ``overrides`` (key → value), recorded as
+    given, are already applied to ``params``."""
     import papermill as pm
 
     src = layout.chapters / f"{chapter}.ipynb"
@@ -205,6 +245,7 @@ def run_chapter(
             if params_file.is_relative_to(layout.root)
             else str(params_file),
             "params": dict(params),
+            "overrides": dict(overrides or {}),
             "params_sha256": params_sha256(params),
             "source_sha256": notebook_sha256(src),
             "lib_sha256": lib_sha256(layout.root),
@@ -228,11 +269,11 @@ def run_chapter(
     return record
 
 
-def _default_loader(path: Path) -> dict[str, Any]:
+def _default_loader(path: Path, overrides: Sequence[tuple[str, Any]] = ()) -> dict[str, Any]:
     from lib.config import ParamsError, load_params
 
     try:
-        return load_params(path)
+        return load_params(path, overrides=overrides)
     except ParamsError as err:
         raise RunnerError(str(err)) from None
 
@@ -241,14 +282,22 @@ def run(
     profile: str,
     chapter: str | None = None,
     layout: Layout = REPO,
-    loader: Callable[[Path], dict[str, Any]] | None = None,
+    loader: Callable[[Path, Sequence[tuple[str, Any]]], dict[str, Any]] | None = None,
+    overrides: Sequence[tuple[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Execute every chapter of ``_quarto.yml`` (or only ``chapter``) for ``profile``, in order.
 
-    All sources are checked before anything runs; the first failing chapter stops the run.
+    With ``overrides`` (``(dotted key, value)`` pairs, :func:`lib.config.parse_override`) the
+    chapters run on the params file with those values set and validated, into the scratch folder
+    ``_freeze/<run_name(profile, overrides)>/``. All sources are checked before anything runs;
+    the first failing chapter stops the run.
     """
+    if is_scratch(profile):
+        raise RunnerError(f"profile {profile!r}: '{SCRATCH}' is reserved for the folders of runs with --set "
+                          "overrides; rename params/<profile>.yml")
     params_file = layout.params / f"{profile}.yml"
-    params = (loader or _default_loader)(params_file)
+    params = (loader or _default_loader)(params_file, tuple(overrides))
+    name = run_name(profile, overrides)
     chapters = book_chapters(layout)
     if chapter is not None:
         if chapter not in chapters:
@@ -265,10 +314,10 @@ def run(
             f"(listed in {layout.quarto.name}); write them or remove them from book.chapters"
         )
     records = []
-    for i, name in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {name} (profile {profile})", file=sys.stderr, flush=True)
-        rec = run_chapter(name, profile, params, params_file, layout)
-        print(f"[{i}/{len(todo)}] {name} done in {rec['wall_time_s']:.1f} s", file=sys.stderr, flush=True)
+    for i, ch in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {ch} (profile {name})", file=sys.stderr, flush=True)
+        rec = run_chapter(ch, name, params, params_file, layout, dict(overrides))
+        print(f"[{i}/{len(todo)}] {ch} done in {rec['wall_time_s']:.1f} s", file=sys.stderr, flush=True)
         records.append(rec)
     return records
 
@@ -310,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="execute chapters into _freeze/<profile>/")
     p_run.add_argument("--profile", required=True, help="params/<profile>.yml")
     p_run.add_argument("--chapter", help="only this chapter (file stem, e.g. 04-attribution)")
+    p_run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one parameter of the profile (dotted key, YAML value, e.g. stats.n_bins=20 "
+                            "or seeds=[0,1]); repeatable; writes to _freeze/<profile>+<slug>/ instead")
     p_link = sub.add_parser("link", help="point index.ipynb and book/*.ipynb at _freeze/<profile>/")
     p_link.add_argument("--profile", help="default: book-profile in _quarto.yml")
     args = parser.parse_args(argv)
@@ -317,7 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("papermill").setLevel(logging.INFO)
     try:
         if args.cmd == "run":
-            run(args.profile, args.chapter or None)
+            from lib.config import ParamsError, parse_override
+
+            try:
+                overrides = [parse_override(text) for text in args.overrides]
+            except ParamsError as err:
+                raise RunnerError(str(err)) from None
+            run(args.profile, args.chapter or None, overrides=overrides)
+            if overrides:
+                print(f"wrote _freeze/{run_name(args.profile, overrides)}/; render it with "
+                      f"`make book BOOK_PROFILE={run_name(args.profile, overrides)}`", file=sys.stderr)
         else:
             for path in link(args.profile):
                 print(f"warning: {path.relative_to(REPO.root)} points to a chapter not frozen yet "

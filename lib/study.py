@@ -231,9 +231,11 @@ def build_bank(
     data = {"test": run.splits.test, "val": run.splits.val}[split]
     if split == "val" and pc.scale_images is not None:
         data = Split(data.x[: pc.scale_images], data.y[: pc.scale_images])
+    # "map_logits" names where the bank's f_MAP comes from (see below), so that banks which kept
+    # the logits of their own forward pass are not reused.
     name = ("bank_iso" if control else "bank") + ("" if split == "test" else "_val")
     inputs = {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
-              "numerics": numerics(device)}
+              "map_logits": "map stage", "numerics": numerics(device)}
     if control:
         inputs["posterior"] = "isotropic N(0, I)"
         post = IsotropicPosterior.like(post)
@@ -264,7 +266,8 @@ def build_bank(
             path.with_suffix(".tmp").replace(path)
         parts.append(Bank(**part["bank"]))
         seconds += part["seconds"]
-    bank = Bank(map_logits=torch.cat([b.map_logits for b in parts]), labels=torch.cat([b.labels for b in parts]),
+    labels = torch.cat([b.labels for b in parts])
+    bank = Bank(map_logits=_map_logits(run, split, len(data), labels), labels=labels,
                 delta=torch.cat([b.delta for b in parts], dim=1), blocks=parts[0].blocks)
     torch.save(dataclasses.asdict(bank), st.file("bank.pt"))
     st.file("info.json").write_text(json.dumps({
@@ -274,6 +277,23 @@ def build_bank(
     shutil.rmtree(st.path / "parts")
     st.mark_done()
     return st, bank
+
+
+def _map_logits(run: MapRun, split: str, n: int, labels: Tensor) -> Tensor:
+    """The MAP logits (n, C) of the first ``n`` images of ``split``, as the MAP stage saved them
+    (``test_logits.pt`` / ``val_logits.pt``, :func:`lib.train.predict_logits`).
+
+    They are the bank's ``f_MAP`` rather than the logits of the bank's own forward pass, which runs
+    without fused attention and in other batches and so differs from them by rounding (visibly under
+    bf16 autocast on a GPU): ECE_det is then one number, the deterministic model's of the setup
+    chapter, in every table, and every predictive ``f_MAP + J δθ`` is centred on it.
+    """
+    logits = torch.load(run.stage.file(f"{split}_logits.pt"), weights_only=True)[:n].float()
+    y = {"test": run.splits.test, "val": run.splits.val}[split].y[:n]
+    if logits.shape[0] != n or not torch.equal(y.cpu(), labels.cpu()):
+        raise ValueError(f"{run.stage.path}/{split}_logits.pt does not hold the {split} images of the bank in order; "
+                         "delete the map stage to recompute it")
+    return logits
 
 
 SUBSET_PART = 256

@@ -333,3 +333,58 @@ def test_negative_quality_images_rejected(tmp_path):
     raw["laplace"]["quality_images"] = -1
     msg = _one_line_error(_write(tmp_path, raw))
     assert "'laplace.quality_images' is -1" in msg, msg
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("stats.n_bins=20", "stats.n_bins", 20),
+    ("seeds=[0,1]", "seeds", [0, 1]),
+    ("laplace.rank=null", "laplace.rank", None),
+    ("laplace.kfac=expand", "laplace.kfac", "expand"),
+    ("predictive.scale_range=[0.001, 1]", "predictive.scale_range", [0.001, 1]),
+    ("model.kwargs={img_size: 32}", "model.kwargs", {"img_size": 32}),
+])
+def test_parse_override_reads_the_value_as_yaml(text, key, value):
+    from lib.config import parse_override
+
+    assert parse_override(text) == (key, value)
+
+
+def test_overrides_are_validated_like_the_file():
+    from lib.config import parse_override
+
+    path = params_path("smoke")
+    base = load_params(path)
+    new = load_params(path, overrides=[parse_override("stats.n_bins=20"), parse_override("seeds=[0,1]")])
+    assert new["stats"]["n_bins"] == 20 and new["seeds"] == [0, 1]
+    assert {k: v for k, v in new.items() if k not in ("stats", "seeds")} == \
+        {k: v for k, v in base.items() if k not in ("stats", "seeds")}
+    assert {k: v for k, v in new["stats"].items() if k != "n_bins"} == \
+        {k: v for k, v in base["stats"].items() if k != "n_bins"}
+    for overrides, expected in [
+        ([("stats.n_binz", 20)], r"with --set stats\.n_binz=20: unknown key 'stats\.n_binz'; did you mean 'stats\.n_bins'"),
+        ([("stats.n_bins", 0)], r"'stats\.n_bins' is 0; it must be ≥ 1"),
+        ([("stats.n_bins", "many")], r"'stats\.n_bins' must be int, got 'many'"),
+        ([("laplace.kfac", "both")], r"'laplace\.kfac' is 'both'; use one of 'expand', 'reduce'"),
+        ([("seeds.first", 1)], r"'seeds' is \[.*\], not a section"),
+    ]:
+        with pytest.raises(ParamsError, match=expected) as err:
+            load_params(path, overrides=overrides)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_overridden_params_get_their_own_artifact_keys():
+    """Stage keys hash the validated sections a stage reads, so a stage is reused under overrides
+    only when none of its inputs changed (here: the MAP stage under a statistics override)."""
+    from lib.artifacts import stage_key
+
+    path = params_path("smoke")
+
+    def key(params: dict, *sections: str) -> str:
+        return stage_key("s", Config.from_dict(params).section(*sections))
+
+    base = load_params(path)
+    lr = load_params(path, overrides=[("train.lr", 0.5)])
+    bins = load_params(path, overrides=[("stats.n_bins", 20)])
+    assert key(lr, "data", "model", "lora", "train") != key(base, "data", "model", "lora", "train")
+    assert key(bins, "stats") != key(base, "stats")
+    assert key(bins, "data", "model", "lora", "train") == key(base, "data", "model", "lora", "train")

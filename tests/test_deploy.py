@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
-from lib.deploy import GLMPredictor, latency_table, time_call
+from lib.deploy import GLMPredictor, cost_model_violations, latency_table, time_call
 from lib.laplace import build_posterior, fit_kron
 from lib.laplace.predictive import perturbation_bank, subset_probs
 from lib.model import unwrap
@@ -63,6 +64,8 @@ def test_latency_table_rows_and_fused_attention_restored(fitted, monkeypatch):
                           device=torch.device("cpu"), n_warmup=0, n_iters=1)
     assert list(table.posterior) == ["deterministic", "single 0", "all"]
     assert (table.ms_per_image > 0).all() and table.extra_ms.iloc[0] == 0
+    assert (table.ms_q25 <= table.ms_per_image).all() and (table.ms_per_image <= table.ms_q75).all()
+    assert list(table.blocks) == ["", "0", "0 1 2"] and list(table.n_iters) == [1, 1, 1]
     assert list(table.first_block) == [-1, 0, 0] and list(table["mode"]) == ["", "forward", "forward"]  # C = 4 > K = 2
 
     assert [m.fused_attn for m in unwrap(model).modules() if hasattr(m, "fused_attn")] == fused
@@ -80,8 +83,9 @@ def test_time_call_median_counts_calls(monkeypatch):
         calls.append(1)
 
     monkeypatch.setattr(deploy, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-    sec, mem = time_call(call, n_warmup=2, n_iters=5, device=torch.device("cpu"))
-    assert len(calls) == 7 and sec == pytest.approx(0.3, abs=1e-6) and mem is None
+    t = time_call(call, n_warmup=2, n_iters=5, device=torch.device("cpu"))
+    assert len(calls) == 7 and t.n == 5 and t.peak_mib is None
+    assert (t.q25, t.median, t.q75) == pytest.approx((0.2, 0.3, 0.4), abs=1e-6)  # quartiles of 0.1 … 0.5
 
 
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
@@ -100,3 +104,36 @@ def test_bf16_predictor_and_bank_agree_with_float32(fitted, mode):
         assert torch.allclose(p.sum(-1), torch.ones(len(x)), atol=1e-5)
         assert torch.allclose(p, ref, atol=0.05)
         assert not torch.allclose(p, ref, atol=1e-5)
+
+
+def _latency(rows: list[tuple[str, str, float, float, float]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["posterior", "blocks", "ms_q25", "ms_per_image", "ms_q75"])
+
+
+def test_cost_model_holds_within_the_noise():
+    """Supersets cost at least as much, or less by no more than the overlap of the IQRs: no violation."""
+    table = _latency([("deterministic", "", 0.06, 0.07, 0.08), ("single 0", "0", 0.40, 0.44, 0.48),
+                      ("single 2", "2", 0.20, 0.21, 0.22), ("first 2", "0 1", 0.42, 0.45, 0.50),
+                      ("last 2", "1 2", 0.30, 0.31, 0.33), ("all", "0 1 2", 0.43, 0.47, 0.52)])
+    out = cost_model_violations(table)
+    assert out.empty and list(out.columns)[:2] == ["subset", "superset"]
+
+
+def test_cost_model_violations_of_the_reference_h200_run():
+    """The latency medians of the reference cifar10-transfer run (H200, commit bcbb6b4; 5 iterations,
+    no quartiles stored, so each IQR is taken as zero width) contradict the cost model exactly where
+    issue 18 says: all blocks cheaper than the last 11, the last 8 cheaper than the last 7, the first
+    2 cheaper than block 0 alone."""
+    med = {"single 0": 0.44231, "single 1": 0.34513, "first 2": 0.31582, "last 7": 0.47344, "last 8": 0.35455,
+           "last 11": 0.57668, "all": 0.45546}
+    blocks = {"single 0": "0", "single 1": "1", "first 2": "0 1", "last 7": "5 6 7 8 9 10 11",
+              "last 8": "4 5 6 7 8 9 10 11", "last 11": " ".join(map(str, range(1, 12))),
+              "all": " ".join(map(str, range(12)))}
+    table = _latency([(n, blocks[n], m, m, m) for n, m in med.items()])
+    pairs = set(map(tuple, cost_model_violations(table)[["subset", "superset"]].to_numpy()))
+    assert pairs == {("last 11", "all"), ("last 7", "last 8"), ("single 0", "first 2"),
+                     ("single 1", "first 2"), ("last 7", "all")}
+    wide = table.assign(ms_q25=table.ms_per_image - 0.1, ms_q75=table.ms_per_image + 0.1)
+    assert cost_model_violations(wide).empty  # with IQRs that wide, none of them is resolved
+    with pytest.raises(ValueError, match="lacks columns"):
+        cost_model_violations(table.drop(columns="ms_q25"))

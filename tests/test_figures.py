@@ -74,6 +74,17 @@ def test_plot_reliability_small_multiples():
         assert bottom.get_xlabel() == "Top-label confidence"
     assert fig.axes[0].get_ylabel() and fig.axes[3].get_ylabel()
     assert [ax.get_title() for ax in fig.axes[:3]] == list(data)
+    for j, rd in enumerate(data.values()):  # dots: (mean confidence, accuracy) of the bins that have images
+        has = (rd.count[:10] > 0).numpy()
+        dots = [ln for ln in fig.axes[j].get_lines() if ln.get_label() == "Accuracy at the bin's mean confidence"][0]
+        assert np.allclose(dots.get_xdata(), rd.confidence[:10].numpy()[has])
+        assert np.allclose(dots.get_ydata(), rd.accuracy[:10].numpy()[has])
+    (legend,) = fig.legends
+    assert {t.get_text() for t in legend.get_texts()} == {"Accuracy of the bin", "Accuracy at the bin's mean confidence",
+                                                          "Gap to the diagonal", "Confidence = 1", "Perfect calibration"}
+    fig.draw_without_rendering()
+    box = legend.get_window_extent()
+    assert all(not box.overlaps(ax.get_window_extent()) for ax in fig.axes)  # above the panels, off the bars
     _check_text(fig)
 
 
@@ -87,6 +98,29 @@ def test_plot_delta_ranked_bars_sorted_with_zero_line():
     assert any(np.allclose(line.get_ydata(), 0) for line in ax.get_lines())
     assert [t.get_text() for t in ax.get_xticklabels()] == list(df.sort_values("delta", ascending=False)["layer"])
     assert "pp" in ax.get_ylabel() and ax.get_xlabel()
+    assert ax.get_legend() is None and not fig.legends  # nothing to set apart
+    _check_text(fig)
+
+
+def test_answer_figure_sets_the_all_block_bar_apart_and_draws_temperature_scaling():
+    df = _delta_frame(torch.Generator().manual_seed(1))
+    df.loc[len(df)] = ["all blocks", 0.5 * df.delta.max(), 0.0, df.delta.max()]
+    fig = plot_delta_ranked(df, reference=0.0097)
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    singles = df[df.layer != "all blocks"].sort_values("delta", ascending=False)
+    assert ticks == ["all blocks", *singles.layer]  # first, then the single blocks ranked
+    bars = _bars(ax)
+    assert bars[0].get_hatch() == "//" and all(not b.get_hatch() for b in bars[1:])
+    assert bars[0].get_facecolor() != bars[1].get_facecolor()
+    assert np.isclose(bars[0].get_height(), 50 * df.delta.iloc[:-1].max())
+    assert any(np.allclose(line.get_xdata(), 0.5) for line in ax.get_lines())  # separator after the first bar
+    ref = [line for line in ax.get_lines() if line.get_label().startswith("Temperature scaling")]
+    assert len(ref) == 1 and np.allclose(ref[0].get_ydata(), 0.97) and "+0.97 pp" in ref[0].get_label()
+    (legend,) = fig.legends
+    assert {t.get_text() for t in legend.get_texts()} == {"Temperature scaling (+0.97 pp)", "All blocks"}
+    fig.draw_without_rendering()
+    assert not legend.get_window_extent().overlaps(ax.get_window_extent())
     _check_text(fig)
 
 
@@ -99,10 +133,28 @@ def test_plot_delta_scatter(xlabel):
     assert ax.get_xlabel() == xlabel
     pts = ax.get_lines()[0]
     assert len(pts.get_xdata()) == L
-    assert len(ax.texts) == L
+    assert sorted(t.get_text() for t in ax.texts) == sorted(df["layer"])
     with pytest.raises(ValueError, match="missing columns"):
         plot_delta_scatter(df.drop(columns=["upper"]), xlabel=xlabel)
     _check_text(fig)
+
+
+def test_scatter_labels_do_not_collide():
+    """Twelve points, several nearly on top of each other (as blocks 0/1 and 3/4 of the real book):
+    every label is drawn, inside the axes, and no two labels overlap."""
+    x = np.array([0.067, 0.074, 0.0, -0.033, -0.034, 0.007, 0.1, -0.04, -0.02, -0.02, 0.034, 0.08])
+    delta = np.array([0.0085, 0.0085, 0.0061, 0.0079, 0.0080, 0.0032, 0.0089, 0.0077, 0.0054, 0.0019, 0.0079, 0.0101])
+    df = pd.DataFrame({"x": x, "delta": delta, "lower": delta - 0.006, "upper": delta + 0.004, "label": range(12)})
+    fig = plot_delta_scatter(df, xlabel="Δ accuracy (pp)")
+    ax = fig.axes[0]
+    fig.draw_without_rendering()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert sorted(int(t.get_text()) for t in ax.texts) == list(range(12))
+    overlaps = [(ax.texts[i].get_text(), ax.texts[j].get_text()) for i in range(12) for j in range(i + 1, 12)
+                if boxes[i].overlaps(boxes[j])]
+    assert not overlaps, overlaps
+    frame = ax.get_window_extent()
+    assert all(frame.x0 - 1 <= b.x0 and b.x1 <= frame.x1 + 1 for b in boxes)
 
 
 def test_scatter_axis_follows_the_quantity():
@@ -137,6 +189,10 @@ def test_plot_rank_heatmap():
     assert len(ax.get_yticklabels()) == L and len(ax.get_xticklabels()) == L
     assert len(fig.axes) == 2  # heat map + colorbar
     assert fig.axes[1].get_ylabel() == "Bootstrap probability"
+    values = df.to_numpy(float)
+    assert ax.images[0].get_clim() == (0, pytest.approx(values.max()))  # full colour range on the data
+    shown = {(int(round(t.get_position()[1])), int(round(t.get_position()[0]))): t.get_text() for t in ax.texts}
+    assert shown == {(i, j): f"{100 * v:.0f}" for (i, j), v in np.ndenumerate(values) if v >= 0.005}
     _check_text(fig)
 
 
@@ -155,10 +211,15 @@ def test_plot_cumulative_and_leave_one_out():
     df = pd.DataFrame({"k": k, "first_k": k * 0.002, "first_k_lower": k * 0.001, "first_k_upper": k * 0.003,
                        "last_k": k * 0.001, "last_k_lower": k * 0.0, "last_k_upper": k * 0.002})
     fig = plot_cumulative(df)
-    ax = fig.axes[0]
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["First k blocks", "Last k blocks"]
-    assert len(ax.collections) == 2  # two CI bands
+    first, last = fig.axes
+    assert first.get_title().startswith("First k") and last.get_title().startswith("Last k")
+    assert first.get_shared_y_axes().joined(first, last)
+    for ax, col in ((first, "first_k"), (last, "last_k")):
+        line = ax.get_lines()[0]
+        assert np.allclose(line.get_xdata(), k) and np.allclose(line.get_ydata(), df[col] * 100)
+        segs = ax.collections[0].get_segments()  # error bars: the interval in pp
+        assert np.allclose([sg[0][1] for sg in segs], df[f"{col}_lower"] * 100)
+        assert np.allclose([sg[1][1] for sg in segs], df[f"{col}_upper"] * 100)
     _check_text(fig)
     loo = _delta_frame(torch.Generator().manual_seed(5))
     fig = plot_leave_one_out(loo, reference=0.01)
@@ -171,14 +232,18 @@ def test_plot_cumulative_and_leave_one_out():
 def test_plot_pareto_highlights_front():
     cost = torch.tensor([1.0, 2.0, 3.0, 4.0, 2.5])
     delta = torch.tensor([0.001, 0.004, 0.003, 0.006, 0.002])
-    df = prepare_pareto([f"p{i}" for i in range(5)], cost, delta, delta - 0.001, delta + 0.001)
+    names = ["single 3", "first 2", "last 2", "all", "single 0"]
+    df = prepare_pareto(names, cost, delta, delta - 0.001, delta + 0.001)
     assert df["front"].tolist() == [True, True, False, True, False]
     fig = plot_pareto(df)
     ax = fig.axes[0]
     front_line = [line for line in ax.get_lines() if line.get_label() == "Pareto front"][0]
     assert np.allclose(front_line.get_xdata(), [1.0, 2.0, 4.0])
-    assert len(ax.texts) == 3
-    assert ax.collections[-1].get_offsets().shape[0] == 2  # dominated points
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["3", "F2", "L2", "all", "0"])  # every point labelled
+    singles = [c for c in ax.collections if c.get_label().startswith("single block")][0]
+    assert singles.get_offsets().shape[0] == 2
+    (legend,) = fig.legends
+    assert "Pareto front" in [t.get_text() for t in legend.get_texts()]
     _check_text(fig)
 
 
@@ -274,7 +339,7 @@ def test_plot_latency_bars_and_deterministic_line():
     assert len(fig.axes) == 1
     ax = fig.axes[0]
     assert np.allclose([b.get_height() for b in _bars(ax)], [1.25, 2.0, 3.5], rtol=0, atol=1e-12)
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["single 0", "last 2", "all"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["block 0 only", "last 2 blocks", "all blocks"]
     (line,) = ax.get_lines()
     assert np.allclose(line.get_ydata(), 0.5) and line.get_label() == "Deterministic (MAP)"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Deterministic (MAP)"]
@@ -283,6 +348,13 @@ def test_plot_latency_bars_and_deterministic_line():
     bare = plot_latency(data.iloc[1:])  # no deterministic row: bars only
     assert len(_bars(bare.axes[0])) == 3 and not bare.axes[0].get_lines() and bare.axes[0].get_legend() is None
     _close(bare)
+    iqr = plot_latency(data.assign(ms_q25=data.ms_per_image - 0.1, ms_q75=data.ms_per_image + 0.3))
+    ax = iqr.axes[0]
+    (bars,) = ax.collections  # IQR error bars: from the lower to the upper quartile
+    assert np.allclose([sg[0][1] for sg in bars.get_segments()], [1.15, 1.9, 3.4])
+    assert np.allclose([sg[1][1] for sg in bars.get_segments()], [1.55, 2.3, 3.8])
+    assert "median, IQR" in ax.get_ylabel()
+    _close(iqr)
 
 
 def test_plot_delta_scatter_grid_two_panels_per_row():

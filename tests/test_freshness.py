@@ -14,11 +14,13 @@ import pytest
 from lib.config import load_params, params_path
 from lib.paths import CHAPTERS, FREEZE
 from lib.provenance import notebook_sha256, params_sha256
-from lib.runner import book_chapters
+from lib.runner import book_chapters, is_scratch
 
 pytestmark = pytest.mark.freshness
 
-RECORDS = sorted(FREEZE.glob("*/*.json"))
+RECORDS = sorted(p for p in FREEZE.glob("*/*.json") if not is_scratch(p.parent.name))
+"""Records of the committed profiles; ``_freeze/<profile>+<slug>/`` (runs with ``--set``) are
+git-ignored scratch folders, never stale committed ones."""
 
 
 def _id(path):

@@ -13,7 +13,7 @@ import pytest
 from lib.render import RenderError, render_book
 from lib.render.convert import attach_table_caption, cell_options, mark_refs, parse_attrs, resolve_refs
 from lib.render.convert import Label
-from lib.render.tables import html_table_to_pipe
+from lib.render.tables import apply_colwidths, html_table_to_pipe
 
 QUARTO = """\
 project: {type: book, output-dir: _book}
@@ -28,7 +28,7 @@ book:
 bibliography: references.bib
 format:
   html: {code-fold: true}
-  pdf: {echo: false}
+  typst: {echo: false}
 """
 
 BIB = """\
@@ -61,6 +61,12 @@ def _code(source: str, outputs: list) -> nbformat.NotebookNode:
     return cell
 
 
+def _removed_cell(new_out) -> nbformat.NotebookNode:
+    cell = _code('profile = "removed_profile"', [new_out("stream", name="stdout", text="removed output\n")])
+    cell.metadata["tags"] = ["parameters", "remove-cell"]
+    return cell
+
+
 def _write_book(root: Path) -> None:
     (root / "_quarto.yml").write_text(QUARTO)
     (root / "references.bib").write_text(BIB)
@@ -84,6 +90,7 @@ def _write_book(root: Path) -> None:
                   [new_out("execute_result", data={"text/html": table_html, "text/plain": "df"},
                            execution_count=1)]),
             _code("#| echo: false\nsecret_code()", [new_out("stream", name="stdout", text="visible output\n")]),
+            _removed_cell(new_out),
         ],
         "02-results": [
             md("# Results\n\nBack to @fig-rel, @sec-intro and [-@eq-ab]."),
@@ -119,6 +126,7 @@ def test_html_pages_crossrefs_figures_tables_citations(rendered):
     assert "1.1" in text and "Method" in text  # numbered section
     assert "Guo et al. 2017" in text and "On Calibration of Modern Neural Networks" in text
     assert "secret_code" not in intro and "visible output" in intro
+    assert "removed_profile" not in intro and "removed output" not in intro  # tag remove-cell
     assert "<details" in intro and "plot()" in intro  # code folded, not dropped
     assert '<td style="text-align: right;">0.031</td>' in intro
     assert "| block |" not in intro and "<th" in intro and "block" in text
@@ -195,3 +203,124 @@ def test_table_conversion_and_caption():
     assert html_table_to_pipe("<p>no table</p>") is None
     md = attach_table_caption("intro\n\n" + table + "\n\nafter", ": cap {#tbl-x}")
     assert md.split("\n")[2:8] == table.splitlines() + ["", ": cap {#tbl-x}"]
+
+
+def test_colwidths_set_the_separator_dashes():
+    table = "| a | b | c |\n|:--|--:|:--|\n| 1 | 2 | 3 |"
+    out = apply_colwidths(table, [20, 30, 50]).splitlines()
+    assert out[0] == "| a | b | c |" and out[2] == "| 1 | 2 | 3 |"
+    cells = out[1].strip("|").split("|")
+    assert [len(c) for c in cells] == [20, 30, 50]
+    assert cells[0].startswith(":") and cells[1].endswith(":") and not cells[1].startswith(":")
+    with pytest.raises(ValueError, match="2 widths for a table of 3 columns"):
+        apply_colwidths(table, [1, 2])
+
+
+def test_tbl_colwidths_option_reaches_the_pdf_table(tmp_path):
+    _write_book(tmp_path)
+    nb_path = tmp_path / "_freeze" / "t" / "01-intro.ipynb"
+    nb = nbformat.read(nb_path, as_version=4)
+    cell = next(c for c in nb.cells if "label: tbl-ece" in c.source)
+    cell.source = cell.source.replace("#| label: tbl-ece", "#| label: tbl-ece\n#| tbl-colwidths: [30, 70]")
+    nbformat.write(nb, nb_path)
+    from lib.render.book import Book
+
+    docs = Book.load(tmp_path, "t").convert("pdf", tmp_path / "_render" / "figures", "figures")
+    assert "|" + "-" * 29 + ":|" + "-" * 69 + ":|" in docs[1].markdown
+
+
+def test_output_file_names_the_pdf(tmp_path):
+    _write_book(tmp_path)
+    quarto = tmp_path / "_quarto.yml"
+    quarto.write_text(quarto.read_text().replace("book:\n", "book:\n  output-file: tiny\n"))
+    from lib.render.book import Book
+
+    assert Book.load(tmp_path, "t").slug() == "tiny"
+
+
+def test_repository_quarto_config_builds_the_pdf_with_typst():
+    """``quarto render`` must not need TeX: the PDF format is Typst, named by ``book.output-file``,
+    code hidden; the offline renderer reads the same keys. Quarto's own files stay out of git."""
+    import yaml
+
+    from lib.paths import ROOT
+    from lib.render.book import Book
+
+    cfg = yaml.safe_load((ROOT / "_quarto.yml").read_text())
+    formats = cfg["format"]
+    assert "pdf" not in formats and "latex" not in formats and "beamer" not in formats
+    assert formats["typst"]["echo"] is False and formats["typst"]["toc"] and formats["typst"]["number-sections"]
+    assert cfg["book"]["output-file"]
+    book = Book(root=ROOT, title=cfg["book"]["title"], author="", bibliography=None, entries=[],
+                output_file=cfg["book"]["output-file"])
+    assert book.slug() == cfg["book"]["output-file"]
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert {"/.quarto/", "**/*.quarto_ipynb", "/_freeze/site_libs/"} <= set(ignored)
+
+
+TWIN_BIB = """
+@article{smith2021first,
+  title = {First Twin Paper}, author = {Smith, Ann and Jones, Bob and Lee, Cy}, journal = {J}, year = {2021}
+}
+@article{smith2021second,
+  title = {Second Twin Paper}, author = {Smith, Ann and Brown, Dee and Khan, Eve}, journal = {J}, year = {2021}
+}
+"""
+
+
+def test_papers_of_one_author_and_year_get_the_same_suffix_on_every_page(tmp_path):
+    """With the book's CSL and ``nocite`` of both papers, each page tells them apart by 2021a/2021b
+    the same way, although each page cites only one of them, and lists only what it cites."""
+    import shutil
+
+    from lib.paths import ROOT
+
+    _write_book(tmp_path)
+    shutil.copy(ROOT / "chicago-author-date-year-suffix.csl", tmp_path / "style.csl")
+    (tmp_path / "references.bib").write_text(BIB + TWIN_BIB)
+    quarto = tmp_path / "_quarto.yml"
+    quarto.write_text(quarto.read_text() + "csl: style.csl\nnocite: |\n  @smith2021first, @smith2021second\n")
+    frozen = tmp_path / "_freeze" / "t"
+    for name, key in (("01-intro", "smith2021first"), ("02-results", "smith2021second")):
+        nb = nbformat.read(frozen / f"{name}.ipynb", as_version=4)
+        nb.cells.append(nbformat.v4.new_markdown_cell(f"As shown [@{key}]."))
+        nbformat.write(nb, frozen / f"{name}.ipynb")
+    render_book(tmp_path, profile="t", pdf=False)
+    intro = re.sub(r"<[^>]+>", "", (tmp_path / "_book" / "01-intro.html").read_text())
+    results = re.sub(r"<[^>]+>", "", (tmp_path / "_book" / "02-results.html").read_text())
+    # suffixes follow the bibliography's order (Smith, Brown … before Smith, Jones …) on every page
+    assert "As shown (Smith et al. 2021b)." in intro and "Lee. 2021b. “First Twin Paper." in intro
+    assert "As shown (Smith et al. 2021a)." in results and "Khan. 2021a. “Second Twin Paper." in results
+    assert "Second Twin Paper" not in intro and "First Twin Paper" not in results  # each page lists what it cites
+    refs = re.sub(r"<[^>]+>", "", (tmp_path / "_book" / "references.html").read_text())
+    assert "2021a. “Second Twin Paper." in refs and "2021b. “First Twin Paper." in refs
+
+
+def test_every_same_author_and_year_group_of_the_bibliography_is_in_nocite():
+    """The repository's ``nocite`` (which makes the suffixes the same on every page) holds exactly the
+    references.bib entries cited in the book (``@key`` in a chapter or in lib's generated text) that
+    share first author surname and year with another cited entry (more would be listed uncited)."""
+    import yaml
+
+    from lib.paths import ROOT
+    from lib.render.book import Book
+
+    bib = (ROOT / "references.bib").read_text()
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key, body in re.findall(r"@\w+\s*\{\s*([^,\s]+)\s*,(.*?)\n\}", bib, flags=re.S):
+        author = re.search(r"author\s*=\s*\{([^,}]+)", body)
+        year = re.search(r"year\s*=\s*\{?(\d{4})", body)
+        if author and year:
+            groups.setdefault((author.group(1).strip().lower(), year.group(1)), []).append(key)
+    sources = [p.read_text() for p in sorted((ROOT / "chapters").glob("*.ipynb"))]
+    sources += [p.read_text() for p in sorted((ROOT / "lib").rglob("*.py"))]
+    cited = {k for text in sources for k in re.findall(r"@([\w]+)", text)}
+    groups = {g: [k for k in keys if k in cited] for g, keys in groups.items()}
+    twins = {k for keys in groups.values() if len(keys) > 1 for k in keys}
+    assert {"daxberger2021laplace", "daxberger2021bayesian"} <= twins
+    cfg = yaml.safe_load((ROOT / "_quarto.yml").read_text())
+    nocite = set(re.findall(r"@([\w:.-]+)", str(cfg["nocite"])))
+    assert nocite == twins, f"nocite in _quarto.yml: add {sorted(twins - nocite)}, remove {sorted(nocite - twins)}"
+    assert (ROOT / cfg["csl"]).is_file()
+    assert 'disambiguate-add-year-suffix="true"' in (ROOT / cfg["csl"]).read_text()
+    assert Book.load(ROOT).csl == ROOT / cfg["csl"]

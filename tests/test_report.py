@@ -33,17 +33,17 @@ def _table(lower: float = 0.002, ts: tuple = (0.005, 0.001, 0.009)) -> pd.DataFr
 
 def _baseline(ece_last2: float = 2.5, ts_ece: float = 3.0) -> pd.DataFrame:
     return pd.DataFrame({
-        "method": ["deterministic (MAP)", "temperature scaling (validation-fitted)", "Laplace, single 3",
-                   "Laplace, last 2", "Laplace, all"],
+        "method": ["deterministic (MAP)", "temperature scaling (validation-fitted)", "Laplace, block 3 only",
+                   "Laplace, last 2 blocks", "Laplace, all blocks"],
         "ECE (%)": [6.0, ts_ece, 5.6, ece_last2, 5.0], "accuracy (%)": [90.0, 90.0, 90.1, 89.8, 89.5],
     })
 
 
 def test_recommends_the_validation_choice_with_its_test_interval_and_the_paired_ts_interval():
     text = recommendation(_front(), _table(), _baseline(), "last 2", alpha=0.05)
-    assert text.startswith("Make **last 2** Bayesian (chosen on the validation images as the cheapest priced choice "
-                           "with at least 80% of the all-block validation gain): on the test set, which played no part in choosing it, its "
-                           "ΔECE is +0.90 [+0.20, +1.50] pp, against +1.00 [+0.40, +1.60] pp for all blocks")
+    assert text.startswith("Make **last 2 blocks** Bayesian (chosen on the validation images as the cheapest priced "
+                           "choice with at least 80% of the all-block validation gain): on the test set, which played no "
+                           "part in choosing it, its ΔECE is +0.90 [+0.20, +1.50] pp, against +1.00 [+0.40, +1.60] pp for all blocks")
     assert "at 2 ms extra per image (50% of the all-block extra latency); its accuracy changes by −0.20 pp" in text
     assert ("It calibrates better than temperature scaling, which costs nothing at prediction time: "
             "ECE_TS − ECE = +0.50 [+0.10, +0.90] pp (95% paired interval).") in text
@@ -61,7 +61,7 @@ def test_temperature_scaling_verdict_follows_the_paired_interval():
 
 def test_no_recommendation_when_the_chosen_sets_interval_includes_zero():
     text = recommendation(_front(), _table(lower=-0.001), _baseline(), "last 2", alpha=0.05)
-    assert "**last 2** has on the test set ΔECE = +0.90 [−0.10, +1.50] pp: its interval includes zero, so no choice" in text
+    assert "**last 2 blocks** has on the test set ΔECE = +0.90 [−0.10, +1.50] pp: its interval includes zero, so no choice" in text
     assert "Make" not in text
 
 
@@ -92,7 +92,7 @@ def _mc(mc_se: list[float], halving: list[float]) -> pd.DataFrame:
 def test_mc_error_summary_small_monte_carlo_error():
     text = mc_error_summary(_mc([0.0004, 0.0008, 0.0005], [-0.0002, 0.0001, -0.0005]), 32)
     assert text.startswith("With K = 32 posterior samples the Monte Carlo standard error of ΔECE is at most 0.08 pp")
-    assert "10% of the test-set standard error at the median and 20% at most (single 1)" in text
+    assert "10% of the test-set standard error at the median and 20% at most (block 1 only)" in text
     assert "by at most about 2% over the test-set error alone" in text
     assert ("shifts ΔECE on average by 0.05 pp for the all-block posterior (10% of its test-set standard error, the "
             "largest relative shift, and 5% of its ΔECE)") in text and "it is small next to the test-set error." in text
@@ -100,7 +100,7 @@ def test_mc_error_summary_small_monte_carlo_error():
 
 def test_mc_error_summary_flags_noisy_posteriors_and_drift():
     text = mc_error_summary(_mc([0.0004, 0.0030, 0.0005], [-0.0002, 0.0001, -0.0040]), 8)
-    assert ("For single 1 Monte Carlo noise is comparable to test-set noise (its standard error is more than half the "
+    assert ("For block 1 only Monte Carlo noise is comparable to test-set noise (its standard error is more than half the "
             "test-set one). The intervals") in text
     assert "more samples (`predictive.n_samples`) would narrow them" in text
     assert "by 0.40 pp for the all-block posterior (80% of its test-set standard error" in text
@@ -122,7 +122,7 @@ def test_scale_summary_flags_kappa_at_the_grid_ends():
     inside = scale_summary(_scales([0.01, 0.1, 0.5], [0.02, 0.2, 0.9]), cfg)
     assert "end of the grid" not in inside and "κ = 0.01 for it" in inside
     edges = scale_summary(_scales([0.0001, 0.1, 2.0], [0.0002, 0.2, 10.0]), cfg)
-    assert "For single 1 the selected κ is at the upper end of the grid" in edges
+    assert "For block 1 only the selected κ is at the upper end of the grid" in edges
     assert "For the all-block posterior the selected κ is at the lower end of the grid" in edges and "`predictive.scale_range`" in edges
 
 
@@ -152,12 +152,19 @@ def test_display_rank_table():
     assert list(shown.iloc[1, 3:]) == ["[1, 2]", "0.03", "yes", "no"]
 
 
-def test_readable_renames_columns_and_index_only():
-    df = pd.DataFrame({"block": [0, 1], "delta_seed0": [0.1, 0.2], "delta": [0.3, 0.4], "p_holm": [0.5, 1.0],
+def test_readable_renames_columns_and_formats_by_quantity():
+    df = pd.DataFrame({"block": [0, 1], "delta_seed0": [0.1, -0.2], "delta": [0.3, 0.4], "p_holm": [0.0315, 0.0002],
+                       "train_seconds": [8.0384, 12.96], "fit_images_per_s": [2992.189, 41750.8],
                        "unknown_col": [1, 2]}).set_index("block")
     out = readable(df)
-    assert list(out.columns) == ["seed 0", "ΔECE", "Holm p", "unknown_col"] and out.index.name == "Block"
-    assert out.to_numpy().tolist() == df.to_numpy().tolist()
+    assert list(out.columns) == ["seed 0", "ΔECE", "Holm p", "train s", "images / s", "unknown_col"]
+    assert out.index.name == "Block" and list(out.index) == [0, 1]
+    assert out.to_numpy().tolist() == [["+0.10", "+0.30", "0.032", "8.0", "2,992", 1],
+                                       ["−0.20", "+0.40", "<0.001", "13.0", "41,751", 2]]
+    named = readable(pd.DataFrame({"posterior": ["single 11", "all", "last 7"], "mc_se": [0.2012, 0.1, 0.3]})
+                     .set_index("posterior"))
+    assert list(named.index) == ["block 11 only", "all blocks", "last 7 blocks"] and named.index.name == "Posterior"
+    assert list(named["MC SE"]) == ["0.20", "0.10", "0.30"]
     ci = pd.DataFrame({"delta": [0.1], "lower": [0.0], "upper": [0.2]})
     assert list(readable(ci).columns) == ["ΔECE", "lower", "upper"]
     assert list(readable(ci, alpha=0.05).columns) == ["ΔECE", "95% lower", "95% upper"]
@@ -275,9 +282,11 @@ def test_in_pp_converts_only_the_named_columns():
 def test_scale_sensitivity_summary_uses_the_scalings_as_names():
     agree = _agreement([11, 3], [False, True]).assign(estimator=["shared κ_all", "κ = 1"])
     text = scale_sensitivity_summary(agree, _ranks(1))
-    assert text.startswith("Against each subset's own κ_S, Kendall's τ of the single-block ΔECE is 0.80 (shared κ_all;")
-    assert "but block 3 under κ = 1, so which block leads depends on this choice" in text
-    assert "the all-block gain changes sign under shared κ_all." in text
+    assert text.startswith("Against each subset's own $\\kappa_S$, Kendall's τ of the single-block ΔECE is 0.80 "
+                           "(the all-block $\\kappa_{\\mathrm{all}}$;")
+    assert "but block 3 under $\\kappa = 1$, so which block leads depends on this choice" in text
+    assert "the all-block gain changes sign under the all-block $\\kappa_{\\mathrm{all}}$." in text
+    assert "κ_S" not in text and "κ_all" not in text
 
 
 def test_posterior_summary_relates_the_tuned_prior_to_the_training_prior():
@@ -298,8 +307,8 @@ def test_baseline_table_means_over_seeds_and_memory_only_where_measured():
     latency = pd.DataFrame({"posterior": ["deterministic", "all"], "extra_ms": [0.0, 2.5],
                             "peak_mib": [float("nan"), float("nan")]})
     table = baseline_table([_metrics(0.05), _metrics(0.03)], ["all"], latency).set_index("method")
-    assert table.loc["Laplace, all", "ECE (%)"] == 4.0 and table.loc["Laplace, all", "signed ECE (pp)"] == -4.0
-    assert table.loc["Laplace, all", "extra ms / image"] == 2.5 and "peak MiB" not in table.columns
+    assert table.loc["Laplace, all blocks", "ECE (%)"] == 4.0 and table.loc["Laplace, all blocks", "signed ECE (pp)"] == -4.0
+    assert table.loc["Laplace, all blocks", "extra ms / image"] == 2.5 and "peak MiB" not in table.columns
     cuda = baseline_table([_metrics(0.05)], ["all"], latency.assign(peak_mib=[120.0, 900.0])).set_index("method")
     assert list(cuda["peak MiB"]) == [120.0, 120.0, 900.0]
 
@@ -381,11 +390,11 @@ def test_display_layer_table_formats_in_pp_with_typographic_minus():
                           "d_brier": [0.0005, -0.00012], "d_acc": [-0.0025, 0.001], "p_holm": [float("nan"), 0.012345]})
     shown = display_layer_table(table, 0.05)
     assert list(shown.columns) == ["Posterior", "ECE (%)", "ΔECE, pp [95% CI]", "ΔNLL", "ΔBrier", "Δacc. (pp)", "Holm p"]
-    assert list(shown.Posterior) == ["all", "single 0"]
-    assert list(shown["ECE (%)"]) == pytest.approx([4.12, 5.35], abs=1e-12)
+    assert list(shown.Posterior) == ["all blocks", "block 0 only"]
+    assert list(shown["ECE (%)"]) == ["4.12", "5.35"]
     assert list(shown["ΔECE, pp [95% CI]"]) == ["+1.23 [+0.80, +1.70]", "−0.40 [−1.05, +0.21]"]
     assert list(shown["ΔNLL"]) == ["+0.0123", "−0.0046"] and list(shown["ΔBrier"]) == ["+0.0005", "−0.0001"]
-    assert list(shown["Δacc. (pp)"]) == ["−0.25", "+0.10"] and list(shown["Holm p"]) == ["", "0.0123"]
+    assert list(shown["Δacc. (pp)"]) == ["−0.25", "+0.10"] and list(shown["Holm p"]) == ["", "0.012"]
     assert "Holm p" not in display_layer_table(table.drop(columns=["p_holm"]), 0.05).columns
     assert list(display_layer_table(table, 0.1).columns)[2] == "ΔECE, pp [90% CI]"
 
@@ -402,7 +411,7 @@ def _selection(sel_se: list[float], boot_se: list[float], stable: list[float]) -
 def test_selection_summary_small_selection_error():
     text = selection_summary(_selection([0.001, 0.002, 0.0005], [0.01, 0.01, 0.008], [0.9, 0.6, 0.95]))
     assert "1000 validation images" in text and "60–95%" in text and "at most 0.20 pp" in text
-    assert "20% of the" in text and "(single 1)" in text
+    assert "20% of the" in text and "(block 1 only)" in text
     assert "The intervals of @sec-attribution include this error" in text
     assert "It is a small part of every interval's width." in text and "material" not in text
     assert "wider" not in text  # the intervals already include it: no "would be wider" remark
@@ -410,7 +419,8 @@ def test_selection_summary_small_selection_error():
 
 def test_selection_summary_flags_material_selection_error():
     text = selection_summary(_selection([0.008, 0.002, 0.006], [0.01, 0.01, 0.008], [0.3, 0.6, 0.4]))
-    assert "For single 0, the all-block posterior the choice of κ_S is a material part of the interval's width" in text
+    assert ("For block 0 only and the all-block posterior the choice of $\\kappa_S$ is a material part of the interval's "
+            "width") in text
     assert "wider" not in text
 
 
@@ -421,10 +431,10 @@ def test_selection_summary_without_tuning():
 
 def test_display_selection_table_in_pp():
     out = display_selection_table(_selection([0.001, 0.002], [0.01, 0.01], [0.9, 0.6]), alpha=0.1)
-    assert list(out.columns) == ["Posterior", "κ_S (median)", "κ_S selected again",
-                                 "ΔECE, pp [90% range, re-tuned κ_S]", "SD, re-tuned κ_S (pp)", "SD, bootstrap (pp)",
+    assert list(out.columns) == ["Posterior", "tuned κ (median)", "same κ selected",
+                                 "ΔECE, pp [90% range, re-tuned κ]", "SD, re-tuned κ (pp)", "SD, bootstrap (pp)",
                                  "ratio"]
-    assert out.iloc[1].tolist() == ["all", "0.5", "60%", "+1.00 [+0.00, +2.00]", 0.2, 1.0, 0.2]
+    assert out.iloc[1].tolist() == ["all blocks", "0.5", "60%", "+1.00 [+0.00, +2.00]", "0.20", "1.00", "0.20"]
 
 
 def test_interval_check_summary_largest_shift_and_changed_verdicts():
@@ -437,3 +447,74 @@ def test_interval_check_summary_largest_shift_and_changed_verdicts():
                            "the interval's width, block 1); for block 1 the two disagree")
     same = interval_check_summary(intervals.assign(bca_lower=[-0.012, 0.0005, -0.021]))
     assert "no block's verdict (interval excludes zero or not) depends on the interval type" in same
+
+
+def test_display_name_words_every_posterior_key():
+    from lib.report import display_name
+
+    assert [display_name(n) for n in ["single 11", "first 2", "last 7", "last 1", "all", "all but 3", "none",
+                                      "deterministic", "temperature scaling"]] == [
+        "block 11 only", "first 2 blocks", "last 7 blocks", "last 1 block", "all blocks", "all blocks but 3",
+        "deterministic (MAP)", "deterministic (MAP)", "temperature scaling"]
+
+
+def test_format_number_one_rule_per_quantity():
+    from lib.report import format_number
+
+    assert format_number(0.8512, "delta_pp") == "+0.85" and format_number(-0.061, "delta_pp") == "−0.06"
+    assert format_number(0.0315, "p") == "0.032" and format_number(0.06, "p") == "0.060"
+    assert format_number(0.0001, "p") == "<0.001"
+    assert format_number(8.0384, "seconds") == "8.0" and format_number(2992.189, "rate") == "2,992"
+    assert format_number(0.063095, "kappa") == "0.0631" and format_number(float("nan"), "kappa") == "–"
+    assert format_number(0.47055, "metric") == "0.4706" and format_number(8.4e-07, "tolerance") == "8.4e−07"
+    with pytest.raises(ValueError, match="no display rule"):
+        format_number(1.0, "furlongs")
+
+
+def test_statistics_summary_names_every_block():
+    """Every single block lands in one statement: Holm-significant, interval above zero but not
+    significant after correction, sign unclear, or worse."""
+    from lib.report import statistics_summary
+
+    table = pd.DataFrame({"kind": ["single"] * 5 + ["all"], "block": [0, 1, 2, 3, 4, -1],
+                          "delta": [0.01, 0.008, 0.006, 0.001, -0.01, 0.01],
+                          "lower": [0.004, 0.001, 0.0002, -0.003, -0.02, 0.002],
+                          "upper": [0.02, 0.012, 0.011, 0.006, -0.001, 0.02],
+                          "improves": [True, False, False, False, False, False]})
+    ranks = pd.DataFrame({"block": [0, 1, 2, 3, 4], "surely_top_k": [True, False, False, False, False]})
+    text = statistics_summary(table, ranks, 3, 0.05, 2)
+    assert "Supported: block 0 improves calibration" in text
+    assert ("For blocks 1 and 2 the 95% interval lies above zero, but the Holm-adjusted test does not reject: the gain "
+            "is not established once the 5 blocks are tested together.") in text
+    assert "For block 3 the data cannot tell the sign" in text and "Block 4 makes calibration worse" in text
+
+
+def test_latency_summary_states_whether_the_cost_model_holds():
+    from lib.report import latency_summary
+
+    latency = pd.DataFrame({"posterior": ["deterministic", "single 0", "first 2", "all"],
+                            "blocks": ["", "0", "0 1", "0 1 2"], "n_iters": [50] * 4})
+    none = pd.DataFrame(columns=["subset", "superset", "subset_ms", "subset_q25", "superset_ms", "superset_q75"])
+    ok = latency_summary(latency, none)
+    assert "median over 50 timed batches" in ok and "@fig-latency" in ok
+    assert "agree with the cost model: of the 3 pairs" in ok
+    bad = latency_summary(latency, pd.DataFrame({"subset": ["single 0"], "superset": ["first 2"], "subset_ms": [0.442],
+                                                 "subset_q25": [0.44], "superset_ms": [0.316], "superset_q75": [0.32]}))
+    assert "For 1 of the 3 pairs" in bad and "first 2 blocks, 0.316 ms, against block 0 only, 0.442 ms" in bad
+
+
+def test_temperature_gain_and_profile_note():
+    from lib.report import profile_note, temperature_gain
+
+    assert temperature_gain(_baseline(2.5, ts_ece=3.0)) == pytest.approx(0.03)
+    smoke = profile_note(Config.from_dict({"profile": "smoke"}))
+    assert "**`smoke`**" in smoke and "synthetic" in smoke and "no scientific meaning" in smoke
+    assert "`make run PROFILE=vit-b16-cifar100" in smoke
+    c10 = profile_note(Config.from_dict({"profile": "cifar10-transfer", "model": {"name": "vit_small"},
+                                         "data": {"name": "cifar10", "classes": [5, 6, 7, 8, 9], "num_classes": 5},
+                                         "pretrain": {"classes": [0, 1, 2, 3, 4]}}))
+    assert "CIFAR-10 images (classes 5, 6, 7, 8, 9)" in c10 and "pre-trained from scratch by this project on classes 0, 1" in c10
+    assert "not the reference setting" in c10 and "unless" not in c10
+    ref = profile_note(Config.from_dict({"profile": "vit-b16-cifar100", "model": {"pretrained": True},
+                                         "data": {"name": "cifar100", "num_classes": 100, "download": True}}))
+    assert ref.endswith("This is the reference setting of the question.")

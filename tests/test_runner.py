@@ -11,7 +11,10 @@ import pytest
 import yaml
 
 from lib.provenance import notebook_sha256, params_sha256
-from lib.runner import Layout, RunnerError, book_chapters, execution_order, link, run
+from lib.config import apply_overrides, load_params, parse_override
+from lib.paths import CHAPTERS, PARAMS
+from lib.runner import (Layout, RunnerError, book_chapters, execution_order, is_scratch, link, main, override_slug,
+                        run, run_name)
 
 QUARTO = """\
 project:
@@ -29,15 +32,15 @@ def _notebook(*cells: nbformat.NotebookNode) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     params = nbformat.v4.new_code_cell('profile = "smoke"\nparams = {}')
-    params.metadata["tags"] = ["parameters"]
+    params.metadata["tags"] = ["parameters", "remove-cell"]  # as in chapters/: Quarto drops it
     nb.cells = [nbformat.v4.new_markdown_cell("# Title"), params, *cells]
     return nb
 
 
-def _yaml_loader(path: Path) -> dict:
+def _yaml_loader(path: Path, overrides=()) -> dict:
     if not path.is_file():
         raise RunnerError(f"{path}: params file not found")
-    return yaml.safe_load(path.read_text())
+    return apply_overrides(yaml.safe_load(path.read_text()), overrides, str(path))
 
 
 @pytest.fixture
@@ -161,3 +164,58 @@ def test_link_points_entries_into_freeze_and_records_profile(book):
     assert "book-profile: tiny" in book.quarto.read_text()
     link(None, book)  # default: the recorded profile; idempotent
     assert os.readlink(book.root / "index.ipynb") == "_freeze/tiny/index.ipynb"
+
+
+def test_overrides_run_into_a_scratch_folder_and_are_recorded(book):
+    overrides = [parse_override("laplace.prior=2.5"), parse_override("seeds=[7]")]
+    name = run_name("tiny", overrides)
+    assert name.startswith("tiny+laplace.prior-2.5+seeds-7+") and is_scratch(name)
+    records = run("tiny", layout=book, loader=_yaml_loader, overrides=overrides)
+    assert not (book.freeze / "tiny").exists()  # never over the profile's own folder
+    for rec in records:
+        assert rec["profile"] == name and rec["overrides"] == {"laplace.prior": 2.5, "seeds": [7]}
+        assert rec["params"]["laplace"]["prior"] == 2.5 and rec["seeds"] == [7]
+        assert rec["params_sha256"] == params_sha256(rec["params"])
+        assert (book.freeze / name / f"{rec['chapter']}.json").is_file()
+    nb = nbformat.read(book.freeze / name / "01-alpha.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"alpha {name} 2.5" in text  # the chapter sees the run's name and the overridden value
+    assert "`laplace.prior=2.5`, `seeds=[7]`" in nb.cells[-1].source
+
+
+def test_override_slug_is_readable_and_distinguishes_overrides():
+    a = override_slug([("stats.n_bins", 20), ("seeds", [0, 1])])
+    assert a.startswith("stats.n_bins-20+seeds-0-1+") and len(a.rsplit("+", 1)[1]) == 8
+    assert all(ch.isalnum() or ch in "._+-" for ch in a)
+    assert override_slug([("seeds", "0-1")]) != override_slug([("seeds", [0, 1])])  # same readable part
+    assert override_slug([("a", 1), ("a", 2)]) == override_slug([("a", 2)])  # the last value wins
+    assert run_name("smoke") == "smoke" and not is_scratch("smoke")
+
+
+def test_override_errors_name_the_key_like_the_file(book, capsys):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_override("stats.n_bins")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_override("stats n_bins=3")
+    with pytest.raises(RunnerError, match=r"smoke\.yml with --set stats\.n_binz=20: unknown key 'stats\.n_binz'; "
+                                          r"did you mean 'stats\.n_bins'\?"):
+        run("smoke", layout=Layout.from_root(PARAMS.parent), overrides=[("stats.n_binz", 20)])
+    with pytest.raises(RunnerError, match=r"'stats\.n_bins' must be int, got 'many'"):
+        run("smoke", layout=Layout.from_root(PARAMS.parent), overrides=[("stats.n_bins", "many")])
+    assert main(["run", "--profile", "smoke", "--set", "stats.n_bins"]) == 1
+    assert "KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(RunnerError, match="reserved"):
+        run("smoke+x", layout=book, loader=_yaml_loader)
+
+
+def test_chapter_parameters_cells_are_removed_from_the_book_but_found_by_papermill():
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    for src in sorted(CHAPTERS.glob("*.ipynb")):
+        nb = load_notebook_node(str(src))
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and "remove-cell" in tagged[0].metadata["tags"], src.name
+        out = parameterize_notebook(nb, {"profile": "p", "params": {}})
+        i = [k for k, c in enumerate(out.cells) if "injected-parameters" in c.metadata.get("tags", [])]
+        assert i and "parameters" in out.cells[i[0] - 1].metadata["tags"], src.name  # injected right after it

@@ -17,8 +17,8 @@ from lib.attribution import (ESTIMATORS, SCALES, attribution, block_subsets, cho
 from lib.calibration import ece, smooth_ece
 from lib.config import Config, ParamsError, load_params
 from lib.paths import PARAMS
-from lib.report import (answer, attribution_summary, ci, control_summary, display_scale_table, mc_error_summary,
-                        scale_summary, scale_table, setup_table, statistics_summary)
+from lib.report import (answer, attribution_summary, ci, control_summary, display_name, display_scale_table,
+                        mc_error_summary, scale_summary, scale_table, setup_table, statistics_summary)
 from lib.stats import bootstrap_counts, delta_ece, pareto_front
 from lib.data import batches
 from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
@@ -142,7 +142,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     delta = torch.tensor([t.loc[n, "delta"] for n in names], dtype=torch.float64)
     pareto = pd.DataFrame({"name": names, "cost": cost.numpy(), "delta": delta.numpy(), "front": pareto_front(cost, delta).numpy()})
     base = pd.DataFrame({"method": ["deterministic (MAP)", "temperature scaling (validation-fitted)",
-                                    *[f"Laplace, {n}" for n in names]],
+                                    *[f"Laplace, {display_name(n)}" for n in names]],
                          "ECE (%)": [5.0, 1.0, *[3.0] * len(names)], "accuracy (%)": [90.0, 90.0, *[80.0] * len(names)]})
     ctrl = att.control
 
@@ -152,7 +152,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     text = ans()
     assert "`smoke`" in text and "@sec-attribution-scale" in text  # smoke tunes the covariance scale
     assert "Monte Carlo error" not in text and f"the best single block is block {best}" in text
-    assert "with κ_S re-tuned in every replicate" in text and "ΔECE_Laplace − ΔECE_iso" in text
+    assert "with $\\kappa_S$ re-tuned in every replicate" in text and "ΔECE_Laplace − ΔECE_iso" in text
     noisy = mc.reset_index().assign(mc_share=[0.2, 0.9, 0.1, 0.7])
     assert "(more than half of it, on the first seed) for 2 of the 4 posteriors checked; the intervals include it" in ans(
         mc=noisy)
@@ -190,7 +190,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     r2 = gain.set_index("posterior").loc["single 2"]
     assert (f"Chosen on the validation images, the best single block is block 2; on the test set, which played no part "
             f"in choosing it, its ΔECE is {ci(r2.delta, r2.lower, r2.upper)} pp.") in text
-    assert ("Make **single 1** Bayesian (chosen on the validation images as the cheapest priced choice with at least "
+    assert ("Make **block 1 only** Bayesian (chosen on the validation images as the cheapest priced choice with at least "
             "80% of the all-block validation gain): on the test set, which played no part in choosing it, its ΔECE is "
             "+1.80 [+1.00, +2.60] pp") in text
     assert "its accuracy changes by −10.00 pp" in text
@@ -277,7 +277,11 @@ def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeyp
     calls = _counted(monkeypatch, study, "perturbation_bank")
     st, bank = study.build_bank(cfg, run, post, lap, cpu)
     assert len(calls) == parts - resumed == 2
-    assert torch.equal(bank.delta, one_pass.delta) and torch.equal(bank.map_logits, one_pass.map_logits)
+    assert torch.equal(bank.delta, one_pass.delta)
+    # f_MAP is the MAP stage's logits (ECE_det is one number everywhere); the bank's own forward pass
+    # (no fused attention, other batches) agrees with it up to rounding
+    assert torch.equal(bank.map_logits, torch.load(run.stage.file("test_logits.pt"), weights_only=True))
+    assert torch.allclose(bank.map_logits, one_pass.map_logits, atol=1e-5)
     assert torch.equal(bank.labels, one_pass.labels) and bank.blocks == one_pass.blocks
     info = json.loads(st.file("info.json").read_text())
     assert (info["parts"], info["parts_resumed"]) == (parts, resumed) and not (st.path / "parts").exists() and st.done
@@ -285,6 +289,19 @@ def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeyp
     assert setup["Statistics"] == "ECE with M = 10 equal-width bins; 60 bootstrap replicates (20 per seed for Shapley values); α = 0.05"
     assert setup["Predictive"].startswith("linearised, Monte Carlo (softmax averaged), K = 4 posterior samples")
     assert "K-FAC-" in setup["Laplace"]
+
+
+def test_deterministic_table_and_the_studys_reference_are_one_ece_det(tiny_cfg):
+    """Table 2.2 (:func:`lib.report.deterministic_table`) and the deterministic row behind every ΔECE
+    (the study's ``none`` posterior) are computed from the same MAP logits: equal to the last digit."""
+    from lib.report import deterministic_table
+
+    cpu = torch.device("cpu")
+    study = run_seed(tiny_cfg, 0, cpu)
+    det = deterministic_table([study.run], tiny_cfg.stats.n_bins).iloc[0]
+    ref = study.metrics().set_index("posterior").loc["none"]
+    for key in ("accuracy", "ece", "signed_ece", "nll", "brier"):
+        assert det[key] == pytest.approx(ref[key], rel=1e-12, abs=1e-12), key
 
 
 def test_subsets_stage_keyed_by_the_stats_it_uses(tiny_cfg):
@@ -353,9 +370,9 @@ def test_covariance_scale_tuned_on_validation_bank(tiny_cfg):
     assert abs(table.loc["all", "ECE % κ_S"] - 100 * metrics.loc["all", "ece"]) < 1e-9
     assert abs(table.loc["all", "ECE % κ=1"] - 100 * scales.loc["all", "ece_unscaled"]) < 1e-9
     text = scale_summary(table.reset_index(), cfg)
-    assert f"κ = {float(kappa[i]):.3g}" in text and "own κ_S" in text
+    assert f"κ = {float(kappa[i]):.3g}" in text and "own $\\kappa_S$" in text
     shown = display_scale_table(table.reset_index())
-    assert shown.iloc[0]["κ_S [range]"] == "–" and len(shown) == 5
+    assert shown.iloc[0]["tuned κ [range]"] == "–" and len(shown) == 5
 
 
 def test_retune_with_shared_prior_is_refused(tiny_cfg):

@@ -42,6 +42,9 @@ class Book:
     pdf_echo: bool = True
     warning: bool = True
     profile: str | None = None
+    output_file: str | None = None
+    csl: Path | None = None
+    nocite: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, root: Path, profile: str | None = None) -> "Book":
@@ -72,7 +75,8 @@ class Book:
         bib = bib[0] if isinstance(bib, list) else bib
         fmt = cfg.get("format") or {}
         html = fmt.get("html") or {}
-        pdf = fmt.get("pdf") or fmt.get("typst") or {}
+        pdf = fmt.get("typst") or fmt.get("pdf") or {}
+        output_file = book.get("output-file")
         return cls(
             root=root,
             title=str(book.get("title", "Book")),
@@ -83,10 +87,27 @@ class Book:
             pdf_echo=pdf.get("echo", True) is not False if isinstance(pdf, dict) else True,
             warning=(cfg.get("execute") or {}).get("warning", True) is not False,
             profile=profile or cfg.get("book-profile"),
+            output_file=Path(str(output_file)).stem if output_file else None,
+            csl=(root / cfg["csl"]) if cfg.get("csl") else None,
+            nocite=re.findall(r"@([\w][\w:.#$%&+?<>~/-]*[\w])", str(cfg.get("nocite") or "")),
         )
 
+    def citeproc_args(self) -> list[str]:
+        """pandoc arguments for the citations: ``--citeproc`` with the bibliography and the CSL style."""
+        if not (self.bibliography and self.bibliography.is_file()):
+            return []
+        args = ["--citeproc", f"--bibliography={self.bibliography}"]
+        if self.csl is not None:
+            if not self.csl.is_file():
+                raise RenderError(f"_quarto.yml: csl {self.csl} not found")
+            args.append(f"--csl={self.csl}")
+        return args
+
     def slug(self) -> str:
-        """File-name slug of the title (the PDF is ``<slug>.pdf``)."""
+        """Base name of the PDF (``<slug>.pdf``): ``book.output-file`` as Quarto uses it, else the
+        slug of the title (Quarto's fallback)."""
+        if self.output_file:
+            return self.output_file
         return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-") or "book"
 
     def convert(self, target: str, fig_dir: Path, fig_href: str) -> list[ChapterDoc]:

@@ -2,7 +2,7 @@
 
 Markdown cells pass through with their headings numbered (``## T {#sec-x}`` → ``4.2 T``), callouts
 given a title, captioned markdown figures/tables/equations numbered. Code cells honour the Quarto
-cell options in leading ``#|`` lines (``label``, ``fig-cap``, ``tbl-cap``, ``fig-alt``, ``echo``, ``warning``,
+cell options in leading ``#|`` lines (``label``, ``fig-cap``, ``tbl-cap``, ``tbl-colwidths``, ``fig-alt``, ``echo``, ``warning``,
 ``output``, ``include``, ``code-fold``); their outputs become Markdown: images are written to files
 and embedded as pandoc figures (id from ``label``, caption from ``fig-cap``), HTML tables (pandas)
 become pipe tables captioned from ``tbl-cap``, ``text/markdown`` displays are inlined, streams become
@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from lib.render.pandoc import html_to_markdown
-from lib.render.tables import html_table_to_pipe
+from lib.render.tables import apply_colwidths, html_table_to_pipe
 
 REF_KINDS = {"fig": "Figure", "tbl": "Table", "sec": "Section", "eq": "Equation"}
 CALLOUTS = {"note": "Note", "tip": "Tip", "warning": "Warning", "important": "Important", "caution": "Caution"}
@@ -336,6 +336,12 @@ class Converter:
                     md += "{" + " ".join(attrs) + "}" if attrs else ""
                 elif kind == "table" and label and label.startswith("tbl-") and not tbl_done:
                     tbl_done = True
+                    widths = options.get("tbl-colwidths")
+                    if isinstance(widths, list):
+                        try:
+                            md = apply_colwidths(md, widths)
+                        except ValueError as err:
+                            doc.warnings.append(f"{doc.name}: cell {index} ({label}): {err}")
                     cap = str(options.get("tbl-cap", ""))
                     n = num.next("tbl", label, cap)
                     md = attach_table_caption(md, f": Table {n}: {mark_refs(cap)} {{#{label}}}")
@@ -399,8 +405,9 @@ class Converter:
         blocks: list[str] = []
         injected = any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells)
         for index, cell in enumerate(nb.cells):
-            if injected and "parameters" in cell.get("metadata", {}).get("tags", []):
-                continue  # superseded by papermill's injected-parameters cell, which is shown
+            tags = cell.get("metadata", {}).get("tags", [])
+            if "remove-cell" in tags or (injected and "parameters" in tags):
+                continue  # Quarto's remove-cell; a parameters cell is superseded by papermill's injected one
             if cell.cell_type == "markdown":
                 blocks.append(self._markdown(cell.source, num, doc, first_h1))
             elif cell.cell_type == "code":

@@ -7,6 +7,7 @@ placed into a self-contained page (inline CSS, no network access).
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 from lib.render.book import Book, Result, cited_keys, collect_labels
@@ -29,8 +30,7 @@ def _pandoc_html(
         args += ["-M", "reference-section-title=References"]
     if toc:
         args += ["--toc", "--toc-depth=3"]
-    if book.bibliography and book.bibliography.is_file():
-        args += ["--citeproc", f"--bibliography={book.bibliography}"]
+    args += book.citeproc_args()
     text, warnings = pandoc(markdown, args, cwd=str(cwd))
     css, toc_html, body = (text.split(_SPLIT) + ["", ""])[:3]
     return css, toc_html.strip(), body, warnings
@@ -94,10 +94,26 @@ def _pager(book: Book, docs: list[ChapterDoc], i: int | None) -> str:
     return f'<nav class="pager">{prev}{nxt}</nav>'
 
 
+def _with_nocite(markdown: str, keys: list[str]) -> str:
+    """``markdown`` with a metadata block citing ``keys`` without text (``nocite``)."""
+    if not keys:
+        return markdown
+    return "---\nnocite: |\n  " + ", ".join(f"@{k}" for k in keys) + "\n---\n\n" + markdown
+
+
+def _drop_entries(body: str, keys: list[str]) -> str:
+    """``body`` without the bibliography entries of ``keys``: ``nocite`` keys only make citeproc
+    disambiguate (2021a/2021b) the same way on every page; a page lists what it cites."""
+    for key in keys:
+        body = re.sub(rf'<div id="ref-{re.escape(key)}" class="csl-entry"[^>]*>.*?</div>\n?', "", body, flags=re.S)
+    return body
+
+
 def write_site(book: Book, out: Path) -> Result:
     """Write ``out/index.html``, one page per chapter and ``references.html``."""
     docs = book.convert("html", out / "figures", "figures")
     labels, warnings = collect_labels(docs)
+    warnings += [w for doc in docs for w in doc.warnings]
     pages = {e.name: e.page for e in book.entries}
     pdf_name = f"{book.slug()}.pdf"
     written = []
@@ -110,7 +126,10 @@ def write_site(book: Book, out: Path) -> Result:
 
         md = resolve_refs(doc.markdown, labels, href, warnings, doc.name)
         markdowns.append(md)
-        css, toc_html, body, pw = _pandoc_html(md, book, out, toc=True)
+        cited = cited_keys([md], book.bibliography)
+        extra = [k for k in book.nocite if k not in cited] if cited else []
+        css, toc_html, body, pw = _pandoc_html(_with_nocite(md, extra), book, out, toc=True)
+        body = _drop_entries(body, extra)
         warnings += [f"{doc.name}: pandoc: {w}" for w in pw]
         if i == 0:
             title_html = (f'<h1 class="title">{html.escape(book.title)}</h1>'

@@ -55,7 +55,7 @@ def write_pdf(book: Book, out: Path, work: Path) -> Path:
     if book.profile:
         args += ["-M", f"profile={book.profile}"]
     if book.bibliography and book.bibliography.is_file():
-        args += ["--citeproc", f"--bibliography={book.bibliography}", "-M", "suppress-bibliography=false"]
+        args += [*book.citeproc_args(), "-M", "suppress-bibliography=false"]
     (work / "book.md").write_text(markdown)
     source, _ = pandoc(markdown, args, cwd=str(work))
     for old, new in TYPST_RENAMED.items():

@@ -106,7 +106,32 @@ def html_table_to_pipe(html: str) -> str | None:
 
 def _is_number(text: str) -> bool:
     try:
-        float(text.replace(",", "").replace("−", "-").replace("%", ""))
+        float(text.replace(",", "").replace("−", "-").replace("%", "").lstrip("<>"))
     except ValueError:
         return False
     return True
+
+
+def apply_colwidths(md: str, widths: list) -> str:
+    """Give the first pipe table of ``md`` the relative column ``widths`` (Quarto's cell option
+    ``tbl-colwidths``) by the number of dashes of its separator line, which is how pandoc sizes the
+    columns of a pipe table wider than the text; the alignment colons are kept.
+
+    Raises ``ValueError`` when the number of widths differs from the table's number of columns.
+    """
+    lines = md.split("\n")
+    for i in range(1, len(lines)):
+        sep = lines[i].strip()
+        if lines[i - 1].lstrip().startswith("|") and sep.startswith("|") and set(sep) <= set("|:- "):
+            cells = sep.strip("|").split("|")
+            if len(cells) != len(widths):
+                raise ValueError(f"tbl-colwidths has {len(widths)} widths for a table of {len(cells)} columns")
+            total = sum(float(w) for w in widths)
+            out = []
+            for cell, w in zip(cells, widths):
+                n = max(3, round(100 * float(w) / total))
+                cell = cell.strip()
+                out.append((":" if cell.startswith(":") else "-") + "-" * (n - 2) + (":" if cell.endswith(":") else "-"))
+            lines[i] = "|" + "|".join(out) + "|"
+            return "\n".join(lines)
+    return md

@@ -1,0 +1,116 @@
+"""MC dropout on the LoRA adapters: peft's ``lora_dropout`` kept on at test time.
+
+A LoRA map with adapter dropout computes ``y = W x + s · B A (m ⊙ x) / (1 − p)``, m_i ~ Bernoulli(1 − p)
+(peft's ``lora_dropout``, an ``nn.Dropout`` on the adapter input). Trained with dropout rate p
+(:func:`lib.pipeline.map_run` with ``lora_dropout=p``) and kept on at test time, K stochastic
+forward passes approximate the predictive of the variational posterior that dropout defines
+(gal2016dropout):
+
+    p(y | x) ≈ (1/K) Σ_k softmax(f(x; m_k)),
+
+the baseline "MC dropout" of Laplace-LoRA (yang2024bayesian) and BLoB (wang2024blob). Only the
+LoRA dropout modules run in train mode; the rest of the network (timm's attention, projection
+and head dropout, stochastic depth) stays in eval mode (:func:`lora_dropout_on`). The masks come
+from torch's global stream, forked and seeded with ``seed`` for the duration
+(``torch.random.fork_rng``), so a call is deterministic and leaves the global stream as found.
+Cost: K forward passes per image (K× inference), one fine-tune.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from lib.config import _above, _at_least, _build
+from lib.data import Preprocess, Split, batches
+from lib.train import autocast
+
+
+@dataclass(frozen=True)
+class McDropoutConfig:
+    """``rate``: peft ``lora_dropout`` p used in fine-tuning and at test time; ``samples``: K
+    stochastic forward passes per image."""
+
+    rate: float = _above(0.1, 0.0, 1.0)
+    samples: int = _at_least(16, 1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "McDropoutConfig":
+        """Build from a mapping, rejecting unknown keys and out-of-range values (``ParamsError``)."""
+        return _build(cls, d, source, "mc_dropout.")
+
+
+def lora_dropout_modules(model: nn.Module) -> list[nn.Dropout]:
+    """The ``nn.Dropout`` modules of peft's LoRA layers (``lora_dropout[adapter]``); empty when
+    the adapters were built with rate 0 (peft then uses ``nn.Identity``)."""
+    out = []
+    for module in model.modules():
+        if hasattr(module, "lora_dropout") and hasattr(module, "lora_A"):
+            for drop in module.lora_dropout.values():
+                if isinstance(drop, nn.Dropout):
+                    out.append(drop)
+    return out
+
+
+@contextmanager
+def lora_dropout_on(model: nn.Module) -> Iterator[list[nn.Dropout]]:
+    """The body runs with ``model`` in eval mode except its LoRA dropout modules (train mode);
+    every module's own mode is restored afterwards, also when the body raises."""
+    modules = list(model.modules())
+    saved = [m.training for m in modules]
+    drops = lora_dropout_modules(model)
+    try:
+        model.eval()
+        for d in drops:
+            d.train()
+        yield drops
+    finally:
+        for m, t in zip(modules, saved):
+            m.training = t
+
+
+def _rng_devices(device: torch.device) -> list:
+    return [device] if device.type == "cuda" else []
+
+
+@torch.no_grad()
+def mc_dropout_samples(model: nn.Module, x: torch.Tensor, *, samples: int, seed: int) -> torch.Tensor:
+    """Per-pass probabilities ``softmax(f(x; m_k))``, k = 1..K, of a preprocessed batch ``x``
+    (B, 3, H, W): (K, B, C) float32 on ``x``'s device. Seeded (module docstring)."""
+    if samples < 1:
+        raise ValueError(f"samples is {samples}; MC dropout needs at least one pass")
+    device = x.device
+    with torch.random.fork_rng(devices=_rng_devices(device)), lora_dropout_on(model):
+        torch.manual_seed(seed)
+        out = []
+        for _ in range(samples):
+            with autocast(device):
+                out.append(model(x).float().softmax(-1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def mc_dropout_probs(model: nn.Module, split: Split, *, samples: int, seed: int, preprocess: Preprocess,
+                     device: torch.device | str, batch_size: int = 256) -> torch.Tensor:
+    """The MC-dropout predictive ``(1/K) Σ_k softmax(f(x; m_k))`` over ``split``: (N, C), float32
+    on CPU. The masks are drawn from one stream seeded with ``seed`` for the whole split, batch
+    after batch (the result depends on ``batch_size`` only through which masks fall on which image)."""
+    if samples < 1:
+        raise ValueError(f"samples is {samples}; MC dropout needs at least one pass")
+    device = torch.device(device)
+    if not lora_dropout_modules(model):
+        raise ValueError("the model has no LoRA dropout (rate 0): train it with map_run(..., lora_dropout=p > 0)")
+    out = []
+    with torch.random.fork_rng(devices=_rng_devices(device)), lora_dropout_on(model):
+        torch.manual_seed(seed)
+        for x, _ in batches(split, batch_size, preprocess=preprocess, device=device):
+            acc = torch.zeros((), device=device)
+            for _ in range(samples):
+                with autocast(device):
+                    acc = acc + model(x).float().softmax(-1)
+            out.append((acc / samples).cpu())
+    return torch.cat(out)

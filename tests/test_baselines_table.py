@@ -1,0 +1,81 @@
+"""lib.baselines.table: metrics, paired intervals against MAP and temperature scaling, Pareto front
+and the validation-chosen recommendation, on hand-made probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib.baselines.table import MethodPredictions, baseline_table, paired_nll_bootstrap
+from lib.calibration import ece, nll
+
+
+def _data(seed=0, n=200, c=3):
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(2, n, c, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, c, (2, n), generator=g)
+    return logits, labels
+
+
+@pytest.fixture
+def methods():
+    logits, labels = _data()
+    (lv, lt), (yv, yt) = logits, labels
+
+    def m(t, ms):
+        return MethodPredictions(val=(lv / t).softmax(-1), test=(lt / t).softmax(-1), ms_per_image=ms)
+
+    return {"MAP": m(1.0, 1.0), "temperature scaling": m(2.0, 1.0), "copy of MAP": m(1.0, 3.0),
+            "hot": m(4.0, 5.0)}, yv, yt
+
+
+def test_rows_deltas_and_intervals(methods):
+    ms, yv, yt = methods
+    t = baseline_table(ms, yv, yt, n_resamples=200, seed=3).set_index("method")
+    for name, m in ms.items():
+        assert t.loc[name, "ece"] == pytest.approx(float(ece(m.test, yt, 15)), abs=1e-12)
+        assert t.loc[name, "val_nll"] == pytest.approx(float(nll(m.val, yv)), abs=1e-12)
+        ref_d = float(ece(ms["MAP"].test, yt, 15) - ece(m.test, yt, 15))
+        assert t.loc[name, "d_ece_map"] == pytest.approx(ref_d, abs=1e-12)
+        ref_n = float(nll(ms["temperature scaling"].test, yt) - nll(m.test, yt))
+        assert t.loc[name, "d_nll_ts"] == pytest.approx(ref_n, abs=1e-9)
+    for col in ("d_ece_map", "d_ece_map_lo", "d_ece_map_hi", "d_nll_map", "d_nll_map_lo", "d_nll_map_hi"):
+        assert t.loc["copy of MAP", col] == 0.0
+    assert t.loc["temperature scaling", "d_ece_ts"] == 0.0
+    assert t.loc["hot", "d_nll_map_lo"] <= t.loc["hot", "d_nll_map"] <= t.loc["hot", "d_nll_map_hi"]
+    assert t.loc["hot", "extra_ms"] == 4.0
+
+
+def test_pareto_and_recommendation(methods):
+    ms, yv, yt = methods
+    t = baseline_table(ms, yv, yt, n_resamples=50).set_index("method")
+    # the copy of MAP costs more for the same ECE: dominated; the front by explicit pairwise checks
+    assert not t.loc["copy of MAP", "pareto_ece"]
+    for metric in ("ece", "nll"):
+        for j in t.index:
+            dominated = any(t.loc[i, "extra_ms"] <= t.loc[j, "extra_ms"] and t.loc[i, metric] <= t.loc[j, metric]
+                            and (t.loc[i, "extra_ms"] < t.loc[j, "extra_ms"] or t.loc[i, metric] < t.loc[j, metric])
+                            for i in t.index)
+            assert t.loc[j, f"pareto_{metric}"] == (not dominated), (metric, j)
+    assert t.pareto_ece.any() and not t.pareto_ece.all()
+    best = t.val_nll.idxmin()
+    assert t.recommended.sum() == 1 and t.loc[best, "recommended"]
+    by_ece = baseline_table(ms, yv, yt, n_resamples=50, select_by="ece").set_index("method")
+    assert by_ece.loc[by_ece.val_ece.idxmin(), "recommended"]
+
+
+def test_nll_bootstrap_equals_explicit_resampling():
+    logits, labels = _data(1, n=30)
+    p_ref, y = logits[0].softmax(-1), labels[0]
+    probs = torch.stack([logits[1].softmax(-1), (logits[0] / 3).softmax(-1)])
+    est, reps = paired_nll_bootstrap(p_ref, probs, y, 7, torch.Generator().manual_seed(5))
+    idx = torch.randint(0, 30, (7, 30), generator=torch.Generator().manual_seed(5))
+    d = -p_ref.gather(1, y[:, None]).log().squeeze(1)[None] + torch.stack([p.gather(1, y[:, None]).log().squeeze(1) for p in probs])
+    assert torch.allclose(est, d.mean(1), atol=1e-12)
+    assert torch.allclose(reps, torch.stack([d[:, i].mean(1) for i in idx]), atol=1e-12)
+
+
+def test_missing_reference_is_an_error(methods):
+    ms, yv, yt = methods
+    with pytest.raises(ValueError, match="temperature scaling"):
+        baseline_table({"MAP": ms["MAP"]}, yv, yt)

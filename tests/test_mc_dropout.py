@@ -1,0 +1,142 @@
+"""lib.baselines.mc_dropout: p = 0 equals MAP, passes differ and average out as 1/K, determinism
+under the seed, and only the LoRA dropout modules run in train mode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import TINY_VIT
+
+from lib.baselines.mc_dropout import (
+    McDropoutConfig,
+    lora_dropout_modules,
+    lora_dropout_on,
+    mc_dropout_probs,
+    mc_dropout_samples,
+)
+from lib.config import LoraConfig, ParamsError
+from lib.data import Preprocess, Split
+from lib.model import add_lora, build_backbone, data_config, lora_modules
+from lib.train import predict_logits
+
+TIMM_DROPOUT = dict(drop_rate=0.5, proj_drop_rate=0.5, attn_drop_rate=0.5, drop_path_rate=0.5)
+
+
+def _model(rate: float, timm_dropout: bool = False) -> torch.nn.Module:
+    cfg = TINY_VIT if not timm_dropout else dataclasses.replace(TINY_VIT, kwargs={**TINY_VIT.kwargs, **TIMM_DROPOUT})
+    model = add_lora(build_backbone(cfg, 4, seed=0, device="cpu"), LoraConfig(r=2), seed=0, dropout=rate)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model):
+            m.B.weight.copy_(0.3 * torch.randn(m.B.weight.shape, generator=gen))
+    return model.eval()
+
+
+def _split(n: int = 6) -> Split:
+    gen = torch.Generator().manual_seed(3)
+    return Split(torch.randint(0, 256, (n, 3, 16, 16), generator=gen, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64))
+
+
+def test_rate_zero_equals_map_with_timm_dropout_configured():
+    """LoRA dropout modules in train mode at p = 0 (and timm dropout 0.5 configured but kept in
+    eval mode): the K-pass mean is the MAP softmax."""
+    model = _model(0.2, timm_dropout=True)
+    for d in lora_dropout_modules(model):
+        d.p = 0.0
+    pre = Preprocess.from_data_config(data_config(model))
+    split = _split()
+    mc = mc_dropout_probs(model, split, samples=4, seed=0, preprocess=pre, device="cpu", batch_size=3)
+    ref = predict_logits(model, split, preprocess=pre, device=torch.device("cpu"), batch_size=3).softmax(-1)
+    assert torch.allclose(mc, ref, atol=1e-6)
+
+
+def test_only_lora_dropout_is_in_train_mode():
+    model = _model(0.2, timm_dropout=True)
+    drops = {id(d) for d in lora_dropout_modules(model)}
+    assert len(drops) == 3 * 4  # 3 blocks × qkv, proj, fc1, fc2
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, _: seen.__setitem__(id(mod), mod.training)) for m in model.modules()]
+    x = Preprocess.from_data_config(data_config(model))(_split().x)
+    mc_dropout_samples(model, x, samples=1, seed=0)
+    for h in hooks:
+        h.remove()
+    assert {k for k, v in seen.items() if v} == drops
+    assert not any(m.training for m in model.modules())  # restored
+
+
+def test_passes_differ_and_are_deterministic():
+    model = _model(0.3)
+    x = Preprocess.from_data_config(data_config(model))(_split().x)
+    s = mc_dropout_samples(model, x, samples=3, seed=5)
+    assert s.shape == (3, 6, 4)
+    assert (s[0] - s[1]).abs().max() > 1e-3
+    assert torch.equal(s, mc_dropout_samples(model, x, samples=3, seed=5))
+    assert not torch.equal(s, mc_dropout_samples(model, x, samples=3, seed=6))
+    state = torch.random.get_rng_state()
+    mc_dropout_samples(model, x, samples=2, seed=5)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global stream is left as found
+
+
+def test_variance_of_the_mean_shrinks_as_one_over_k():
+    """Var of means of K = 8 passes ≈ Var(one pass) / 8, from 1024 seeded passes (128 groups):
+    Σ_entries 8·Var(mean) / Σ_entries Var(pass) ∈ [0.7, 1.4] (about ±2.5 standard errors)."""
+    model = _model(0.3)
+    x = Preprocess.from_data_config(data_config(model))(_split().x)
+    s = mc_dropout_samples(model, x, samples=1024, seed=0).double()
+    one = s.var(0, unbiased=True).sum()
+    means = s.reshape(128, 8, *s.shape[1:]).mean(1)
+    ratio = float(8 * means.var(0, unbiased=True).sum() / one)
+    assert 0.7 <= ratio <= 1.4, ratio
+    assert (s[:8].mean(0) - s.mean(0)).abs().max() > (s[:512].mean(0) - s.mean(0)).abs().max()
+
+
+def test_batched_predictive_is_the_mean_of_passes():
+    model = _model(0.3)
+    pre = Preprocess.from_data_config(data_config(model))
+    split = _split()
+    probs = mc_dropout_probs(model, split, samples=5, seed=2, preprocess=pre, device="cpu", batch_size=6)
+    ref = mc_dropout_samples(model, pre(split.x), samples=5, seed=2).mean(0)
+    assert torch.allclose(probs, ref, atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(6), atol=1e-6)
+
+
+def test_errors_and_config():
+    model = _model(0.0)
+    assert lora_dropout_modules(model) == []
+    with pytest.raises(ValueError, match="no LoRA dropout"):
+        mc_dropout_probs(model, _split(), samples=2, seed=0, preprocess=Preprocess.from_data_config(data_config(model)), device="cpu")
+    with pytest.raises(ValueError, match="dropout is 1.0"):
+        add_lora(build_backbone(TINY_VIT, 4, seed=0, device="cpu"), LoraConfig(r=2), seed=0, dropout=1.0)
+    assert McDropoutConfig.from_dict({"rate": 0.1, "samples": 8}).samples == 8
+    with pytest.raises(ParamsError, match="unknown key 'mc_dropout.k'"):
+        McDropoutConfig.from_dict({"k": 8})
+    with pytest.raises(ParamsError, match="rate"):
+        McDropoutConfig.from_dict({"rate": 1.0})
+    with lora_dropout_on(_model(0.1)) as drops:
+        assert all(d.training for d in drops)
+
+
+def test_map_run_with_lora_dropout_is_its_own_seeded_stage(tmp_path, monkeypatch):
+    """map_run(lora_dropout=p): a stage apart from the MAP one, LoRA dropout modules present,
+    weights reproducible whatever the global random state, and different from the p = 0 fine-tune."""
+    from test_pipeline import tiny_profile
+
+    from lib.pipeline import map_run
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "a"))
+    cfg = tiny_profile()
+    run = map_run(cfg, 0, cpu, lora_dropout=0.2)
+    base = map_run(cfg, 0, cpu)
+    assert run.stage.path != base.stage.path
+    assert len(lora_dropout_modules(run.model)) == 2 * 4 and lora_dropout_modules(base.model) == []
+    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "b"))
+    torch.manual_seed(999)
+    again = map_run(cfg, 0, cpu, lora_dropout=0.2)
+    trained = [p for p in run.model.parameters() if p.requires_grad]
+    for a, b in zip(trained, [p for p in again.model.parameters() if p.requires_grad]):
+        assert torch.equal(a, b)
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(trained, [p for p in base.model.parameters() if p.requires_grad]))
+    assert diff > 1e-6

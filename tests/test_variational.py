@@ -1,0 +1,191 @@
+"""lib.baselines.variational: the KL approximation against a numerical integral, the gates, rank
+pruning, a short training run and the sampled predictive."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_VIT, make_lora_vit
+from scipy import integrate
+
+from lib.baselines.variational import (
+    K1,
+    VariationalConfig,
+    VariationalLoRA,
+    fit_variational,
+    kl_log_uniform,
+    variational_probs,
+)
+from lib.config import LoraConfig, ParamsError
+from lib.data import Preprocess, Split, synthetic_images
+from lib.model import add_lora, build_backbone, data_config, lora_modules
+
+EULER_GAMMA = 0.5772156649015329
+ATOL_KL = 0.012  # error of the fit of molchanov2017variational; observed max 0.0094 (at log α = −3.5)
+
+
+def kl_exact(log_alpha: float) -> float:
+    """KL = −½ log α + E log|1 + √α ξ| + (γ + log 2)/2, ξ ~ N(0, 1), by adaptive quadrature with
+    the log singularity at ξ = −1/√α as a break point (0 as α → ∞)."""
+    s = math.exp(0.5 * log_alpha)
+
+    def f(xi: float) -> float:
+        return math.exp(-0.5 * xi * xi) / math.sqrt(2 * math.pi) * math.log(abs(1 + s * xi))
+
+    lo, hi, sing = -40.0, 40.0, -1.0 / s
+    pieces = [(lo, sing), (sing, hi)] if lo < sing < hi else [(lo, hi)]
+    val = sum(integrate.quad(f, a, b, limit=400, epsabs=1e-12)[0] for a, b in pieces)
+    return -0.5 * log_alpha + val + 0.5 * (EULER_GAMMA + math.log(2))
+
+
+def test_kl_matches_numerical_integral():
+    grid = np.linspace(-6, 6, 25)
+    exact = torch.tensor([kl_exact(v) for v in grid], dtype=torch.float64)
+    approx = kl_log_uniform(torch.tensor(grid))
+    assert (approx - exact).abs().max() <= ATOL_KL
+    assert (approx >= 0).all()
+    assert exact[0] > exact[-1]  # decreasing in α: a large dropout rate costs little
+    # the published constant k1 is the α → ∞ limit (γ + log 2)/2 of the exact KL's normalisation
+    assert abs(K1 - 0.5 * (EULER_GAMMA + math.log(2))) < 1e-3
+
+
+def test_kl_limits():
+    """α → 0: KL ≈ k1 − ½ log α (small-noise expansion); α → ∞: KL → 0 (log α clamped at 8,
+    where KL = ½ log(1 + e⁻⁸) up to 1e-6)."""
+    la = torch.tensor([-20.0, 8.0, 20.0], dtype=torch.float64)
+    kl = kl_log_uniform(la)
+    assert abs(float(kl[0]) - (K1 + 10.0)) < 1e-6
+    assert abs(float(kl[1]) - 0.5 * math.log1p(math.exp(-8.0))) < 1e-6
+    assert float(kl[2]) == float(kl[1])
+
+
+def _model(seed: int = 0):
+    return make_lora_vit(TINY_VIT, num_classes=4, r=2, seed=seed)
+
+
+def _split(n: int = 6) -> Split:
+    gen = torch.Generator().manual_seed(9)
+    return Split(torch.randint(0, 256, (n, 3, 16, 16), generator=gen, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64))
+
+
+def test_mean_mode_is_plain_lora_and_gates_have_variance_alpha():
+    model = _model()
+    pre = Preprocess.from_data_config(data_config(model))
+    x = pre(_split().x)
+    with torch.no_grad():
+        ref = model(x)
+    v = VariationalLoRA(model, init_log_alpha=-1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), v.mode(False):
+        assert torch.equal(model(x), ref)
+    with torch.no_grad():
+        assert (model(x) - ref).abs().max() > 1e-3
+    name = lora_modules(model)[0].name
+    g = v.gates(name, 20000, 3, torch.device("cpu")).detach()
+    assert g.shape == (20000, 1, 2)
+    se_var = math.exp(-1.0) * math.sqrt(2 / 20000)  # standard error of a Gaussian variance
+    assert torch.allclose(g.var(0).flatten(), torch.full((2,), math.exp(-1.0)), atol=5 * se_var)
+    assert torch.allclose(g.mean(0).flatten(), torch.ones(2), atol=5 * math.exp(-0.5) / math.sqrt(20000))
+    v.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_pruning_a_dead_rank_changes_nothing():
+    """Rank 1 of every module has A row 0 and B column 0 (zero mean and zero variance of its
+    contribution) and log α = 5 > 3: pruning it leaves the outputs unchanged; the other rank
+    (log α = −30, no noise) is kept; the log lists every module with its kept rank."""
+    model = _model()
+    mods = lora_modules(model)
+    with torch.no_grad():
+        for m in mods:
+            m.A.weight[1].zero_()
+            m.B.weight[:, 1].zero_()
+    pre = Preprocess.from_data_config(data_config(model))
+    x = pre(_split().x)
+    v = VariationalLoRA(model, init_log_alpha=-30.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in v.log_alpha.values():
+            p[1] = 5.0
+        with v.mode(False):
+            before_mean = model(x)
+        v.generator.manual_seed(1)
+        before_sample = model(x)
+    log = v.prune(3.0, epoch=7)
+    assert [r["module"] for r in log] == [m.name for m in mods]
+    assert all(r["ranks_before"] == 2 and r["ranks_kept"] == 1 and r["kept"] == [0] and r["epoch"] == 7 for r in log)
+    assert all(m.A.weight.shape[0] == 1 and m.B.weight.shape[1] == 1 for m in mods)
+    with torch.no_grad():
+        with v.mode(False):
+            assert torch.allclose(model(x), before_mean, atol=1e-6)
+        v.generator.manual_seed(1)
+        assert torch.allclose(model(x), before_sample, atol=1e-5)
+    assert sum(v.ranks().values()) == len(mods)
+
+
+def test_pruning_keeps_min_ranks_and_live_ranks_matter():
+    model = _model()
+    v = VariationalLoRA(model, init_log_alpha=6.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = next(iter(v.log_alpha.values()))
+        first[0] = 7.0
+    log = v.prune(3.0, min_ranks=1)
+    assert log[0]["kept"] == [1]  # the smaller log α of the two
+    assert all(r["ranks_kept"] == 1 for r in log)
+
+
+def test_short_training_decreases_loss_and_prunes():
+    """A tiny LoRA ViT (LoRA B = 0 at the start) on separable synthetic classes: the loss falls
+    over 6 epochs, KL ≥ 0, and the final pruning logs every module."""
+    train = synthetic_images(32, 4, 16, 0.3, seed=1)
+    model = add_lora(build_backbone(TINY_VIT, 4, seed=0, device="cpu"), LoraConfig(r=2), seed=0)
+    pre = Preprocess.from_data_config(data_config(model))
+    v = VariationalLoRA(model, init_log_alpha=-4.0, generator=torch.Generator().manual_seed(0))
+    cfg = VariationalConfig(epochs=6, batch_size=16, lr=1e-2, prune_threshold=3.0, prune_every=3)
+    hist, log = fit_variational(model, v, train, cfg, preprocess=pre, device="cpu", seed=0)
+    assert [h["epoch"] for h in hist] == list(range(1, 7))
+    assert hist[-1]["loss"] < 0.8 * hist[0]["loss"], [h["loss"] for h in hist]
+    assert all(h["kl"] >= 0 for h in hist)
+    assert len(log) == 2 * len(lora_modules(model))
+    assert {r["epoch"] for r in log} == {3, 6}
+    assert not model.training
+
+
+def test_log_alpha_step_size_is_its_own():
+    """log α moves by at most ~lr per Adam step: with lr = 1e-3 for everything it stays within
+    2 steps × 1e-3 of its start; with log_alpha_lr = 0.2 it moves further than that."""
+    train = synthetic_images(16, 4, 16, 0.3, seed=1)
+    moved = []
+    for alpha_lr in (None, 0.2):
+        model = add_lora(build_backbone(TINY_VIT, 4, seed=0, device="cpu"), LoraConfig(r=2), seed=0)
+        pre = Preprocess.from_data_config(data_config(model))
+        v = VariationalLoRA(model, init_log_alpha=-4.0, generator=torch.Generator().manual_seed(0))
+        cfg = VariationalConfig(epochs=1, batch_size=8, lr=1e-3, log_alpha_lr=alpha_lr, prune_threshold=100.0)
+        fit_variational(model, v, train, cfg, preprocess=pre, device="cpu", seed=0)
+        moved.append(max(float((p.detach() + 4.0).abs().max()) for p in v.log_alpha.values()))
+    assert moved[0] <= 2 * 1e-3 * 1.01
+    assert moved[1] > 0.1
+
+
+def test_predictive_is_deterministic_and_averages_draws():
+    model = _model()
+    pre = Preprocess.from_data_config(data_config(model))
+    split = _split()
+    v = VariationalLoRA(model, init_log_alpha=0.0, generator=torch.Generator().manual_seed(0))
+    p = variational_probs(model, v, split, samples=4, seed=3, preprocess=pre, device="cpu", batch_size=6)
+    assert torch.equal(p, variational_probs(model, v, split, samples=4, seed=3, preprocess=pre, device="cpu", batch_size=6))
+    v.generator.manual_seed(3)
+    with torch.no_grad():
+        ref = torch.stack([model(pre(split.x)).softmax(-1) for _ in range(4)]).mean(0)
+    assert torch.allclose(p, ref, atol=1e-6)
+    assert torch.allclose(p.sum(-1), torch.ones(6), atol=1e-6)
+
+
+def test_config():
+    assert VariationalConfig.from_dict({"epochs": 3, "kl_weight": 0.5}).kl_weight == 0.5
+    with pytest.raises(ParamsError, match="unknown key 'variational.beta'"):
+        VariationalConfig.from_dict({"beta": 1.0})
+    with pytest.raises(ParamsError, match="samples"):
+        VariationalConfig.from_dict({"samples": 0})
