@@ -372,7 +372,7 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
     above, below = _signed_blocks(singles)
     out = [
         f"With {n_seeds} training seed{'s' if n_seeds > 1 else ''}, the median {level(alpha)} interval of a single-block ΔECE is "
-        f"{PP * width:.2f} pp wide (percentile intervals that include the choice of κ_S on the validation images).",
+        f"{PP * width:.2f} pp wide (percentile intervals that include the choice of {KAPPA_S} on the validation images).",
         *([NOTHING_SINGLED_OUT] if not above and not below else []),
         (f"Supported: {_blocks_text(sig)} improve{'s' if len(sig) == 1 else ''} calibration (Holm-adjusted one-sided "
          f"test, family-wise error {alpha:g}).") if sig else
@@ -726,8 +726,8 @@ def display_control_table(control: pd.DataFrame, alpha: float) -> pd.DataFrame:
     isotropic control and their paired difference with ``1 − alpha`` intervals (pp), and the verdict."""
     return pd.DataFrame({
         "Block": control.block,
-        "κ_S": control.kappa.map(lambda v: f"{v:.3g}"),
-        "σ²": [f"{v:.3g}" + (f" ({e} end of grid)" if e else "") for v, e in
+        "tuned κ": control.kappa.map(lambda v: f"{v:.3g}"),
+        "tuned σ²": [f"{v:.3g}" + (f" ({e} end of grid)" if e else "") for v, e in
                zip(control.sigma2, control.sigma2_edge.fillna(""))],
         f"ΔECE Laplace, pp [{level(alpha)} CI]": [ci(d, lo, hi) for d, lo, hi in
                                                 zip(control.delta, control.lower, control.upper)],

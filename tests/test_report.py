@@ -205,7 +205,7 @@ def test_statistics_summary_says_plainly_when_nothing_is_significant():
     table, ranks, _ = _attribution(0.004, single_lower=(-0.001, -0.002))
     text = statistics_summary(table.assign(improves=False), ranks.assign(surely_top_k=False), 2, 0.05, 1)
     assert "No block's interval excludes zero; the data do not single out a block." in text
-    assert "include the choice of κ_S" in text
+    assert "include the choice of $\\kappa_S$" in text
     table, ranks, _ = _attribution(0.004)
     assert "do not single out" not in statistics_summary(table, ranks, 2, 0.05, 1)
 
@@ -234,7 +234,7 @@ def test_control_summary_verdict_per_block_from_the_paired_interval():
 
 def test_display_control_table_formats_intervals_and_verdicts():
     out = display_control_table(_control([0.001, -0.003], [0.004, 0.005], ("", "lower")), 0.05)
-    assert list(out.columns) == ["Block", "κ_S", "σ²", "ΔECE Laplace, pp [95% CI]", "ΔECE isotropic, pp [95% CI]",
+    assert list(out.columns) == ["Block", "tuned κ", "tuned σ²", "ΔECE Laplace, pp [95% CI]", "ΔECE isotropic, pp [95% CI]",
                                  "Laplace − isotropic, pp [95% CI]", "Laplace shape"]
     assert out.iloc[0].tolist() == [0, "0.5", "0.0001", "+1.00 [+0.00, +2.00]", "+0.80 [−0.10, +1.70]",
                                     "+0.20 [+0.10, +0.40]", "better"]
