@@ -12,6 +12,7 @@ error of Δ from the predictive's posterior samples next to its test-set error.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pandas as pd
@@ -20,10 +21,11 @@ from scipy.stats import kendalltau
 
 from lib.calibration import debiased_ece, ece, ece_equal_mass, prepare_reliability, smooth_ece
 from lib.config import PredictiveConfig, StatsConfig
-from lib.laplace.predictive import iter_subset_probs, sample_mixture
+from lib.laplace.predictive import Bank, iter_subset_probs, sample_mixture
 from lib.laplace.scale import example_nll, iter_grid_probs, scale_grid
 from lib.stats import (
-    SeedSamples,
+    TunedColumn,
+    TunedSeed,
     bca_interval,
     bootstrap_counts,
     bootstrap_pvalues,
@@ -36,20 +38,22 @@ from lib.stats import (
     pooled_seed_bootstrap,
     rank_confidence_set,
     rank_probabilities,
-    sample_bootstrap,
     shapley_interaction,
     shapley_values,
+    tuned_bootstrap,
 )
 from lib.study import SeedStudy
 
 
 @dataclass(frozen=True)
 class Attribution:
-    """Δ_ECE of the named posteriors: ``table`` (one row per posterior) and the bootstrap
-    ``samples`` (R, P) of the seed-averaged Δ in the order of ``table.posterior``."""
+    """Δ_ECE of the named posteriors: ``table`` (one row per posterior), the bootstrap ``samples``
+    (R, P) of the seed-averaged Δ in the order of ``table.posterior``, and the isotropic control
+    of every block (:func:`attribution`; empty when not computed)."""
 
     table: pd.DataFrame
     samples: torch.Tensor
+    control: pd.DataFrame = dataclasses.field(default_factory=pd.DataFrame)
 
     def singles(self) -> pd.DataFrame:
         """Rows of the single-block posteriors, ordered by block."""
@@ -73,26 +77,104 @@ def _kind(name: str) -> tuple[str, int]:
     return f"{head}-k", int(k)
 
 
-def seed_samples(study: SeedStudy, named: dict, names: list[str], method: str, device: torch.device) -> SeedSamples:
-    """The posteriors ``names`` of one seed (``named``: its :meth:`SeedStudy.named`) as functions of
-    weights on the bank's posterior samples, each at its covariance scale κ_S
-    (:func:`lib.laplace.predictive.sample_mixture`)."""
-    bank = study.test_bank().to(device)
-    idx = [named["names"].index(n) for n in names]
-    mixes = [sample_mixture(bank, named["masks"][i], method=method, scale=float(named["scales"][i])) for i in idx]
-    return SeedSamples(named["det"].to(device), named["labels"].to(device),
-                       lambda w: torch.stack([m(w) for m in mixes], 1), bank.delta.shape[2])
+class _BankColumn:
+    """Test probabilities of one subset of a bank at the scales of a grid, as
+    :attr:`lib.stats.TunedColumn.probs`; keeps the per-sample softmaxes of the last scale asked for."""
+
+    def __init__(self, bank: Bank, mask: torch.Tensor, grid: torch.Tensor, method: str):
+        self.bank, self.mask, self.grid, self.method = bank, mask, grid, method
+        self._last: tuple[int, object] | None = None
+
+    def __call__(self, g: int, weights: torch.Tensor) -> torch.Tensor:
+        if self._last is None or self._last[0] != g:
+            self._last = (g, sample_mixture(self.bank, self.mask, method=self.method, scale=float(self.grid[g])))
+        return self._last[1](weights)
 
 
-def attribution(studies: list[SeedStudy], stats: StatsConfig, method: str, device: torch.device) -> Attribution:
-    """Δ_ECE = ECE_det − ECE_S (positive: S improves calibration) for every named posterior S.
+TEMPERATURE_SPAN = 8.0
+"""Temperature scaling in the bootstrap of :func:`attribution` re-fits ``T`` on a log grid from
+``T/8`` to ``8T`` around the study's ``T`` (:data:`TEMPERATURE_POINTS` points plus ``T`` itself)."""
 
-    Interval: percentile of the bootstrap over seeds, test examples and posterior samples of the
-    seed-averaged Δ (:func:`lib.stats.sample_bootstrap`), so it includes the Monte Carlo error of
-    the ``method`` predictive; with one seed, over examples and samples. ``d_nll`` and
-    ``d_brier`` are det − S (positive: better), ``d_acc`` is S − det; all means over seeds.
-    ``p_holm``/``improves``: Holm-adjusted one-sided bootstrap test of Δ(ℓ) > 0 over the family
-    of single-block posteriors.
+TEMPERATURE_POINTS = 241
+"""Points of the temperature grid (steps of about 1.7% in ``T``)."""
+
+
+def temperature_grid(temperature: float) -> torch.Tensor:
+    """The temperatures (float64, ascending) among which a bootstrap replicate re-fits ``T``: a log
+    grid over ``[T/span, T·span]`` (:data:`TEMPERATURE_SPAN`, :data:`TEMPERATURE_POINTS`) with the
+    fitted ``T`` itself, so that the whole validation set chooses ``T`` again."""
+    grid = temperature * torch.logspace(-1, 1, TEMPERATURE_POINTS, base=TEMPERATURE_SPAN, dtype=torch.float64)
+    return torch.cat([grid, torch.tensor([temperature], dtype=torch.float64)]).unique()
+
+
+def _padded(loss: torch.Tensor, n_val: int) -> torch.Tensor:
+    """Per-example validation losses (..., n) padded with zeros to ``n_val`` examples: the images
+    beyond the first n (``predictive.scale_images``) do not enter the choice."""
+    return torch.nn.functional.pad(loss, (0, n_val - loss.shape[-1]))
+
+
+def tuned_seed(study: SeedStudy, names: list[str], predictive: PredictiveConfig, device: torch.device) -> TunedSeed:
+    """One seed's tuned predictives (:class:`lib.stats.TunedSeed`), in this column order: the named
+    posteriors ``names`` (each over the κ grid of ``predictive``; a single κ = 1 when
+    ``predictive.scale`` is ``'none'``), the isotropic control of every block (over the σ² grid
+    ``predictive.control_range``), and temperature scaling (over :func:`temperature_grid`).
+
+    The validation loss is the per-example NLL (:func:`lib.laplace.scale.example_nll`, the rule
+    that chooses κ_S in :mod:`lib.study`; for temperature scaling the NLL of ``softmax(f/T)``) on
+    the validation split, padded with zeros beyond the bank's images. Uniform validation weights
+    choose the study's κ_S and temperature again.
+    """
+    d = study.named()
+    bank, val = study.test_bank().to(device), study.validation_bank().to(device)
+    ctrl, ctrl_val = study.control_bank().to(device), study.control_validation_bank().to(device)
+    val_logits, val_labels = (t.to(device) for t in study.validation_logits())
+    n_val = len(val_labels)
+    method = predictive.method
+    masks = d["masks"][[d["names"].index(n) for n in names]].to(device)
+    if predictive.scale == "none":
+        grid = torch.ones(1, dtype=torch.float64)
+        nll = torch.zeros(len(names), 1, n_val, device=device)
+    else:
+        grid = scale_grid(predictive.scale_range[0], predictive.scale_range[1], predictive.scale_points)
+        nll = _padded(example_nll(val, masks, grid, method=method).to(device), n_val)
+    columns = [TunedColumn(nll[i], _BankColumn(bank, masks[i], grid, method)) for i in range(len(names))]
+    cgrid = control_grid(predictive)
+    eye = torch.eye(ctrl.n_blocks, dtype=torch.bool, device=device)
+    cnll = _padded(example_nll(ctrl_val, eye, cgrid, method=method).to(device), n_val)
+    columns += [TunedColumn(cnll[i], _BankColumn(ctrl, eye[i], cgrid, method)) for i in range(ctrl.n_blocks)]
+    temps = temperature_grid(float(d["temperature"])).to(device)
+    logp = torch.log_softmax(val_logits.double()[None] / temps[:, None, None], -1)  # (G, N_val, C)
+    tnll = -logp.gather(-1, val_labels.expand(len(temps), -1)[..., None]).squeeze(-1)  # (G, N_val)
+    test_logits = bank.map_logits.double()
+    columns.append(TunedColumn(tnll, lambda g, w: torch.softmax(test_logits / temps[g], -1).expand(w.shape[0], -1, -1)))
+    return TunedSeed(d["det"].to(device).double(), d["labels"].to(device), columns, bank.delta.shape[2])
+
+
+def control_grid(predictive: PredictiveConfig) -> torch.Tensor:
+    """The σ² grid of the isotropic control (``predictive.control_range``, ``control_points``)."""
+    return scale_grid(predictive.control_range[0], predictive.control_range[1], predictive.control_points)
+
+
+def attribution(studies: list[SeedStudy], stats: StatsConfig, predictive: PredictiveConfig,
+                device: torch.device) -> Attribution:
+    """Δ_ECE = ECE_det − ECE_S (positive: S improves calibration) for every named posterior S, the
+    same for temperature scaling and the isotropic control of every block, with paired intervals.
+
+    Interval: percentile (level 1 − ``stats.alpha``) of :func:`lib.stats.tuned_bootstrap`, which
+    resamples seeds, test images, posterior samples and validation images and re-chooses every
+    setting on the validation resample: κ_S, the control's σ²_ℓ, the temperature. So every interval
+    includes the error of selecting κ_S (and σ², T) as well as the Monte Carlo error of the ``mc``
+    predictive. ``d_nll`` and ``d_brier`` are det − S (positive: better), ``d_acc`` is S − det; all
+    means over seeds. ``p_holm``/``improves``: Holm-adjusted one-sided bootstrap test of Δ(ℓ) > 0
+    over the family of single-block posteriors. ``ts_delta``/``ts_lower``/``ts_upper``:
+    ECE_TS − ECE_S with its interval from the same replicates (positive: S calibrates better than
+    temperature scaling).
+
+    ``control``: one row per block with the Laplace block's ``kappa`` and the control's ``sigma2``
+    (medians over seeds), ``sigma2_edge`` (``'lower'``/``'upper'`` when the tuned σ² sits at that end
+    of its grid on some seed, else ``''``), Δ of the Laplace block (``delta``, ``lower``, ``upper``),
+    of the control (``delta_iso``, ``iso_lower``, ``iso_upper``) and their paired difference
+    Δ_Laplace − Δ_iso (``diff``, ``diff_lower``, ``diff_upper``).
     """
     named = [s.named() for s in studies]
     names = [n for n in named[0]["names"] if n != "none"]
@@ -100,12 +182,17 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, method: str, devic
     for d in named:
         idx = torch.tensor([d["names"].index(n) for n in names])
         per_seed.append((d["det"].to(device), d["probs"][idx].to(device), d["labels"].to(device)))
-    g = torch.Generator(device=device).manual_seed(0)
-    res = sample_bootstrap([seed_samples(s, d, names, method, device) for s, d in zip(studies, named)], stats.n_boot,
-                           g, n_bins=stats.n_bins)
-    lower, upper = percentile_interval(res.samples, stats.alpha)
-    interval = ("percentile; seeds × test images × posterior samples" if len(studies) > 1
-                else "percentile; test images × posterior samples")
+    tuned = [tuned_seed(s, names, predictive, device) for s in studies]
+    res = tuned_bootstrap(tuned, stats.n_boot, torch.Generator(device=device).manual_seed(0),
+                          torch.Generator(device=device).manual_seed(1), n_bins=stats.n_bins)
+    samples = res.samples.cpu().double()
+    est = res.estimate.cpu().double()
+    P, L = len(names), len(tuned[0].columns) - len(names) - 1
+    lower, upper = percentile_interval(samples[:, :P], stats.alpha)
+    ts = samples[:, :P] - samples[:, -1:]  # ECE_TS − ECE_S = Δ_S − Δ_TS
+    ts_lower, ts_upper = percentile_interval(ts, stats.alpha)
+    interval = ("percentile; " + ("seeds × " if len(studies) > 1 else "")
+                + "test images × posterior samples × validation images (κ_S, σ², T re-chosen)")
     per_seed_delta = torch.stack([delta_ece(*ps, n_bins=stats.n_bins) for ps in per_seed]).cpu()
     metrics = [s.metrics().set_index("posterior") for s in studies]
 
@@ -116,26 +203,111 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, method: str, devic
         "posterior": names,
         "kind": [_kind(n)[0] for n in names],
         "block": [_kind(n)[1] for n in names],
-        "delta": res.estimate.cpu().numpy(),
-        "lower": lower.cpu().numpy(),
-        "upper": upper.cpu().numpy(),
+        "delta": est[:P].numpy(),
+        "lower": lower.numpy(),
+        "upper": upper.numpy(),
         "seed_sd": per_seed_delta.std(0).numpy() if len(studies) > 1 else float("nan"),
         "d_nll": change("nll", -1.0),
         "d_brier": change("brier", -1.0),
         "d_acc": change("accuracy", 1.0),
         "ece": [sum(m.loc[n, "ece"] for m in metrics) / len(metrics) for n in names],
+        "ts_delta": (est[:P] - est[-1]).numpy(),
+        "ts_lower": ts_lower.numpy(),
+        "ts_upper": ts_upper.numpy(),
         "interval": interval,
     })
     for i, s in enumerate(studies):
         table[f"delta_seed{s.seed}"] = per_seed_delta[i].numpy()
     singles = (table.kind == "single").to_numpy()
-    pvals = bootstrap_pvalues(res.samples.cpu())
+    pvals = bootstrap_pvalues(samples[:, :P])
     adj, reject = holm(pvals[torch.from_numpy(singles.copy())], stats.alpha)
     table["p_holm"] = float("nan")
     table["improves"] = False
     table.loc[singles, "p_holm"] = adj.numpy()
     table.loc[singles, "improves"] = reject.numpy()
-    return Attribution(table=table, samples=res.samples.cpu())
+    return Attribution(table=table, samples=samples[:, :P],
+                       control=_control_table(table, tuned, names, samples, est, predictive, stats.alpha))
+
+
+def _control_table(table: pd.DataFrame, tuned: list[TunedSeed], names: list[str], samples: torch.Tensor,
+                   est: torch.Tensor, predictive: PredictiveConfig, alpha: float) -> pd.DataFrame:
+    """The ``control`` frame of :func:`attribution` from its bootstrap (columns: named posteriors,
+    then the L controls, then temperature scaling)."""
+    P = len(names)
+    L = len(tuned[0].columns) - P - 1
+    cols = [names.index(f"single {b}") for b in range(L)]
+    lap, iso = samples[:, cols], samples[:, P : P + L]
+    lo, hi = percentile_interval(lap, alpha)
+    ilo, ihi = percentile_interval(iso, alpha)
+    dlo, dhi = percentile_interval(lap - iso, alpha)
+    kgrid = (torch.ones(1, dtype=torch.float64) if predictive.scale == "none"
+             else scale_grid(predictive.scale_range[0], predictive.scale_range[1], predictive.scale_points))
+    cgrid = control_grid(predictive)
+    kappa = torch.stack([kgrid[torch.stack([t.columns[c].chosen().cpu() for c in cols])] for t in tuned])
+    chosen = torch.stack([torch.stack([t.columns[P + b].chosen().cpu() for b in range(L)]) for t in tuned])  # (S, L)
+    edge = ["lower" if bool((chosen[:, b] == 0).any()) else "upper" if bool((chosen[:, b] == len(cgrid) - 1).any())
+            else "" for b in range(L)]
+    return pd.DataFrame({
+        "block": range(L),
+        "kappa": kappa.quantile(0.5, dim=0).numpy(),
+        "sigma2": cgrid[chosen].quantile(0.5, dim=0).numpy(),
+        "sigma2_edge": edge,
+        "delta": est[cols].numpy(), "lower": lo.numpy(), "upper": hi.numpy(),
+        "delta_iso": est[P : P + L].numpy(), "iso_lower": ilo.numpy(), "iso_upper": ihi.numpy(),
+        "diff": (est[cols] - est[P : P + L]).numpy(), "diff_lower": dlo.numpy(), "diff_upper": dhi.numpy(),
+    })
+
+
+def validation_table(studies: list[SeedStudy], predictive: PredictiveConfig, n_bins: int,
+                     device: torch.device) -> pd.DataFrame:
+    """Δ_ECE on the validation images of every named posterior at its κ_S (means over seeds): the
+    data on which the best single block and the recommended set are chosen (:func:`choose_single`,
+    :func:`choose_set`), so that the test set, on which they are reported, plays no part in choosing
+    them (no winner's curse).
+
+    Per seed, the linearised predictive of each named posterior on the validation bank
+    (:meth:`lib.study.SeedStudy.validation_bank`, the images that tuned κ_S) at its κ_S against the
+    MAP ``softmax(f)`` on the same images. Columns: ``posterior``, ``kind``, ``block``, ``val_delta``.
+    """
+    acc = None
+    for s in studies:
+        d = s.named()
+        names = [n for n in d["names"] if n != "none"]
+        idx = [d["names"].index(n) for n in names]
+        val = s.validation_bank().to(device)
+        probs = torch.cat([p for _, p in iter_subset_probs(val, d["masks"][idx].to(device), method=predictive.method,
+                                                           scales=d["scales"][idx])])
+        det = torch.softmax(val.map_logits.double(), -1)
+        delta = delta_ece(det, probs.double(), val.labels, n_bins).cpu()
+        acc = delta if acc is None else acc + delta
+    return _posterior_frame(names, (acc / len(studies))[:, None], ["val_delta"])
+
+
+def choose_single(validation: pd.DataFrame) -> int:
+    """The single block with the largest validation Δ_ECE (:func:`validation_table`; ties: the lower block)."""
+    singles = validation[validation.kind == "single"].sort_values("block", kind="stable")
+    return int(singles.block.iloc[int(singles.val_delta.to_numpy().argmax())])
+
+
+SET_SHARE = 0.8
+""":func:`choose_set` recommends the cheapest choice with at least this share of the all-block gain."""
+
+
+def choose_set(validation: pd.DataFrame, cost: pd.DataFrame) -> str | None:
+    """The recommended set of Bayesian blocks, chosen on validation data: among the priced choices
+    (``cost``: ``name``, ``cost``, e.g. :func:`lib.figures.prepare_pareto_from_tables`), the cheapest
+    whose validation Δ_ECE (:func:`validation_table`) is at least :data:`SET_SHARE` of the
+    all-block one (ties in cost: the larger validation gain). None when the all-block posterior does
+    not lower the validation ECE: then no choice is recommended for calibration.
+    """
+    val = validation.set_index("posterior").val_delta
+    full = float(val["all"])
+    if full <= 0:
+        return None
+    priced = cost[cost.name.isin(val.index)].assign(val_delta=lambda df: val.loc[df.name].to_numpy())
+    good = priced[priced.val_delta >= SET_SHARE * full].sort_values(["cost", "val_delta"], ascending=[True, False],
+                                                                     kind="stable")
+    return str(good.name.iloc[0])
 
 
 def rank_analysis(att: Attribution, stats: StatsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -171,12 +343,14 @@ def shapley(studies: list[SeedStudy], stats: StatsConfig) -> tuple[pd.DataFrame,
     """Exact Shapley values of the blocks for v(S) = ECE_det − ECE_S, and adjacent interactions.
 
     Per seed, v is evaluated for all 2^L subsets on the test set and on R bootstrap replicates
-    that resample its test images and posterior samples, shared by all subsets
-    (:func:`lib.study.subset_predictions`); the values are averaged over seeds. The percentile
-    interval (level 1 − ``stats.alpha``) is over ``stats.n_boot`` replicates of a bootstrap over
-    seeds that, for each drawn seed, takes one of its R stored replicates
-    (:func:`lib.stats.pooled_seed_bootstrap`), so it covers seeds × test images × posterior
-    samples, like the intervals of :func:`attribution`.
+    that resample its test images, posterior samples and validation images (each subset's κ_S
+    re-tuned on the latter), shared by all subsets (:func:`lib.study.subset_predictions`); the
+    values are averaged over seeds. The percentile interval (level 1 − ``stats.alpha``) is over
+    ``stats.n_boot`` replicates of a bootstrap over seeds that, for each drawn seed, takes one of
+    its R stored replicates (:func:`lib.stats.pooled_seed_bootstrap`), so it covers seeds × test
+    images × posterior samples × validation images, like the intervals of :func:`attribution`
+    (there one validation resample serves all seeds of a replicate; here each drawn seed brings
+    its own).
     """
     vals, inter = [], []
     for s in studies:
@@ -407,25 +581,25 @@ def scale_sensitivity(studies: list[SeedStudy], n_bins: int, method: str, device
 
 def scale_selection(studies: list[SeedStudy], att: Attribution, stats: StatsConfig, predictive: PredictiveConfig,
                     device: torch.device, *, seed: int) -> pd.DataFrame:
-    """How much Δ_ECE moves when κ_S is tuned on another draw of the validation images.
+    """How much Δ_ECE moves when κ_S alone is tuned on another draw of the validation images.
 
-    The intervals of :func:`attribution` hold each κ_S fixed at its value tuned on the validation
-    set. Here the validation images are resampled with replacement, ``R = stats.n_boot`` times
+    The intervals of :func:`attribution` include this error together with the others; this table
+    isolates it. The validation images are resampled with replacement, ``R = stats.n_boot`` times
     (multinomial weights ``w_r`` (N_val,), drawn from ``seed``; the same weights for every seed,
     which share one validation split), κ_S is re-tuned on each resample,
     ``κ_S^(r) = argmin_{κ ∈ grid} Σ_n w_rn · nll_n(S, κ)`` (:func:`lib.laplace.scale.example_nll`,
     the study's grid and predictive), and Δ_ECE of S is evaluated at ``κ_S^(r)`` on the full test
     set with the samples fixed. The spread of these replicates (means over seeds) is the part of
-    the uncertainty that comes from selecting κ_S (efron1993introduction), which the test-set
-    bootstrap leaves out; test and validation images are disjoint, so the two add in variance.
+    the uncertainty that comes from selecting κ_S (efron1993introduction).
 
     Rows: single blocks (by block) and all blocks. Columns: ``posterior``, ``kind``, ``block``,
     ``kappa`` (κ_S, median over seeds), ``stable`` (share of replicates × seeds that select κ_S
     again), ``delta`` (Δ at κ_S, mean over seeds: the study's estimate), ``sel_lower`` /
     ``sel_upper`` (α/2 and 1 − α/2 quantiles of the re-tuned Δ), ``sel_se`` (their standard
     deviation), ``boot_se`` (standard deviation of ``att``'s bootstrap replicates),
-    ``sel_share`` = ``sel_se / boot_se``, ``lower`` / ``upper`` (``att``'s interval, for
-    :func:`lib.report.selection_summary`) and ``n_val`` (validation images). With
+    ``sel_share`` = ``sel_se / boot_se``, ``lower`` / ``upper`` (``att``'s interval) and ``n_val``
+    (validation images). The replicates of ``att`` (:func:`attribution`) re-tune κ_S themselves, so
+    ``sel_share`` is the part of the intervals' spread that the choice of κ_S alone would make. With
     ``predictive.scale: none`` nothing is tuned and the table is empty.
     """
     if predictive.scale == "none":

@@ -181,6 +181,12 @@ class PredictiveConfig:
     of a log grid (``scale_range`` end points, ``scale_points`` values) with the lowest
     validation NLL, computed from a perturbation bank of the first ``scale_images`` validation
     images (None: all); ``'none'`` keeps ``κ = 1`` (:mod:`lib.laplace.scale`).
+
+    ``control_range`` / ``control_points``: the log grid of the isotropic control's noise variance
+    ``σ²`` (:mod:`lib.laplace.isotropic`), tuned per block on the same validation images and by the
+    same rule as ``κ_S`` whatever ``scale`` says. It is a variance per LoRA weight, not a multiple of a
+    posterior covariance, so it spans more decades than ``scale_range``; a ``σ²`` at either end of
+    it is reported (:func:`lib.report.control_summary`).
     """
 
     n_samples: int = _at_least(32, 2)
@@ -190,15 +196,29 @@ class PredictiveConfig:
     scale_range: tuple[float, ...] = (1e-4, 10.0)
     scale_points: int = _at_least(26, 2)
     scale_images: int | None = _at_least(None, 1)
+    control_range: tuple[float, ...] = (1e-9, 1e1)
+    control_points: int = _at_least(41, 2)
 
 
 @dataclass(frozen=True)
 class StatsConfig:
     """Calibration bins, bootstrap sizes and the levels of every interval and test.
 
-    ``n_boot`` resamples test images (and seeds) for every interval; ``n_boot_shapley`` does so for
-    the ECE of all 2^L subsets; ``n_boot_mc`` resamples the predictive's posterior samples for its
-    Monte Carlo error (:func:`lib.stats.mc_error_delta_ece`).
+    ``n_boot`` replicates for every interval: each resamples seeds, test images, posterior samples
+    and validation images, re-choosing κ_S, the control's σ² and the temperature on the latter
+    (:func:`lib.stats.tuned_bootstrap`); ``n_boot_shapley`` does so per seed for the ECE of all 2^L
+    subsets; ``n_boot_mc`` resamples the predictive's posterior samples for its Monte Carlo error
+    (:func:`lib.stats.mc_error_delta_ece`).
+
+    Every interval is a two-sided percentile interval at level ``1 − alpha``
+    (:func:`lib.stats.percentile_interval`; efron1993introduction), and there is deliberately no
+    option for another type. BCa (efron1987better) would need the jackknife acceleration of the
+    whole procedure — deleting a seed, a test image, a posterior sample or a validation image and
+    re-tuning κ_S each time — which has no closed form and is ill-defined for a statistic that jumps
+    between grid values of κ_S; the percentile interval needs only the replicates, respects monotone
+    transformations and keeps to the statistic's range. Its coverage is checked by simulation in
+    the test suite, and chapter 5 compares it with BCa where BCa is exact (one seed, samples and κ_S
+    fixed) as a check, not as a second interval.
     """
 
     n_bins: int = _at_least(15, 1)
@@ -444,9 +464,10 @@ def _check_model(cfg: ModelConfig, source: str, prefix: str) -> None:
 
 
 def _check_predictive(cfg: PredictiveConfig, source: str, prefix: str) -> None:
-    r = cfg.scale_range
-    if len(r) != 2 or not 0 < r[0] < r[1]:
-        raise ParamsError(f"{source}: '{prefix}scale_range' is {list(r)}; give two numbers [low, high] with 0 < low < high")
+    for key in ("scale_range", "control_range"):
+        r = getattr(cfg, key)
+        if len(r) != 2 or not 0 < r[0] < r[1]:
+            raise ParamsError(f"{source}: '{prefix}{key}' is {list(r)}; give two numbers [low, high] with 0 < low < high")
 
 
 def _check_shift(cfg: ShiftConfig, source: str, prefix: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from lib.attribution import SET_SHARE, choose_set, choose_single
 from lib.calibration import calibration_summary
 from lib.config import Config
 from lib.model import count_parameters, data_config, n_blocks
@@ -303,24 +304,42 @@ def _blocks_text(blocks: list[int]) -> str:
     return "blocks " + ", ".join(map(str, blocks[:-1])) + f" and {blocks[-1]}"
 
 
-def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, alpha: float, top_k: int) -> str:
-    """One paragraph: which single blocks carry the gain, how sure the ranking is, Shapley values
-    (as shares of the all-block gain only when its interval excludes zero)."""
-    singles = table[table.kind == "single"].sort_values("delta", ascending=False)
+def _signed_blocks(singles: pd.DataFrame) -> tuple[list[int], list[int]]:
+    """Single blocks whose interval lies above zero, and those whose interval lies below it."""
+    return singles[singles.lower > 0].block.tolist(), singles[singles.upper < 0].block.tolist()
+
+
+NOTHING_SINGLED_OUT = "No block's interval excludes zero; the data do not single out a block."
+"""What the summaries say when no single-block interval excludes zero."""
+
+
+def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, alpha: float, top_k: int,
+                        best: int) -> str:
+    """One paragraph: the all-block gain, the best single block ``best`` as chosen on validation data
+    (:func:`lib.attribution.choose_single`) with its test-set gain, which single blocks have an interval
+    that excludes zero (saying so plainly when none does), how sure the ranking is, Shapley values (as
+    shares of the all-block gain only when its interval excludes zero)."""
+    singles = table[table.kind == "single"].sort_values("block")
     full = table[table.kind == "all"].iloc[0]
-    top = singles.iloc[0]
+    top = singles.set_index("block").loc[best]
     improving = singles[singles.improves].block.tolist()
     sure = ranks[ranks.surely_top_k].block.tolist()
     cands = ranks[ranks.top_k_candidate].block.tolist()
     shap = shapley.sort_values("phi", ascending=False)
     total = shapley.phi.sum()
     share = shap.phi.iloc[0] / total
+    above, below = _signed_blocks(singles)
     parts = [
         f"Making all blocks Bayesian gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp "
         f"(positive: lower ECE) with an accuracy change of {pp(full.d_acc)} pp.",
-        f"Among single blocks, {_blocks_text([int(top.block)])} gives the largest gain, "
+        f"Chosen on the validation images, the best single block is block {best}; on the test set its ΔECE is "
         f"{ci(top.delta, top.lower, top.upper)} pp.",
     ]
+    if not above and not below:
+        parts.append(NOTHING_SINGLED_OUT)
+    else:
+        parts.append(("The intervals of " + _blocks_text(above) + " lie above zero" if above else "No interval lies above zero")
+                     + (f"; those of {_blocks_text(below)} lie below it." if below else "."))
     if improving:
         parts.append(f"After Holm correction at α = {alpha:g}, {_blocks_text(improving)} improve calibration on their own.")
     else:
@@ -331,8 +350,8 @@ def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.Da
         + (f" and certifies {_blocks_text(sure)} as members." if sure else "; no block is certified as a member.")
     )
     lead = shap.iloc[0]
-    parts.append(f"By Shapley value, {lead.layer} contributes most, {pp(lead.phi)} pp"
-                 + (f" ({100 * share:.0f}% of the all-block gain)" if _clear_gain(full) else "")
+    parts.append(f"By Shapley value, {lead.layer} contributes most on the test set, "
+                 + ci(lead.phi, lead.lower, lead.upper) + " pp" + (f" ({100 * share:.0f}% of the all-block gain)" if _clear_gain(full) else "")
                  + f"; the Shapley values of all blocks sum to the all-block gain, {pp(total)} pp.")
     return " ".join(parts)
 
@@ -350,9 +369,11 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
     unclear = singles[(singles.lower <= 0) & (singles.upper >= 0)].block.tolist()
     uncorrected = singles[(singles.lower > 0) & ~singles.improves.astype(bool)].block.tolist()
     width = float((singles.upper - singles.lower).median())
+    above, below = _signed_blocks(singles)
     out = [
         f"With {n_seeds} training seed{'s' if n_seeds > 1 else ''}, the median {level(alpha)} interval of a single-block ΔECE is "
-        f"{PP * width:.2f} pp wide.",
+        f"{PP * width:.2f} pp wide (percentile intervals that include the choice of {KAPPA_S} on the validation images).",
+        *([NOTHING_SINGLED_OUT] if not above and not below else []),
         (f"Supported: {_blocks_text(sig)} improve{'s' if len(sig) == 1 else ''} calibration (Holm-adjusted one-sided "
          f"test, family-wise error {alpha:g}).") if sig else
         "Not supported: that any single block, on its own, improves calibration (no Holm-adjusted test rejects).",
@@ -497,59 +518,58 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
     return " ".join(out)
 
 
-def recommendation(front: pd.DataFrame, full_delta: float, full_cost: float, baseline: pd.DataFrame,
-                   *, alpha: float) -> str:
-    """Concrete advice from the Pareto front of (extra latency, ΔECE), checked against the baselines.
+def _versus_ts(row: pd.Series, alpha: float) -> str:
+    """The paired comparison with temperature scaling of one attribution row (``ts_delta`` =
+    ECE_TS − ECE_S with its interval), in words."""
+    diff = f"ECE_TS − ECE = {ci(row.ts_delta, row.ts_lower, row.ts_upper)} pp ({level(alpha)} paired interval)"
+    if row.ts_lower > 0:
+        return f"It calibrates better than temperature scaling, which costs nothing at prediction time: {diff}."
+    if row.ts_upper < 0:
+        return (f"Temperature scaling, fitted on the validation set, calibrates better at no extra cost and without "
+                f"changing accuracy: {diff}; on this profile it is the better fix for top-label calibration.")
+    return (f"Against temperature scaling, which costs nothing at prediction time, the data cannot tell the two apart: "
+            f"{diff}.")
 
-    ``front``: :func:`lib.figures.prepare_pareto` output (with ``lower``/``upper``: the ``1 − alpha``
-    interval of each ΔECE); ``baseline``: :func:`baseline_table` output, which must contain the
-    Laplace rows of the front.
+
+def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFrame, choice: str | None,
+                   *, alpha: float) -> str:
+    """Concrete advice on the set of Bayesian blocks ``choice``, chosen on validation data
+    (:func:`lib.attribution.choose_set`; None: the all-block posterior does not lower the validation
+    ECE) and reported on the test set with the intervals of ``table``
+    (:func:`lib.attribution.attribution`: ΔECE and ECE_TS − ECE, both including the choice of κ_S).
+
+    ``front``: :func:`lib.figures.prepare_pareto` output (``name``, ``cost``); ``baseline``:
+    :func:`baseline_table` output with the deterministic row and the chosen set's row.
     """
     b = baseline.set_index("method")
-    det, ts = b.loc["deterministic (MAP)"], b.loc["temperature scaling (validation-fitted)"]
-    if full_delta <= 0:
-        return ("On this profile the all-block Laplace does not improve ECE, so no Bayesian-block choice can be "
-                f"recommended for calibration; temperature scaling reaches an ECE of {ts['ECE (%)']:.2f}% "
-                f"(deterministic: {det['ECE (%)']:.2f}%) at no cost.")
-    f = front[front.front & (front.delta > 0)].sort_values("cost")
-    full = front[front.name == "all"]
-    uncertain = {"lower", "upper"} <= set(front.columns) and not full.empty and not _clear_gain(full.iloc[0])
-    if uncertain:
-        # A share of a gain that may be zero is meaningless: name the largest point estimate, in absolute terms.
-        pick = f.sort_values("delta").iloc[-1]
+    det = b.loc["deterministic (MAP)"]
+    t = table.set_index("posterior")
+    full = t.loc["all"]
+    if choice is None:
+        return ("On the validation images the all-block Laplace does not lower the ECE, so no Bayesian-block choice is "
+                f"recommended for calibration (all blocks on the test set: ΔECE = {ci(full.delta, full.lower, full.upper)}"
+                " pp). " + _versus_ts(full, alpha))
+    pick = t.loc[choice]
+    cost = float(front.set_index("name").loc[choice, "cost"])
+    full_cost = float(front.set_index("name").loc["all", "cost"])
+    d_acc = (b.loc[f"Laplace, {display_name(choice)}", "accuracy (%)"] - det["accuracy (%)"]) / PP
+    rule = f"the cheapest priced choice with at least {100 * SET_SHARE:.0f}% of the all-block validation gain"
+    if pick.lower <= 0:
+        text = (f"Chosen on the validation images as {rule}, **{display_name(choice)}** has on the test set ΔECE = "
+                f"{ci(pick.delta, pick.lower, pick.upper)} pp: its interval includes zero, so no choice of Bayesian "
+                "blocks can be recommended for calibration on this evidence (test set, seeds, posterior samples and "
+                f"the choice of {KAPPA_S}); it costs {cost:.3g} ms extra per image and changes accuracy by {pp(d_acc)} pp.")
     else:
-        good = f[f.delta >= 0.8 * full_delta]
-        pick = good.iloc[0] if len(good) else f.sort_values("delta").iloc[-1]
-        rule = ("the cheapest choice on the Pareto front with at least 80% of the all-block gain" if len(good) else
-                "the choice on the Pareto front with the largest gain (none reaches 80% of the all-block gain)")
-    row = b.loc[f"Laplace, {display_name(pick['name'])}"]
-    d_acc = (row["accuracy (%)"] - det["accuracy (%)"]) / PP
-    if uncertain:
-        r = full.iloc[0]
-        text = (f"No choice of Bayesian blocks can be recommended for calibration on this evidence: the all-block "
-                f"gain's {level(alpha)} interval, {ci(r.delta, r.lower, r.upper)} pp, includes zero, so the data (test set, seeds "
-                "and posterior samples) cannot tell any choice apart from no change. By point estimates alone, the "
-                f"largest gain on the Pareto front is that of **{display_name(pick['name'])}** ({pp(pick.delta)} pp ΔECE"
-                + (f" vs {pp(full_delta)} pp for all blocks" if pick["name"] != "all" else "")
-                + f", {pick.cost:.3g} ms extra per image; accuracy {pp(d_acc)} pp).")
-    else:
-        text = (f"Make **{display_name(pick['name'])}** Bayesian ({rule}): it recovers {100 * pick.delta / full_delta:.0f}% of the "
-                f"all-block calibration gain ({pp(pick.delta)} vs {pp(full_delta)} pp ΔECE) at "
-                f"{100 * pick.cost / full_cost:.0f}% of the all-block extra latency "
-                f"({pick.cost:.3g} ms extra per image); its accuracy changes by {pp(d_acc)} pp.")
+        text = (f"Make **{display_name(choice)}** Bayesian (chosen on the validation images as {rule}): on the test set, "
+                f"which played no part in choosing it, its ΔECE is "
+                f"{ci(pick.delta, pick.lower, pick.upper)} pp, against {ci(full.delta, full.lower, full.upper)} pp for all "
+                f"blocks, at {cost:.3g} ms extra per image ({100 * cost / full_cost:.0f}% of the all-block extra latency); "
+                f"its accuracy changes by {pp(d_acc)} pp.")
     if "signed ECE (pp)" in b.columns and det["signed ECE (pp)"] < 0 and d_acc < 0 and -d_acc >= 0.5 * pick.delta:
         text += (f" The deterministic model is under-confident (signed ECE {pp(det['signed ECE (pp)'] / PP)} pp), and "
                  "for an under-confident model ECE also falls when accuracy falls: the accuracy loss of "
                  f"{-PP * d_acc:.2f} pp accounts for at least half of this gain.")
-    if ts["ECE (%)"] <= row["ECE (%)"]:
-        text += (f" Temperature scaling, fitted on the validation set, reaches a lower ECE ({ts['ECE (%)']:.2f}% vs "
-                 f"{row['ECE (%)']:.2f}%) at no extra cost and without changing accuracy, so on this profile it is "
-                 "the better fix for top-label calibration; the Laplace choice pays off only where the posterior "
-                 "is needed for more than calibration.")
-    else:
-        text += (f" It also beats temperature scaling ({row['ECE (%)']:.2f}% vs {ts['ECE (%)']:.2f}% ECE), "
-                 "which costs nothing at prediction time.")
-    return text
+    return text + " " + _versus_ts(pick, alpha)
 
 
 def deterministic_summary(det: pd.DataFrame) -> str:
@@ -653,44 +673,104 @@ def display_selection_table(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
     })
 
 
+def interval_check_summary(intervals: pd.DataFrame) -> str:
+    """How far BCa endpoints lie from the percentile ones where both are exact, from
+    :func:`lib.attribution.interval_comparison` (one seed, samples and κ_S fixed): the largest shift
+    of an endpoint in pp and as a share of the percentile interval's width, and the blocks whose
+    verdict (interval excludes zero or not) would differ. The book's intervals are percentile ones."""
+    width = intervals.percentile_upper - intervals.percentile_lower
+    shift = pd.concat([(intervals.bca_lower - intervals.percentile_lower).abs(),
+                       (intervals.bca_upper - intervals.percentile_upper).abs()], axis=1).max(axis=1)
+    excl = lambda lo, hi: (lo > 0) | (hi < 0)  # noqa: E731
+    differ = intervals[excl(intervals.percentile_lower, intervals.percentile_upper)
+                       != excl(intervals.bca_lower, intervals.bca_upper)].block.tolist()
+    i = int((shift / width).to_numpy().argmax())
+    out = (f"Where BCa is exact, its endpoints lie at most {PP * shift.max():.2f} pp from the percentile ones "
+           f"({100 * float((shift / width).iloc[i]):.0f}% of the interval's width, block {int(intervals.block.iloc[i])}); ")
+    if differ:
+        return out + (f"for {_blocks_text(differ)} the two disagree on whether the interval excludes zero, so the "
+                      "verdicts of the book there rest on the interval type and should be read as borderline.")
+    return out + "no block's verdict (interval excludes zero or not) depends on the interval type."
+
+
 def selection_summary(table: pd.DataFrame) -> str:
     """What re-tuning κ_S on resampled validation images does to ΔECE, from
-    :func:`lib.attribution.scale_selection`.
+    :func:`lib.attribution.scale_selection`, and how much of the intervals' spread it makes.
 
-    The selection error is added to the intervals' bootstrap error in variance (the two image sets
-    are disjoint): it widens an interval by the factor ``√(1 + ratio²)``; it is called material
-    for a posterior when ``ratio > 1/2`` (more than ~12% wider), as for the Monte Carlo error. An
-    interval that excludes zero is widened about its estimate by that factor (each side keeping its
-    length ratio) to say whether it would still exclude zero.
+    The intervals (:func:`lib.attribution.attribution`) re-tune κ_S in every bootstrap replicate, so
+    they include this error; ``sel_share`` compares its standard deviation with theirs. It is called
+    material for a posterior when ``sel_share >`` :data:`MATERIAL`.
     """
     if table.empty:
         return ("The covariance scale is not tuned (`predictive.scale: none`, κ = 1 for every posterior), so no "
                 "selection error arises.")
     worst = table.loc[table.sel_share.idxmax()]
-    widen = _widening(float(worst.sel_share))
     out = [f"Re-tuning {KAPPA_S} on bootstrap resamples of the {int(table.n_val.iloc[0])} validation images selects the same {KAPPA_S} in "
            f"{100 * table.stable.min():.0f}–{100 * table.stable.max():.0f}% of the resamples and moves ΔECE with a "
            f"standard deviation of at most {PP * table.sel_se.max():.2f} pp, {100 * worst.sel_share:.0f}% of the "
-           f"bootstrap standard deviation of the intervals at the most ({_posterior_names([worst.posterior])})."]
+           f"standard deviation of the intervals' bootstrap at the most ({_posterior_names([worst.posterior])}).",
+           "The intervals of @sec-attribution include this error: every bootstrap replicate re-tunes " + KAPPA_S
+           + " on its own resample of the validation images."]
     material = table[table.sel_share > MATERIAL].posterior.tolist()
     if material:
-        out.append(f"For {_posterior_names(material)} this is material: the intervals of @sec-attribution, which hold "
-                   f"{KAPPA_S} fixed, would be up to {100 * widen:.0f}% wider with it, so conclusions that rest on an "
-                   "interval barely excluding zero should be read with that in mind; more validation images "
-                   "(`predictive.scale_images`, `data.val_size`) would reduce it.")
+        out.append(f"For {_posterior_names(material)} the choice of {KAPPA_S} is a material part of the interval's width; more "
+                   "validation images (`predictive.scale_images`, `data.val_size`) would narrow it.")
     else:
-        out.append(f"Added in variance it would widen the intervals of @sec-attribution, which hold {KAPPA_S} fixed, by at "
-                   f"most about {100 * widen:.0f}%.")
-    factor = 1 + table.sel_share.map(_widening)
-    lower = table.delta - (table.delta - table.lower) * factor
-    upper = table.delta + (table.upper - table.delta) * factor
-    signed_ = (table.lower > 0) | (table.upper < 0)
-    lost = table[signed_ & (lower <= 0) & (upper >= 0)].posterior.tolist()
-    if lost:
-        out.append(f"Widened by their selection error, the intervals of {_posterior_names(lost)} would include zero: "
-                   f"the sign of their ΔECE is not established once the choice of {KAPPA_S} is accounted for.")
-    elif signed_.any():
-        out.append("Every interval that excludes zero still does when widened by its selection error.")
+        out.append("It is a small part of every interval's width.")
+    return " ".join(out)
+
+
+def display_control_table(control: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """:attr:`lib.attribution.Attribution.control` formatted for reading: κ_S and σ² (medians over
+    seeds; σ² marked where it sits at an end of its grid), ΔECE of the Laplace block and of the
+    isotropic control and their paired difference with ``1 − alpha`` intervals (pp), and the verdict."""
+    return pd.DataFrame({
+        "Block": control.block,
+        "tuned κ": control.kappa.map(lambda v: f"{v:.3g}"),
+        "tuned σ²": [f"{v:.3g}" + (f" ({e} end of grid)" if e else "") for v, e in
+               zip(control.sigma2, control.sigma2_edge.fillna(""))],
+        f"ΔECE Laplace, pp [{level(alpha)} CI]": [ci(d, lo, hi) for d, lo, hi in
+                                                zip(control.delta, control.lower, control.upper)],
+        f"ΔECE isotropic, pp [{level(alpha)} CI]": [ci(d, lo, hi) for d, lo, hi in
+                                                  zip(control.delta_iso, control.iso_lower, control.iso_upper)],
+        f"Laplace − isotropic, pp [{level(alpha)} CI]": [ci(d, lo, hi) for d, lo, hi in
+                                                       zip(control["diff"], control.diff_lower, control.diff_upper)],
+        "Laplace shape": [_shape_verdict(lo, hi) for lo, hi in zip(control.diff_lower, control.diff_upper)],
+    })
+
+
+def _shape_verdict(lower: float, upper: float) -> str:
+    """``'better'``, ``'worse'`` or ``'no difference shown'`` from the interval of Δ_Laplace − Δ_iso."""
+    return "better" if lower > 0 else "worse" if upper < 0 else "no difference shown"
+
+
+def control_summary(control: pd.DataFrame, alpha: float) -> str:
+    """Whether the Laplace posterior's shape beats isotropic noise of tuned size, block by block, from
+    :attr:`lib.attribution.Attribution.control` (the paired interval of Δ_Laplace − Δ_iso)."""
+    better = control[control.diff_lower > 0].block.tolist()
+    worse = control[control.diff_upper < 0].block.tolist()
+    same = control[(control.diff_lower <= 0) & (control.diff_upper >= 0)].block.tolist()
+    out = []
+    if better:
+        out.append(f"For {_blocks_text(better)} the Laplace posterior's shape calibrates better than isotropic noise of "
+                   f"tuned size (the {level(alpha)} interval of ΔECE_Laplace − ΔECE_iso lies above zero).")
+    if worse:
+        out.append(f"For {_blocks_text(worse)} isotropic noise of tuned size calibrates better than the Laplace posterior "
+                   "(that interval lies below zero).")
+    if same and len(same) == len(control):
+        out.append("For every block the isotropic control matches the Laplace block's ΔECE (every interval of "
+                   "ΔECE_Laplace − ΔECE_iso includes zero): the calibration gain is not specific to the posterior's "
+                   "shape; noise of the right size on the same weights does as well.")
+    elif same:
+        out.append(f"For {_blocks_text(same)} the control matches the Laplace block (the interval of the difference "
+                   "includes zero): there the gain is not specific to the posterior's shape.")
+    for word in ("lower", "upper"):
+        hit = control[control.sigma2_edge.fillna("") == word].block.tolist()
+        if hit:
+            out.append(f"For {_blocks_text(hit)} the tuned σ² sits at the {word} end of its grid on at least one seed, so "
+                       f"the control's best size may lie beyond it (widen `predictive.control_range`)"
+                       + ("; at the lower end the noise is so small that the control predicts almost like the MAP."
+                          if word == "lower" else "."))
     return " ".join(out)
 
 
@@ -735,57 +815,64 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
 
 
-def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pareto: pd.DataFrame,
-           baseline: pd.DataFrame, cfg: Config, mc: pd.DataFrame | None = None,
+def answer(table: pd.DataFrame, ranks: pd.DataFrame, pareto: pd.DataFrame, baseline: pd.DataFrame,
+           validation: pd.DataFrame, control: pd.DataFrame, cfg: Config, mc: pd.DataFrame | None = None,
            agreement: pd.DataFrame | None = None, scale: pd.DataFrame | None = None,
            selection: pd.DataFrame | None = None) -> str:
     """The book's answer in one paragraph, from the saved result tables.
 
+    Every "best" is chosen on the validation images (``validation``:
+    :func:`lib.attribution.validation_table`; :func:`lib.attribution.choose_single`,
+    :func:`lib.attribution.choose_set`) and reported on the test set, and every number quoted comes
+    with its interval from :func:`lib.attribution.attribution`, which includes the choice of κ_S
+    (and of σ² and T) on the validation images; when no single-block interval excludes zero the
+    paragraph says so plainly. ``control``: :attr:`lib.attribution.Attribution.control`; the
+    paragraph says whether the chosen block's Laplace shape beats isotropic noise of tuned size.
     ``mc``: :func:`lib.attribution.mc_error` of the first seed; when Monte Carlo noise is material
-    (``mc_share >`` :data:`MATERIAL`, as in :func:`mc_error_summary`) the paragraph says that it widens the
-    intervals and that more samples would narrow them. ``agreement``:
-    :func:`lib.attribution.estimator_agreement`; the paragraph says whether the leading block is the
-    same under the other estimators of calibration error. ``scale``: :func:`scale_table`; the
-    paragraph says when the all-block posterior's κ_S sits at the lower end of the grid, i.e. when
-    validation prefers a posterior that predicts almost like the MAP. ``selection``:
-    :func:`lib.attribution.scale_selection`; when re-tuning κ_S on resampled validation images is
-    material (``sel_share >`` :data:`MATERIAL`, as in :func:`selection_summary`) the paragraph says how much wider
-    the intervals would be with it.
+    (``mc_share >`` :data:`MATERIAL`) the paragraph says that more samples would narrow the intervals.
+    ``agreement``: :func:`lib.attribution.estimator_agreement`; whether the leading block is the same
+    under the other estimators of calibration error. ``scale``: :func:`scale_table`; the paragraph
+    says when the all-block posterior's κ_S sits at the lower end of the grid. ``selection``:
+    :func:`lib.attribution.scale_selection`; when the choice of κ_S is a material part of the
+    intervals (``sel_share >`` :data:`MATERIAL`) the paragraph says so.
     """
-    singles = table[table.kind == "single"].sort_values("delta", ascending=False)
+    alpha = cfg.stats.alpha
+    singles = table[table.kind == "single"].sort_values("block")
     full = table[table.kind == "all"].iloc[0]
-    top = singles.head(3)
+    best = choose_single(validation)
+    top = singles.set_index("block").loc[best]
     sure = ranks[ranks.surely_top_k].block.tolist()
     sig = singles[singles.improves].block.tolist()
-    shap = shapley.sort_values("phi", ascending=False)
-    total = shapley.phi.sum()
-    full_cost = float(pareto.loc[pareto.name == "all", "cost"].iloc[0]) if (pareto.name == "all").any() else float("nan")
+    above, below = _signed_blocks(singles)
     text = [
         f"On the `{cfg.profile}` profile, the Laplace posterior over all LoRA blocks"
         + (" (each posterior with its covariance scale tuned on validation NLL, @sec-attribution-scale)"
            if cfg.predictive.scale != "none" else "")
-        + f" gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp ({level(cfg.stats.alpha)} bootstrap interval "
-        "over seeds, test images and posterior samples; positive: lower ECE; accuracy "
-        f"{pp(full.d_acc)} pp)."
+        + f" gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp ({level(alpha)} percentile bootstrap interval "
+        f"over seeds, test images, posterior samples and validation images, with {KAPPA_S} re-tuned in every replicate; "
+        f"positive: lower ECE; accuracy {pp(full.d_acc)} pp)."
         + (f" Its {KAPPA_S} sits at the lower end of the validation grid on at least one seed: validation prefers a "
            "posterior that predicts almost like the MAP." if scale is not None and cfg.predictive.scale != "none"
            and bool(_at_grid_ends(scale.set_index("posterior"), cfg.predictive.scale_range)[1]["all"])
            else ""),
-        ("Ranked by their own ΔECE, the single blocks with the largest gains are "
-         + _join([f"block {int(r.block)} ({pp(r.delta)} pp)" for r in top[top.delta > 0].itertuples()]) + "."
-         if (top.delta > 0).any() else
-         f"No single block lowers the ECE on its own (largest ΔECE: block {int(top.block.iloc[0])}, "
-         f"{pp(top.delta.iloc[0])} pp)."),
+        f"Chosen on the validation images, the best single block is block {best}; on the test set, which played no "
+        f"part in choosing it, its ΔECE is {ci(top.delta, top.lower, top.upper)} pp.",
+        (NOTHING_SINGLED_OUT if not above and not below else
+         ("The single blocks whose intervals lie above zero: " + _blocks_text(above) + "." if above else
+          "No single block's interval lies above zero.")
+         + (f" Those of {_blocks_text(below)} lie below zero." if below else "")),
         (f"Only {_blocks_text(sig)} pass{'es' if len(sig) == 1 else ''} a Holm-corrected test on their own."
          if sig else "No single block passes a Holm-corrected test on its own."),
         (f"The rank confidence set certifies {_blocks_text(sure)} as top-{cfg.stats.top_k}." if sure
          else f"No block is certified as top-{cfg.stats.top_k} by the simultaneous rank confidence set."),
     ]
-    lead = [f"{r.layer} ({ci(r.phi, r.lower, r.upper)} pp"
-            + (f", {100 * r.phi / total:.0f}% of the all-block gain" if _clear_gain(full) else "") + ")"
-            for r in shap.head(2).itertuples()]
-    text.append("Shapley values, which credit blocks for their contributions inside every subset, put "
-                + " and ".join(lead) + " first.")
+    c = control.set_index("block").loc[best]
+    text.append(f"Against isotropic noise of tuned size on the same weights (@sec-attribution-control), block {best}'s "
+                f"Laplace posterior gives ΔECE_Laplace − ΔECE_iso = {ci(c['diff'], c.diff_lower, c.diff_upper)} pp: "
+                + {"better": "its shape adds to the gain.",
+                   "worse": "isotropic noise does better, so the gain does not come from the posterior's shape.",
+                   "no difference shown": "the control matches it, so the gain is not specific to the posterior's "
+                                          "shape."}[_shape_verdict(c.diff_lower, c.diff_upper)])
     if agreement is not None:
         _, certified, rows = _leader(agreement, ranks)
         differ = rows.estimator.tolist()
@@ -806,10 +893,9 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, pare
                     + " posteriors checked; the intervals include it, and more samples would narrow them "
                     "(@sec-statistics-mc).")
     if selection is not None and not selection.empty and (selection.sel_share > MATERIAL).any():
-        widen = _widening(float(selection.sel_share.max()))
-        text.append(f"The intervals hold each {KAPPA_S} at its validation-tuned value; re-tuning it on resampled "
-                    f"validation images would make them up to {100 * widen:.0f}% wider (@sec-statistics-scale).")
-    text.append(recommendation(pareto, float(full.delta), full_cost, baseline, alpha=cfg.stats.alpha))
+        text.append(f"The choice of {KAPPA_S} on the validation images is a material part of the intervals' width; more "
+                    "validation images would narrow them (@sec-statistics-scale).")
+    text.append(recommendation(pareto, table, baseline, choose_set(validation, pareto), alpha=alpha))
     return " ".join(text)
 
 

@@ -38,6 +38,9 @@ __all__ = [
     "sample_bootstrap",
     "bootstrap_counts",
     "pooled_seed_bootstrap",
+    "TunedColumn",
+    "TunedSeed",
+    "tuned_bootstrap",
     "jackknife_delta_ece",
     "MonteCarloError",
     "mc_error_delta_ece",
@@ -296,6 +299,136 @@ def sample_bootstrap(
             v = bootstrap_counts(k, c, generator, dtype, device) / k
             reps.append(_weighted_delta(conf_det, corr_det, seed.mixture(v).to(dtype), seed.labels, w, n_bins))
         total.index_add_(0, torch.repeat_interleave(rows, mult[:, s]), torch.cat(reps))
+    return BootstrapResult(estimate=torch.stack(ests).mean(0), samples=total / n_seeds)
+
+
+@dataclass(frozen=True)
+class TunedColumn:
+    """One predictive whose setting is chosen on validation data (a covariance scale κ_S, a noise
+    size σ², a temperature T), as candidates on a grid.
+
+    Attributes:
+        val_loss: (G, N_val) per-example validation loss of each of the G candidate settings; the
+            chosen one minimises its (weighted) sum, ties to the first.
+        probs: ``(g, sample weights (c, K)) -> (c, N, C)`` test probabilities at candidate g under
+            weights on the K posterior samples (rows summing to 1; a predictive without samples
+            ignores them).
+    """
+
+    val_loss: Tensor
+    probs: Callable[[int, Tensor], Tensor]
+
+    def chosen(self, val_weights: Tensor | None = None) -> Tensor:
+        """The candidate (int64) minimising ``Σ_n u_n val_loss[g, n]`` for each row u of
+        ``val_weights`` (c, N_val), computed in float64; None: the unweighted mean, shape ()."""
+        loss = self.val_loss.double()
+        if val_weights is None:
+            return loss.mean(-1).argmin()
+        return (val_weights.double() @ loss.T).argmin(-1)
+
+
+@dataclass(frozen=True)
+class TunedSeed:
+    """One training seed's P tuned predictives (:class:`TunedColumn`) on its test set.
+
+    Attributes:
+        probs_det: (N, C) deterministic probabilities. labels: (N,) int64.
+        columns: the P predictives; every ``val_loss`` has the same N_val (one validation split).
+        n_samples: K, the posterior samples the sample weights refer to.
+    """
+
+    probs_det: Tensor
+    labels: Tensor
+    columns: Sequence[TunedColumn]
+    n_samples: int
+
+
+def tuned_bootstrap(
+    per_seed: Sequence[TunedSeed],
+    n_resamples: int,
+    generator: torch.Generator,
+    validation_generator: torch.Generator,
+    n_bins: int = 15,
+    chunk_size: int = 8,
+    row_chunk: int = 64,
+) -> BootstrapResult:
+    """:func:`sample_bootstrap` that also repeats the choice of each predictive's setting on a
+    resample of the validation images :cite:`efron1993introduction`.
+
+    The target is the seed-averaged ``Delta_bar(p)`` of the procedure "choose p's setting on the
+    validation images, then predict", so its sampling error includes the selection error as well as
+    the test-set, seed and Monte Carlo errors. Replicate r draws validation multiplicities
+    ``u_r`` (N_val,) from ``validation_generator`` (one draw per replicate, shared by all seeds: they
+    share one validation split) and, from ``generator``, exactly what :func:`sample_bootstrap` draws
+    (seeds with replacement; per drawn copy test-image counts ``w`` and posterior-sample counts
+    ``v``, in chunks of ``chunk_size`` copies). For every copy and predictive p the setting is
+    re-chosen, ``g_r(p) = argmin_g Σ_n u_rn val_loss_p[g, n]``, and
+    ``Delta = ECE_det(w) − ECE_p(w)`` is computed at ``g_r(p)`` from the predictive under ``v / K``.
+    The replicates are paired across predictives (the same ``u``, ``w`` and ``v``), so differences
+    of columns (e.g. ECE_TS − ECE_S = Delta_S − Delta_TS) have the right bootstrap distribution.
+    When every ``val_loss`` picks the same setting on every resample (e.g. a single candidate) the
+    replicates equal :func:`sample_bootstrap`'s under the same ``generator``.
+
+    Per predictive and chosen setting, ``probs`` is called once per ``row_chunk`` copies (so a
+    costly per-setting preparation, such as the per-sample softmaxes, can be cached by the caller).
+
+    Args:
+        per_seed: S :class:`TunedSeed` with the same P and N_val. n_resamples: R.
+        generator, validation_generator: seeded, on the data's device. n_bins: M.
+        chunk_size: copies per draw of ``w`` and ``v`` (as in :func:`sample_bootstrap`).
+        row_chunk: copies per call of ``probs`` (memory ``row_chunk * N * C``).
+
+    Returns:
+        :class:`BootstrapResult`: estimate = mean over seeds of Delta at the settings chosen on the
+        whole validation set with uniform sample weights, samples (R, P).
+    """
+    if len(per_seed) < 1 or n_resamples < 1 or chunk_size < 1 or row_chunk < 1:
+        raise ValueError(f"need >= 1 seed, n_resamples, chunk_size, row_chunk >= 1; got {len(per_seed)}, "
+                         f"{n_resamples}, {chunk_size}, {row_chunk}")
+    device, dtype = per_seed[0].probs_det.device, per_seed[0].probs_det.dtype
+    _check_generator(generator, device)
+    _check_generator(validation_generator, device)
+    p = len(per_seed[0].columns)
+    n_val = {c.val_loss.shape[-1] for s in per_seed for c in s.columns}
+    if any(len(s.columns) != p for s in per_seed) or len(n_val) != 1 or p < 1:
+        raise ValueError("per_seed: every seed needs the same number P >= 1 of columns, all with the same N_val")
+    n_val = n_val.pop()
+    val_weights = bootstrap_counts(n_val, n_resamples, validation_generator, torch.float64, device)
+    n_seeds = len(per_seed)
+    ests = []
+    for s in per_seed:
+        uniform = torch.full((1, s.n_samples), 1.0 / s.n_samples, dtype=dtype, device=device)
+        probs = torch.stack([c.probs(int(c.chosen()), uniform)[0].to(dtype) for c in s.columns])
+        ests.append(delta_ece(s.probs_det, probs, s.labels, n_bins))
+    seed_idx = torch.randint(0, n_seeds, (n_resamples, n_seeds), generator=generator, device=device)
+    mult = torch.zeros(n_resamples, n_seeds, dtype=torch.int64, device=device)
+    mult.scatter_add_(1, seed_idx, torch.ones_like(seed_idx))
+    total = torch.zeros(n_resamples, p, dtype=dtype, device=device)
+    rows = torch.arange(n_resamples, device=device)
+    for s, seed in enumerate(per_seed):
+        copies = int(mult[:, s].sum())
+        if copies == 0:
+            continue
+        owner = torch.repeat_interleave(rows, mult[:, s])  # (copies,): the replicate of each copy
+        n, k = seed.labels.shape[0], seed.n_samples
+        ws, vs = [], []
+        for start in range(0, copies, chunk_size):
+            c = min(chunk_size, copies - start)
+            ws.append(bootstrap_counts(n, c, generator, dtype, device))
+            vs.append(bootstrap_counts(k, c, generator, dtype, device) / k)
+        w, v = torch.cat(ws), torch.cat(vs)
+        conf_det, corr_det = top_label(seed.probs_det, seed.labels)
+        ece_det = weighted_ece(conf_det.expand(copies, -1), corr_det.expand(copies, -1), w, n_bins)
+        delta = torch.empty(copies, p, dtype=dtype, device=device)
+        for j, col in enumerate(seed.columns):
+            chosen = col.chosen(val_weights[owner])
+            for g in chosen.unique().tolist():
+                idx = (chosen == g).nonzero().squeeze(1)
+                for start in range(0, idx.numel(), row_chunk):
+                    sel = idx[start : start + row_chunk]
+                    conf, pred = col.probs(g, v[sel]).to(dtype).max(-1)
+                    delta[sel, j] = ece_det[sel] - weighted_ece(conf, (pred == seed.labels).to(dtype), w[sel], n_bins)
+        total.index_add_(0, owner, delta)
     return BootstrapResult(estimate=torch.stack(ests).mean(0), samples=total / n_seeds)
 
 

@@ -2,7 +2,9 @@
 
 ``map`` (:mod:`lib.pipeline`) → ``laplace`` (curvature + tuned prior, :mod:`lib.laplace`) →
 ``bank`` (per-block GLM logit perturbations of the test set; ``bank_val`` the same for the
-validation images when the covariance scale is tuned, :mod:`lib.laplace.scale`) → ``subsets``
+validation images, which tune the covariance scale, :mod:`lib.laplace.scale`, and choose the best
+blocks, :func:`lib.attribution.validation_table`; ``bank_iso`` and ``bank_iso_val`` those of the
+isotropic control, :mod:`lib.laplace.isotropic`) → ``subsets``
 (predictive probabilities of the study's named posteriors, temperature-scaling baseline, and the
 bootstrap ECE of all 2^L block subsets for Shapley values). Each stage records where it was computed.
 """
@@ -26,10 +28,11 @@ from lib.config import Config
 from lib.data import Split, batches
 from lib.laplace.curvature import fit_curvature
 from lib.laplace.exact import fit_block_ggn
+from lib.laplace.isotropic import IsotropicPosterior
 from lib.laplace.posterior import LaplacePosterior, build_posterior
 from lib.laplace.quality import prepare_curvature_quality
 from lib.laplace.predictive import Bank, iter_subset_mixtures, iter_subset_probs, perturbation_bank, standard_subsets
-from lib.laplace.scale import scale_grid, tune_scales, validation_nll
+from lib.laplace.scale import example_nll, scale_grid, validation_nll
 from lib.pipeline import MapRun, map_run, numerics
 from lib.provenance import environment
 from lib.stats import bootstrap_counts
@@ -39,7 +42,9 @@ from lib.train import amp_dtype, prior_precision
 
 @dataclass
 class SeedStudy:
-    """All cached stages of one training seed (``val_bank``: only when the covariance scale is tuned)."""
+    """All cached stages of one training seed (``val_bank``: the validation images' bank, which tunes
+    κ_S and chooses blocks; ``control`` / ``control_val``: the isotropic control's test and
+    validation banks)."""
 
     seed: int
     run: MapRun
@@ -47,7 +52,9 @@ class SeedStudy:
     laplace: Stage
     bank: Stage
     subsets: Stage
-    val_bank: Stage | None = None
+    val_bank: Stage
+    control: Stage
+    control_val: Stage
 
     def named(self) -> dict:
         """The named posteriors' predictions: {names, masks (P, L), scales (P,), probs (P, N, C),
@@ -71,10 +78,20 @@ class SeedStudy:
         return _load_bank(self.bank)
 
     def validation_bank(self) -> Bank:
-        """The perturbation bank of the validation images that tuned κ_S (CPU fp32)."""
-        if self.val_bank is None:
-            raise ValueError("this study has no validation bank: predictive.scale is 'none' (κ_S = 1 is not tuned)")
+        """The perturbation bank of the validation images that tune κ_S (CPU fp32)."""
         return _load_bank(self.val_bank)
+
+    def control_bank(self) -> Bank:
+        """The isotropic control's perturbation bank of the test set, unit variance (CPU fp32)."""
+        return _load_bank(self.control)
+
+    def control_validation_bank(self) -> Bank:
+        """The isotropic control's bank of the validation images that tune its σ² (CPU fp32)."""
+        return _load_bank(self.control_val)
+
+    def validation_logits(self) -> tuple[Tensor, Tensor]:
+        """MAP logits (N_val, C) and labels (N_val,) of the whole validation split (temperature scaling's data)."""
+        return torch.load(self.run.stage.file("val_logits.pt"), weights_only=True), self.run.splits.val.y
 
 
 def _load_bank(st: Stage) -> Bank:
@@ -190,12 +207,17 @@ BANK_PART_IMAGES = 1024
 
 
 def build_bank(
-    cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device, split: str = "test"
+    cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device, split: str = "test",
+    control: bool = False,
 ) -> tuple[Stage, Bank]:
     """The per-block perturbation bank of the ``'test'`` or ``'val'`` split (cached, CPU fp32).
 
-    The validation bank (for the covariance scale, ``predictive.scale``) covers the first
-    ``predictive.scale_images`` validation images (all when None).
+    The validation bank (for the covariance scale, ``predictive.scale``, and the choice of blocks on
+    validation data, :func:`lib.attribution.validation_table`) covers the first
+    ``predictive.scale_images`` validation images (all when None). ``control``: the bank of the
+    isotropic control :meth:`IsotropicPosterior.like` ``(post)`` instead (stages ``bank_iso`` /
+    ``bank_iso_val``, keyed by the Laplace stage like the Laplace banks, so they are recomputed
+    whenever the posterior is), with unit variance: its noise size enters as a scale.
 
     Resumable: the images are processed in parts of about :data:`BANK_PART_IMAGES`, each saved
     (``parts/<start>-<stop>.pt``, named by its image range and written atomically) as soon as it
@@ -211,10 +233,13 @@ def build_bank(
         data = Split(data.x[: pc.scale_images], data.y[: pc.scale_images])
     # "map_logits" names where the bank's f_MAP comes from (see below), so that banks which kept
     # the logits of their own forward pass are not reused.
-    st = stage("bank" if split == "test" else "bank_val",
-               {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
-                "map_logits": "map stage", "numerics": numerics(device)},
-               upstream=[lap])
+    name = ("bank_iso" if control else "bank") + ("" if split == "test" else "_val")
+    inputs = {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
+              "map_logits": "map stage", "numerics": numerics(device)}
+    if control:
+        inputs["posterior"] = "isotropic N(0, I)"
+        post = IsotropicPosterior.like(post)
+    st = stage(name, inputs, upstream=[lap])
     if st.done:
         return st, _load_bank(st)
     per_part = pc.batch_size * -(-BANK_PART_IMAGES // pc.batch_size)
@@ -275,18 +300,30 @@ SUBSET_PART = 256
 """Block subsets per resumable part of the ``subsets`` stage (κ tuning and bootstrap ECEs)."""
 
 
-def _scales(cfg: Config, val_bank: Bank | None, subsets: Tensor) -> dict[str, Tensor]:
+def _scales(cfg: Config, val_bank: Bank | None, subsets: Tensor, val_weights: Tensor | None) -> dict[str, Tensor]:
     """Covariance scales ``scale`` κ (S,) of bool ``subsets`` (S, L), with the validation NLL over
-    the grid ``nll`` (S, G) and at κ = 1 ``unit`` (S,) when they are tuned (NaN otherwise)."""
+    the grid ``nll`` (S, G) and at κ = 1 ``unit`` (S,) when they are tuned (NaN otherwise), and
+    ``chosen`` (R+1, S): the grid index of κ_S re-tuned under each row of validation multiplicities
+    ``val_weights`` (R+1, N_val) (row 0 all ones: the study's κ_S), i.e. the weighted argmin of the
+    per-example validation NLL (:func:`lib.laplace.scale.example_nll`); all zeros when not tuned."""
     pc = cfg.predictive
     S = subsets.shape[0]
     if pc.scale == "none":
         nan = torch.full((S,), float("nan"), dtype=torch.float64)
-        return {"scale": torch.ones(S, dtype=torch.float64), "nll": nan[:, None], "unit": nan}
+        return {"scale": torch.ones(S, dtype=torch.float64), "nll": nan[:, None], "unit": nan,
+                "chosen": torch.zeros(cfg.stats.n_boot_shapley + 1, S, dtype=torch.int64)}
     grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
-    scales, nll = tune_scales(val_bank, subsets, grid, method=pc.method)
+    per_example = example_nll(val_bank, subsets, grid, method=pc.method).double()  # (S, G, N_val), CPU
+    nll = per_example.mean(-1)
+    chosen = torch.einsum("rn,sgn->rsg", val_weights, per_example.to(val_weights.device)).argmin(-1).cpu()
+    chosen[0] = nll.argmin(1)  # the study's κ_S exactly as lib.laplace.scale.tune_scales chooses it
     unit = validation_nll(val_bank, subsets, torch.ones(1, dtype=torch.float64), method=pc.method)[:, 0]
-    return {"scale": scales, "nll": nll, "unit": unit}
+    return {"scale": grid[chosen[0]], "nll": nll, "unit": unit, "chosen": chosen}
+
+
+VALIDATION_SEED = 0
+"""Seed of the validation resamples of the ``subsets`` stage: the same for every training seed,
+which share one validation split."""
 
 
 def subset_predictions(
@@ -303,9 +340,12 @@ def subset_predictions(
     scaling', with its ``scale``); ``scales.csv`` (per named posterior: κ, validation NLL at κ and
     at κ = 1, test metrics at κ = 1); ``subset_ece.pt`` (R+1, 2^L): ECE of every block subset (bit
     ℓ of the column index ⇔ block ℓ Bayesian) at its κ_S on the test set (row 0) and on R
-    bootstrap replicates (rows 1..R) that resample the test images and, independently, the K
-    posterior samples of the predictive; a replicate's resamples are shared by all subsets, so
-    differences between subsets are paired. :func:`lib.attribution.shapley` adds the seed level.
+    bootstrap replicates (rows 1..R) that resample the test images, independently the K posterior
+    samples of the predictive, and the validation images, on which each subset's κ_S is re-tuned
+    (the replicate's ECE is at that re-tuned κ_S, ``subset_scales_boot.pt`` (R+1, 2^L); with
+    ``predictive.scale: none`` κ = 1 throughout); a replicate's resamples are shared by all
+    subsets, so differences between subsets are paired. :func:`lib.attribution.shapley` adds the
+    seed level.
 
     Resumable: κ_S and the bootstrap ECEs are computed in parts of :data:`SUBSET_PART` subsets,
     each saved (``parts/<start>-<stop>.pt``, atomically) as it finishes; the bootstrap resamples
@@ -320,7 +360,7 @@ def subset_predictions(
     # "resample" names what the bootstrap rows of subset_ece.pt resample, so that caches written
     # when they resampled test images only are not reused.
     stats_inputs = {"n_bins": sc.n_bins, "n_boot_shapley": sc.n_boot_shapley,
-                    "resample": "test images, posterior samples"}
+                    "resample": "test images, posterior samples, validation images (κ_S re-tuned)"}
     st = stage("subsets", {"stats": stats_inputs, **scale_inputs, "numerics": numerics(device)},
                upstream=[bank_stage, *([val[0]] if pc.scale != "none" else [])])
     if st.done:
@@ -338,6 +378,15 @@ def subset_predictions(
     # test images and, independently, of the posterior samples (shared by all subsets).
     images = torch.cat([torch.ones(1, n, device=device), bootstrap_counts(n, R, g, torch.float32, device)])
     samples = torch.cat([torch.ones(1, K, device=device), bootstrap_counts(K, R, g, torch.float32, device)]) / K
+    # Validation multiplicities from their own generator (the same for every seed); row 0: the whole set.
+    val_weights = None
+    if pc.scale != "none":
+        n_val = val[1].labels.shape[0]
+        vg = torch.Generator(device=device).manual_seed(VALIDATION_SEED)
+        val_weights = torch.cat([torch.ones(1, n_val, dtype=torch.float64, device=device),
+                                 bootstrap_counts(n_val, R, vg, torch.float64, device)])
+    grid = (scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points) if pc.scale != "none"
+            else torch.ones(1, dtype=torch.float64))
     # Every subset's κ_S and bootstrap ECEs, in parts of SUBSET_PART subsets saved as they finish
     # (an interrupted stage resumes from the first missing part).
     parts = []
@@ -347,17 +396,23 @@ def subset_predictions(
         if path.is_file():
             parts.append(torch.load(path, weights_only=True))
             continue
-        part = _scales(cfg, val_dev, bits[start:stop])
+        part = _scales(cfg, val_dev, bits[start:stop], val_weights)
         ece_part = torch.empty(R + 1, stop - start)
-        for rows_, reps, p in iter_subset_mixtures(bank_dev, bits[start:stop].to(device), samples, method=method,
-                                                   scales=part["scale"]):
-            conf, pred = p.max(-1)  # (s, r, N)
-            ece_part[reps, rows_] = weighted_ece(conf, (pred == labels).to(conf.dtype), images[reps], sc.n_bins).T.cpu()
+        # Per grid value, the subsets that choose it in some replicate; keep the replicates that do.
+        for gi in part["chosen"].unique().tolist():
+            cols = (part["chosen"] == gi).any(0).nonzero().squeeze(1)
+            for rows_, reps, p in iter_subset_mixtures(bank_dev, bits[start:stop][cols].to(device), samples,
+                                                       method=method, scales=grid[gi].expand(len(cols))):
+                conf, pred = p.max(-1)  # (s, r, N)
+                e = weighted_ece(conf, (pred == labels).to(conf.dtype), images[reps], sc.n_bins).T.cpu()
+                sub = cols[rows_]
+                ece_part[reps, sub] = torch.where(part["chosen"][reps][:, sub] == gi, e, ece_part[reps, sub])
         part["ece"] = ece_part
         torch.save(part, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
         parts.append(part)
     all_scales, all_nll, all_unit = (torch.cat([p[k] for p in parts]) for k in ("scale", "nll", "unit"))
+    torch.save(grid[torch.cat([p["chosen"] for p in parts], dim=1)], st.file("subset_scales_boot.pt"))
     out = torch.cat([p["ece"] for p in parts], dim=1)
 
     named = standard_subsets(L)
@@ -399,9 +454,11 @@ def run_seed(cfg: Config, seed: int, device: torch.device) -> SeedStudy:
     run = map_run(cfg, seed, device)
     lap, post = fit_laplace(cfg, run, device)
     bank_stage, bank = build_bank(cfg, run, post, lap, device)
-    val = build_bank(cfg, run, post, lap, device, split="val") if cfg.predictive.scale != "none" else None
+    val = build_bank(cfg, run, post, lap, device, split="val")
     subsets = subset_predictions(cfg, run, bank, bank_stage, device, val)
-    return SeedStudy(seed, run, post, lap, bank_stage, subsets, val[0] if val else None)
+    control, _ = build_bank(cfg, run, post, lap, device, control=True)
+    control_val, _ = build_bank(cfg, run, post, lap, device, split="val", control=True)
+    return SeedStudy(seed, run, post, lap, bank_stage, subsets, val[0], control, control_val)
 
 
 def run_all(cfg: Config, device: torch.device) -> list[SeedStudy]:

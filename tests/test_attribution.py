@@ -15,14 +15,16 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from lib.attribution import (Attribution, interval_comparison, prepare_ranked, prepare_reliability_panels,
-                             prepare_scatter_panels, scale_selection, seed_samples)
+from lib.attribution import (SET_SHARE, Attribution, choose_set, choose_single, control_grid, interval_comparison,
+                             prepare_ranked, prepare_reliability_panels, prepare_scatter_panels, scale_selection,
+                             temperature_grid, tuned_seed, validation_table)
 from lib.config import PredictiveConfig, StatsConfig
 from lib.laplace.predictive import Bank
 from lib.stats import bootstrap_counts
 
 L, N, K, C = 2, 12, 3, 3
 N_VAL = 10
+N_VAL_ALL = 14  # the validation split; the banks cover its first N_VAL images (predictive.scale_images)
 NAMES = ["none", "all", "single 1", "single 0"]  # single blocks deliberately out of block order
 MASKS = {"none": [False, False], "all": [True, True], "single 1": [False, True], "single 0": [True, False]}
 SCALES = {"none": 1.0, "all": 0.5, "single 1": 2.0, "single 0": 0.25}
@@ -31,8 +33,10 @@ SCALES = {"none": 1.0, "all": 0.5, "single 1": 2.0, "single 0": 0.25}
 class FakeStudy:
     """What :class:`lib.study.SeedStudy` offers the helpers: the cached named predictions and the bank."""
 
-    def __init__(self, named: dict, bank: Bank, seed: int = 0, val_bank: Bank | None = None):
+    def __init__(self, named: dict, bank: Bank, seed: int = 0, val_bank: Bank | None = None,
+                 control: tuple[Bank, Bank] | None = None, val_logits: tuple | None = None):
         self.seed, self._named, self._bank, self._val_bank = seed, named, bank, val_bank
+        self._control, self._val_logits = control, val_logits
 
     def named(self) -> dict:
         return self._named
@@ -42,6 +46,15 @@ class FakeStudy:
 
     def validation_bank(self) -> Bank:
         return self._val_bank
+
+    def control_bank(self) -> Bank:
+        return self._control[0]
+
+    def control_validation_bank(self) -> Bank:
+        return self._control[1]
+
+    def validation_logits(self) -> tuple:
+        return self._val_logits
 
 
 def _softmax(v: list[float]) -> list[float]:
@@ -77,11 +90,16 @@ def study() -> FakeStudy:
     named = {"names": NAMES, "masks": torch.tensor([MASKS[n] for n in NAMES]),
              "scales": torch.tensor([SCALES[n] for n in NAMES], dtype=torch.float64),
              "probs": torch.stack([_mixture(bank, n, uniform, "mc") for n in NAMES]), "labels": bank.labels,
-             "det": det, "ts": torch.softmax(bank.map_logits / 1.7, -1)}
-    val = Bank(map_logits=2 * torch.randn(N_VAL, C, generator=gen, dtype=torch.float64),
-               labels=torch.randint(0, C, (N_VAL,), generator=gen),
+             "det": det, "ts": torch.softmax(bank.map_logits / 1.7, -1), "temperature": 1.7}
+    val_logits = 2 * torch.randn(N_VAL_ALL, C, generator=gen, dtype=torch.float64)
+    val_labels = torch.randint(0, C, (N_VAL_ALL,), generator=gen)
+    val = Bank(map_logits=val_logits[:N_VAL], labels=val_labels[:N_VAL],
                delta=torch.randn(L, N_VAL, K, C, generator=gen, dtype=torch.float64), blocks=(0, 1))
-    return FakeStudy(named, bank, val_bank=val)
+    control = (Bank(bank.map_logits, bank.labels, 0.1 * torch.randn(L, N, K, C, generator=gen, dtype=torch.float64),
+                    (0, 1)),
+               Bank(val.map_logits, val.labels, 0.1 * torch.randn(L, N_VAL, K, C, generator=gen, dtype=torch.float64),
+                    (0, 1)))
+    return FakeStudy(named, bank, val_bank=val, control=control, val_logits=(val_logits, val_labels))
 
 
 def _slot(conf: float, n_bins: int) -> int:
@@ -99,25 +117,80 @@ def _ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int, weights=None) -
     return sum(abs(s) for s in sums) / sum(weights)
 
 
+def _nll(probs: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    return [-math.log(max(p[y], 1e-12)) for p, y in zip(probs.tolist(), labels.tolist())]
+
+
 @pytest.mark.parametrize("method", ["mc", "probit"])
-def test_seed_samples_mixes_each_posterior_at_its_scale(study, method):
-    """SeedSamples of the posteriors asked for, in the order asked for: Σ_k w_k softmax(f + √κ_S g_k)
-    (mc) or the probit of the weighted variance, with each posterior's own κ_S."""
+def test_tuned_seed_columns_choose_the_grid_argmin_of_validation_nll_by_hand(study, method):
+    """Columns: the named posteriors over the κ grid, the isotropic control of each block over the
+    σ² grid, temperature scaling over its T grid. Each column's validation loss is the per-example
+    NLL of its predictive at every grid value on the validation bank (zeros beyond the bank's
+    N_VAL images), so the unweighted choice is the grid argmin of the mean NLL, found here by a loop;
+    its test probabilities are the sample mixture at that value; the temperature grid holds the
+    study's T, which the whole validation set chooses again when it is the NLL optimum."""
+    pc = PredictiveConfig(method=method, scale="val_nll", scale_range=[0.05, 20.0], scale_points=7,
+                          control_range=[1e-3, 1e3], control_points=13)
     names = ["single 1", "all", "single 0"]
-    s = seed_samples(study, study.named(), names, method, torch.device("cpu"))
-    assert s.n_samples == K
-    assert torch.equal(s.probs_det, study.named()["det"]) and torch.equal(s.labels, study.named()["labels"])
+    ts = tuned_seed(study, names, pc, torch.device("cpu"))
+    assert len(ts.columns) == len(names) + L + 1 and ts.n_samples == K
+    val, (ctrl, ctrl_val) = study.validation_bank(), (study.control_bank(), study.control_validation_bank())
     w = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]], dtype=torch.float64)
-    out = s.mixture(w)
-    assert out.shape == (2, len(names), N, C)
-    for r in range(2):
-        for j, name in enumerate(names):
-            ref = _mixture(study.test_bank(), name, w[r].tolist(), method)
-            assert torch.allclose(out[r, j], ref, atol=1e-12), (r, name)
-    if method == "mc":  # uniform weights: the study's cached predictive of each posterior
-        uniform = s.mixture(torch.full((1, K), 1 / K, dtype=torch.float64))[0]
-        idx = [NAMES.index(n) for n in names]
-        assert torch.allclose(uniform, study.named()["probs"][idx], atol=1e-12)
+
+    def check(col, bank_val, bank_test, name, grid, scale_of):
+        nll = [_nll(_mixture(bank_val, name, [1 / K] * K, method, scale=scale_of(k)), bank_val.labels) for k in grid]
+        assert torch.allclose(col.val_loss[:, :N_VAL].double(), torch.tensor(nll, dtype=torch.float64), atol=1e-5)
+        assert (col.val_loss[:, N_VAL:] == 0).all() and col.val_loss.shape[1] == N_VAL_ALL
+        best = int(np.argmin([np.mean(r) for r in nll]))
+        assert int(col.chosen()) == best
+        out = col.probs(best, w)
+        for r in range(2):
+            ref = _mixture(bank_test, name, w[r].tolist(), method, scale=scale_of(grid[best]))
+            assert torch.allclose(out[r].double(), ref, atol=1e-6)
+        return best
+
+    grid = np.geomspace(0.05, 20.0, 7)
+    for col, name in zip(ts.columns, names):
+        check(col, val, study.test_bank(), name, grid, lambda k: k)
+    cgrid = np.geomspace(1e-3, 1e3, 13)
+    assert torch.allclose(control_grid(pc), torch.tensor(cgrid), rtol=1e-9)
+    for b in range(L):
+        check(ts.columns[len(names) + b], ctrl_val, ctrl, f"single {b}", cgrid, lambda k: k)
+    temps = temperature_grid(1.7)
+    assert bool((temps == 1.7).any()) and bool((temps.diff() > 0).all())
+    assert temps[0] == pytest.approx(1.7 / 8) and temps[-1] == pytest.approx(1.7 * 8)
+    logits, labels = study.validation_logits()
+    tcol = ts.columns[-1]
+    nll = [_nll(torch.softmax(logits / t, -1), labels) for t in temps.tolist()]
+    assert torch.allclose(tcol.val_loss.double(), torch.tensor(nll, dtype=torch.float64), atol=1e-10)
+    best = int(np.argmin([np.mean(r) for r in nll]))
+    assert int(tcol.chosen()) == best
+    assert torch.allclose(tcol.probs(best, w)[1], torch.softmax(study.test_bank().map_logits / temps[best], -1),
+                          atol=1e-12)
+
+
+def test_validation_table_and_choices_by_hand(study):
+    """val_delta: ECE_det − ECE_S on the validation bank, S at its κ_S, by loops; the best single
+    block is the validation argmax; the set is the cheapest priced choice with at least SET_SHARE
+    of the all-block validation gain, None when the all-block validation gain is not positive."""
+    pc = PredictiveConfig(method="mc", scale="val_nll")
+    out = validation_table([study], pc, 4, torch.device("cpu"))
+    val = study.validation_bank()
+    det = torch.softmax(val.map_logits, -1)
+    assert list(out.posterior) == ["all", "single 1", "single 0"]
+    for row in out.itertuples():
+        ref = _ece(det, val.labels, 4) - _ece(_mixture(val, row.posterior, [1 / K] * K, "mc"), val.labels, 4)
+        assert row.val_delta == pytest.approx(ref, abs=1e-6)
+    hand = pd.DataFrame({"posterior": ["all", "single 2", "single 0", "single 1", "last 2"],
+                         "kind": ["all", "single", "single", "single", "last-k"], "block": [-1, 2, 0, 1, 2],
+                         "val_delta": [0.05, 0.03, 0.045, 0.045, 0.041]})
+    assert choose_single(hand) == 0  # a tie with block 1: the lower block
+    cost = pd.DataFrame({"name": ["single 0", "single 1", "single 2", "last 2", "all"],
+                         "cost": [3.0, 2.0, 1.0, 2.0, 5.0]})
+    assert SET_SHARE == 0.8
+    assert choose_set(hand, cost) == "single 1"  # 0.045 ≥ 0.04 at cost 2, and the larger gain of the two at cost 2
+    assert choose_set(hand.assign(val_delta=[0.05, 0.03, 0.01, 0.01, 0.02]), cost) == "all"
+    assert choose_set(hand.assign(val_delta=[-0.01, 0.03, 0.01, 0.01, 0.02]), cost) is None
 
 
 def test_interval_comparison_percentile_and_bca_by_hand(study):

@@ -12,19 +12,26 @@ import torch
 
 from lib.config import Config
 from lib.report import (agreement_notes, display_selection_table, selection_summary, attribution_summary, baseline_table, block_table, deterministic_table,
-                        display_layer_table, display_rank_table, estimator_summary, in_pp, laplace_fit_table,
+                        control_summary, display_control_table, display_layer_table, interval_check_summary,
+                        statistics_summary, display_rank_table, estimator_summary, in_pp, laplace_fit_table,
                         mc_error_summary, posterior_summary, readable, recommendation, scale_sensitivity_summary,
                         scale_summary)
 
 
-def _front(all_lower: float) -> pd.DataFrame:
-    return pd.DataFrame({
-        "name": ["single 3", "last 2", "all"], "cost": [1.0, 2.0, 4.0], "delta": [0.004, 0.009, 0.010],
-        "lower": [-0.001, 0.002, all_lower], "upper": [0.008, 0.015, 0.016], "front": [True, True, True],
-    })
+def _front() -> pd.DataFrame:
+    return pd.DataFrame({"name": ["single 3", "last 2", "all"], "cost": [1.0, 2.0, 4.0], "delta": [0.004, 0.009, 0.010],
+                         "front": [True, True, True]})
 
 
-def _baseline(ece_last2: float, ts_ece: float = 3.0) -> pd.DataFrame:
+def _table(lower: float = 0.002, ts: tuple = (0.005, 0.001, 0.009)) -> pd.DataFrame:
+    """Attribution rows: last 2 with ΔECE +0.90 [lower, +1.50] pp and ECE_TS − ECE = ts."""
+    return pd.DataFrame({"posterior": ["single 3", "last 2", "all"], "delta": [0.004, 0.009, 0.010],
+                         "lower": [-0.001, lower, 0.004], "upper": [0.008, 0.015, 0.016],
+                         "ts_delta": [-0.01, ts[0], 0.001], "ts_lower": [-0.02, ts[1], -0.003],
+                         "ts_upper": [0.0, ts[2], 0.006]})
+
+
+def _baseline(ece_last2: float = 2.5, ts_ece: float = 3.0) -> pd.DataFrame:
     return pd.DataFrame({
         "method": ["deterministic (MAP)", "temperature scaling (validation-fitted)", "Laplace, block 3 only",
                    "Laplace, last 2 blocks", "Laplace, all blocks"],
@@ -32,38 +39,47 @@ def _baseline(ece_last2: float, ts_ece: float = 3.0) -> pd.DataFrame:
     })
 
 
-def test_picks_cheapest_front_choice_with_80_percent_of_the_gain():
-    text = recommendation(_front(0.004), 0.010, 4.0, _baseline(2.5), alpha=0.05)
-    assert text.startswith("Make **last 2 blocks** Bayesian (the cheapest choice on the Pareto front with at least 80% of "
-                           "the all-block gain): it recovers 90% of the all-block calibration gain")
-    assert "at 50% of the all-block extra latency (2 ms extra per image)" in text and "−0.20 pp" in text
-    assert "cannot tell" not in text and "beats temperature scaling (2.50% vs 3.00% ECE)" in text
+def test_recommends_the_validation_choice_with_its_test_interval_and_the_paired_ts_interval():
+    text = recommendation(_front(), _table(), _baseline(), "last 2", alpha=0.05)
+    assert text.startswith("Make **last 2 blocks** Bayesian (chosen on the validation images as the cheapest priced "
+                           "choice with at least 80% of the all-block validation gain): on the test set, which played no "
+                           "part in choosing it, its ΔECE is +0.90 [+0.20, +1.50] pp, against +1.00 [+0.40, +1.60] pp for all blocks")
+    assert "at 2 ms extra per image (50% of the all-block extra latency); its accuracy changes by −0.20 pp" in text
+    assert ("It calibrates better than temperature scaling, which costs nothing at prediction time: "
+            "ECE_TS − ECE = +0.50 [+0.10, +0.90] pp (95% paired interval).") in text
+    assert "2.50%" not in text and "3.00%" not in text  # never two point estimates side by side
+    assert "(90% paired interval)" in recommendation(_front(), _table(), _baseline(), "last 2", alpha=0.1)
 
 
-def test_no_advice_but_absolute_numbers_when_the_all_block_interval_includes_zero_and_ts_wins():
-    """A share of a gain that may be zero is meaningless: no '% of the gain', the point-estimate pick in pp."""
-    text = recommendation(_front(-0.001), 0.010, 4.0, _baseline(5.1), alpha=0.05)
-    assert text.startswith("No choice of Bayesian blocks can be recommended for calibration on this evidence")
-    assert "gain's 95% interval, +1.00 [−0.10, +1.60] pp" in text and "recovers" not in text and "90%" not in text
-    assert "gain's 80% interval" in recommendation(_front(-0.001), 0.010, 4.0, _baseline(5.1), alpha=0.2)
-    assert "the largest gain on the Pareto front is that of **all blocks** (+1.00 pp ΔECE, 4 ms extra per image; accuracy −0.50 pp)" in text
-    smaller_all = _front(-0.001).assign(delta=[0.004, 0.012, 0.010])
-    assert "**last 2 blocks** (+1.20 pp ΔECE vs +1.00 pp for all blocks, 2 ms extra per image" in recommendation(
-        smaller_all, 0.010, 4.0, _baseline(5.1), alpha=0.05)
-    assert "Temperature scaling, fitted on the validation set, reaches a lower ECE (3.00% vs 5.00%)" in text
+def test_temperature_scaling_verdict_follows_the_paired_interval():
+    tie = recommendation(_front(), _table(ts=(0.002, -0.001, 0.004)), _baseline(), "last 2", alpha=0.05)
+    assert "the data cannot tell the two apart: ECE_TS − ECE = +0.20 [−0.10, +0.40] pp" in tie
+    worse = recommendation(_front(), _table(ts=(-0.005, -0.009, -0.001)), _baseline(), "last 2", alpha=0.05)
+    assert "Temperature scaling, fitted on the validation set, calibrates better at no extra cost" in worse
+    assert "ECE_TS − ECE = −0.50 [−0.90, −0.10] pp" in worse
+
+
+def test_no_recommendation_when_the_chosen_sets_interval_includes_zero():
+    text = recommendation(_front(), _table(lower=-0.001), _baseline(), "last 2", alpha=0.05)
+    assert "**last 2 blocks** has on the test set ΔECE = +0.90 [−0.10, +1.50] pp: its interval includes zero, so no choice" in text
+    assert "Make" not in text
 
 
 def test_accuracy_loss_caveat_for_an_under_confident_model():
     """Under-confident everywhere, ECE = accuracy − confidence: a gain that is mostly lost accuracy is called so."""
-    base = _baseline(2.5).assign(**{"signed ECE (pp)": [-6.0, 0.5, -5.0, -2.0, -4.0]})
-    text = recommendation(_front(0.004), 0.010, 4.0, base.assign(**{"accuracy (%)": [90.0, 90.0, 90.1, 89.4, 89.5]}), alpha=0.05)
+    base = _baseline().assign(**{"signed ECE (pp)": [-6.0, 0.5, -5.0, -2.0, -4.0]})
+    text = recommendation(_front(), _table(), base.assign(**{"accuracy (%)": [90.0, 90.0, 90.1, 89.4, 89.5]}), "last 2",
+                          alpha=0.05)
     assert "under-confident (signed ECE −6.00 pp)" in text and "the accuracy loss of 0.60 pp accounts for at least half" in text
-    assert "under-confident" not in recommendation(_front(0.004), 0.010, 4.0, base, alpha=0.05)  # last 2 loses 0.2 pp < half of 0.9
+    assert "under-confident" not in recommendation(_front(), _table(), base, "last 2", alpha=0.05)  # 0.2 pp < half of 0.9
 
 
-def test_no_recommendation_without_an_all_block_gain():
-    text = recommendation(_front(-0.02), -0.001, 4.0, _baseline(5.1), alpha=0.05)
-    assert text.startswith("On this profile the all-block Laplace does not improve ECE") and "3.00%" in text
+def test_no_recommendation_without_a_validation_gain():
+    text = recommendation(_front(), _table(), _baseline(), None, alpha=0.05)
+    assert text.startswith("On the validation images the all-block Laplace does not lower the ECE, so no "
+                           "Bayesian-block choice is recommended for calibration (all blocks on the test set: "
+                           "ΔECE = +1.00 [+0.40, +1.60] pp).")
+    assert "cannot tell the two apart: ECE_TS − ECE = +0.10 [−0.30, +0.60] pp" in text
 
 
 def _mc(mc_se: list[float], halving: list[float]) -> pd.DataFrame:
@@ -155,21 +171,74 @@ def test_readable_renames_columns_and_formats_by_quantity():
     assert list(readable(ci, alpha=0.1).columns) == ["ΔECE", "90% lower", "90% upper"]
 
 
-def _attribution(all_lower: float) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _attribution(all_lower: float, single_lower=(-0.001, 0.001)) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     table = pd.DataFrame({"kind": ["all", "single", "single"], "block": [-1, 0, 1], "delta": [0.010, 0.002, 0.006],
-                          "lower": [all_lower, -0.001, 0.001], "upper": [0.02, 0.005, 0.011], "d_acc": [0.0, 0.0, 0.0],
+                          "lower": [all_lower, *single_lower], "upper": [0.02, 0.005, 0.011], "d_acc": [0.0, 0.0, 0.0],
                           "improves": [False, False, True]})
     ranks = pd.DataFrame({"block": [0, 1], "surely_top_k": [False, True], "top_k_candidate": [True, True]})
-    shapley = pd.DataFrame({"layer": ["block 0", "block 1"], "phi": [0.003, 0.007]})
+    shapley = pd.DataFrame({"layer": ["block 0", "block 1"], "phi": [0.003, 0.007], "lower": [-0.001, -0.002],
+                            "upper": [0.006, 0.012]})
     return table, ranks, shapley
 
 
 def test_shapley_shares_only_of_a_gain_whose_interval_excludes_zero():
-    text = attribution_summary(*_attribution(0.004), 0.05, 1)
-    assert "By Shapley value, block 1 contributes most, +0.70 pp (70% of the all-block gain)" in text
-    unclear = attribution_summary(*_attribution(-0.004), 0.05, 1)
-    assert "block 1 contributes most, +0.70 pp; the Shapley values of all blocks sum to the all-block gain, +1.00 pp" in unclear
+    text = attribution_summary(*_attribution(0.004), 0.05, 1, best=1)
+    assert ("By Shapley value, block 1 contributes most on the test set, +0.70 [−0.20, +1.20] pp (70% of the all-block "
+            "gain)") in text
+    unclear = attribution_summary(*_attribution(-0.004), 0.05, 1, best=1)
+    assert ("block 1 contributes most on the test set, +0.70 [−0.20, +1.20] pp; the Shapley values of all blocks sum to "
+            "the all-block gain, +1.00 pp") in unclear
     assert "%" not in unclear.split("By Shapley value")[1]
+
+
+def test_attribution_summary_reports_the_validation_choice_and_says_when_nothing_is_significant():
+    """The block chosen on validation data is reported, even when another has the larger test ΔECE."""
+    text = attribution_summary(*_attribution(0.004), 0.05, 1, best=0)
+    assert "Chosen on the validation images, the best single block is block 0; on the test set its ΔECE is " \
+           "+0.20 [−0.10, +0.50] pp." in text
+    assert "The intervals of block 1 lie above zero." in text and "do not single out" not in text
+    flat = attribution_summary(*_attribution(0.004, single_lower=(-0.001, -0.002)), 0.05, 1, best=0)
+    assert "No block's interval excludes zero; the data do not single out a block." in flat
+
+
+def test_statistics_summary_says_plainly_when_nothing_is_significant():
+    table, ranks, _ = _attribution(0.004, single_lower=(-0.001, -0.002))
+    text = statistics_summary(table.assign(improves=False), ranks.assign(surely_top_k=False), 2, 0.05, 1)
+    assert "No block's interval excludes zero; the data do not single out a block." in text
+    assert "include the choice of $\\kappa_S$" in text
+    table, ranks, _ = _attribution(0.004)
+    assert "do not single out" not in statistics_summary(table, ranks, 2, 0.05, 1)
+
+
+def _control(diff_lower, diff_upper, edge=("", "", "")) -> pd.DataFrame:
+    n = len(diff_lower)
+    return pd.DataFrame({"block": range(n), "kappa": [0.5] * n, "sigma2": [1e-4] * n, "sigma2_edge": list(edge)[:n],
+                         "delta": [0.01] * n, "lower": [0.0] * n, "upper": [0.02] * n,
+                         "delta_iso": [0.008] * n, "iso_lower": [-0.001] * n, "iso_upper": [0.017] * n,
+                         "diff": [0.002] * n, "diff_lower": diff_lower, "diff_upper": diff_upper})
+
+
+def test_control_summary_verdict_per_block_from_the_paired_interval():
+    text = control_summary(_control([0.001, -0.003, -0.004], [0.004, 0.005, -0.001]), 0.05)
+    assert ("For block 0 the Laplace posterior's shape calibrates better than isotropic noise of tuned size "
+            "(the 95% interval of ΔECE_Laplace − ΔECE_iso lies above zero).") in text
+    assert "For block 2 isotropic noise of tuned size calibrates better than the Laplace posterior" in text
+    assert "For block 1 the control matches the Laplace block" in text and "not specific to the posterior's shape" in text
+    same = control_summary(_control([-0.001, -0.003, -0.004], [0.004, 0.005, 0.001], ("", "upper", "lower")), 0.1)
+    assert same.startswith("For every block the isotropic control matches the Laplace block's ΔECE")
+    assert "the calibration gain is not specific to the posterior's shape" in same
+    assert "For block 2 the tuned σ² sits at the lower end of its grid" in same and "almost like the MAP" in same
+    assert "For block 1 the tuned σ² sits at the upper end of its grid" in same
+    assert "end of its grid" not in text
+
+
+def test_display_control_table_formats_intervals_and_verdicts():
+    out = display_control_table(_control([0.001, -0.003], [0.004, 0.005], ("", "lower")), 0.05)
+    assert list(out.columns) == ["Block", "tuned κ", "tuned σ²", "ΔECE Laplace, pp [95% CI]", "ΔECE isotropic, pp [95% CI]",
+                                 "Laplace − isotropic, pp [95% CI]", "Laplace shape"]
+    assert out.iloc[0].tolist() == [0, "0.5", "0.0001", "+1.00 [+0.00, +2.00]", "+0.80 [−0.10, +1.70]",
+                                    "+0.20 [+0.10, +0.40]", "better"]
+    assert out.iloc[1, 2] == "0.0001 (lower end of grid)" and out.iloc[1, 6] == "no difference shown"
 
 
 def test_agreement_notes_one_item_per_check_untruncated():
@@ -343,13 +412,16 @@ def test_selection_summary_small_selection_error():
     text = selection_summary(_selection([0.001, 0.002, 0.0005], [0.01, 0.01, 0.008], [0.9, 0.6, 0.95]))
     assert "1000 validation images" in text and "60–95%" in text and "at most 0.20 pp" in text
     assert "20% of the" in text and "(block 1 only)" in text
-    assert "by at most about 2%" in text and "material" not in text  # √(1 + 0.2²) − 1 = 2.0%
+    assert "The intervals of @sec-attribution include this error" in text
+    assert "It is a small part of every interval's width." in text and "material" not in text
+    assert "wider" not in text  # the intervals already include it: no "would be wider" remark
 
 
 def test_selection_summary_flags_material_selection_error():
     text = selection_summary(_selection([0.008, 0.002, 0.006], [0.01, 0.01, 0.008], [0.3, 0.6, 0.4]))
-    assert "For block 0 only and the all-block posterior this is material" in text
-    assert "up to 28% wider" in text  # worst ratio 0.8: √1.64 − 1 = 28%
+    assert ("For block 0 only and the all-block posterior the choice of $\\kappa_S$ is a material part of the interval's "
+            "width") in text
+    assert "wider" not in text
 
 
 def test_selection_summary_without_tuning():
@@ -365,15 +437,16 @@ def test_display_selection_table_in_pp():
     assert out.iloc[1].tolist() == ["all blocks", "0.5", "60%", "+1.00 [+0.00, +2.00]", "0.20", "1.00", "0.20"]
 
 
-def test_selection_summary_says_which_signs_survive_the_widening():
-    sel = _selection([0.008, 0.002, 0.006], [0.01, 0.01, 0.008], [0.3, 0.6, 0.4]).assign(
-        delta=[0.01, 0.01, -0.02], lower=[0.002, 0.009, -0.03], upper=[0.02, 0.011, -0.001])
-    # single 0: ratio 0.8, factor 1.28, lower 0.01 − 0.008·1.28 < 0; single 1: ratio 0.2, stays > 0;
-    # all: ratio 0.75, factor 1.25, upper −0.02 + 0.019·1.25 > 0
-    text = selection_summary(sel)
-    assert "the intervals of block 0 only and the all-block posterior would include zero" in text
-    assert "still does" not in selection_summary(sel.assign(lower=-0.01, upper=0.03))
-    assert "Every interval that excludes zero still does" in selection_summary(sel.assign(sel_share=0.01))
+def test_interval_check_summary_largest_shift_and_changed_verdicts():
+    intervals = pd.DataFrame({"block": [0, 1, 2], "delta": [0.0, 0.01, -0.01],
+                              "percentile_lower": [-0.01, 0.001, -0.02], "percentile_upper": [0.01, 0.02, 0.0],
+                              "bca_lower": [-0.012, -0.002, -0.021], "bca_upper": [0.01, 0.019, 0.001]})
+    text = interval_check_summary(intervals)
+    # shifts: 0.2 pp of 2 pp (10%), 0.3 pp of 1.9 pp (16%), 0.1 pp of 2 pp (5%); block 1 loses its sign
+    assert text.startswith("Where BCa is exact, its endpoints lie at most 0.30 pp from the percentile ones (16% of "
+                           "the interval's width, block 1); for block 1 the two disagree")
+    same = interval_check_summary(intervals.assign(bca_lower=[-0.012, 0.0005, -0.021]))
+    assert "no block's verdict (interval excludes zero or not) depends on the interval type" in same
 
 
 def test_display_name_words_every_posterior_key():

@@ -14,6 +14,9 @@ from lib.stats import (
     bootstrap_pvalues,
     delta_ece,
     SeedSamples,
+    TunedColumn,
+    TunedSeed,
+    bootstrap_counts,
     holm,
     jackknife_delta_ece,
     mc_error_delta_ece,
@@ -27,6 +30,7 @@ from lib.stats import (
     sample_bootstrap,
     shapley_interaction,
     shapley_values,
+    tuned_bootstrap,
 )
 
 SHIFT = torch.tensor([0.0, 0.02, 0.03], dtype=torch.float64)
@@ -579,3 +583,125 @@ def test_cuda_bootstrap_matches_cpu_estimate():
     assert torch.allclose(jk.cpu(), jackknife_delta_ece(det, bayes, labels), atol=1e-12)
     v = torch.randn(64, 1 << 10, device="cuda", dtype=torch.float64)
     assert torch.allclose(shapley_values(v).cpu(), shapley_values(v.cpu()), atol=1e-10)
+
+
+def _tuned_seed(det, tables_by_g, labels, val_loss):
+    """A TunedSeed whose column p predicts with the per-sample tables ``tables_by_g[g][p]`` (K, N, C)
+    at setting g and chooses g by ``val_loss[p]`` (G, N_val)."""
+    def column(p):
+        return TunedColumn(val_loss[p], lambda g, w: torch.einsum("rk,knc->rnc", w, tables_by_g[g][p]))
+    return TunedSeed(det, labels, [column(p) for p in range(len(val_loss))], tables_by_g[0].shape[1])
+
+
+def _tuned_case(gen, ns=(30, 25), n_val=12, g=3, k=5):
+    """Two seeds of three posteriors with per-sample tables at ``g`` settings (setting j moves the
+    confidence by 0.1 j), and per-example validation losses (P, G, N_val) shared by the seeds."""
+    seeds = []
+    val_loss = torch.rand(3, g, n_val, generator=gen, dtype=torch.float64)
+    for n in ns:
+        det, bayes, labels = _study(n, gen)
+        a = 0.3 * torch.randn(k, 3, generator=gen, dtype=torch.float64)
+        tables = [_mc_tables(bayes, a + 0.1 * j) for j in range(g)]
+        seeds.append((det, tables, labels))
+    return seeds, val_loss
+
+
+def test_tuned_bootstrap_retunes_each_setting_on_the_validation_resample_by_hand():
+    """Replicate r by hand: validation counts u_r from the validation generator (shared by the
+    seeds), seeds and per-copy example and sample counts from the other generator as in
+    sample_bootstrap, g_r(p) = argmin_g Σ_n u_rn loss[p, g, n] by a loop, Δ with lib.calibration.ece
+    on the repeated examples at g_r(p); the estimate uses the unweighted mean loss."""
+    seeds, val_loss = _tuned_case(torch.Generator().manual_seed(31))
+    tuned = [_tuned_seed(det, tables, labels, val_loss) for det, tables, labels in seeds]
+    R, M = 9, 6
+    res = tuned_bootstrap(tuned, R, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4), n_bins=M,
+                          chunk_size=3, row_chunk=2)
+    u = bootstrap_counts(12, R, torch.Generator().manual_seed(4), torch.float64, "cpu").tolist()
+    loss = val_loss.tolist()
+
+    def choose(p, weights):
+        sums = [sum(w * x for w, x in zip(weights, loss[p][j])) for j in range(3)]
+        return min(range(3), key=lambda j: (sums[j], j))
+
+    g = torch.Generator().manual_seed(3)
+    seed_idx = torch.randint(0, 2, (R, 2), generator=g)
+    mult = torch.zeros(R, 2, dtype=torch.int64).scatter_add_(1, seed_idx, torch.ones_like(seed_idx))
+    total = torch.zeros(R, 3, dtype=torch.float64)
+    moved = 0
+    for s, (det, tables, labels) in enumerate(seeds):
+        owners = torch.repeat_interleave(torch.arange(R), mult[:, s]).tolist()
+        n, k = len(labels), tables[0].shape[1]
+        copy = 0
+        while copy < len(owners):
+            c = min(3, len(owners) - copy)
+            ex = torch.randint(0, n, (c, n), generator=g)
+            sm = torch.randint(0, k, (c, k), generator=g)
+            for j in range(c):
+                r = owners[copy + j]
+                y = labels[ex[j]]
+                row = []
+                for p in range(3):
+                    gp = choose(p, u[r])
+                    moved += gp != choose(p, [1.0] * 12)
+                    probs = tables[gp][p][sm[j]].mean(0)[ex[j]]
+                    row.append(ece(det[ex[j]], y, M) - ece(probs, y, M))
+                total[r] += torch.stack(row)
+            copy += c
+    assert torch.allclose(res.samples, total / 2, atol=1e-10)
+    assert moved > 0  # the resamples do change the chosen setting here
+    ests = []
+    for det, tables, labels in seeds:
+        best = [choose(p, [1.0] * 12) for p in range(3)]
+        ests.append(torch.stack([delta_ece(det, tables[best[p]][p].mean(0)[None], labels, M)[0] for p in range(3)]))
+    assert torch.allclose(res.estimate, torch.stack(ests).mean(0), atol=1e-12)
+
+
+def test_tuned_bootstrap_with_a_degenerate_validation_set_is_the_sample_bootstrap():
+    """When every validation image prefers the same setting, every resample chooses it again: the
+    replicates are those of sample_bootstrap at that setting (same generator), to rounding."""
+    seeds, val_loss = _tuned_case(torch.Generator().manual_seed(32))
+    val_loss[:, 1] -= 2.0  # setting 1 has the least loss on every validation image
+    tuned = [_tuned_seed(det, tables, labels, val_loss) for det, tables, labels in seeds]
+    res = tuned_bootstrap(tuned, 200, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4), n_bins=6,
+                          chunk_size=16)
+    ref = sample_bootstrap([_seed_samples(det, tables[1], labels) for det, tables, labels in seeds], 200,
+                           torch.Generator().manual_seed(3), n_bins=6, chunk_size=16)
+    assert torch.allclose(res.samples, ref.samples, atol=1e-12)
+    assert torch.allclose(res.estimate, ref.estimate, atol=1e-12)
+    lo, hi = percentile_interval(res.samples)
+    rlo, rhi = percentile_interval(ref.samples)
+    assert torch.allclose(lo, rlo, atol=1e-12) and torch.allclose(hi, rhi, atol=1e-12)
+
+
+def test_tuned_bootstrap_intervals_are_never_narrower_than_with_the_setting_fixed():
+    """Simulation: the validation losses of three settings are nearly tied, so resamples choose
+    differently, and the setting moves Δ by about its test-set error. With the same test and sample
+    draws, the interval that re-chooses the setting is at least as wide as the one that holds it at
+    the full-validation choice, for every posterior of every simulated study, and wider on average."""
+    gen = torch.Generator().manual_seed(33)
+    ratios = []
+    for _ in range(6):
+        seeds, val_loss = _tuned_case(gen, ns=(150, 150), n_val=40)
+        val_loss = val_loss[:, :1] + 0.02 * torch.randn(3, 3, 40, generator=gen, dtype=torch.float64)
+        fixed = val_loss.clone()
+        best = val_loss.mean(-1).argmin(-1)
+        fixed[torch.arange(3), best] -= 10.0
+        widths = []
+        for loss in (val_loss, fixed):
+            tuned = [_tuned_seed(det, tables, labels, loss) for det, tables, labels in seeds]
+            res = tuned_bootstrap(tuned, 400, torch.Generator().manual_seed(5), torch.Generator().manual_seed(6),
+                                  n_bins=10, chunk_size=50)
+            lo, hi = percentile_interval(res.samples)
+            widths.append(hi - lo)
+        assert (widths[0] >= widths[1] - 1e-12).all(), widths
+        ratios.append(widths[0] / widths[1])
+    assert torch.cat(ratios).mean() > 1.05, ratios
+
+
+def test_tuned_bootstrap_rejects_columns_of_different_validation_sizes():
+    det, bayes, labels = _study(10, torch.Generator().manual_seed(1))
+    tables = [_mc_tables(bayes, torch.zeros(2, 3, dtype=torch.float64))]
+    bad = TunedSeed(det, labels, [TunedColumn(torch.zeros(1, 4), lambda g, w: tables[0][0][None].mean(1)),
+                                  TunedColumn(torch.zeros(1, 5), lambda g, w: tables[0][0][None].mean(1))], 2)
+    with pytest.raises(ValueError, match="N_val"):
+        tuned_bootstrap([bad], 3, torch.Generator(), torch.Generator())

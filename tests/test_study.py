@@ -10,20 +10,21 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.attribution import (ESTIMATORS, SCALES, attribution, block_subsets, cumulative, estimator_agreement,
-                             estimator_robustness, estimators_coincide, leave_one_out, mc_error, rank_analysis,
-                             ranking_agreement, scale_sensitivity, shapley)
+from lib.attribution import (ESTIMATORS, SCALES, attribution, block_subsets, choose_single, control_grid, cumulative,
+                             estimator_agreement, estimator_robustness, estimators_coincide, leave_one_out, mc_error,
+                             rank_analysis, ranking_agreement, scale_sensitivity, shapley, tuned_seed,
+                             validation_table)
 from lib.calibration import ece, smooth_ece
 from lib.config import Config, ParamsError, load_params
 from lib.paths import PARAMS
-from lib.report import (answer, attribution_summary, display_name, display_scale_table, mc_error_summary, scale_summary,
-                        scale_table, setup_table, statistics_summary)
+from lib.report import (answer, attribution_summary, ci, control_summary, display_name, display_scale_table,
+                        mc_error_summary, scale_summary, scale_table, setup_table, statistics_summary)
 from lib.stats import bootstrap_counts, delta_ece, pareto_front
 from lib.data import batches
 from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales
 from lib.pipeline import map_run
-from lib.study import curvature_quality, fit_laplace, run_all, run_seed
+from lib.study import VALIDATION_SEED, curvature_quality, fit_laplace, run_all, run_seed
 
 
 @pytest.fixture
@@ -54,13 +55,40 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     full = d["probs"][d["names"].index("all")]
     assert abs(float(e[0, -1]) - float(ece(full, d["labels"], tiny_cfg.stats.n_bins))) < 1e-5
 
-    att = attribution(studies, tiny_cfg.stats, "mc", cpu)
+    att = attribution(studies, tiny_cfg.stats, tiny_cfg.predictive, cpu)
     t = att.table.set_index("posterior")
     assert len(att.singles()) == 3 and att.samples.shape == (tiny_cfg.stats.n_boot, len(t))
-    assert (t.lower <= t.delta + 1e-12).all() and (t.delta <= t.upper + 1e-12).all()
+    assert (t.lower <= t.upper).all() and (t.ts_lower <= t.ts_upper).all()
+    assert t.interval.iloc[0].startswith("percentile; seeds × test images × posterior samples × validation images")
     mean_delta = sum(float(ece(s.named()["det"], s.named()["labels"], 10) - ece(
         s.named()["probs"][s.named()["names"].index("single 1")], s.named()["labels"], 10)) for s in studies) / 2
-    assert abs(t.loc["single 1", "delta"] - mean_delta) < 1e-6
+    assert abs(t.loc["single 1", "delta"] - mean_delta) < 1e-6  # the whole validation set chooses κ_S again
+    ts_gain = sum(float(ece(s.named()["det"], s.named()["labels"], 10) - ece(s.named()["ts"], s.named()["labels"], 10))
+                  for s in studies) / 2
+    assert torch.allclose(torch.tensor(t.ts_delta.to_numpy()), torch.tensor((t.delta - ts_gain).to_numpy()), atol=1e-4)
+    ctrl = att.control
+    assert list(ctrl.block) == [0, 1, 2]
+    singles = att.singles()
+    for col in ("delta", "lower", "upper"):
+        assert torch.allclose(torch.tensor(ctrl[col].to_numpy()), torch.tensor(singles[col].to_numpy()), atol=1e-12)
+    assert torch.allclose(torch.tensor(ctrl["diff"].to_numpy()), torch.tensor((ctrl.delta - ctrl.delta_iso).to_numpy()),
+                          atol=1e-12)
+    assert (ctrl.iso_lower <= ctrl.iso_upper).all() and (ctrl.diff_lower <= ctrl.diff_upper).all()
+    cgrid = control_grid(tiny_cfg.predictive)
+    own = torch.empty(2, 3, dtype=torch.float64)
+    for i, s in enumerate(studies):  # σ²_ℓ: the grid argmin of the control's validation NLL, by a loop over the grid
+        val = s.control_validation_bank()
+        for b in range(3):
+            nll = [float(torch.nn.functional.nll_loss(subset_probs(val, 1 << b, scale=float(k)).clamp_min(1e-12).log(),
+                                                      val.labels)) for k in cgrid]
+            own[i, b] = cgrid[int(torch.tensor(nll).argmin())]
+            chosen = tuned_seed(s, ["all"], tiny_cfg.predictive, cpu).columns[1 + b].chosen()
+            assert cgrid[chosen] == own[i, b]
+    assert torch.allclose(torch.tensor(ctrl.sigma2.to_numpy()), own.quantile(0.5, dim=0), rtol=1e-9)
+    edge = ["lower" if (own[:, b] == cgrid[0]).any() else "upper" if (own[:, b] == cgrid[-1]).any() else ""
+            for b in range(3)]
+    assert list(ctrl.sigma2_edge) == edge
+    assert "isotropic" in control_summary(ctrl, 0.05) or "Laplace" in control_summary(ctrl, 0.05)
 
     mc = mc_error(studies[0], tiny_cfg.stats, "mc", cpu).set_index("posterior")
     assert list(mc.index) == ["single 0", "single 1", "single 2", "all"]
@@ -76,8 +104,8 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
 
     rob = estimator_robustness(studies, tiny_cfg.stats.n_bins).set_index("posterior")
     assert list(rob.index) == ["all", "single 0", "single 1", "single 2"]
-    assert torch.allclose(torch.tensor(rob["equal-width ECE"].to_numpy()),
-                          torch.tensor(t.loc[rob.index, "delta"].to_numpy()), atol=1e-6)
+    assert torch.allclose(torch.tensor(rob["equal-width ECE"].to_numpy(), dtype=torch.float64),
+                          torch.tensor(t.loc[rob.index, "delta"].to_numpy(), dtype=torch.float64), atol=1e-6)
     smooth = sum(float(smooth_ece(s.named()["det"], s.named()["labels"]) - smooth_ece(
         s.named()["probs"][s.named()["names"].index("single 1")], s.named()["labels"])) for s in studies) / 2
     assert abs(rob.loc["single 1", "smooth ECE"] - smooth) < 1e-9
@@ -105,9 +133,10 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     assert heat.shape == (3, 3) and torch.allclose(torch.tensor(heat.sum(axis=1).to_numpy(), dtype=torch.float64), torch.ones(3, dtype=torch.float64))
     assert list(cumulative(att).k) == [1, 2, 3] and len(leave_one_out(att)) == 3
 
-    text = attribution_summary(att.table, ranks, values, 0.05, 2) + statistics_summary(att.table, ranks, 2, 0.05, 2)
-    best = int(att.singles().sort_values("delta").block.iloc[-1])
-    assert f"block {best}" in text and "pp" in text
+    validation = validation_table(studies, tiny_cfg.predictive, tiny_cfg.stats.n_bins, cpu)
+    best = choose_single(validation)
+    text = attribution_summary(att.table, ranks, values, 0.05, 2, best) + statistics_summary(att.table, ranks, 2, 0.05, 2)
+    assert f"the best single block is block {best}" in text and "pp" in text
     names = list(block_subsets(3))
     cost = torch.arange(len(names), dtype=torch.float64)
     delta = torch.tensor([t.loc[n, "delta"] for n in names], dtype=torch.float64)
@@ -115,85 +144,104 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     base = pd.DataFrame({"method": ["deterministic (MAP)", "temperature scaling (validation-fitted)",
                                     *[f"Laplace, {display_name(n)}" for n in names]],
                          "ECE (%)": [5.0, 1.0, *[3.0] * len(names)], "accuracy (%)": [90.0, 90.0, *[80.0] * len(names)]})
-    text = answer(att.table, ranks, values, pareto, base, tiny_cfg)
+    ctrl = att.control
+
+    def ans(table=att.table, ranks=ranks, val=validation, **kw):
+        return answer(table, ranks, pareto, base, val, ctrl, tiny_cfg, **kw)
+
+    text = ans()
     assert "`smoke`" in text and "@sec-attribution-scale" in text  # smoke tunes the covariance scale
-    assert "Monte Carlo error" not in text
+    assert "Monte Carlo error" not in text and f"the best single block is block {best}" in text
+    assert "with $\\kappa_S$ re-tuned in every replicate" in text and "ΔECE_Laplace − ΔECE_iso" in text
     noisy = mc.reset_index().assign(mc_share=[0.2, 0.9, 0.1, 0.7])
-    assert "(more than half of it, on the first seed) for 2 of the 4 posteriors checked; the intervals include it" in answer(
-        att.table, ranks, values, pareto, base, tiny_cfg, noisy)
-    assert "Monte Carlo" not in answer(att.table, ranks, values, pareto, base, tiny_cfg, noisy.assign(mc_share=0.3))
+    assert "(more than half of it, on the first seed) for 2 of the 4 posteriors checked; the intervals include it" in ans(
+        mc=noisy)
+    assert "Monte Carlo" not in ans(mc=noisy.assign(mc_share=0.3))
     retuned = pd.DataFrame({"posterior": ["single 0", "all"], "sel_share": [0.75, 0.2]})
-    assert "up to 25% wider (@sec-statistics-scale)" in answer(att.table, ranks, values, pareto, base, tiny_cfg,
-                                                               selection=retuned)  # √(1 + 0.75²) = 1.25
-    assert "re-tuning" not in answer(att.table, ranks, values, pareto, base, tiny_cfg,
-                                     selection=retuned.assign(sel_share=0.4))
+    assert "a material part of the intervals' width" in ans(selection=retuned)
+    assert "material" not in ans(selection=retuned.assign(sel_share=0.4))
     floor = pd.DataFrame({"posterior": ["all"], "κ min": [tiny_cfg.predictive.scale_range[0]], "κ max": [1.0]})
-    assert "validation prefers a posterior that predicts almost like the MAP" in answer(
-        att.table, ranks, values, pareto, base, tiny_cfg, scale=floor)
-    assert "almost like the MAP" not in answer(att.table, ranks, values, pareto, base, tiny_cfg,
-                                                scale=floor.assign(**{"κ min": [1.0]}))
+    assert "validation prefers a posterior that predicts almost like the MAP" in ans(scale=floor)
+    assert "almost like the MAP" not in ans(scale=floor.assign(**{"κ min": [1.0]}))
     agree = estimator_agreement(estimator_robustness(studies, tiny_cfg.stats.n_bins))
     lead = int(agree.top_block_study.iloc[0])
-    same = answer(att.table, ranks, values, pareto, base, tiny_cfg, agreement=agree.assign(top_block=lead))
+    same = ans(agreement=agree.assign(top_block=lead))
     assert "The leading single block is the same under the equal-mass ECE, debiased ℓ2 ECE and smooth ECE" in same
-    differ = answer(att.table, ranks, values, pareto, base, tiny_cfg, agreement=agree.assign(top_block=[lead, lead + 1, lead]))
+    differ = ans(agreement=agree.assign(top_block=[lead, lead + 1, lead]))
     certified = bool((ranks.set_index("block").loc[lead, "rank_upper"] == 1))
     assert ("Which single block leads depends on the estimator of calibration error" in differ) == certified
     assert ("a different block leads (@sec-statistics-estimator), as can be expected when no leader is certified"
             in differ) == (not certified)
     sure = ranks.assign(rank_upper=[1 if b == lead else 3 for b in ranks.block])
-    assert "Which single block leads depends on the estimator" in answer(
-        att.table, sure, values, pareto, base, tiny_cfg, agreement=agree.assign(top_block=[lead, lead + 1, lead]))
-    # The recommendation closing the answer, with the all-block gain set explicitly (the trained
-    # tiny model's own Δ(all) may have either sign): positive, the cheapest front choice with 80% of
-    # it is single 1, whose accuracy change (80% vs 90%) is written with a typographic minus, and
-    # temperature scaling (1.00% ECE) beats it (3.00%); negative, no choice is recommended.
-    gain = att.table.copy()
-    gain.loc[gain.posterior == "all", ["delta", "lower", "upper"]] = [0.02, 0.01, 0.03]
-    gain_delta = torch.tensor([0.005, 0.018, 0.010, 0.012, 0.016, 0.020], dtype=torch.float64)
+    assert "Which single block leads depends on the estimator" in ans(
+        ranks=sure, agreement=agree.assign(top_block=[lead, lead + 1, lead]))
+    # The choices come from the validation table, whatever the test set says: with a hand-made
+    # validation gain that makes block 2 the best single block and single 1 the cheapest set with
+    # 80% of the all-block gain, the answer reports those two on the test set, with intervals.
     assert names == ["single 0", "single 1", "single 2", "first 2", "last 2", "all"]
-    gain_front = pareto.assign(delta=gain_delta.numpy(), front=pareto_front(cost, gain_delta).numpy())
-    text = answer(gain, ranks, values, gain_front, base, tiny_cfg)
-    assert ("Make **block 1 only** Bayesian (the cheapest choice on the Pareto front with at least 80% of the all-block "
-            "gain): it recovers 90% of the all-block calibration gain (+1.80 vs +2.00 pp ΔECE) at 20% of the "
-            "all-block extra latency (1 ms extra per image); its accuracy changes by −10.00 pp.") in text
-    assert "Temperature scaling, fitted on the validation set, reaches a lower ECE (1.00% vs 3.00%)" in text
-    loss = gain.copy()
-    loss.loc[loss.posterior == "all", ["delta", "lower", "upper"]] = [-0.01, -0.02, -0.005]
-    text = answer(loss, ranks, values, gain_front, base, tiny_cfg)
-    assert text.endswith("On this profile the all-block Laplace does not improve ECE, so no Bayesian-block choice can "
-                         "be recommended for calibration; temperature scaling reaches an ECE of 1.00% "
-                         "(deterministic: 5.00%) at no cost.")
+    hand = validation.set_index("posterior")
+    hand["val_delta"] = 0.0
+    hand.loc[["single 0", "single 1", "single 2", "all"], "val_delta"] = [0.001, 0.017, 0.019, 0.02]
+    hand = hand.reset_index()
+    gain = att.table.copy()
+    gain.loc[gain.posterior == "single 1", ["delta", "lower", "upper", "ts_delta", "ts_lower", "ts_upper"]] = [
+        0.018, 0.01, 0.026, 0.004, -0.001, 0.009]
+    text = ans(table=gain, val=hand)
+    r2 = gain.set_index("posterior").loc["single 2"]
+    assert (f"Chosen on the validation images, the best single block is block 2; on the test set, which played no part "
+            f"in choosing it, its ΔECE is {ci(r2.delta, r2.lower, r2.upper)} pp.") in text
+    assert ("Make **block 1 only** Bayesian (chosen on the validation images as the cheapest priced choice with at least "
+            "80% of the all-block validation gain): on the test set, which played no part in choosing it, its ΔECE is "
+            "+1.80 [+1.00, +2.60] pp") in text
+    assert "its accuracy changes by −10.00 pp" in text
+    assert "the data cannot tell the two apart: ECE_TS − ECE = +0.40 [−0.10, +0.90] pp" in text
+    assert "1.00%" not in text  # temperature scaling enters through the paired interval only
+    text = ans(val=hand.assign(val_delta=-0.01))
+    assert "On the validation images the all-block Laplace does not lower the ECE" in text
 
 
-def test_subset_bootstrap_rows_resample_images_and_posterior_samples(tiny_cfg):
-    """Row r of subset_ece.pt, rebuilt from the stage's generator stream: the K posterior samples
-    resampled (sample_mixture at κ_S), then the test images repeated by their counts, ECE by
-    lib.calibration.ece."""
+def test_subset_bootstrap_rows_resample_images_posterior_samples_and_validation_images(tiny_cfg):
+    """Row r of subset_ece.pt, rebuilt from the stage's generator streams: κ_S re-tuned on the
+    validation images repeated by their counts (the grid argmin of their mean NLL), the K posterior
+    samples resampled (sample_mixture at that κ), then the test images repeated by their counts,
+    ECE by lib.calibration.ece."""
     cpu = torch.device("cpu")
     st = run_seed(tiny_cfg, 0, cpu)
-    bank = Bank(**torch.load(st.bank.file("bank.pt"), weights_only=True))
+    bank, val = st.test_bank(), st.validation_bank()
     kappa = torch.load(st.subsets.file("subset_scales.pt"), weights_only=True)
+    boot = torch.load(st.subsets.file("subset_scales_boot.pt"), weights_only=True)
     e = st.subset_ece()
     R, (n, K) = tiny_cfg.stats.n_boot_shapley, bank.delta.shape[1:3]
+    assert boot.shape == (R + 1, 8) and torch.equal(boot[0], kappa)
     g = torch.Generator().manual_seed(0)
     images, samples = bootstrap_counts(n, R, g, torch.float32, cpu), bootstrap_counts(K, R, g, torch.float32, cpu) / K
+    counts = bootstrap_counts(len(val.labels), R, torch.Generator().manual_seed(VALIDATION_SEED), torch.float64, cpu)
+    pc = tiny_cfg.predictive
+    grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
+    moved = 0
     for s in (0, 3, 5, 7):
-        mix = sample_mixture(bank, s, scale=float(kappa[s]))(samples)
         for r in (0, 7, R - 1):
+            vidx = torch.repeat_interleave(torch.arange(len(val.labels)), counts[r].long())
+            nll = [float(torch.nn.functional.nll_loss(subset_probs(val, s, scale=float(k))[vidx].clamp_min(1e-12).log(),
+                                                      val.labels[vidx])) for k in grid]
+            k_r = grid[int(torch.tensor(nll).argmin())]
+            assert abs(float(boot[r + 1, s]) - float(k_r)) < 1e-12 * float(k_r)
+            moved += int(k_r != kappa[s])
+            mix = sample_mixture(bank, s, scale=float(k_r))(samples[r : r + 1])
             idx = torch.repeat_interleave(torch.arange(n), images[r].long())
-            ref = ece(mix[r][idx], bank.labels[idx], tiny_cfg.stats.n_bins)
+            ref = ece(mix[0][idx], bank.labels[idx], tiny_cfg.stats.n_bins)
             assert abs(float(e[r + 1, s]) - float(ref)) < 1e-5
     assert e[1:, 7].std() > 0 and not torch.allclose(e[1:, 0], e[1:, 7])
+    assert (boot[1:] != kappa).any()  # the validation resamples do move κ_S for some subset
 
 
-def _counted(monkeypatch, module, name: str, fail_at: int | None = None) -> list:
-    """Replace ``module.name`` (a function of :mod:`lib.laplace.predictive`) by a wrapper that records
-    each call in the returned list and raises KeyboardInterrupt at call number ``fail_at`` (an
-    interrupted stage)."""
+def _counted(monkeypatch, module, name: str, fail_at: int | None = None, source=None) -> list:
+    """Replace ``module.name`` (a function of ``source``, default :mod:`lib.laplace.predictive`) by a
+    wrapper that records each call in the returned list and raises KeyboardInterrupt at call number
+    ``fail_at`` (an interrupted stage)."""
     from lib.laplace import predictive
 
-    real = getattr(predictive, name)
+    real = getattr(predictive if source is None else source, name)
     calls: list = []
 
     def wrapper(*args, **kwargs):
@@ -266,6 +314,26 @@ def test_subsets_stage_keyed_by_the_stats_it_uses(tiny_cfg):
     assert run_seed(Config.from_dict(d), 0, cpu).subsets.path == base.subsets.path
     d["stats"]["n_bins"] = 7
     assert run_seed(Config.from_dict(d), 0, cpu).subsets.path != base.subsets.path
+
+
+def test_control_banks_are_stages_keyed_like_the_laplace_banks(tiny_cfg):
+    """The isotropic control's test and validation banks are their own stages, downstream of the
+    Laplace fit: unit-variance N(0, I) samples of every block in the Laplace samples' shapes, and
+    recomputed whenever the Laplace stage or the bank settings change."""
+    cpu = torch.device("cpu")
+    d = tiny_cfg.to_dict()
+    d["seeds"] = [0]
+    d["predictive"]["scale_images"] = 40
+    base = run_seed(Config.from_dict(d), 0, cpu)
+    paths = {base.bank.path, base.val_bank.path, base.control.path, base.control_val.path}
+    assert len(paths) == 4
+    ctrl, val = base.control_bank(), base.control_validation_bank()
+    assert ctrl.delta.shape == base.test_bank().delta.shape and val.delta.shape[1] == 40
+    assert torch.equal(ctrl.map_logits, base.test_bank().map_logits) and torch.equal(val.labels, base.run.splits.val.y[:40])
+    assert json.loads((base.control.path / "inputs.json").read_text())["inputs"]["posterior"] == "isotropic N(0, I)"
+    d["laplace"]["prior_init"] = 7.0
+    other = run_seed(Config.from_dict(d), 0, cpu)
+    assert other.control.path != base.control.path and other.control_val.path != base.control_val.path
 
 
 def test_covariance_scale_tuned_on_validation_bank(tiny_cfg):
@@ -356,12 +424,14 @@ def test_subsets_stage_resumes_from_its_parts_and_equals_one_pass(tiny_cfg, monk
     ece_whole, scales_whole = whole.subset_ece(), torch.load(whole.subsets.file("subset_scales.pt"), weights_only=True)
     shutil.rmtree(whole.subsets.path)
     monkeypatch.setattr(study, "SUBSET_PART", 3)  # 8 subsets -> parts 0-3, 3-6, 6-8
-    calls = _counted(monkeypatch, study, "iter_subset_mixtures", fail_at=2)
+    real = study._scales
+    calls = _counted(monkeypatch, study, "_scales", fail_at=2, source=study)
     with pytest.raises(KeyboardInterrupt):
         run_seed(cfg, 0, cpu)
-    calls = _counted(monkeypatch, study, "iter_subset_mixtures")
+    monkeypatch.setattr(study, "_scales", real)
+    calls = _counted(monkeypatch, study, "_scales", source=study)
     resumed = run_seed(cfg, 0, cpu)
-    assert len(calls) == 2  # part 0-3 was kept
+    assert len(calls) == 2  # part 0-3 was kept: κ_S and the ECEs of the two other parts only
     assert resumed.subsets.path == whole.subsets.path and resumed.subsets.done
     assert not (resumed.subsets.path / "parts").exists()
     assert torch.equal(torch.load(resumed.subsets.file("subset_scales.pt"), weights_only=True), scales_whole)
@@ -412,7 +482,7 @@ def test_gpu_numerics_run_end_to_end_under_cpu_autocast(tiny_cfg, monkeypatch, n
     d = studies[0].named()
     assert torch.isfinite(studies[0].test_bank().delta).all()
     assert torch.allclose(d["probs"].sum(-1), torch.ones_like(d["probs"].sum(-1)), atol=1e-5)
-    att = attribution(studies, cfg.stats, "mc", cpu)
+    att = attribution(studies, cfg.stats, cfg.predictive, cpu)
     assert att.table[["delta", "lower", "upper"]].notna().all().all()
     s = studies[0]
     x, _ = next(iter(batches(s.run.splits.test, 4, preprocess=s.run.preprocess, device=cpu)))
