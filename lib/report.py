@@ -228,7 +228,7 @@ READABLE = {
 }
 """Reader-facing column names of the result tables (units stay in the table captions); table
 cells and headers hold no ``$…$`` math (pandas tables reach Quarto as HTML, where it would stay
-raw text), so the covariance scale of a subset is "own κ" there and $\kappa_S$ in the prose."""
+raw text), so the covariance scale of a subset is "own κ" there and κ_S (as math) in the prose."""
 
 QUANTITIES = {
     **dict.fromkeys(["delta", "lower", "upper", "percentile_lower", "percentile_upper", "bca_lower", "bca_upper",
