@@ -225,6 +225,9 @@ READABLE = {
     "max_abs_diff": "max abs. difference", "max_rel_diff": "max rel. difference", "tolerance": "rel. tolerance",
     "ok": "within tolerance", "kappa_own": "own κ (median)",
     "own κ_S": "own κ", "shared κ_all": "all-block κ",
+    "trace_ratio": "trace ratio", "trace_ratio_min": "min", "trace_ratio_max": "max",
+    "frobenius_error": "Frobenius error", "kl": "KL", "logit_variance_ratio": "logit var. ratio",
+    "logit_variance_error": "logit var. error",
 }
 """Reader-facing column names of the result tables (units stay in the table captions); table
 cells and headers hold no ``$…$`` math (pandas tables reach Quarto as HTML, where it would stay
