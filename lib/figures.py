@@ -107,6 +107,18 @@ def _new(ax: Axes | None, height: float) -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
+def _new_row(ax: Sequence[Axes] | None, n: int, height: float, fn: str, what: str, **share) -> tuple[Figure, list[Axes]]:
+    """A row of ``n`` panels (``share``: ``sharex``/``sharey``), or the ``n`` given axes (``what``
+    names the panels in the error when their number is wrong)."""
+    if ax is None:
+        fig = Figure(figsize=(WIDTH, height), layout="constrained")
+        return fig, list(fig.subplots(1, n, squeeze=False, **share)[0])
+    axes = list(ax)
+    if len(axes) != n:
+        raise ValueError(f"{fn}: {n} {what} need {n} axes, got {len(axes)}")
+    return axes[0].get_figure(), axes
+
+
 def _yerr(df: pd.DataFrame, value: str, lower: str, upper: str) -> np.ndarray:
     v = df[value].to_numpy(float)
     return np.abs(np.stack([v - df[lower].to_numpy(float), df[upper].to_numpy(float) - v])) * PP
@@ -549,14 +561,7 @@ def plot_block_quantities(data: pd.DataFrame, columns: Sequence[tuple[str, str]]
     """
     _require(data, ["block", *[c for c, _ in columns]], "plot_block_quantities")
     with mpl.rc_context(STYLE):
-        if ax is None:
-            fig = Figure(figsize=(WIDTH, 2.4), layout="constrained")
-            axes = fig.subplots(1, len(columns), sharex=True, squeeze=False)[0]
-        else:
-            axes = list(ax)
-            if len(axes) != len(columns):
-                raise ValueError(f"plot_block_quantities: {len(columns)} quantities need {len(columns)} axes, got {len(axes)}")
-            fig = axes[0].get_figure()
+        fig, axes = _new_row(ax, len(columns), 2.4, "plot_block_quantities", "quantities", sharex=True)
         for a, (col, label) in zip(axes, columns):
             v = data[col].to_numpy(float)
             err = None
@@ -584,15 +589,7 @@ def plot_curvature_quality(data: pd.DataFrame, ax: Sequence[Axes] | None = None)
     modules = list(dict.fromkeys(data.module))
     mean = data.groupby(["approximation", "module", "block"]).trace_ratio.mean()
     with mpl.rc_context(STYLE):
-        if ax is None:
-            fig = Figure(figsize=(WIDTH, 2.4), layout="constrained")
-            axes = fig.subplots(1, len(approximations), sharey=True, squeeze=False)[0]
-        else:
-            axes = list(ax)
-            if len(axes) != len(approximations):
-                raise ValueError(f"plot_curvature_quality: {len(approximations)} approximations need "
-                                 f"{len(approximations)} axes, got {len(axes)}")
-            fig = axes[0].get_figure()
+        fig, axes = _new_row(ax, len(approximations), 2.4, "plot_curvature_quality", "approximations", sharey=True)
         for a, name in zip(axes, approximations):
             for i, m in enumerate(modules):
                 series = mean[name, m]

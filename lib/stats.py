@@ -281,9 +281,7 @@ def sample_bootstrap(
     p = ests[0].shape[0]
     if any(e.shape[0] != p for e in ests):
         raise ValueError("per_seed: every seed must have the same number P of posteriors")
-    seed_idx = torch.randint(0, n_seeds, (n_resamples, n_seeds), generator=generator, device=device)
-    mult = torch.zeros(n_resamples, n_seeds, dtype=torch.int64, device=device)
-    mult.scatter_add_(1, seed_idx, torch.ones_like(seed_idx))
+    mult = bootstrap_counts(n_seeds, n_resamples, generator, torch.int64, device)  # (R, S) seed copies
     total = torch.zeros(n_resamples, p, dtype=dtype, device=device)
     rows = torch.arange(n_resamples, device=device)
     for s, seed in enumerate(per_seed):
@@ -400,9 +398,7 @@ def tuned_bootstrap(
         uniform = torch.full((1, s.n_samples), 1.0 / s.n_samples, dtype=dtype, device=device)
         probs = torch.stack([c.probs(int(c.chosen()), uniform)[0].to(dtype) for c in s.columns])
         ests.append(delta_ece(s.probs_det, probs, s.labels, n_bins))
-    seed_idx = torch.randint(0, n_seeds, (n_resamples, n_seeds), generator=generator, device=device)
-    mult = torch.zeros(n_resamples, n_seeds, dtype=torch.int64, device=device)
-    mult.scatter_add_(1, seed_idx, torch.ones_like(seed_idx))
+    mult = bootstrap_counts(n_seeds, n_resamples, generator, torch.int64, device)  # (R, S) seed copies
     total = torch.zeros(n_resamples, p, dtype=dtype, device=device)
     rows = torch.arange(n_resamples, device=device)
     for s, seed in enumerate(per_seed):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.config import LoraConfig, ModelConfig
+from lib.config import LoraConfig, ModelConfig, load_params
 from lib.model import add_lora, build_backbone, lora_modules
+from lib.paths import PARAMS
 
 TINY_VIT = ModelConfig(
     name="vit_tiny_patch16_224",
@@ -26,6 +27,20 @@ def make_lora_vit(model_cfg: ModelConfig, *, num_classes: int, r: int, seed: int
         for m in lora_modules(model):
             m.B.weight.copy_(0.05 * torch.randn(m.B.weight.shape, generator=gen))
     return model.eval()
+
+
+def tiny_study_params(seeds: list[int]) -> dict:
+    """The smoke profile shrunk to a 3-block ViT of width 16 on 16-px synthetic images (96 / 48 / 64),
+    one epoch, K = 4: the tiny study of tests/test_study.py and tests/test_shift_study.py."""
+    d = load_params(PARAMS / "smoke.yml")
+    d["seeds"] = list(seeds)
+    d["model"]["kwargs"] = dict(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2)
+    d["data"]["synthetic"] = dict(n_train=96, n_val=48, n_test=64, native_size=16, noise=1.5)
+    d["train"]["epochs"] = 1
+    d["laplace"]["fit_size"] = 48
+    d["predictive"]["n_samples"] = 4
+    d["stats"].update(n_boot=60, n_boot_shapley=20)
+    return d
 
 
 @pytest.fixture

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import tiny_study_params
 from lib.calibration import ece, nll
-from lib.config import Config, ParamsError, load_params
+from lib.config import Config, ParamsError
 from lib.data import Split
-from lib.paths import PARAMS
 from lib.shift import far_ood_images, kendall_tau_b, shift_metrics
 from lib.shift_study import clean_predictions, corrupted_test_sets, evaluate_shift, shift_predictions
 from lib.stats import delta_ece
@@ -26,14 +26,7 @@ def tiny(tmp_path_factory):
     """The tiny synthetic study of tests/test_study.py (one seed, 3 blocks) with a small shift section."""
     mp = pytest.MonkeyPatch()
     mp.setenv("LLA_ARTIFACTS", str(tmp_path_factory.mktemp("artifacts")))
-    d = load_params(PARAMS / "smoke.yml")
-    d["seeds"] = [0]
-    d["model"]["kwargs"] = dict(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2)
-    d["data"]["synthetic"] = dict(n_train=96, n_val=48, n_test=64, native_size=16, noise=1.5)
-    d["train"]["epochs"] = 1
-    d["laplace"]["fit_size"] = 48
-    d["predictive"]["n_samples"] = 4
-    d["stats"].update(n_boot=60, n_boot_shapley=20)
+    d = tiny_study_params([0])
     d["shift"] = {"corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5], "max_images": 40, "seed": 3,
                   "far_ood_images": 12}
     cfg = Config.from_dict(d)

@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import tiny_study_params
 from lib.attribution import (ESTIMATORS, SCALES, attribution, block_subsets, choose_single, control_grid, cumulative,
                              estimator_agreement, estimator_robustness, estimators_coincide, leave_one_out, mc_error,
                              rank_analysis, ranking_agreement, scale_sensitivity, shapley, tuned_seed,
                              validation_table)
 from lib.calibration import ece, smooth_ece
-from lib.config import Config, ParamsError, load_params
-from lib.paths import PARAMS
+from lib.config import Config, ParamsError
 from lib.report import (answer, attribution_summary, ci, control_summary, display_name, display_scale_table,
                         mc_error_summary, scale_summary, scale_table, setup_table, statistics_summary)
 from lib.stats import bootstrap_counts, delta_ece, pareto_front
@@ -30,14 +30,7 @@ from lib.study import VALIDATION_SEED, curvature_quality, fit_laplace, run_all, 
 @pytest.fixture
 def tiny_cfg(tmp_path, monkeypatch, one_thread) -> Config:
     monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path))
-    d = load_params(PARAMS / "smoke.yml")
-    d["seeds"] = [0, 1]
-    d["model"]["kwargs"] = dict(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2)
-    d["data"]["synthetic"] = dict(n_train=96, n_val=48, n_test=64, native_size=16, noise=1.5)
-    d["train"]["epochs"] = 1
-    d["laplace"]["fit_size"] = 48
-    d["predictive"]["n_samples"] = 4
-    d["stats"].update(n_boot=60, n_boot_shapley=20)
+    d = tiny_study_params([0, 1])
     return Config.from_dict(d)
 
 

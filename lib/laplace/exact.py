@@ -58,6 +58,20 @@ def block_params(model: nn.Module) -> dict[int, int]:
     return out
 
 
+def _requested_blocks(model: nn.Module, blocks: Iterable[int] | None) -> tuple[list[LoraModule], dict[int, int], list[int]]:
+    """The model's LoRA modules, ``P_ℓ`` of every block, and the requested blocks (default all),
+    sorted; a requested block without LoRA modules is an error."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRA modules; wrap it with lib.model.add_lora first")
+    sizes = block_params(model)
+    blocks = sorted(set(sizes) if blocks is None else set(blocks))
+    bad = [b for b in blocks if b not in sizes]
+    if bad:
+        raise ValueError(f"blocks {bad} have no LoRA modules; the model has blocks {sorted(sizes)}")
+    return mods, sizes, blocks
+
+
 def fit_block_ggn(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -83,14 +97,7 @@ def fit_block_ggn(
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype is {dtype}; use torch.float32 or torch.float64")
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("model has no LoRA modules; wrap it with lib.model.add_lora first")
-    sizes = block_params(model)
-    blocks = sorted(set(sizes) if blocks is None else set(blocks))
-    bad = [b for b in blocks if b not in sizes]
-    if bad:
-        raise ValueError(f"blocks {bad} have no LoRA modules; the model has blocks {sorted(sizes)}")
+    mods, sizes, blocks = _requested_blocks(model, blocks)
     big = {b: sizes[b] for b in blocks if sizes[b] > max_params}
     if big:
         raise ValueError(
@@ -142,14 +149,7 @@ def fit_block_rows(
     """The rows ``r_ns`` of :func:`fit_block_ggn` kept instead of their Gram product (float64), for
     few images: ``N (C − 1) P_ℓ`` numbers per block instead of ``P_ℓ²``, and the spectrum of
     ``G_ℓ`` from the smaller Gram matrix (:func:`gram_eigenvalues`). Arguments as :func:`fit_block_ggn`."""
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("model has no LoRA modules; wrap it with lib.model.add_lora first")
-    sizes = block_params(model)
-    blocks = sorted(set(sizes) if blocks is None else set(blocks))
-    bad = [b for b in blocks if b not in sizes]
-    if bad:
-        raise ValueError(f"blocks {bad} have no LoRA modules; the model has blocks {sorted(sizes)}")
+    mods, _, blocks = _requested_blocks(model, blocks)
     device = torch.device(device)
     parts: dict[int, list[Tensor]] = {b: [] for b in blocks}
     loss, n_data = 0.0, 0
