@@ -74,6 +74,10 @@ KAPPA_S = r"$\kappa_S$"
 """The covariance scale of a subset in prose (math, so both HTML and PDF show the subscript)."""
 KAPPA_ALL = r"$\kappa_{\mathrm{all}}$"
 """The all-block posterior's covariance scale in prose."""
+CONTROL_DIFF = r"$\Delta_{\mathrm{ECE}}^{\mathrm{Laplace}}-\Delta_{\mathrm{ECE}}^{\mathrm{iso}}$"
+"""The paired difference of a block's Laplace and isotropic-control gains, as math for the prose."""
+TS_DIFF = r"$\mathrm{ECE}_{\mathrm{TS}}-\mathrm{ECE}$"
+"""Temperature scaling's ECE minus a posterior's, as math for the prose."""
 DELTA_DEF = r"$\mathrm{ECE}_{\det} - \mathrm{ECE}_{\mathrm{Bayes}}$"
 """The definition of ΔECE in prose."""
 
@@ -524,7 +528,7 @@ def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
 def _versus_ts(row: pd.Series, alpha: float) -> str:
     """The paired comparison with temperature scaling of one attribution row (``ts_delta`` =
     ECE_TS − ECE_S with its interval), in words."""
-    diff = f"ECE_TS − ECE = {ci(row.ts_delta, row.ts_lower, row.ts_upper)} pp ({level(alpha)} paired interval)"
+    diff = f"{TS_DIFF} = {ci(row.ts_delta, row.ts_lower, row.ts_upper)} pp ({level(alpha)} paired interval)"
     if row.ts_lower > 0:
         return f"It calibrates better than temperature scaling, which costs nothing at prediction time: {diff}."
     if row.ts_upper < 0:
@@ -756,13 +760,13 @@ def control_summary(control: pd.DataFrame, alpha: float) -> str:
     out = []
     if better:
         out.append(f"For {_blocks_text(better)} the Laplace posterior's shape calibrates better than isotropic noise of "
-                   f"tuned size (the {level(alpha)} interval of ΔECE_Laplace − ΔECE_iso lies above zero).")
+                   f"tuned size (the {level(alpha)} interval of {CONTROL_DIFF} lies above zero).")
     if worse:
         out.append(f"For {_blocks_text(worse)} isotropic noise of tuned size calibrates better than the Laplace posterior "
                    "(that interval lies below zero).")
     if same and len(same) == len(control):
         out.append("For every block the isotropic control matches the Laplace block's ΔECE (every interval of "
-                   "ΔECE_Laplace − ΔECE_iso includes zero): the calibration gain is not specific to the posterior's "
+                   + CONTROL_DIFF + " includes zero): the calibration gain is not specific to the posterior's "
                    "shape; noise of the right size on the same weights does as well.")
     elif same:
         out.append(f"For {_blocks_text(same)} the control matches the Laplace block (the interval of the difference "
@@ -871,7 +875,7 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, pareto: pd.DataFrame, basel
     ]
     c = control.set_index("block").loc[best]
     text.append(f"Against isotropic noise of tuned size on the same weights (@sec-attribution-control), block {best}'s "
-                f"Laplace posterior gives ΔECE_Laplace − ΔECE_iso = {ci(c['diff'], c.diff_lower, c.diff_upper)} pp: "
+                f"Laplace posterior gives {CONTROL_DIFF} = {ci(c['diff'], c.diff_lower, c.diff_upper)} pp: "
                 + {"better": "its shape adds to the gain.",
                    "worse": "isotropic noise does better, so the gain does not come from the posterior's shape.",
                    "no difference shown": "the control matches it, so the gain is not specific to the posterior's "

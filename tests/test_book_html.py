@@ -19,7 +19,7 @@ from lib.render import render_book
 
 PROFILE = "smoke"
 
-RAW_SUBSCRIPTS = re.compile(r"κ_S|κ_all|κ_\{|ECE_det|ECE_Bayes|ECE_\{|Δ_ECE")
+RAW_SUBSCRIPTS = re.compile(r"(?:κ|Δ|ΔECE|ECE)_[A-Za-z{]")
 """Subscripts typed as plain text; they belong in math (``$\\kappa_S$``) or in words."""
 
 REPRS = ("<lib.", "object at 0x", "<pandas.io.formats.style.Styler", "<Figure size", "<IPython.core.display")
@@ -62,11 +62,11 @@ def problems(pages: dict[str, str]) -> list[str]:
 
 def test_checks_catch_what_they_are_for():
     """Each check fails on a page that has the defect and passes on its clean form."""
-    bad = ('<p>at κ_S and ECE_det − ECE_Bayes, see <strong>?@fig-x</strong></p>'
+    bad = ('<p>at κ_S and ECE_det − ECE_Bayes, ECE_TS − ECE and ΔECE_iso, see <strong>?@fig-x</strong></p>'
            "<pre><code>&lt;lib.study.Study object at 0x7f00&gt;</code></pre>"
            "<td>`abc123` (uncommitted changes)</td>")
     found = problems({"p.html": bad})
-    for needle in ("'κ_S'", "'ECE_det'", "'ECE_Bayes'", "?@fig-x", "'<lib.'", "'object at 0x'", "uncommitted"):
+    for needle in ("'κ_S'", "'ECE_d'", "'ECE_B'", "'ECE_T'", "'ΔECE_i'", "?@fig-x", "'<lib.'", "'object at 0x'", "uncommitted"):
         assert any(needle in f for f in found), (needle, found)
     clean = ('<p>at <math><msub><mi>κ</mi><mi>S</mi></msub></math>, see <a href="#fig-x">Figure 1.1</a>, '
              "parameter <code>stats.n_bins</code></p>"

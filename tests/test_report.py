@@ -24,7 +24,7 @@ def _front() -> pd.DataFrame:
 
 
 def _table(lower: float = 0.002, ts: tuple = (0.005, 0.001, 0.009)) -> pd.DataFrame:
-    """Attribution rows: last 2 with ΔECE +0.90 [lower, +1.50] pp and ECE_TS − ECE = ts."""
+    """Attribution rows: last 2 with ΔECE +0.90 [lower, +1.50] pp and $\\mathrm{ECE}_{\\mathrm{TS}}-\\mathrm{ECE}$ = ts."""
     return pd.DataFrame({"posterior": ["single 3", "last 2", "all"], "delta": [0.004, 0.009, 0.010],
                          "lower": [-0.001, lower, 0.004], "upper": [0.008, 0.015, 0.016],
                          "ts_delta": [-0.01, ts[0], 0.001], "ts_lower": [-0.02, ts[1], -0.003],
@@ -46,17 +46,17 @@ def test_recommends_the_validation_choice_with_its_test_interval_and_the_paired_
                            "part in choosing it, its ΔECE is +0.90 [+0.20, +1.50] pp, against +1.00 [+0.40, +1.60] pp for all blocks")
     assert "at 2 ms extra per image (50% of the all-block extra latency); its accuracy changes by −0.20 pp" in text
     assert ("It calibrates better than temperature scaling, which costs nothing at prediction time: "
-            "ECE_TS − ECE = +0.50 [+0.10, +0.90] pp (95% paired interval).") in text
+            "$\\mathrm{ECE}_{\\mathrm{TS}}-\\mathrm{ECE}$ = +0.50 [+0.10, +0.90] pp (95% paired interval).") in text
     assert "2.50%" not in text and "3.00%" not in text  # never two point estimates side by side
     assert "(90% paired interval)" in recommendation(_front(), _table(), _baseline(), "last 2", alpha=0.1)
 
 
 def test_temperature_scaling_verdict_follows_the_paired_interval():
     tie = recommendation(_front(), _table(ts=(0.002, -0.001, 0.004)), _baseline(), "last 2", alpha=0.05)
-    assert "the data cannot tell the two apart: ECE_TS − ECE = +0.20 [−0.10, +0.40] pp" in tie
+    assert "the data cannot tell the two apart: $\\mathrm{ECE}_{\\mathrm{TS}}-\\mathrm{ECE}$ = +0.20 [−0.10, +0.40] pp" in tie
     worse = recommendation(_front(), _table(ts=(-0.005, -0.009, -0.001)), _baseline(), "last 2", alpha=0.05)
     assert "Temperature scaling, fitted on the validation set, calibrates better at no extra cost" in worse
-    assert "ECE_TS − ECE = −0.50 [−0.90, −0.10] pp" in worse
+    assert "$\\mathrm{ECE}_{\\mathrm{TS}}-\\mathrm{ECE}$ = −0.50 [−0.90, −0.10] pp" in worse
 
 
 def test_no_recommendation_when_the_chosen_sets_interval_includes_zero():
@@ -79,7 +79,7 @@ def test_no_recommendation_without_a_validation_gain():
     assert text.startswith("On the validation images the all-block Laplace does not lower the ECE, so no "
                            "Bayesian-block choice is recommended for calibration (all blocks on the test set: "
                            "ΔECE = +1.00 [+0.40, +1.60] pp).")
-    assert "cannot tell the two apart: ECE_TS − ECE = +0.10 [−0.30, +0.60] pp" in text
+    assert "cannot tell the two apart: $\\mathrm{ECE}_{\\mathrm{TS}}-\\mathrm{ECE}$ = +0.10 [−0.30, +0.60] pp" in text
 
 
 def _mc(mc_se: list[float], halving: list[float]) -> pd.DataFrame:
@@ -221,7 +221,7 @@ def _control(diff_lower, diff_upper, edge=("", "", "")) -> pd.DataFrame:
 def test_control_summary_verdict_per_block_from_the_paired_interval():
     text = control_summary(_control([0.001, -0.003, -0.004], [0.004, 0.005, -0.001]), 0.05)
     assert ("For block 0 the Laplace posterior's shape calibrates better than isotropic noise of tuned size "
-            "(the 95% interval of ΔECE_Laplace − ΔECE_iso lies above zero).") in text
+            "(the 95% interval of $\\Delta_{\\mathrm{ECE}}^{\\mathrm{Laplace}}-\\Delta_{\\mathrm{ECE}}^{\\mathrm{iso}}$ lies above zero).") in text
     assert "For block 2 isotropic noise of tuned size calibrates better than the Laplace posterior" in text
     assert "For block 1 the control matches the Laplace block" in text and "not specific to the posterior's shape" in text
     same = control_summary(_control([-0.001, -0.003, -0.004], [0.004, 0.005, 0.001], ("", "upper", "lower")), 0.1)
