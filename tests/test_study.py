@@ -17,8 +17,9 @@ from lib.attribution import (ESTIMATORS, SCALES, attribution, block_subsets, cho
                              validation_table)
 from lib.calibration import ece, smooth_ece
 from lib.config import Config, ParamsError
-from lib.report import (answer, attribution_summary, ci, control_summary, display_name, display_scale_table,
-                        mc_error_summary, scale_summary, scale_table, setup_table, statistics_summary)
+from lib.report import (CONTROL_DIFF, TS_DIFF, answer, attribution_summary, ci, control_summary, display_name,
+                        display_scale_table, mc_error_summary, scale_summary, scale_table, setup_table,
+                        statistics_summary)
 from lib.stats import bootstrap_counts, delta_ece, pareto_front
 from lib.data import batches
 from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
@@ -145,7 +146,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
     text = ans()
     assert "`smoke`" in text and "@sec-attribution-scale" in text  # smoke tunes the covariance scale
     assert "Monte Carlo error" not in text and f"the best single block is block {best}" in text
-    assert "with $\\kappa_S$ re-tuned in every replicate" in text and "ΔECE_Laplace − ΔECE_iso" in text
+    assert "with $\\kappa_S$ re-tuned in every replicate" in text and CONTROL_DIFF in text
     noisy = mc.reset_index().assign(mc_share=[0.2, 0.9, 0.1, 0.7])
     assert "(more than half of it, on the first seed) for 2 of the 4 posteriors checked; the intervals include it" in ans(
         mc=noisy)
@@ -187,7 +188,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
             "80% of the all-block validation gain): on the test set, which played no part in choosing it, its ΔECE is "
             "+1.80 [+1.00, +2.60] pp") in text
     assert "its accuracy changes by −10.00 pp" in text
-    assert "the data cannot tell the two apart: ECE_TS − ECE = +0.40 [−0.10, +0.90] pp" in text
+    assert f"the data cannot tell the two apart: {TS_DIFF} = +0.40 [−0.10, +0.90] pp" in text
     assert "1.00%" not in text  # temperature scaling enters through the paired interval only
     text = ans(val=hand.assign(val_delta=-0.01))
     assert "On the validation images the all-block Laplace does not lower the ECE" in text
