@@ -119,6 +119,15 @@ def test_cost_model_holds_within_the_noise():
     assert out.empty and list(out.columns)[:2] == ["subset", "superset"]
 
 
+def test_cost_model_flags_a_choice_timed_below_the_deterministic_model():
+    """The deterministic model is the empty block set: a predictive (which includes the MAP forward)
+    measured faster than it, beyond the IQRs, contradicts the model, as in a first, cold timing."""
+    table = _latency([("deterministic", "", 110.0, 111.0, 113.0), ("single 0", "0", 12.0, 14.5, 18.0),
+                      ("all", "0 1", 10.0, 17.8, 21.0)])
+    pairs = set(map(tuple, cost_model_violations(table)[["subset", "superset"]].to_numpy()))
+    assert pairs == {("deterministic", "single 0"), ("deterministic", "all")}
+
+
 def test_cost_model_violations_of_the_reference_h200_run():
     """The latency medians of the reference cifar10-transfer run (H200, commit bcbb6b4; 5 iterations,
     no quartiles stored, so each IQR is taken as zero width) contradict the cost model exactly where
