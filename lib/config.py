@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from lib.corruption_names import CORRUPTION_NAMES, SEVERITIES
 from lib.paths import PARAMS, ROOT
 
 
@@ -471,13 +472,11 @@ def _check_predictive(cfg: PredictiveConfig, source: str, prefix: str) -> None:
 
 
 def _check_shift(cfg: ShiftConfig, source: str, prefix: str) -> None:
-    from lib.corruptions import CORRUPTIONS, SEVERITIES
-
-    unknown = [c for c in cfg.corruptions if c not in CORRUPTIONS]
+    unknown = [c for c in cfg.corruptions if c not in CORRUPTION_NAMES]
     if unknown or not cfg.corruptions:
         raise ParamsError(
             f"{source}: {prefix}corruptions has unknown names {unknown or '(empty list)'}; "
-            f"use a non-empty list of {', '.join(CORRUPTIONS)}"
+            f"use a non-empty list of {', '.join(CORRUPTION_NAMES)}"
         )
     bad = [s for s in cfg.severities if s not in SEVERITIES]
     if bad or not cfg.severities:

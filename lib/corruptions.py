@@ -56,12 +56,12 @@ from PIL import Image
 from scipy import ndimage
 
 from lib.artifacts import Stage, stage
+from lib.corruption_names import SEVERITIES
 from lib.data import Split
 
 __all__ = [
     "Corruption",
     "CORRUPTIONS",
-    "SEVERITIES",
     "rgb_to_hsv",
     "hsv_to_rgb",
     "plasma_fractal",
@@ -72,8 +72,6 @@ __all__ = [
     "CorruptedSplit",
     "cached_corrupt_split",
 ]
-
-SEVERITIES = (1, 2, 3, 4, 5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Every ``plot_*(data, ax=None, ...) -> Figure`` takes prepared data (``prepare_*`
 pandas DataFrame with the documented columns), draws it on ``ax`` (or on a new 6.5-inch-wide
 figure when ``ax`` is None) and returns the Figure. Figures are built with
 ``matplotlib.figure.Figure`` (no pyplot state), fonts >= 8 pt at 6.5 in, the Okabe-Ito
-colorblind-safe palette :cite:`okabe2008color` and ``cividis`` for heat maps, vector artists only
+colorblind-safe palette :cite:`okabe2008color` (style: :mod:`lib.style`) and ``cividis`` for heat maps, vector artists only
 (PDF/SVG friendly), axis labels with units and no titles (captions live in the report).
 
 ECE differences are stored as fractions and *displayed in percentage points* (x 100).
@@ -12,7 +12,6 @@ ECE differences are stored as fractions and *displayed in percentage points* (x 
 
 from __future__ import annotations
 
-import io
 from typing import Mapping, Sequence
 
 import matplotlib as mpl
@@ -24,11 +23,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lib.calibration import ReliabilityData
+from lib.names import display_name
 from lib.stats import pareto_front
+from lib.style import PALETTE, STYLE, WIDTH
 
 __all__ = [
-    "PALETTE",
-    "STYLE",
     "plot_reliability",
     "plot_delta_ranked",
     "plot_delta_scatter",
@@ -47,47 +46,6 @@ __all__ = [
     "plot_delta_scatter_grid",
 ]
 
-PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
-"""Okabe-Ito colorblind-safe palette (blue, vermillion, green, purple, orange, sky, black, yellow)."""
-
-STYLE = {
-    "font.size": 9,
-    "axes.labelsize": 9,
-    "axes.titlesize": 9,
-    "xtick.labelsize": 8,
-    "ytick.labelsize": 8,
-    "legend.fontsize": 8,
-    "axes.prop_cycle": mpl.cycler(color=PALETTE),
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "pdf.fonttype": 42,
-    "svg.fonttype": "none",
-}
-"""rc settings applied while a figure is drawn."""
-
-WIDTH = 6.5
-DPI = 150
-
-
-def figure_png(fig: Figure) -> bytes:
-    """PNG bytes of ``fig`` at :data:`DPI` (how notebooks display the figures of this module)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _register_notebook_display() -> None:
-    """Let IPython display a bare ``Figure`` (no pyplot, any backend) as PNG."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is not None:
-        shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
-
-
-_register_notebook_display()
 PP = 100.0  # fraction -> percentage points
 DELTA_LABEL = "ΔECE = ECE$_\\mathrm{det}$ − ECE$_\\mathrm{Bayes}$ (pp)"
 
@@ -612,10 +570,8 @@ def plot_latency(data: pd.DataFrame, ax: Axes | None = None) -> Figure:
     Args:
         data: DataFrame with ``posterior``, ``ms_per_image`` (median) and optional ``ms_q25``,
             ``ms_q75`` (:func:`lib.deploy.latency_table`); the row ``"deterministic"`` is the line.
-            Tick labels are the posteriors' reader names (:func:`lib.report.display_name`).
+            Tick labels are the posteriors' reader names (:func:`lib.names.display_name`).
     """
-    from lib.report import display_name
-
     _require(data, ["posterior", "ms_per_image"], "plot_latency")
     with mpl.rc_context(STYLE):
         fig, ax = _new(ax, 3.0)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lib.stats import BootstrapResult, bootstrap_counts, percentile_interval
+from lib.resample import bootstrap_counts
+from lib.stats import BootstrapResult, percentile_interval
 
 __all__ = [
     "max_prob_score",
@@ -171,7 +172,7 @@ def paired_bootstrap_auroc(
     """Paired, stratified bootstrap of the AUROC of P methods scored on the same images.
 
     Each replicate draws N_in in-distribution and N_out OOD images with replacement (multiplicities
-    from :func:`lib.stats.bootstrap_counts`: per chunk of resamples, first the in-distribution counts
+    from :func:`lib.resample.bootstrap_counts`: per chunk of resamples, first the in-distribution counts
     (chunk, N_in), then the OOD counts (chunk, N_out), from ``generator``) and evaluates every method
     on the same draw with :func:`weighted_auroc`, so the replicates of AUROC differences keep the pairing.
 

@@ -17,6 +17,7 @@ from lib.attribution import SET_SHARE, choose_set, choose_single
 from lib.calibration import calibration_summary
 from lib.config import Config
 from lib.model import count_parameters, data_config, n_blocks
+from lib.names import display_name
 from lib.paths import FREEZE
 from lib.pipeline import MapRun
 
@@ -80,26 +81,6 @@ TS_DIFF = r"$\mathrm{ECE}_{\mathrm{TS}}-\mathrm{ECE}$"
 """Temperature scaling's ECE minus a posterior's, as math for the prose."""
 DELTA_DEF = r"$\mathrm{ECE}_{\det} - \mathrm{ECE}_{\mathrm{Bayes}}$"
 """The definition of ΔECE in prose."""
-
-
-def display_name(name: str) -> str:
-    """The reader's name of a posterior key of the result tables (the saved keys stay as they are):
-    ``single 3`` → ``block 3 only``, ``first 4`` → ``first 4 blocks``, ``last 2`` → ``last 2 blocks``,
-    ``all`` → ``all blocks``, ``all but 5`` → ``all blocks but 5``, ``none``/``deterministic`` →
-    ``deterministic (MAP)``; other names unchanged. Every table, figure and sentence shows these."""
-    parts = str(name).split()
-    if name == "all":
-        return "all blocks"
-    if name in ("none", "deterministic"):
-        return "deterministic (MAP)"
-    if len(parts) == 2 and parts[1].isdigit():
-        if parts[0] == "single":
-            return f"block {parts[1]} only"
-        if parts[0] in ("first", "last"):
-            return f"{parts[0]} {parts[1]} block{'s' if parts[1] != '1' else ''}"
-    if len(parts) == 3 and parts[:2] == ["all", "but"]:
-        return f"all blocks but {parts[2]}"
-    return str(name)
 
 
 FORMATS = {

@@ -42,9 +42,10 @@ from lib.calibration import accuracy, brier, ece, ece_from_weights, nll, top_lab
 from lib.config import Config
 from lib.corruptions import CORRUPTIONS
 from lib.data import read_cifar
-from lib.figures import PALETTE, STYLE, WIDTH
+from lib.style import PALETTE, STYLE, WIDTH
 from lib.ood import auroc_difference, average_precision, ood_scores, paired_bootstrap_auroc
-from lib.stats import bootstrap_counts, percentile_interval
+from lib.resample import bootstrap_counts
+from lib.stats import percentile_interval
 
 __all__ = [
     "METRICS",
@@ -209,7 +210,7 @@ def ood_table(
 def cluster_counts(groups: Tensor, rows: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
     """(rows, N) bootstrap multiplicities of N rows resampled by cluster: the G distinct values of
     ``groups`` (N,) int64 (in increasing order) are drawn with replacement
-    (:func:`lib.stats.bootstrap_counts` of G) and every row takes its cluster's count
+    (:func:`lib.resample.bootstrap_counts` of G) and every row takes its cluster's count
     :cite:`davison1997bootstrap`. With distinct groups this is the ordinary bootstrap of the rows."""
     if groups.ndim != 1 or groups.dtype != torch.int64:
         raise ValueError(f"groups must be (N,) int64 cluster ids; got {tuple(groups.shape)} {groups.dtype}")
@@ -449,7 +450,7 @@ _PERCENT = {"accuracy", "ece"}
 
 def plot_shift_boxes(data: pd.DataFrame, metric: str, ax: Axes | None = None) -> Figure:
     """Draw :func:`prepare_shift_boxes` output: one group of boxes per severity (0 = clean), one
-    box per method in the Okabe-Ito colours of :mod:`lib.figures`; accuracy and ECE in percent."""
+    box per method in the Okabe-Ito colours of :mod:`lib.style`; accuracy and ECE in percent."""
     need = ["severity", "method", "q1", "med", "q3", "whislo", "whishi", "fliers", "mean"]
     if not isinstance(data, pd.DataFrame) or any(c not in data.columns for c in need):
         raise ValueError(f"plot_shift_boxes: data must be a prepare_shift_boxes DataFrame with columns {need}")

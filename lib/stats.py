@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lib.calibration import _residual_design, bin_index, top_label, weighted_ece
+from lib.resample import bootstrap_counts
 
 __all__ = [
     "BootstrapResult",
@@ -36,7 +37,6 @@ __all__ = [
     "paired_bootstrap",
     "SeedSamples",
     "sample_bootstrap",
-    "bootstrap_counts",
     "pooled_seed_bootstrap",
     "TunedColumn",
     "TunedSeed",
@@ -136,14 +136,6 @@ def _check_generator(generator: torch.Generator, device: torch.device) -> None:
             f"generator is on {generator.device} but the data is on {device}; "
             f"create it with torch.Generator(device='{device.type}')"
         )
-
-
-def bootstrap_counts(n: int, rows: int, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    """(rows, n) counts of n draws with replacement from n items (bootstrap multiplicities
-    :cite:`davison1997bootstrap`); every row sums to n."""
-    idx = torch.randint(0, n, (rows, n), generator=generator, device=device)
-    w = torch.zeros(rows, n, dtype=dtype, device=device)
-    return w.scatter_add_(1, idx, torch.ones(rows, n, dtype=dtype, device=device))
 
 
 def _bootstrap_design(conf: Tensor, corr: Tensor, models: Tensor, n_resamples: int, n_bins: int,

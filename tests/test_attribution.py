@@ -20,7 +20,7 @@ from lib.attribution import (SET_SHARE, Attribution, choose_set, choose_single, 
                              temperature_grid, tuned_seed, validation_table)
 from lib.config import PredictiveConfig, StatsConfig
 from lib.laplace.predictive import Bank
-from lib.stats import bootstrap_counts
+from lib.resample import bootstrap_counts
 
 L, N, K, C = 2, 12, 3, 3
 N_VAL = 10

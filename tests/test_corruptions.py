@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lib.corruption_names import SEVERITIES
 from lib.corruptions import (
     CORRUPTIONS,
-    SEVERITIES,
     cached_corrupt_split,
     corrupt,
     corrupt_split,

@@ -12,7 +12,6 @@ from matplotlib.figure import Figure
 
 from lib.calibration import prepare_reliability
 from lib.figures import (
-    PALETTE,
     plot_block_quantities,
     plot_curvature_quality,
     plot_cumulative,
@@ -30,6 +29,7 @@ from lib.figures import (
     prepare_training_curves,
 )
 from lib.stats import rank_probabilities
+from lib.style import PALETTE
 
 matplotlib.use("Agg")
 L = 5

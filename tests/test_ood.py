@@ -22,7 +22,7 @@ from lib.ood import (
     paired_bootstrap_auroc,
     weighted_auroc,
 )
-from lib.stats import bootstrap_counts
+from lib.resample import bootstrap_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -449,15 +449,6 @@ def test_interval_check_summary_largest_shift_and_changed_verdicts():
     assert "no block's verdict (interval excludes zero or not) depends on the interval type" in same
 
 
-def test_display_name_words_every_posterior_key():
-    from lib.report import display_name
-
-    assert [display_name(n) for n in ["single 11", "first 2", "last 7", "last 1", "all", "all but 3", "none",
-                                      "deterministic", "temperature scaling"]] == [
-        "block 11 only", "first 2 blocks", "last 7 blocks", "last 1 block", "all blocks", "all blocks but 3",
-        "deterministic (MAP)", "deterministic (MAP)", "temperature scaling"]
-
-
 def test_format_number_one_rule_per_quantity():
     from lib.report import format_number
 

@@ -28,7 +28,8 @@ from lib.shift import (
     shift_metrics,
     shift_summary,
 )
-from lib.stats import bootstrap_counts, delta_ece
+from lib.resample import bootstrap_counts
+from lib.stats import delta_ece
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

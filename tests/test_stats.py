@@ -9,6 +9,7 @@ import torch
 from scipy.stats import norm
 
 from lib.calibration import ece, ece_from_weights
+from lib.resample import bootstrap_counts
 from lib.stats import (
     bca_interval,
     bootstrap_pvalues,
@@ -16,7 +17,6 @@ from lib.stats import (
     SeedSamples,
     TunedColumn,
     TunedSeed,
-    bootstrap_counts,
     holm,
     jackknife_delta_ece,
     mc_error_delta_ece,

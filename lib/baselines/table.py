@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from lib.calibration import calibration_summary, ece, nll
-from lib.stats import bootstrap_counts, paired_bootstrap, pareto_front, percentile_interval
+from lib.resample import bootstrap_counts
+from lib.stats import paired_bootstrap, pareto_front, percentile_interval
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def _nll_per_example(probs: Tensor, labels: Tensor, eps: float = 1e-12) -> Tenso
 def paired_nll_bootstrap(probs_ref: Tensor, probs: Tensor, labels: Tensor, n_resamples: int,
                          generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """ΔNLL = NLL_ref − NLL_m of each of P methods: estimate (P,) and replicates (R, P), each
-    replicate resampling the N test images with :func:`lib.stats.bootstrap_counts` (the same
+    replicate resampling the N test images with :func:`lib.resample.bootstrap_counts` (the same
     resample for all methods). probs_ref (N, C), probs (P, N, C), labels (N,)."""
     d = _nll_per_example(probs_ref, labels)[None] - torch.stack([_nll_per_example(p, labels) for p in probs])  # (P, N)
     n = labels.shape[0]
