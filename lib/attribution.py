@@ -1,6 +1,6 @@
 """Cross-seed attribution of the calibration gain to transformer blocks.
 
-From the cached per-seed predictions and perturbation banks of :mod:`lib.study`: Δ_ECE of every
+From the cached per-seed predictions and perturbation banks of :mod:`lib.stages`: Δ_ECE of every
 named posterior with bootstrap intervals over seeds × test examples × posterior samples
 (davison1997bootstrap; within one seed, percentile vs BCa over examples is compared too,
 efron1987better), the accompanying NLL / Brier / accuracy changes, Holm-corrected tests of
@@ -23,11 +23,11 @@ from lib.calibration import debiased_ece, ece, ece_equal_mass, prepare_reliabili
 from lib.config import PredictiveConfig, StatsConfig
 from lib.laplace.predictive import Bank, iter_subset_probs, sample_mixture
 from lib.laplace.scale import example_nll, iter_grid_probs, scale_grid
+from lib.resample import bootstrap_counts
 from lib.stats import (
     TunedColumn,
     TunedSeed,
     bca_interval,
-    bootstrap_counts,
     bootstrap_pvalues,
     delta_ece,
     holm,
@@ -42,7 +42,7 @@ from lib.stats import (
     shapley_values,
     tuned_bootstrap,
 )
-from lib.study import SeedStudy
+from lib.stages.seed import SeedStudy
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def tuned_seed(study: SeedStudy, names: list[str], predictive: PredictiveConfig,
     ``predictive.control_range``), and temperature scaling (over :func:`temperature_grid`).
 
     The validation loss is the per-example NLL (:func:`lib.laplace.scale.example_nll`, the rule
-    that chooses κ_S in :mod:`lib.study`; for temperature scaling the NLL of ``softmax(f/T)``) on
+    that chooses κ_S in :mod:`lib.stages.subsets`; for temperature scaling the NLL of ``softmax(f/T)``) on
     the validation split, padded with zeros beyond the bank's images. Uniform validation weights
     choose the study's κ_S and temperature again.
     """
@@ -266,7 +266,7 @@ def validation_table(studies: list[SeedStudy], predictive: PredictiveConfig, n_b
     them (no winner's curse).
 
     Per seed, the linearised predictive of each named posterior on the validation bank
-    (:meth:`lib.study.SeedStudy.validation_bank`, the images that tuned κ_S) at its κ_S against the
+    (:meth:`lib.stages.seed.SeedStudy.validation_bank`, the images that tuned κ_S) at its κ_S against the
     MAP ``softmax(f)`` on the same images. Columns: ``posterior``, ``kind``, ``block``, ``val_delta``.
     """
     acc = None
@@ -344,7 +344,7 @@ def shapley(studies: list[SeedStudy], stats: StatsConfig) -> tuple[pd.DataFrame,
 
     Per seed, v is evaluated for all 2^L subsets on the test set and on R bootstrap replicates
     that resample its test images, posterior samples and validation images (each subset's κ_S
-    re-tuned on the latter), shared by all subsets (:func:`lib.study.subset_predictions`); the
+    re-tuned on the latter), shared by all subsets (:func:`lib.stages.subsets.subset_predictions`); the
     values are averaged over seeds. The percentile interval (level 1 − ``stats.alpha``) is over
     ``stats.n_boot`` replicates of a bootstrap over seeds that, for each drawn seed, takes one of
     its R stored replicates (:func:`lib.stats.pooled_seed_bootstrap`), so it covers seeds × test

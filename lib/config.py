@@ -173,6 +173,13 @@ class LaplaceConfig:
     class_chunk: int = _at_least(10, 1)
     quality_images: int = _at_least(0, 0)
 
+    @property
+    def approximation(self) -> str:
+        """The curvature approximation in words, as tables and chapters name it: ``K-FAC-reduce`` or
+        ``K-FAC-expand`` (``structure: kron``, after ``kfac``), ``diagonal`` (``diag``), ``dense block``
+        (``dense_block``: the exact GGN of each block kept dense)."""
+        return {"kron": f"K-FAC-{self.kfac}", "diag": "diagonal", "dense_block": "dense block"}[self.structure]
+
 
 @dataclass(frozen=True)
 class PredictiveConfig:

@@ -1,8 +1,10 @@
-"""The study's stages, cached as hash-keyed artifacts (see :mod:`lib.artifacts`).
+"""The study's first stages: ``backbone`` (pre-training, cifar10-transfer only) → ``map`` (one per
+training seed), cached by :func:`lib.artifacts.cached`; the later stages are in :mod:`lib.stages`.
 
-``backbone`` (pre-training, cifar10-transfer only) → ``map`` (one per training seed) → later
-stages. Each stage's key hashes exactly the params it depends on plus its upstream keys, so a
-changed value retrains what depends on it and nothing else, and nothing is reused silently.
+Each stage's key hashes exactly the params it depends on, its upstream keys and the source of
+this module's import closure (config, data, model, training; not the statistics), so a changed
+value or a fix to the training code retrains what depends on it and nothing else, and nothing is
+reused silently.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lib.artifacts import Stage, stage
+from lib.artifacts import Stage, cached
 from lib.config import Config, ModelConfig
 from lib.data import Preprocess, Splits, pretrain_splits, splits_for
 from lib.model import add_lora, build_backbone, data_config
@@ -67,24 +69,24 @@ def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
     if cfg.pretrain is None:
         return None
     p = cfg.pretrain
-    st = stage("backbone", {"data": _data_identity(cfg), "model": cfg.section("model")["model"],
-                            "pretrain": dataclasses.asdict(p), "numerics": numerics(device)})
-    if st.done:
-        return st
-    splits = pretrain_splits(cfg)
-    model = build_backbone(cfg.model, splits.num_classes, seed=p.seed, device=device, init_seed=p.seed)
-    pre = Preprocess.from_data_config(data_config(model))
-    spec = FitSpec(
-        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, warmup_epochs=p.warmup_epochs, grad_clip=1.0,
-        augment=p.augment, decoupled_wd=p.weight_decay, label_smoothing=p.label_smoothing,
-        compile=p.compile,
-    )
-    history = fit(model, [q for q in model.parameters()], splits.train, splits.val, spec,
-                  preprocess=pre, device=device, seed=p.seed, ckpt=st.file("checkpoint.pt"), desc="pretrain")
-    torch.save(model.state_dict(), st.file("backbone.pt"))
-    st.file("history.json").write_text(json.dumps(history, indent=1))
-    st.mark_done()
-    return st
+
+    def pretrain(st: Stage) -> None:
+        splits = pretrain_splits(cfg)
+        model = build_backbone(cfg.model, splits.num_classes, seed=p.seed, device=device, init_seed=p.seed)
+        pre = Preprocess.from_data_config(data_config(model))
+        spec = FitSpec(
+            epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, warmup_epochs=p.warmup_epochs, grad_clip=1.0,
+            augment=p.augment, decoupled_wd=p.weight_decay, label_smoothing=p.label_smoothing,
+            compile=p.compile,
+        )
+        history = fit(model, [q for q in model.parameters()], splits.train, splits.val, spec,
+                      preprocess=pre, device=device, seed=p.seed, ckpt=st.file("checkpoint.pt"), desc="pretrain")
+        torch.save(model.state_dict(), st.file("backbone.pt"))
+        st.file("history.json").write_text(json.dumps(history, indent=1))
+
+    return cached("backbone", {"data": _data_identity(cfg), "model": cfg.section("model")["model"],
+                               "pretrain": dataclasses.asdict(p), "numerics": numerics(device)},
+                  code=__name__, compute=pretrain)
 
 
 def _finetune_model_cfg(cfg: Config, backbone: Stage | None) -> ModelConfig:
@@ -102,25 +104,14 @@ def map_run(cfg: Config, seed: int, device: torch.device, *, lora_dropout: float
     """
     backbone = backbone_stage(cfg, device)
     dropout_key = {"lora_dropout": lora_dropout} if lora_dropout else {}
-    st = stage(
-        "map",
-        {"data": _data_identity(cfg), **cfg.section("model", "lora", "train"), "seed": seed,
-         "numerics": numerics(device), **dropout_key},
-        upstream=[backbone] if backbone else [],
-    )
     splits = splits_for(cfg)
     model = build_backbone(_finetune_model_cfg(cfg, backbone), splits.num_classes, seed=seed, device=device)
     model.requires_grad_(False)
     model = add_lora(model, cfg.lora, seed=seed, dropout=lora_dropout).to(device)
     pre = Preprocess.from_data_config(data_config(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if st.done:
-        state = torch.load(st.file("map.pt"), map_location=device, weights_only=True)
-        with torch.no_grad():
-            for p, saved in zip(trainable, state):
-                p.copy_(saved)
-        history = json.loads(st.file("history.json").read_text())
-    else:
+
+    def train(st: Stage) -> None:
         t = cfg.train
         spec = FitSpec(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, warmup_epochs=t.warmup_epochs,
                        grad_clip=t.grad_clip, augment=t.augment, l2=t.weight_decay, compile=t.compile)
@@ -132,9 +123,20 @@ def map_run(cfg: Config, seed: int, device: torch.device, *, lora_dropout: float
         st.file("history.json").write_text(json.dumps(history, indent=1))
         for name, split in (("val", splits.val), ("test", splits.test)):
             torch.save(predict_logits(model, split, preprocess=pre, device=device), st.file(f"{name}_logits.pt"))
-        st.mark_done()
+
+    st = cached(
+        "map",
+        {"data": _data_identity(cfg), **cfg.section("model", "lora", "train"), "seed": seed,
+         "numerics": numerics(device), **dropout_key},
+        code=__name__, compute=train, upstream=[backbone] if backbone else [],
+    )
+    # The saved weights, whether trained just now or earlier: one path, the same numbers.
+    state = torch.load(st.file("map.pt"), map_location=device, weights_only=True)
+    with torch.no_grad():
+        for p, saved in zip(trainable, state):
+            p.copy_(saved)
     model.eval()
-    return MapRun(seed, model, splits, pre, history, st)
+    return MapRun(seed, model, splits, pre, json.loads(st.file("history.json").read_text()), st)
 
 
 def backbone_history(cfg: Config, device: torch.device) -> list[dict] | None:

@@ -138,7 +138,7 @@ def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
                         f"L2 λ = {cfg.train.weight_decay:g}"),
         ("Prior precision implied by λ (δ = λN)", f"{cfg.train.weight_decay * len(s.train):g}"),
         ("Training seeds", ", ".join(map(str, cfg.seeds))),
-        ("Laplace", (f"K-FAC-{cfg.laplace.kfac}" if cfg.laplace.structure == "kron" else "diagonal")
+        ("Laplace", cfg.laplace.approximation
                     + (", exact GGN" if cfg.laplace.fisher == "exact" else ", Monte Carlo Fisher")
                     + (", prior precision tuned by the evidence" if cfg.laplace.prior_tuning == "marglik"
                        else ", prior precision not tuned")),

@@ -1,7 +1,7 @@
 """The shift and OOD evaluation of a study's seeds, as cached stages (:mod:`lib.shift` holds the metrics).
 
-For each seed of :func:`lib.study.run_all`: the corrupted test sets of the profile's ``shift``
-section (``corrupt`` stages, :mod:`lib.corruptions`), the probabilities of MAP, temperature
+For each seed of the study (:attr:`lib.study.Study.seeds`): the corrupted test sets of the
+profile's ``shift`` section (``corrupt`` stages, :mod:`lib.corruptions`), the probabilities of MAP, temperature
 scaling and the chosen Laplace posteriors on them and on the OOD sets (``shift_probs`` stages,
 one perturbation bank per image set, the same posterior samples as the study's test bank), and
 from those the tables of :func:`evaluate_shift`.
@@ -32,7 +32,7 @@ from lib.data import Split, batches
 from lib.laplace.predictive import Bank, iter_subset_probs, perturbation_bank
 from lib.pipeline import numerics
 from lib.shift import far_ood_images, gain_intervals, near_ood_images, ood_table, rank_agreement, shift_metrics
-from lib.study import SeedStudy
+from lib.stages.seed import SeedStudy
 from lib.temperature import apply_temperature
 from lib.train import amp_dtype
 
@@ -219,7 +219,7 @@ def evaluate_shift(
     """
     sc, st = shift_config(cfg), cfg.stats
     if not studies:
-        raise ValueError("studies is empty: pass the SeedStudy of at least one seed (lib.study.run_all)")
+        raise ValueError("studies is empty: pass the SeedStudy of at least one seed (lib.study.Study.seeds)")
     compared = ["temperature scaling", *[f"Laplace, {p}" for p in posteriors]]
 
     def generator(seed: int) -> torch.Generator:

@@ -61,6 +61,13 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on a CUDA ``device`` (a no-op on CPU), so that a wall-clock
+    interval around a stage's work covers that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's shuffling and augmentation (independent of resumption)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -388,3 +388,11 @@ def test_overridden_params_get_their_own_artifact_keys():
     assert key(lr, "data", "model", "lora", "train") != key(base, "data", "model", "lora", "train")
     assert key(bins, "stats") != key(base, "stats")
     assert key(bins, "data", "model", "lora", "train") == key(base, "data", "model", "lora", "train")
+
+
+@pytest.mark.parametrize(("laplace", "name"), [
+    ({"structure": "kron", "kfac": "reduce"}, "K-FAC-reduce"), ({"structure": "kron", "kfac": "expand"}, "K-FAC-expand"),
+    ({"structure": "diag"}, "diagonal"), ({"structure": "dense_block", "quality_images": 0}, "dense block"),
+])
+def test_laplace_approximation_is_named_from_structure_and_kfac(laplace, name):
+    assert LaplaceConfig(**laplace).approximation == name

@@ -15,7 +15,7 @@ import torch
 from lib.config import Config, load_params
 from lib.laplace.scale import scale_grid
 from lib.paths import PARAMS
-from lib.study import run_seed
+from lib.study import Study
 from conftest import write_fake_cifar10
 from test_data import make_cifar100
 
@@ -37,7 +37,7 @@ def test_vit_b16_profile_runs_on_fabricated_cifar100_and_checkpoint(tmp_path, mo
     cfg = Config.from_dict(d)
     assert (cfg.laplace.fisher, cfg.laplace.kfac, cfg.predictive.n_samples, cfg.predictive.scale) == ("mc", "reduce", 32, "val_nll")
 
-    st = run_seed(cfg, 0, torch.device("cpu"))
+    st = Study(cfg, torch.device("cpu")).seed(0)
     named = st.named()
     assert named["probs"].shape == (len(named["names"]), 24, 100)
     assert torch.allclose(named["probs"].sum(-1), torch.ones(len(named["names"]), 24), atol=1e-5)
@@ -66,7 +66,7 @@ def test_cifar10_transfer_profile_runs_on_fabricated_cifar10(tmp_path, monkeypat
     cfg = Config.from_dict(d)
     assert (cfg.laplace.fisher, cfg.laplace.class_chunk, cfg.data.num_classes, cfg.predictive.n_samples) == ("exact", 10, 5, 128)
 
-    st = run_seed(cfg, 0, torch.device("cpu"))
+    st = Study(cfg, torch.device("cpu")).seed(0)
     named = st.named()
     n_test = len(st.run.splits.test)
     assert n_test > 0 and named["probs"].shape == (len(named["names"]), n_test, 5)

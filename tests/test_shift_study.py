@@ -16,7 +16,7 @@ from lib.data import Split
 from lib.shift import far_ood_images, kendall_tau_b, shift_metrics
 from lib.shift_study import clean_predictions, corrupted_test_sets, evaluate_shift, shift_predictions
 from lib.stats import delta_ece
-from lib.study import run_seed
+from lib.study import Study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +30,7 @@ def tiny(tmp_path_factory):
     d["shift"] = {"corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5], "max_images": 40, "seed": 3,
                   "far_ood_images": 12}
     cfg = Config.from_dict(d)
-    study = run_seed(cfg, 0, torch.device("cpu"))
+    study = Study(cfg, torch.device("cpu")).seed(0)
     yield cfg, study
     mp.undo()
 

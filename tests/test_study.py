@@ -1,4 +1,4 @@
-"""lib.study + lib.attribution + lib.report on a tiny synthetic profile, end to end."""
+"""lib.study + lib.stages + lib.attribution + lib.report on a tiny synthetic profile, end to end."""
 
 from __future__ import annotations
 
@@ -16,16 +16,23 @@ from lib.attribution import (ESTIMATORS, SCALES, attribution, block_subsets, cho
                              rank_analysis, ranking_agreement, scale_sensitivity, shapley, tuned_seed,
                              validation_table)
 from lib.calibration import ece, smooth_ece
+from lib.codehash import code_sha256, module_closure
 from lib.config import Config, ParamsError
-from lib.report import (CONTROL_DIFF, TS_DIFF, answer, attribution_summary, ci, control_summary, display_name,
+from lib.names import display_name
+from lib.report import (CONTROL_DIFF, TS_DIFF, answer, attribution_summary, ci, control_summary,
                         display_scale_table, mc_error_summary, scale_summary, scale_table, setup_table,
                         statistics_summary)
-from lib.stats import bootstrap_counts, delta_ece, pareto_front
+from lib.resample import bootstrap_counts
+from lib.stats import delta_ece, pareto_front
 from lib.data import batches
 from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales
 from lib.pipeline import map_run
-from lib.study import VALIDATION_SEED, curvature_quality, fit_laplace, run_all, run_seed
+from lib.stages.attribution import attribution_stage
+from lib.stages.laplace import fit_laplace
+from lib.stages.quality import curvature_quality
+from lib.stages.subsets import VALIDATION_SEED
+from lib.study import Study
 
 
 @pytest.fixture
@@ -35,11 +42,20 @@ def tiny_cfg(tmp_path, monkeypatch, one_thread) -> Config:
     return Config.from_dict(d)
 
 
-def test_stages_cached_and_tables_consistent(tiny_cfg):
+def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
     cpu = torch.device("cpu")
-    studies = run_all(tiny_cfg, cpu)
-    again = run_seed(tiny_cfg, 0, cpu)
+    study = Study(tiny_cfg, cpu)
+    studies = study.seeds
+    assert study.seed(0) is studies[0] and study.run(1) is studies[1].run  # opened once per Study
+    again = Study(tiny_cfg, cpu).seed(0)
     assert again.subsets.path == studies[0].subsets.path and again.bank.path == studies[0].bank.path
+    # every stage is keyed by the import closure of the module that computes it
+    s0 = studies[0]
+    for st, code in ((s0.run.stage, "lib.pipeline"), (s0.laplace, "lib.stages.laplace"), (s0.bank, "lib.stages.banks"),
+                     (s0.val_bank, "lib.stages.banks"), (s0.control, "lib.stages.banks"),
+                     (s0.control_val, "lib.stages.banks"), (s0.subsets, "lib.stages.subsets")):
+        keyed = json.loads((st.path / "inputs.json").read_text())["inputs"]["code"]
+        assert keyed == {"modules": list(module_closure([code])), "sha256": code_sha256([code])}, st.path
     d = studies[0].named()
     # the 'none' posterior is the deterministic model; subset ECE row 0 column 0 is its ECE
     assert torch.allclose(d["probs"][d["names"].index("none")], d["det"], atol=1e-6)
@@ -129,6 +145,20 @@ def test_stages_cached_and_tables_consistent(tiny_cfg):
 
     validation = validation_table(studies, tiny_cfg.predictive, tiny_cfg.stats.n_bins, cpu)
     best = choose_single(validation)
+
+    # The study's attribution stage holds exactly these tables, computed once: a new Study loads them.
+    for tables in (study.attribution_tables, None):
+        if tables is None:
+            monkeypatch.setattr("lib.stages.attribution.attribution", lambda *a, **k: pytest.fail("recomputed"))
+            tables = Study(tiny_cfg, cpu).attribution_tables
+        pd.testing.assert_frame_equal(tables.attribution.table, att.table)
+        pd.testing.assert_frame_equal(tables.attribution.control, att.control)
+        assert torch.equal(tables.attribution.samples, att.samples)
+        for got, ref in ((tables.heat, heat), (tables.ranks, ranks), (tables.shapley, values),
+                         (tables.interactions, pairs), (tables.validation, validation)):
+            pd.testing.assert_frame_equal(got, ref)
+    keyed = json.loads((attribution_stage(tiny_cfg, studies, cpu).path / "inputs.json").read_text())["inputs"]["code"]
+    assert keyed["modules"] == list(module_closure(["lib.stages.attribution"]))
     text = attribution_summary(att.table, ranks, values, 0.05, 2, best) + statistics_summary(att.table, ranks, 2, 0.05, 2)
     assert f"the best single block is block {best}" in text and "pp" in text
     names = list(block_subsets(3))
@@ -200,7 +230,7 @@ def test_subset_bootstrap_rows_resample_images_posterior_samples_and_validation_
     samples resampled (sample_mixture at that κ), then the test images repeated by their counts,
     ECE by lib.calibration.ece."""
     cpu = torch.device("cpu")
-    st = run_seed(tiny_cfg, 0, cpu)
+    st = Study(tiny_cfg, cpu).seed(0)
     bank, val = st.test_bank(), st.validation_bank()
     kappa = torch.load(st.subsets.file("subset_scales.pt"), weights_only=True)
     boot = torch.load(st.subsets.file("subset_scales_boot.pt"), weights_only=True)
@@ -253,7 +283,7 @@ def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeyp
     """An interrupted bank keeps its finished parts; the resumed stage computes only the missing
     ones and joins them into exactly the bank of a single pass over the test set. Parts are named
     by their image range, so after a change of part size no part of the old size is joined."""
-    import lib.study as study
+    import lib.stages.banks as banks
 
     cpu = torch.device("cpu")
     d = tiny_cfg.to_dict()
@@ -263,13 +293,13 @@ def test_bank_resumes_from_its_saved_parts_and_equals_one_pass(tiny_cfg, monkeyp
     lap, post = fit_laplace(cfg, run, cpu)
     one_pass = perturbation_bank(run.model, post, batches(run.splits.test, 8, preprocess=run.preprocess, device=cpu),
                                  n_samples=cfg.predictive.n_samples, seed=0, device=cpu)
-    monkeypatch.setattr(study, "BANK_PART_IMAGES", 20)  # parts of 24 images: 64 test images -> 3 parts
-    _counted(monkeypatch, study, "perturbation_bank", fail_at=2)
+    monkeypatch.setattr(banks, "BANK_PART_IMAGES", 20)  # parts of 24 images: 64 test images -> 3 parts
+    _counted(monkeypatch, banks, "perturbation_bank", fail_at=2)
     with pytest.raises(KeyboardInterrupt):
-        study.build_bank(cfg, run, post, lap, cpu)
-    monkeypatch.setattr(study, "BANK_PART_IMAGES", resume_part_images)  # 32: parts 0-32, 32-64, none is 0-24
-    calls = _counted(monkeypatch, study, "perturbation_bank")
-    st, bank = study.build_bank(cfg, run, post, lap, cpu)
+        banks.build_bank(cfg, run, post, lap, cpu)
+    monkeypatch.setattr(banks, "BANK_PART_IMAGES", resume_part_images)  # 32: parts 0-32, 32-64, none is 0-24
+    calls = _counted(monkeypatch, banks, "perturbation_bank")
+    st, bank = banks.build_bank(cfg, run, post, lap, cpu)
     assert len(calls) == parts - resumed == 2
     assert torch.equal(bank.delta, one_pass.delta)
     # f_MAP is the MAP stage's logits (ECE_det is one number everywhere); the bank's own forward pass
@@ -291,7 +321,7 @@ def test_deterministic_table_and_the_studys_reference_are_one_ece_det(tiny_cfg):
     from lib.report import deterministic_table
 
     cpu = torch.device("cpu")
-    study = run_seed(tiny_cfg, 0, cpu)
+    study = Study(tiny_cfg, cpu).seed(0)
     det = deterministic_table([study.run], tiny_cfg.stats.n_bins).iloc[0]
     ref = study.metrics().set_index("posterior").loc["none"]
     for key in ("accuracy", "ece", "signed_ece", "nll", "brier"):
@@ -302,12 +332,12 @@ def test_subsets_stage_keyed_by_the_stats_it_uses(tiny_cfg):
     """Interval levels and bootstrap sizes applied by the chapters reuse the cached subset predictions;
     the number of ECE bins, which the stage uses, does not."""
     cpu = torch.device("cpu")
-    base = run_seed(tiny_cfg, 0, cpu)
+    base = Study(tiny_cfg, cpu).seed(0)
     d = tiny_cfg.to_dict()
     d["stats"].update(alpha=0.1, n_boot=30, n_boot_mc=50, top_k=2)
-    assert run_seed(Config.from_dict(d), 0, cpu).subsets.path == base.subsets.path
+    assert Study(Config.from_dict(d), cpu).seed(0).subsets.path == base.subsets.path
     d["stats"]["n_bins"] = 7
-    assert run_seed(Config.from_dict(d), 0, cpu).subsets.path != base.subsets.path
+    assert Study(Config.from_dict(d), cpu).seed(0).subsets.path != base.subsets.path
 
 
 def test_control_banks_are_stages_keyed_like_the_laplace_banks(tiny_cfg):
@@ -318,7 +348,7 @@ def test_control_banks_are_stages_keyed_like_the_laplace_banks(tiny_cfg):
     d = tiny_cfg.to_dict()
     d["seeds"] = [0]
     d["predictive"]["scale_images"] = 40
-    base = run_seed(Config.from_dict(d), 0, cpu)
+    base = Study(Config.from_dict(d), cpu).seed(0)
     paths = {base.bank.path, base.val_bank.path, base.control.path, base.control_val.path}
     assert len(paths) == 4
     ctrl, val = base.control_bank(), base.control_validation_bank()
@@ -326,7 +356,7 @@ def test_control_banks_are_stages_keyed_like_the_laplace_banks(tiny_cfg):
     assert torch.equal(ctrl.map_logits, base.test_bank().map_logits) and torch.equal(val.labels, base.run.splits.val.y[:40])
     assert json.loads((base.control.path / "inputs.json").read_text())["inputs"]["posterior"] == "isotropic N(0, I)"
     d["laplace"]["prior_init"] = 7.0
-    other = run_seed(Config.from_dict(d), 0, cpu)
+    other = Study(Config.from_dict(d), cpu).seed(0)
     assert other.control.path != base.control.path and other.control_val.path != base.control_val.path
 
 
@@ -337,7 +367,7 @@ def test_covariance_scale_tuned_on_validation_bank(tiny_cfg):
     d["seeds"] = [0]
     d["predictive"].update(scale="val_nll", scale_range=[1e-3, 10.0], scale_points=9, scale_images=40)
     cfg = Config.from_dict(d)
-    st = run_seed(cfg, 0, torch.device("cpu"))
+    st = Study(cfg, torch.device("cpu")).seed(0)
     val = Bank(**torch.load(st.val_bank.file("bank.pt"), weights_only=True))
     assert val.delta.shape[1] == 40 and torch.equal(val.labels, st.run.splits.val.y[:40])
     grid = scale_grid(1e-3, 10.0, 9)
@@ -373,7 +403,7 @@ def test_retune_with_shared_prior_is_refused(tiny_cfg):
     d = tiny_cfg.to_dict()
     d["laplace"].update(restricted_prior="retune", prior_per_block=False)
     with pytest.raises(ValueError, match="restricted_prior"):
-        run_seed(Config.from_dict(d), 0, torch.device("cpu"))
+        Study(Config.from_dict(d), torch.device("cpu")).seed(0)
 
 
 def test_block_subsets_cover_the_priced_choices():
@@ -407,24 +437,24 @@ def test_estimator_agreement_hand_worked():
 def test_subsets_stage_resumes_from_its_parts_and_equals_one_pass(tiny_cfg, monkeypatch):
     """An interrupted subsets stage keeps its finished parts (κ_S and bootstrap ECEs of a block of
     subsets); the resumed stage computes only the missing ones and equals a run in one part."""
-    import lib.study as study
+    import lib.stages.subsets as subsets
 
     cpu = torch.device("cpu")
     d = tiny_cfg.to_dict()
     d["seeds"] = [0]
     d["predictive"].update(scale="val_nll", scale_range=[1e-3, 10.0], scale_points=5, scale_images=24)
     cfg = Config.from_dict(d)
-    whole = run_seed(cfg, 0, cpu)
+    whole = Study(cfg, cpu).seed(0)
     ece_whole, scales_whole = whole.subset_ece(), torch.load(whole.subsets.file("subset_scales.pt"), weights_only=True)
     shutil.rmtree(whole.subsets.path)
-    monkeypatch.setattr(study, "SUBSET_PART", 3)  # 8 subsets -> parts 0-3, 3-6, 6-8
-    real = study._scales
-    calls = _counted(monkeypatch, study, "_scales", fail_at=2, source=study)
+    monkeypatch.setattr(subsets, "SUBSET_PART", 3)  # 8 subsets -> parts 0-3, 3-6, 6-8
+    real = subsets._scales
+    calls = _counted(monkeypatch, subsets, "_scales", fail_at=2, source=subsets)
     with pytest.raises(KeyboardInterrupt):
-        run_seed(cfg, 0, cpu)
-    monkeypatch.setattr(study, "_scales", real)
-    calls = _counted(monkeypatch, study, "_scales", source=study)
-    resumed = run_seed(cfg, 0, cpu)
+        Study(cfg, cpu).seed(0)
+    monkeypatch.setattr(subsets, "_scales", real)
+    calls = _counted(monkeypatch, subsets, "_scales", source=subsets)
+    resumed = Study(cfg, cpu).seed(0)
     assert len(calls) == 2  # part 0-3 was kept: κ_S and the ECEs of the two other parts only
     assert resumed.subsets.path == whole.subsets.path and resumed.subsets.done
     assert not (resumed.subsets.path / "parts").exists()
@@ -442,7 +472,7 @@ def test_stage_keys_depend_on_the_device(tiny_cfg):
     cuda = numerics(torch.device("cuda"))
     assert cpu == {"device": "cpu", "autocast": None} and cuda == {"device": "cuda", "autocast": "bfloat16"}
     assert stage_key("map", {"x": 1, "numerics": cpu}) != stage_key("map", {"x": 1, "numerics": cuda})
-    st = run_seed(tiny_cfg, 0, torch.device("cpu"))
+    st = Study(tiny_cfg, torch.device("cpu")).seed(0)
     for s in (st.run.stage, st.laplace, st.bank, st.subsets):
         assert json.loads((s.path / "inputs.json").read_text())["inputs"]["numerics"] == cpu, s.path
 
@@ -467,7 +497,7 @@ def test_gpu_numerics_run_end_to_end_under_cpu_autocast(tiny_cfg, monkeypatch, n
     monkeypatch.setattr(lib.laplace.predictive, "REVERSE_CLASSES_PER_SAMPLE", 1)
     cfg = dataclasses.replace(tiny_cfg, predictive=dataclasses.replace(tiny_cfg.predictive, n_samples=n_samples))
     cpu = torch.device("cpu")
-    studies = run_all(cfg, cpu)
+    studies = Study(cfg, cpu).seeds
     for stage in (studies[0].run.stage, studies[0].laplace, studies[0].bank, studies[0].subsets):
         record = json.loads((stage.path / "inputs.json").read_text())
         assert record["inputs"]["numerics"] == {"device": "cpu", "autocast": "bfloat16"}, stage.path
@@ -493,7 +523,7 @@ def test_dense_block_structure_runs_the_study(tiny_cfg):
     d["laplace"]["structure"] = "dense_block"
     cfg = Config.from_dict(d)
     cpu = torch.device("cpu")
-    study = run_seed(cfg, 0, cpu)
+    study = Study(cfg, cpu).seed(0)
     kron_stage, _ = fit_laplace(tiny_cfg, map_run(tiny_cfg, 0, cpu), cpu)
     assert study.posterior.kind == "dense_block" and study.laplace.path != kron_stage.path
     p = 16 * 4 * 16  # r · 16 · width per block
@@ -519,3 +549,21 @@ def test_curvature_quality_stage_cached_and_keyed(tiny_cfg):
     d["laplace"]["quality_images"] = 0
     with pytest.raises(ValueError, match="quality_images"):
         curvature_quality(Config.from_dict(d), run, cpu)
+
+
+def test_open_study_validates_the_params_and_resolves_the_device():
+    """The chapter preamble: the injected params become a validated Config on the resolved device;
+    a bad key names the params file; nothing is computed until a stage is asked for."""
+    from lib.config import load_params
+    from lib.paths import PARAMS
+    from lib.study import open_study
+
+    d = load_params(PARAMS / "smoke.yml")
+    d["device"] = "cpu"
+    study = open_study("smoke", d)
+    assert study.cfg == Config.from_dict(d) and study.device == torch.device("cpu")
+    d["stats"]["n_binz"] = 3
+    with pytest.raises(ParamsError, match="params/smoke.yml: unknown key 'stats.n_binz'"):
+        open_study("smoke", d)
+    with pytest.raises(ValueError, match="cfg must be a lib.config.Config"):
+        Study(d, "cpu")

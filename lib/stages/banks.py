@@ -1,0 +1,142 @@
+"""Stages ``bank``, ``bank_val``, ``bank_iso``, ``bank_iso_val``: the per-block GLM logit
+perturbations ``J_ℓ δθ_ℓ`` of one seed's test and validation images
+(:func:`lib.laplace.predictive.perturbation_bank`), for the Laplace posterior and for its
+isotropic control (:mod:`lib.laplace.isotropic`).
+
+The validation bank tunes the covariance scale (``predictive.scale``, :mod:`lib.laplace.scale`)
+and the choice of blocks on validation data (:func:`lib.attribution.validation_table`); the
+control's banks do the same for its noise variance. Every bank is computed in resumable parts of
+about :data:`BANK_PART_IMAGES` images (:func:`bank_parts`, :func:`compute_part`), each saved as
+soon as it is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from lib.artifacts import Stage, cached
+from lib.config import Config
+from lib.data import Split, batches
+from lib.laplace.isotropic import IsotropicPosterior
+from lib.laplace.posterior import LaplacePosterior
+from lib.laplace.predictive import Bank, BlockPosterior, perturbation_bank
+from lib.pipeline import MapRun, numerics
+from lib.provenance import environment
+from lib.train import amp_dtype, synchronize
+
+BANK_PART_IMAGES = 1024
+"""Images per resumable part of a perturbation bank (rounded up to whole batches of
+``predictive.batch_size``, so that the parts batch the images exactly as one pass would)."""
+
+
+def load_bank(st: Stage) -> Bank:
+    """The bank a bank stage saved (``bank.pt``, CPU fp32)."""
+    return Bank(**torch.load(st.file("bank.pt"), weights_only=True))
+
+
+def bank_parts(n_images: int, batch_size: int) -> list[tuple[int, int]]:
+    """The image ranges ``[start, stop)`` of a bank's parts: :data:`BANK_PART_IMAGES` rounded up
+    to whole batches of ``batch_size``, the last part shorter."""
+    per_part = batch_size * -(-BANK_PART_IMAGES // batch_size)
+    return [(start, min(start + per_part, n_images)) for start in range(0, n_images, per_part)]
+
+
+def compute_part(cfg: Config, run: MapRun, post: BlockPosterior, data: Split, start: int, stop: int,
+                 device: torch.device) -> dict:
+    """The bank of images ``start:stop`` of ``data`` and its compute time: ``{"bank":
+    dataclasses.asdict(Bank), "seconds": float}``. Every part draws the same posterior samples
+    (they depend on the seed and the block only, :func:`lib.laplace.predictive.block_generator`)
+    and batches its images as one pass over ``data`` would, so joined parts equal a single pass."""
+    pc = cfg.predictive
+    chunk = Split(data.x[start:stop], data.y[start:stop])
+    synchronize(device)
+    t0 = time.perf_counter()
+    bank = perturbation_bank(
+        run.model, post, batches(chunk, pc.batch_size, preprocess=run.preprocess, device=device),
+        n_samples=pc.n_samples, seed=run.seed, device=device, dtype=amp_dtype(device) or torch.float32,
+    )
+    synchronize(device)
+    return {"bank": dataclasses.asdict(bank), "seconds": time.perf_counter() - t0}
+
+
+def build_bank(
+    cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device, split: str = "test",
+    control: bool = False,
+) -> tuple[Stage, Bank]:
+    """The per-block perturbation bank of the ``'test'`` or ``'val'`` split (cached, CPU fp32).
+
+    The validation bank covers the first ``predictive.scale_images`` validation images (all when
+    None). ``control``: the bank of the isotropic control :meth:`IsotropicPosterior.like` ``(post)``
+    instead (stages ``bank_iso`` / ``bank_iso_val``, keyed by the Laplace stage like the Laplace
+    banks, so they are recomputed whenever the posterior is), with unit variance: its noise size
+    enters as a scale.
+
+    Resumable: each part (:func:`bank_parts`) is saved as ``parts/<start>-<stop>.pt``, named by its
+    image range and written atomically; an interrupted stage resumes from the missing parts, and a
+    part whose range no longer matches (another part size) is never joined. Files: ``bank.pt``
+    (:class:`Bank` as a dict; ``map_logits`` are the MAP stage's, :func:`_map_logits`), ``info.json``.
+    """
+    pc = cfg.predictive
+    data = {"test": run.splits.test, "val": run.splits.val}[split]
+    if split == "val" and pc.scale_images is not None:
+        data = Split(data.x[: pc.scale_images], data.y[: pc.scale_images])
+    # "map_logits" names where the bank's f_MAP comes from (see _map_logits), so that banks which
+    # kept the logits of their own forward pass are not reused.
+    name = ("bank_iso" if control else "bank") + ("" if split == "test" else "_val")
+    inputs = {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
+              "map_logits": "map stage", "numerics": numerics(device)}
+    if control:
+        inputs["posterior"] = "isotropic N(0, I)"
+    posterior = IsotropicPosterior.like(post) if control else post
+
+    def compute(st: Stage) -> None:
+        ranges = bank_parts(len(data), pc.batch_size)
+        parts, seconds, resumed = [], 0.0, 0
+        for start, stop in tqdm(ranges, desc=f"{split} bank parts", disable=None):
+            path = st.file(f"parts/{start:07d}-{stop:07d}.pt")
+            if path.is_file():
+                part = torch.load(path, weights_only=True)
+                resumed += 1
+            else:
+                part = compute_part(cfg, run, posterior, data, start, stop, device)
+                torch.save(part, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)
+            parts.append(Bank(**part["bank"]))
+            seconds += part["seconds"]
+        labels = torch.cat([b.labels for b in parts])
+        bank = Bank(map_logits=_map_logits(run, split, len(data), labels), labels=labels,
+                    delta=torch.cat([b.delta for b in parts], dim=1), blocks=parts[0].blocks)
+        torch.save(dataclasses.asdict(bank), st.file("bank.pt"))
+        st.file("info.json").write_text(json.dumps({
+            "seconds": seconds, "images": len(data), "split": split, "n_samples": pc.n_samples,
+            "blocks": list(bank.blocks), "parts": len(ranges), "parts_resumed": resumed,
+            "environment": environment(),
+        }, indent=1))
+        shutil.rmtree(st.path / "parts")
+
+    st = cached(name, inputs, code=__name__, compute=compute, upstream=[lap])
+    return st, load_bank(st)
+
+
+def _map_logits(run: MapRun, split: str, n: int, labels: Tensor) -> Tensor:
+    """The MAP logits (n, C) of the first ``n`` images of ``split``, as the MAP stage saved them
+    (``test_logits.pt`` / ``val_logits.pt``, :func:`lib.train.predict_logits`).
+
+    They are the bank's ``f_MAP`` rather than the logits of the bank's own forward pass, which runs
+    without fused attention and in other batches and so differs from them by rounding (visibly under
+    bf16 autocast on a GPU): ECE_det is then one number, the deterministic model's of the setup
+    chapter, in every table, and every predictive ``f_MAP + J δθ`` is centred on it.
+    """
+    logits = torch.load(run.stage.file(f"{split}_logits.pt"), weights_only=True)[:n].float()
+    y = {"test": run.splits.test, "val": run.splits.val}[split].y[:n]
+    if logits.shape[0] != n or not torch.equal(y.cpu(), labels.cpu()):
+        raise ValueError(f"{run.stage.path}/{split}_logits.pt does not hold the {split} images of the bank in order; "
+                         "delete the map stage to recompute it")
+    return logits

@@ -1,0 +1,82 @@
+"""Which lib modules each stage's code can reach (lib.codehash), and that an edit re-keys exactly
+the stages whose closure holds the edited module.
+
+A stage's key hashes the import closure of its ``code`` module (:func:`lib.artifacts.cached`), so
+this table is what a fix to a module costs: every stage listed for it is recomputed. The MAP
+training must not reach the statistics, the banks neither the statistics nor the attribution, and
+no stage the report, the figures or the plotting style.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from lib.codehash import code_sha256, module_closure
+from lib.paths import ROOT
+from test_import_graph import lib_modules
+
+STAGE_CODE = {
+    "backbone": "lib.pipeline", "map": "lib.pipeline",
+    "laplace": "lib.stages.laplace", "curvature_quality": "lib.stages.quality",
+    "bank": "lib.stages.banks", "bank_val": "lib.stages.banks", "bank_iso": "lib.stages.banks",
+    "bank_iso_val": "lib.stages.banks",
+    "subsets": "lib.stages.subsets", "attribution": "lib.stages.attribution",
+}
+"""The module whose closure keys each stage (the ``code`` it passes to :func:`lib.artifacts.cached`)."""
+
+TRAINING = {"lib", "lib.paths", "lib.provenance", "lib.codehash", "lib.artifacts", "lib.corruption_names", "lib.config",
+            "lib.data", "lib.model", "lib.train", "lib.pipeline"}
+LAPLACE = {"lib.laplace", "lib.laplace.curvature", "lib.laplace.exact", "lib.laplace.posterior", "lib.laplace.marglik",
+           "lib.stages"}
+CLOSURES = {
+    "lib.pipeline": TRAINING,
+    "lib.stages.laplace": TRAINING | LAPLACE | {"lib.stages.laplace"},
+    "lib.stages.quality": TRAINING | LAPLACE | {"lib.laplace.quality", "lib.stages.quality"},
+    "lib.stages.banks": TRAINING | LAPLACE | {"lib.laplace.predictive", "lib.laplace.isotropic", "lib.stages.banks"},
+    "lib.stages.subsets": TRAINING | LAPLACE | {"lib.laplace.predictive", "lib.laplace.scale", "lib.calibration",
+                                                "lib.resample", "lib.temperature", "lib.stages.subsets"},
+    "lib.stages.attribution": TRAINING | LAPLACE | {
+        "lib.laplace.predictive", "lib.laplace.isotropic", "lib.laplace.scale", "lib.calibration", "lib.resample",
+        "lib.stats", "lib.attribution", "lib.stages.banks", "lib.stages.seed", "lib.stages.attribution"},
+}
+"""The pinned closure of every stage module (a new import into a stage's code must be added here)."""
+
+
+def test_each_stage_reaches_exactly_its_pinned_modules():
+    for module, pinned in CLOSURES.items():
+        got = set(module_closure([module]))
+        assert got == pinned, f"{module}: reaches also {sorted(got - pinned)}, no longer {sorted(pinned - got)}"
+    assert set(STAGE_CODE.values()) == set(CLOSURES)
+
+
+def test_training_banks_and_every_stage_stay_clear_of_what_they_do_not_run():
+    assert not {"lib.stats", "lib.attribution"} & CLOSURES["lib.pipeline"]
+    assert not {"lib.stats", "lib.attribution"} & CLOSURES["lib.stages.banks"]
+    for module, closure in CLOSURES.items():
+        assert not {"lib.report", "lib.figures", "lib.style", "lib.shift", "lib.study"} & closure, module
+
+
+@pytest.fixture(scope="module")
+def lib_copy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("copy")
+    shutil.copytree(ROOT / "lib", root / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_an_edited_module_rekeys_exactly_the_stages_whose_closure_holds_it(lib_copy):
+    """For every lib module: append a comment to it in a copy of lib/ and recompute every stage's
+    code hash; the stages whose hash changes are exactly those whose pinned closure holds it."""
+    before = {name: code_sha256([code], lib_copy) for name, code in STAGE_CODE.items()}
+    for module in lib_modules():
+        path = lib_copy.joinpath(*module.split("."))
+        path = path.with_suffix(".py") if path.with_suffix(".py").is_file() else path / "__init__.py"
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited\n")
+        try:
+            changed = {name for name, code in STAGE_CODE.items() if code_sha256([code], lib_copy) != before[name]}
+        finally:
+            path.write_bytes(original)
+        assert changed == {name for name, code in STAGE_CODE.items() if module in CLOSURES[code]}, module
+    assert {name: code_sha256([code], lib_copy) for name, code in STAGE_CODE.items()} == before
