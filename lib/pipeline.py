@@ -138,9 +138,3 @@ def map_run(cfg: Config, seed: int, device: torch.device, *, lora_dropout: float
     model.eval()
     return MapRun(seed, model, splits, pre, json.loads(st.file("history.json").read_text()), st)
 
-
-def backbone_history(cfg: Config, device: torch.device) -> list[dict] | None:
-    """Pre-training history of the backbone (None for profiles without pre-training)."""
-    st = backbone_stage(cfg, device)
-    return None if st is None else json.loads(st.file("history.json").read_text())
-
