@@ -30,6 +30,12 @@ DENSE_BLOCK_MAX_PARAMS = 32_768
 is allowed: its ``P_ℓ²`` float32 entries take 4.3 GB at the limit (cifar10-transfer: 24,576
 parameters, 2.4 GB; vit-b16-cifar100: 196,608, 155 GB, refused)."""
 
+FarOodSet = Literal["natural", "digits", "synthetic"]
+FAR_OOD_SET_NAMES: tuple[str, ...] = typing.get_args(FarOodSet)
+"""The far-OOD sets of :mod:`lib.ood_sets` a profile may name in ``shift.far_ood_sets``."""
+DIGITS = 1797
+"""Images in scikit-learn's digits set (the largest ``shift.far_ood_images`` with ``digits``)."""
+
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 """torchvision's folder of each real dataset inside ``data.root``."""
 
@@ -242,11 +248,15 @@ class DeployConfig:
 
 @dataclass(frozen=True)
 class ShiftConfig:
-    """Calibration under dataset shift and OOD detection (:mod:`lib.shift`, :mod:`lib.corruptions`).
+    """Calibration under dataset shift and OOD detection (:mod:`lib.shift`, :mod:`lib.corruptions`,
+    :mod:`lib.ood_sets`).
 
     ``corruptions`` at ``severities`` are applied to ``max_images`` test images (a seeded subset,
     the same for every corruption; None: all), seeded by ``seed``. ``near_ood_images`` limits the
-    held-out-class test images (None: all), ``far_ood_images`` is the size of the synthetic far-OOD set.
+    held-out-class test images of a real dataset (None: all). ``far_ood_sets``: the far-OOD sets of
+    :data:`lib.ood_sets.FAR_OOD_SETS` evaluated (``natural``: patches of scikit-learn's sample
+    photographs, ``digits``: its handwritten digits, ``synthetic``: uniform noise and smooth
+    colour blobs), each of ``far_ood_images`` images (at most 1,797 with ``digits``), seeded by ``seed``.
     """
 
     corruptions: tuple[str, ...] = (
@@ -257,6 +267,7 @@ class ShiftConfig:
     max_images: int | None = _at_least(1000, 1)
     seed: int = 0
     near_ood_images: int | None = _at_least(None, 1)
+    far_ood_sets: tuple[FarOodSet, ...] = FAR_OOD_SET_NAMES
     far_ood_images: int = _at_least(1000, 1)
 
 
@@ -482,6 +493,12 @@ def _check_shift(cfg: ShiftConfig, source: str, prefix: str) -> None:
     bad = [s for s in cfg.severities if s not in SEVERITIES]
     if bad or not cfg.severities:
         raise ParamsError(f"{source}: {prefix}severities must be a non-empty list of 1..5; got {list(cfg.severities)}")
+    if not cfg.far_ood_sets or len(set(cfg.far_ood_sets)) != len(cfg.far_ood_sets):
+        raise ParamsError(f"{source}: {prefix}far_ood_sets is {list(cfg.far_ood_sets)}; give a non-empty list of "
+                          f"distinct names of {', '.join(FAR_OOD_SET_NAMES)}")
+    if "digits" in cfg.far_ood_sets and cfg.far_ood_images > DIGITS:
+        raise ParamsError(f"{source}: {prefix}far_ood_images is {cfg.far_ood_images}, but the 'digits' set has "
+                          f"{DIGITS} images; use at most {DIGITS} or drop 'digits' from {prefix}far_ood_sets")
 
 
 def lora_block_params(model: ModelConfig, lora: LoraConfig) -> int:

@@ -7,14 +7,8 @@ at severities 1..5, with accuracy, ECE, NLL and Brier score (:mod:`lib.calibrati
 method and severity summarises the spread over corruptions. OOD detection follows Laplace Redux
 :cite:`daxberger2021laplace` with the metrics of :mod:`lib.ood`.
 
-OOD sets of the ``cifar10-transfer`` profile:
-
-- **near-OOD**: the CIFAR-10 test images of the classes *not* fine-tuned on (classes 0-4, which
-  the backbone saw in pre-training while the LoRA head was fine-tuned on classes 5-9);
-- **far-OOD**: :func:`far_ood_images`, synthetic images of two kinds in equal numbers —
-  ``uniform``: i.i.d. uniform pixel values in 0..255 per pixel and channel; ``smooth``: a 4 × 4
-  grid of i.i.d. uniform colours upsampled bicubically to full size (smooth colour blobs without
-  objects), both drawn from an explicit seeded generator.
+The OOD image sets (near-OOD held-out classes; natural-photograph patches, handwritten digits and
+synthetic far-OOD images) are built in :mod:`lib.ood_sets`.
 
 :func:`gain_intervals` gives the ECE gain of each method over MAP per severity with paired
 intervals, :func:`shift_summary` the resulting choice per severity, and :func:`rank_agreement`
@@ -33,25 +27,19 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from lib.calibration import accuracy, brier, ece, ece_from_weights, nll, top_label
-from lib.config import Config
 from lib.corruptions import CORRUPTIONS
-from lib.data import read_cifar
 from lib.figures import PALETTE, STYLE, WIDTH
 from lib.ood import auroc_difference, average_precision, ood_scores, paired_bootstrap_auroc
 from lib.stats import bootstrap_counts, percentile_interval
 
 __all__ = [
     "METRICS",
-    "FAR_OOD_KINDS",
     "shift_metrics",
-    "near_ood_images",
-    "far_ood_images",
     "ood_table",
     "cluster_counts",
     "gain_intervals",
@@ -65,10 +53,6 @@ __all__ = [
 
 METRICS = ("accuracy", "ece", "nll", "brier")
 """Columns of :func:`shift_metrics` (fractions; NLL in nats)."""
-
-FAR_OOD_KINDS = ("uniform", "smooth")
-"""The kinds of :func:`far_ood_images`, in the order they are drawn."""
-
 
 def shift_metrics(
     probs: Mapping[str, Tensor],
@@ -114,45 +98,6 @@ def shift_metrics(
             "nll": float(nll(p, labels)), "brier": float(brier(p, labels)),
         })
     return pd.DataFrame(rows)
-
-
-def near_ood_images(cfg: Config, *, max_images: int | None = None, seed: int = 0) -> Tensor:
-    """Test images of the classes of the dataset that were *not* fine-tuned on, uint8 (M, 3, 32, 32).
-
-    For ``cifar10-transfer`` these are the 5,000 test images of classes 0-4. ``max_images`` keeps a
-    sorted random subset drawn with ``torch.Generator().manual_seed(seed)``.
-    """
-    if cfg.data.name == "synthetic" or cfg.data.classes is None:
-        raise ValueError(
-            f"profile '{cfg.profile}': near-OOD images need a real dataset with data.classes set "
-            "(the held-out classes are the near-OOD set)"
-        )
-    _, test, _ = read_cifar(cfg.data_root, cfg.data.name, download=cfg.data.download)
-    keep = ~torch.isin(test.y, torch.tensor(cfg.data.classes))
-    x = test.x[keep]
-    if max_images is not None and max_images < len(x):
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
-        x = x[idx]
-    return x
-
-
-def far_ood_images(n: int, *, seed: int, size: int = 32) -> tuple[Tensor, tuple[str, ...]]:
-    """Synthetic far-OOD images uint8 (n, 3, size, size) and the kind of each (see module docstring).
-
-    The first ``ceil(n / 2)`` are ``uniform`` (pixels i.i.d. uniform in 0..255), the rest ``smooth``
-    (4 × 4 uniform colours in [0, 255], bicubic upsampling to ``size``, clipped), all drawn from
-    ``torch.Generator().manual_seed(seed)`` in that order.
-    """
-    if n < 1 or size < 4:
-        raise ValueError(f"n must be >= 1 and size >= 4; got n={n}, size={size}")
-    g = torch.Generator().manual_seed(seed)
-    n_uniform = (n + 1) // 2
-    uniform = torch.randint(0, 256, (n_uniform, 3, size, size), generator=g, dtype=torch.uint8)
-    coarse = 255 * torch.rand(n - n_uniform, 3, 4, 4, generator=g)
-    smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-    smooth = smooth.round().clamp(0, 255).to(torch.uint8)
-    uniform_kind, smooth_kind = FAR_OOD_KINDS
-    return torch.cat([uniform, smooth]), (uniform_kind,) * n_uniform + (smooth_kind,) * (n - n_uniform)
 
 
 def ood_table(

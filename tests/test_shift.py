@@ -1,5 +1,4 @@
-"""lib.shift: the per-method shift table against lib.calibration, OOD sets (near: held-out classes of
-a fabricated CIFAR-10; far: seeded synthetic images), the OOD table against sklearn, Kendall's τ-b
+"""lib.shift: the per-method shift table against lib.calibration, the OOD table against sklearn, Kendall's τ-b
 against scipy, the paired rank-agreement bootstrap against a loop, and the box statistics against
 matplotlib's boxplot_stats (the figure is checked on its data, not pixels)."""
 
@@ -13,14 +12,10 @@ from matplotlib import cbook
 from scipy.stats import kendalltau
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from conftest import write_fake_cifar10
 from lib.calibration import brier, ece, nll
-from lib.config import Config
 from lib.shift import (
-    far_ood_images,
     gain_intervals,
     kendall_tau_b,
-    near_ood_images,
     ood_table,
     plot_shift_boxes,
     prepare_shift_boxes,
@@ -57,36 +52,6 @@ def test_shift_metrics_match_calibration_module():
         shift_metrics(probs, labels, corruption="rain", severity=1)
     with pytest.raises(ValueError, match="rows"):
         shift_metrics({"map": probs["map"][:10]}, labels, corruption="fog", severity=1)
-
-
-def test_near_ood_images_are_the_held_out_classes(tmp_path):
-    ref = write_fake_cifar10(tmp_path, n_test=40)
-    cfg = Config.from_dict({"profile": "t", "data": {"name": "cifar10", "root": str(tmp_path), "classes": [5, 6, 7, 8, 9],
-                                                     "num_classes": 5}})
-    x = near_ood_images(cfg)
-    keep = np.isin(ref["test_labels"], [0, 1, 2, 3, 4])
-    assert torch.equal(x, torch.as_tensor(ref["test"][keep]).reshape(-1, 3, 32, 32))
-    sub = near_ood_images(cfg, max_images=7, seed=1)
-    assert sub.shape == (7, 3, 32, 32)
-    assert all(any(torch.equal(s, r) for r in x) for s in sub)
-    assert torch.equal(sub, near_ood_images(cfg, max_images=7, seed=1))
-    with pytest.raises(ValueError, match="data.classes"):
-        near_ood_images(Config.from_dict({"profile": "t", "data": {"name": "cifar10", "root": str(tmp_path)}}))
-
-
-def test_far_ood_images_are_seeded_and_of_two_kinds():
-    x, kinds = far_ood_images(101, seed=4)
-    assert x.shape == (101, 3, 32, 32) and x.dtype == torch.uint8
-    assert kinds.count("uniform") == 51 and kinds.count("smooth") == 50
-    y, _ = far_ood_images(101, seed=4)
-    z, _ = far_ood_images(101, seed=5)
-    assert torch.equal(x, y) and not torch.equal(x, z)
-    u, s = x[:51].double(), x[51:].double()
-    # uniform on 0..255: mean 127.5, sd 73.9 (discrete uniform, sqrt((256² − 1) / 12)); 156,672 values
-    assert abs(float(u.mean()) - 127.5) < 0.6 and abs(float(u.std()) - 73.9) < 0.5
-    # neighbouring pixels: independent for uniform (mean |diff| = 85.3), close for smooth blobs
-    tv = lambda t: float((t[..., 1:] - t[..., :-1]).abs().mean())  # noqa: E731
-    assert abs(tv(u) - 85.3) < 1.0 and tv(s) < 15
 
 
 def _sk(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
