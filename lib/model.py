@@ -119,17 +119,14 @@ def data_config(model: nn.Module) -> dict:
     }
 
 
-def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int, dropout: float = 0.0) -> PeftModel:
+def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int) -> PeftModel:
     """Wrap ``model`` with peft LoRA on ``cfg.targets`` of every block; head trained in full.
 
     Only the LoRA factors and the head require gradients. LoRA ``A`` is initialised from ``seed``
     (peft's Kaiming-uniform), ``B`` at zero so the adapted model starts equal to the backbone.
-    ``dropout``: peft's ``lora_dropout``, inverted dropout of rate p on the adapter input ``x``
-    before ``A`` (``scaling · B A dropout(x)``); 0 (the MAP network is deterministic, see
-    :class:`lib.config.ModelConfig`) except for the MC-dropout baseline (:mod:`lib.baselines.mc_dropout`).
+    No adapter dropout (the MAP network is deterministic, see :class:`lib.config.ModelConfig`);
+    the MC-dropout baseline adds it to a copy (:func:`lib.baselines.mc_dropout.with_lora_dropout`).
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout is {dropout}; the LoRA dropout rate must be in [0, 1)")
     unknown = set(cfg.targets) - set(TARGET_PATHS)
     if unknown:
         raise ValueError(f"lora.targets has {sorted(unknown)}; valid targets: {sorted(TARGET_PATHS)}")
@@ -137,7 +134,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int, dropout: float = 0
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
-        lora_dropout=dropout,
+        lora_dropout=0.0,
         target_modules=rf".*blocks\.\d+\.({paths})",
         modules_to_save=["head"],
         bias="none",

@@ -93,25 +93,19 @@ def _finetune_model_cfg(cfg: Config, backbone: Stage | None) -> ModelConfig:
     return dataclasses.replace(cfg.model, pretrained=False, checkpoint=str(backbone.file("backbone.pt")))
 
 
-def map_run(cfg: Config, seed: int, device: torch.device, *, lora_dropout: float = 0.0) -> MapRun:
-    """Train (or load) the LoRA MAP model of one seed; saves the trainable weights and history.
-
-    ``lora_dropout`` > 0 trains with peft's LoRA dropout (the MC-dropout baseline,
-    :mod:`lib.baselines.mc_dropout`): a separate stage (the rate is part of its key; 0 leaves the
-    MAP key unchanged), its dropout masks drawn from the global stream forked and seeded with ``seed``.
-    """
+def map_run(cfg: Config, seed: int, device: torch.device) -> MapRun:
+    """Train (or load) the LoRA MAP model of one seed; saves the trainable weights and history."""
     backbone = backbone_stage(cfg, device)
-    dropout_key = {"lora_dropout": lora_dropout} if lora_dropout else {}
     st = stage(
         "map",
         {"data": _data_identity(cfg), **cfg.section("model", "lora", "train"), "seed": seed,
-         "numerics": numerics(device), **dropout_key},
+         "numerics": numerics(device)},
         upstream=[backbone] if backbone else [],
     )
     splits = splits_for(cfg)
     model = build_backbone(_finetune_model_cfg(cfg, backbone), splits.num_classes, seed=seed, device=device)
     model.requires_grad_(False)
-    model = add_lora(model, cfg.lora, seed=seed, dropout=lora_dropout).to(device)
+    model = add_lora(model, cfg.lora, seed=seed).to(device)
     pre = Preprocess.from_data_config(data_config(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if st.done:

@@ -35,7 +35,7 @@ from lib.calibration import accuracy, brier, ece, ece_from_weights, nll, top_lab
 from lib.corruptions import CORRUPTIONS
 from lib.figures import PALETTE, STYLE, WIDTH
 from lib.ood import auroc_difference, average_precision, ood_scores, paired_bootstrap_auroc
-from lib.stats import bootstrap_counts, percentile_interval
+from lib.stats import bootstrap_counts, kendall_tau_b, percentile_interval
 
 __all__ = [
     "METRICS",
@@ -44,7 +44,6 @@ __all__ = [
     "cluster_counts",
     "gain_intervals",
     "shift_summary",
-    "kendall_tau_b",
     "RankAgreement",
     "rank_agreement",
     "prepare_shift_boxes",
@@ -249,22 +248,6 @@ def shift_summary(gains: pd.DataFrame, ranks: pd.DataFrame, alpha: float) -> str
         parts.append("Kendall's τ between the single-block ΔECE ranking on clean images and under shift, "
                      "averaged over seeds: " + ", ".join(f"{t:.2f} (severity {s})" for s, t in mean_tau.items()) + ".")
     return " ".join(parts)
-
-
-def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
-    """Kendall's τ-b :cite:`kendall1938new` between rows of ``a`` and ``b`` (..., P) → (...,).
-
-    ``τ_b = Σ_{i<j} sgn(a_i − a_j) sgn(b_i − b_j) / sqrt((n_0 − n_a)(n_0 − n_b))`` with
-    ``n_0 = P(P−1)/2`` and ``n_a``, ``n_b`` the tied pairs of ``a`` and ``b`` (NaN if either row is constant).
-    """
-    if a.shape != b.shape or a.shape[-1] < 2:
-        raise ValueError(f"a and b must have the same shape (..., P) with P >= 2; got {tuple(a.shape)}, {tuple(b.shape)}")
-    p = a.shape[-1]
-    iu = torch.triu_indices(p, p, 1, device=a.device)
-    sa = torch.sign(a[..., iu[0]] - a[..., iu[1]])
-    sb = torch.sign(b[..., iu[0]] - b[..., iu[1]])
-    den = (sa.abs().sum(-1) * sb.abs().sum(-1)).sqrt()
-    return (sa * sb).sum(-1) / den
 
 
 @dataclass(frozen=True)

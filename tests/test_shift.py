@@ -15,7 +15,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from lib.calibration import brier, ece, nll
 from lib.shift import (
     gain_intervals,
-    kendall_tau_b,
     ood_table,
     plot_shift_boxes,
     prepare_shift_boxes,
@@ -23,7 +22,7 @@ from lib.shift import (
     shift_metrics,
     shift_summary,
 )
-from lib.stats import bootstrap_counts, delta_ece
+from lib.stats import bootstrap_counts, delta_ece, kendall_tau_b
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,17 +81,6 @@ def test_ood_table_against_sklearn():
     assert abs(la.auroc_diff - (la.auroc - map_.auroc)) < 1e-12 and la.auroc_diff > 0
     with pytest.raises(ValueError, match="same methods"):
         ood_table(p_in, {"map": p_out["map"]}, ood_set="far", n_resamples=5, generator=torch.Generator())
-
-
-def test_kendall_tau_b_against_scipy_with_ties():
-    g = torch.Generator().manual_seed(2)
-    a = torch.randint(0, 4, (6, 9), generator=g).double()
-    b = torch.randint(0, 4, (6, 9), generator=g).double()
-    got = kendall_tau_b(a, b)
-    for k in range(6):
-        assert abs(float(got[k]) - kendalltau(a[k].numpy(), b[k].numpy()).statistic) < 1e-12
-    assert float(kendall_tau_b(torch.arange(5.0), torch.arange(5.0))) == 1.0
-    assert float(kendall_tau_b(torch.arange(5.0), -torch.arange(5.0))) == -1.0
 
 
 def test_rank_agreement_equals_a_loop_over_resamples():

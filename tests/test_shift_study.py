@@ -14,9 +14,9 @@ from lib.calibration import ece, nll
 from lib.config import Config, ParamsError
 from lib.data import Split
 from lib.ood_sets import synthetic_ood_images
-from lib.shift import kendall_tau_b, shift_metrics
+from lib.shift import shift_metrics
 from lib.shift_study import clean_predictions, corrupted_test_sets, evaluate_shift, shift_predictions
-from lib.stats import delta_ece
+from lib.stats import delta_ece, kendall_tau_b
 from lib.study import run_seed
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,10 +1,9 @@
 """MC dropout on the LoRA adapters: peft's ``lora_dropout`` kept on at test time.
 
 A LoRA map with adapter dropout computes ``y = W x + s · B A (m ⊙ x) / (1 − p)``, m_i ~ Bernoulli(1 − p)
-(peft's ``lora_dropout``, an ``nn.Dropout`` on the adapter input). Trained with dropout rate p
-(:func:`lib.pipeline.map_run` with ``lora_dropout=p``) and kept on at test time, K stochastic
-forward passes approximate the predictive of the variational posterior that dropout defines
-(gal2016dropout):
+(peft's ``lora_dropout``, an ``nn.Dropout`` on the adapter input). Trained with dropout rate p and
+kept on at test time, K stochastic forward passes approximate the predictive of the variational
+posterior that dropout defines (gal2016dropout):
 
     p(y | x) ≈ (1/K) Σ_k softmax(f(x; m_k)),
 
@@ -13,11 +12,18 @@ LoRA dropout modules run in train mode; the rest of the network (timm's attentio
 and head dropout, stochastic depth) stays in eval mode (:func:`lora_dropout_on`). The masks come
 from torch's global stream, forked and seeded with ``seed`` for the duration
 (``torch.random.fork_rng``), so a call is deterministic and leaves the global stream as found.
-Cost: K forward passes per image (K× inference), one fine-tune.
+
+Training. The dropout network starts from the MAP adapters of its seed (:func:`with_lora_dropout`
+copies the MAP model and puts dropout of rate p on every LoRA input) and is fine-tuned briefly
+with the MAP recipe (:mod:`lib.baselines.finetune`). The same network evaluated without dropout
+(eval mode, :func:`lib.train.predict_logits`) is reported beside its MC predictive, which
+separates the regularisation that training with dropout brings from the averaging over masks.
+Cost: the brief fine-tune and K forward passes per image (K× inference).
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -42,6 +48,25 @@ class McDropoutConfig:
     def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "McDropoutConfig":
         """Build from a mapping, rejecting unknown keys and out-of-range values (``ParamsError``)."""
         return _build(cls, d, source, "mc_dropout.")
+
+
+def with_lora_dropout(model: nn.Module, rate: float) -> nn.Module:
+    """A deep copy of the peft ``model`` whose LoRA maps get input dropout of ``rate`` (peft's
+    ``lora_dropout``: every adapter's ``nn.Identity`` or ``nn.Dropout`` replaced by
+    ``nn.Dropout(rate)``); the weights and everything else are copied unchanged, so in eval mode
+    the copy computes exactly what ``model`` does."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate is {rate}; the LoRA dropout rate must be in (0, 1)")
+    out = copy.deepcopy(model)
+    found = False
+    for module in out.modules():
+        if hasattr(module, "lora_dropout") and hasattr(module, "lora_A"):
+            for name in list(module.lora_dropout.keys()):
+                module.lora_dropout[name] = nn.Dropout(rate)
+                found = True
+    if not found:
+        raise ValueError("the model has no LoRA modules: wrap it with lib.model.add_lora first")
+    return out
 
 
 def lora_dropout_modules(model: nn.Module) -> list[nn.Dropout]:
@@ -103,7 +128,7 @@ def mc_dropout_probs(model: nn.Module, split: Split, *, samples: int, seed: int,
         raise ValueError(f"samples is {samples}; MC dropout needs at least one pass")
     device = torch.device(device)
     if not lora_dropout_modules(model):
-        raise ValueError("the model has no LoRA dropout (rate 0): train it with map_run(..., lora_dropout=p > 0)")
+        raise ValueError("the model has no LoRA dropout (rate 0): make it with with_lora_dropout(model, p)")
     out = []
     with torch.random.fork_rng(devices=_rng_devices(device)), lora_dropout_on(model):
         torch.manual_seed(seed)
