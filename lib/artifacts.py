@@ -6,12 +6,16 @@ A stage is identified by its name, its inputs and the keys of the stages it cons
 stage while it reuses the MAP checkpoint only if the MAP stage's inputs are identical; a changed
 upstream key propagates to every downstream stage.
 
-Usage::
+Every stage of the study is made through :func:`cached`, whose inputs also hold a hash of the
+source of the code that computes the stage (:mod:`lib.codehash`): the module named as ``code`` and
+every ``lib`` module it imports, transitively. A fix to that code gives the stage a new key, so a
+warm ``artifacts/`` never serves results of the code before the fix, while stages whose code cannot
+reach the edited module keep their keys. Usage::
 
-    fit = stage("map", cfg.section("data", "model", "lora", "train"))
-    if not fit.done:
-        torch.save(state, fit.file("model.pt"))
-        fit.mark_done()
+    def train(st: Stage) -> None:
+        torch.save(state, st.file("model.pt"))
+
+    fit = cached("map", cfg.section("data", "model", "lora", "train"), code=__name__, compute=train)
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lib.codehash import code_sha256, module_closure
 from lib.paths import ARTIFACTS
 from lib.provenance import canonical_json, sha256_text
 
@@ -97,3 +102,36 @@ def stage(
     }
     (path / "inputs.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     return Stage(name=name, key=key, path=path)
+
+
+CODE_KEY = "code"
+"""The entry of a cached stage's inputs that names its code: ``{"modules": closure, "sha256": hash}``."""
+
+
+def cached(
+    name: str,
+    inputs: Mapping[str, Any],
+    *,
+    code: str | Sequence[str],
+    compute: Callable[[Stage], None],
+    upstream: Sequence[Stage] = (),
+    root: Path | None = None,
+) -> Stage:
+    """The stage ``name`` for these inputs, upstream stages and code, computed once.
+
+    ``code``: the module (normally the caller's ``__name__``) or modules that compute the stage;
+    the key hashes their source and that of every ``lib`` module they import, transitively
+    (:func:`lib.codehash.code_sha256`), besides ``inputs`` and the upstream keys. ``compute(stage)``
+    runs only when the stage is not done; it writes the stage's files (it may resume from parts
+    it saved earlier in the same directory), and the stage is marked done when it returns. A
+    ``compute`` that raises leaves the stage unfinished, never marked done.
+    """
+    if CODE_KEY in inputs:
+        raise ValueError(f"inputs of stage {name!r} use the reserved key {CODE_KEY!r}; rename that input")
+    modules = (code,) if isinstance(code, str) else tuple(code)
+    keyed = {**inputs, CODE_KEY: {"modules": list(module_closure(modules)), "sha256": code_sha256(modules)}}
+    st = stage(name, keyed, upstream, root)
+    if not st.done:
+        compute(st)
+        st.mark_done()
+    return st

@@ -92,6 +92,11 @@ class DataConfig:
 class ModelConfig:
     """A timm ViT by name; ``pretrained`` loads hub weights, ``checkpoint`` a local file instead.
 
+    ``checkpoint``: a timm state dict, ``.safetensors`` or a ``torch.save`` file; with
+    ``checkpoint_sha256`` (64 hex digits) the file must have exactly that SHA-256 (a backbone
+    shipped with the project, :mod:`lib.backbone`), so a replaced or corrupted file is an error,
+    never a silently different study.
+
     ``kwargs`` go to ``timm.create_model``; its dropout rates (``*drop_rate``, ``drop_path_rate``)
     must stay 0: dropout draws from the global random stream, so a resumed run would not be
     bit-identical and the Laplace fit would linearise a stochastic network.
@@ -100,6 +105,7 @@ class ModelConfig:
     name: str = "vit_tiny_patch16_224"
     pretrained: bool = False
     checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -465,6 +471,13 @@ def _check_data(cfg: DataConfig, source: str, prefix: str) -> None:
 
 
 def _check_model(cfg: ModelConfig, source: str, prefix: str) -> None:
+    if cfg.checkpoint_sha256 is not None:
+        if cfg.checkpoint is None:
+            raise ParamsError(f"{source}: '{prefix}checkpoint_sha256' is set but '{prefix}checkpoint' is not; "
+                              "set the checkpoint file or remove the hash")
+        if not re.fullmatch(r"[0-9a-f]{64}", cfg.checkpoint_sha256):
+            raise ParamsError(f"{source}: '{prefix}checkpoint_sha256' must be 64 lower-case hex digits "
+                              f"(sha256sum of the file), got {cfg.checkpoint_sha256!r}")
     for key, value in cfg.kwargs.items():
         if key.endswith("drop_rate") or key == "drop_path_rate":
             if value:

@@ -57,22 +57,24 @@ def _data_identity(cfg: Config) -> dict:
     return data
 
 
-def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
-    """Pre-train the backbone from scratch on ``pretrain.classes`` (or None without a pretrain section).
+def pretrain_stage(cfg: Config, device: torch.device) -> Stage:
+    """Pre-train the backbone from scratch on ``pretrain.classes`` (a ValueError without a pretrain section).
 
     The full ViT is trained with AdamW (decoupled decay), label smoothing, crop/flip augmentation
     and a cosine schedule; the saved file ``backbone.pt`` is a timm state dict whose head is
-    discarded when fine-tuning.
+    discarded when fine-tuning. The model section's ``checkpoint`` fields are not inputs: they
+    name where a profile ships the result of this stage (:mod:`lib.backbone`).
     """
     if cfg.pretrain is None:
-        return None
+        raise ValueError(f"params for profile '{cfg.profile}' have no pretrain section; add one to pre-train a backbone")
     p = cfg.pretrain
-    st = stage("backbone", {"data": _data_identity(cfg), "model": cfg.section("model")["model"],
+    model_cfg = dataclasses.replace(cfg.model, checkpoint=None, checkpoint_sha256=None)
+    st = stage("backbone", {"data": _data_identity(cfg), "model": dataclasses.asdict(model_cfg),
                             "pretrain": dataclasses.asdict(p), "numerics": numerics(device)})
     if st.done:
         return st
     splits = pretrain_splits(cfg)
-    model = build_backbone(cfg.model, splits.num_classes, seed=p.seed, device=device, init_seed=p.seed)
+    model = build_backbone(model_cfg, splits.num_classes, seed=p.seed, device=device, init_seed=p.seed)
     pre = Preprocess.from_data_config(data_config(model))
     spec = FitSpec(
         epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, warmup_epochs=p.warmup_epochs, grad_clip=1.0,
@@ -85,6 +87,14 @@ def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
     st.file("history.json").write_text(json.dumps(history, indent=1))
     st.mark_done()
     return st
+
+
+def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
+    """The pre-training stage that fine-tuning starts from: None when the profile has no pretrain
+    section or ships the pre-trained backbone as ``model.checkpoint`` (then fine-tuning loads that file)."""
+    if cfg.pretrain is None or cfg.model.checkpoint is not None:
+        return None
+    return pretrain_stage(cfg, device)
 
 
 def _finetune_model_cfg(cfg: Config, backbone: Stage | None) -> ModelConfig:
@@ -129,10 +139,3 @@ def map_run(cfg: Config, seed: int, device: torch.device) -> MapRun:
         st.mark_done()
     model.eval()
     return MapRun(seed, model, splits, pre, history, st)
-
-
-def backbone_history(cfg: Config, device: torch.device) -> list[dict] | None:
-    """Pre-training history of the backbone (None for profiles without pre-training)."""
-    st = backbone_stage(cfg, device)
-    return None if st is None else json.loads(st.file("history.json").read_text())
-

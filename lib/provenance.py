@@ -79,17 +79,6 @@ def notebook_sha256(path: str | Path) -> str:
     return sha256_text(canonical_json(cells, "cells"))
 
 
-def lib_sha256(root: Path = ROOT) -> str:
-    """SHA-256 over the relative paths and contents of every ``lib/**/*.py`` file."""
-    h = hashlib.sha256()
-    for path in sorted((root / "lib").rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(b"\0")
-        h.update(path.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 def _git(root: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(

@@ -38,7 +38,8 @@ import nbformat
 import yaml
 
 from lib import paths
-from lib.provenance import canonical_json, environment, lib_sha256, notebook_sha256, params_sha256, sha256_text
+from lib.codehash import combined_sha256, module_hashes, notebook_modules
+from lib.provenance import canonical_json, environment, notebook_sha256, params_sha256, sha256_text
 
 INDEX = "index"
 SCRATCH = "+"
@@ -159,6 +160,7 @@ def _provenance_cell(record: Mapping[str, Any], params_file: str) -> nbformat.No
         ("Params SHA-256", f"`{record['params_sha256'][:16]}`"),
         ("Seeds", ", ".join(map(str, seeds)) if seeds else "—"),
         ("Git commit", f"`{sha}`"),
+        ("Library", f"{len(record['lib_modules'])} modules of `lib/`, SHA-256 `{combined_sha256(record['lib_modules'])[:16]}`"),
         ("Device", record["device"]),
         ("torch / timm / peft", f"{record['torch']} / {record['timm']} / {record['peft']}"),
         ("Executed", record["started_at"]),
@@ -216,6 +218,7 @@ def run_chapter(
     out_dir = layout.freeze / profile
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(layout.root)
+    modules = module_hashes(notebook_modules(src))  # the lib that executes the chapter
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"lla-{chapter}-") as tmp:
@@ -248,7 +251,7 @@ def run_chapter(
             "overrides": dict(overrides or {}),
             "params_sha256": params_sha256(params),
             "source_sha256": notebook_sha256(src),
-            "lib_sha256": lib_sha256(layout.root),
+            "lib_modules": modules,
             "git_sha": env["git_sha"],
             "git_dirty": env["git_dirty"],
             "device": env["device"],

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from lib.artifacts import Stage, default_root, stage, stage_key
+from lib.artifacts import DONE, Stage, cached, default_root, stage, stage_key
+from lib.codehash import code_sha256, module_closure
 from lib.provenance import canonical_json, sha256_text
 
 INPUTS = {
@@ -140,3 +141,34 @@ def test_default_root_from_environment(tmp_path, monkeypatch):
     assert isinstance(s, Stage) and s.path.parent == tmp_path / "store"
     monkeypatch.delenv("LLA_ARTIFACTS")
     assert default_root().name == "artifacts"
+
+
+def test_cached_computes_once_and_keys_the_code(tmp_path):
+    calls = []
+
+    def compute(st):
+        calls.append(st.key)
+        st.file("out.txt").write_text("x")
+
+    first = cached("demo", {"a": 1}, code="lib.stats", compute=compute, root=tmp_path)
+    again = cached("demo", {"a": 1}, code="lib.stats", compute=compute, root=tmp_path)
+    assert first == again and first.done and calls == [first.key]
+    recorded = json.loads((first.path / "inputs.json").read_text())["inputs"]["code"]
+    assert recorded == {"modules": list(module_closure(["lib.stats"])), "sha256": code_sha256(["lib.stats"])}
+    # the same inputs computed by other code get another stage
+    other = cached("demo", {"a": 1}, code="lib.calibration", compute=compute, root=tmp_path)
+    assert other.key != first.key and calls == [first.key, other.key]
+    assert first.key != stage("demo", {"a": 1}, root=tmp_path).key
+
+
+def test_cached_leaves_a_failed_compute_unfinished_and_reserves_the_code_key(tmp_path):
+    def fail(st):
+        st.file("part.txt").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        cached("demo", {"a": 1}, code="lib.stats", compute=fail, root=tmp_path)
+    (path,) = tmp_path.iterdir()
+    assert not (path / DONE).exists() and (path / "part.txt").is_file()
+    with pytest.raises(ValueError, match="reserved key 'code'"):
+        cached("demo", {"code": 1}, code="lib.stats", compute=fail, root=tmp_path)

@@ -1,8 +1,10 @@
-"""Frozen outputs in _freeze/ are up to date with the chapter sources and params files.
+"""Frozen outputs in _freeze/ are up to date with the chapter sources, params files and library.
 
 A record ``_freeze/<profile>/<chapter>.json`` is fresh when the hash of the current
-``chapters/<chapter>.ipynb`` (cell types and sources only) and of the validated
-``params/<profile>.yml`` equal the hashes stored when the chapter was executed.
+``chapters/<chapter>.ipynb`` (cell types and sources only), of the validated ``params/<profile>.yml``
+and of every ``lib`` module the chapter's code imports, transitively (:mod:`lib.codehash`), equal
+the hashes stored when the chapter was executed. A change to a module that a chapter cannot reach
+leaves that chapter fresh.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 
 import pytest
 
+from lib.codehash import module_hashes, notebook_modules
 from lib.config import load_params, params_path
 from lib.paths import CHAPTERS, FREEZE
 from lib.provenance import notebook_sha256, params_sha256
@@ -25,6 +28,11 @@ git-ignored scratch folders, never stale committed ones."""
 
 def _id(path):
     return f"{path.parent.name}/{path.stem}"
+
+
+def changed_modules(recorded: dict[str, str], current: dict[str, str]) -> list[str]:
+    """Modules whose source hash differs, or that only one of the two closures holds."""
+    return sorted(m for m in set(recorded) | set(current) if recorded.get(m) != current.get(m))
 
 
 @pytest.mark.parametrize("record_path", RECORDS, ids=[_id(p) for p in RECORDS])
@@ -48,6 +56,11 @@ def test_frozen_chapter_is_fresh(record_path):
     assert params_sha256(params) == record["params_sha256"], (
         f"params/{profile}.yml changed since chapter {chapter} was frozen; {rerun}"
     )
+    changed = changed_modules(record["lib_modules"], module_hashes(notebook_modules(source)))
+    assert not changed, (
+        f"lib modules that chapter {chapter} imports changed since it was frozen for profile {profile} "
+        f"({', '.join(changed)}); {rerun}"
+    )
 
 
 @pytest.mark.parametrize("chapter", book_chapters())
@@ -58,32 +71,27 @@ def test_every_book_chapter_has_a_frozen_smoke_output(chapter):
     )
 
 
-
 PROFILES = sorted({p.parent.name for p in RECORDS})
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_chapters_of_a_profile_ran_with_one_library_and_index_last(profile):
-    """The book shows one execution of the library: every chapter of a profile recorded the same
-    ``lib`` hash, and the index, which reads the other chapters' saved tables, ran after them."""
+    """The book shows one execution of the library: every module that several chapters of a profile
+    import has the same source hash in all their records, and the index, which reads the other
+    chapters' saved tables, ran after them."""
     records = {p.stem: json.loads(p.read_text()) for p in FREEZE.glob(f"{profile}/*.json")}
-    libs = {r["lib_sha256"] for r in records.values()}
-    assert len(libs) == 1, (
-        f"chapters of {profile} ran with {len(libs)} different versions of lib/ "
-        f"({', '.join(sorted(c for c in records))}); re-run them together: make run PROFILE={profile}"
+    seen: dict[str, dict[str, set[str]]] = {}
+    for chapter, record in records.items():
+        for module, sha in record["lib_modules"].items():
+            seen.setdefault(module, {}).setdefault(sha, set()).add(chapter)
+    split = {m: v for m, v in seen.items() if len(v) > 1}
+    assert not split, (
+        f"chapters of {profile} ran with different versions of "
+        + "; ".join(f"{m} ({' vs '.join(', '.join(sorted(c)) for c in v.values())})" for m, v in sorted(split.items()))
+        + f"; re-run them together: make run PROFILE={profile}"
     )
     if "index" in records:
         last = max(r["started_at"] for c, r in records.items() if c != "index")
         assert records["index"]["started_at"] >= last, (
             f"the index of {profile} ran before a chapter whose tables it reads; make run PROFILE={profile} CHAPTER=index"
         )
-
-
-def test_smoke_freeze_ran_with_the_current_library():
-    """The CI profile's frozen book was executed by the ``lib/`` of this commit, so a formula fix in
-    ``lib/`` cannot leave the book showing numbers of the code before it. (The GPU-frozen profiles
-    record their ``lib`` hash in each chapter's provenance instead; they cannot be re-run here.)"""
-    from lib.provenance import lib_sha256
-
-    recorded = {json.loads(p.read_text())["lib_sha256"] for p in FREEZE.glob("smoke/*.json")}
-    assert recorded == {lib_sha256()}, "lib/ changed since the smoke book was frozen; make run PROFILE=smoke"

@@ -81,7 +81,7 @@ def test_run_writes_outputs_records_and_provenance(book):
         assert rec["source_sha256"] == notebook_sha256(book.chapters / f"{chapter}.ipynb")
         assert rec["seeds"] == [3, 4]
         assert rec["params_file"] == "params/tiny.yml"
-        for key in ("lib_sha256", "git_sha", "git_dirty", "device", "torch", "timm", "peft",
+        for key in ("lib_modules", "git_sha", "git_dirty", "device", "torch", "timm", "peft",
                     "started_at", "wall_time_s"):
             assert key in rec
         nb = nbformat.read(out, as_version=4)
