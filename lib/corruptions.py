@@ -69,7 +69,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from lib.artifacts import Stage, stage
+from lib.artifacts import Stage, cached
 from lib.data import Split
 
 __all__ = [
@@ -409,7 +409,8 @@ def cached_corrupt_split(
     """:func:`corrupt_split` cached as a ``corrupt`` stage (:mod:`lib.artifacts`).
 
     ``split_inputs`` identifies the clean split (e.g. the data section and the split's name); the
-    stage key also holds the corruption, its constant, the severity, ``seed`` and ``max_images``.
+    stage key also holds the corruption, its constant, the severity, ``seed``, ``max_images`` and the
+    code of this module (:func:`lib.artifacts.cached`).
     The stage file ``split.pt`` holds ``x`` uint8 (M, 3, H, W), ``y`` int64 (M,) and ``index`` int64 (M,).
     """
     corruption = _lookup(name, severity)
@@ -421,11 +422,10 @@ def cached_corrupt_split(
         "seed": seed,
         "max_images": max_images,
     }
-    st = stage("corrupt", inputs, root=root)
-    path = st.file("split.pt")
-    if not st.done:
+    def compute(st: Stage) -> None:
         out, index = corrupt_split(split, name, severity, seed=seed, max_images=max_images)
-        torch.save({"x": out.x, "y": out.y, "index": index}, path)
-        st.mark_done()
-    saved = torch.load(path, weights_only=True)
+        torch.save({"x": out.x, "y": out.y, "index": index}, st.file("split.pt"))
+
+    st = cached("corrupt", inputs, code=__name__, compute=compute, root=root)
+    saved = torch.load(st.file("split.pt"), weights_only=True)
     return CorruptedSplit(Split(saved["x"], saved["y"]), saved["index"], name, severity, st)

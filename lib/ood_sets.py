@@ -45,12 +45,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from lib.artifacts import Stage, stage
+from lib.artifacts import Stage, cached
 from lib.config import Config
 from lib.data import read_cifar
 
 __all__ = [
-    "SYNTHETIC_KINDS",
     "FAR_OOD_SETS",
     "near_ood_images",
     "natural_patches",
@@ -59,9 +58,6 @@ __all__ = [
     "OodImages",
     "cached_ood_images",
 ]
-
-SYNTHETIC_KINDS = ("uniform", "smooth")
-"""The kinds of :func:`synthetic_ood_images`, in the order they are drawn."""
 
 MAX_PATCH_FACTOR = 8
 """The largest patch side of :func:`natural_patches`, as a multiple of ``size``."""
@@ -172,17 +168,17 @@ class OodImages:
 def cached_ood_images(name: str, n: int, *, seed: int, size: int, root: Path | None = None) -> OodImages:
     """The far-OOD set ``name`` of :data:`FAR_OOD_SETS` as an ``ood_images`` stage (:mod:`lib.artifacts`).
 
-    The key holds the set, ``n``, ``seed``, ``size`` and the versions of scikit-learn (which ships
-    the photographs and digits) and Pillow (which decodes and resizes them), so a new version makes
-    a new set instead of reusing the old one. File: ``images.pt`` (uint8).
+    The key holds the set, ``n``, ``seed``, ``size``, the versions of scikit-learn (which ships the
+    photographs and digits) and Pillow (which decodes and resizes them) and this module's code
+    (:func:`lib.artifacts.cached`), so a new version or a fix makes a new set instead of reusing the
+    old one. File: ``images.pt`` (uint8).
     """
     if name not in FAR_OOD_SETS:
         raise ValueError(f"far-OOD set {name!r} is unknown; use one of {', '.join(FAR_OOD_SETS)} (shift.far_ood_sets)")
     inputs = {"set": name, "n": n, "seed": seed, "size": size,
               "versions": {"scikit-learn": sklearn.__version__, "Pillow": PIL.__version__}}
-    st = stage("ood_images", inputs, root=root)
-    path = st.file("images.pt")
-    if not st.done:
-        torch.save(FAR_OOD_SETS[name](n, seed=seed, size=size), path)
-        st.mark_done()
-    return OodImages(name, torch.load(path, weights_only=True), st)
+    def compute(st: Stage) -> None:
+        torch.save(FAR_OOD_SETS[name](n, seed=seed, size=size), st.file("images.pt"))
+
+    st = cached("ood_images", inputs, code=__name__, compute=compute, root=root)
+    return OodImages(name, torch.load(st.file("images.pt"), weights_only=True), st)

@@ -11,8 +11,7 @@ The OOD image sets (near-OOD held-out classes; natural-photograph patches, handw
 synthetic far-OOD images) are built in :mod:`lib.ood_sets`.
 
 :func:`gain_intervals` gives the ECE gain of each method over MAP per severity with paired
-intervals, :func:`shift_summary` the resulting choice per severity, and :func:`rank_agreement`
-whether the ranking of blocks by ΔECE changes under shift: Kendall's τ-b :cite:`kendall1938new`
+intervals, and :func:`rank_agreement` whether the ranking of blocks by ΔECE changes under shift: Kendall's τ-b :cite:`kendall1938new`
 between the per-block ΔECE on clean images and on their corrupted copies. Their bootstraps resample
 test images, as clusters with all their corrupted copies when corruptions are pooled
 (:func:`cluster_counts`, :cite:`efron1993introduction`).
@@ -43,7 +42,6 @@ __all__ = [
     "ood_table",
     "cluster_counts",
     "gain_intervals",
-    "shift_summary",
     "RankAgreement",
     "rank_agreement",
     "prepare_shift_boxes",
@@ -213,41 +211,6 @@ def gain_intervals(
                          for start in range(0, n_resamples, chunk_size)])
     lo, hi = percentile_interval(samples, alpha)
     return estimate, lo, hi
-
-
-def shift_summary(gains: pd.DataFrame, ranks: pd.DataFrame, alpha: float) -> str:
-    """Sentences on the best method per severity by ECE gain over MAP, where that choice differs
-    from the in-distribution one (severity 0), and Kendall's τ of the block ranking under shift.
-
-    ``gains``: rows ``severity, method, gain, lower, upper`` (fractions; shown in percentage points);
-    ``ranks``: rows ``seed, severity, tau, lower, upper`` (may be empty).
-    """
-    need = ["severity", "method", "gain", "lower", "upper"]
-    if any(c not in gains.columns for c in need) or gains.empty:
-        raise ValueError(f"gains must be a non-empty DataFrame with columns {need}")
-    level = f"{100 * (1 - alpha):.0f}%"
-    best = gains.loc[gains.groupby("severity")["gain"].idxmax()].set_index("severity")
-    parts = []
-    base = best.loc[0].method if 0 in best.index else None
-    for sev, row in best.iterrows():
-        where = "on the clean test set" if sev == 0 else f"at severity {sev}"
-        sure = ("its interval excludes zero" if row.lower > 0 else
-                "its interval includes zero, so no method is shown to beat MAP")
-        parts.append(f"{where.capitalize()} the largest ECE gain over MAP is {row.method}'s, "
-                     f"{100 * row.gain:.2f} pp ({level} interval {100 * row.lower:.2f} to {100 * row.upper:.2f}); {sure}.")
-    changed = [int(s) for s, r in best.iterrows() if base is not None and s != 0 and r.method != base]
-    if base is not None:
-        parts.append(
-            f"By point estimate the choice differs from the in-distribution one ({base}) at severit"
-            f"{'y' if len(changed) == 1 else 'ies'} {', '.join(map(str, changed))} (the intervals above are "
-            "of gains over MAP, not of differences between methods)." if changed
-            else f"By point estimate the in-distribution choice ({base}) stays the best at every severity."
-        )
-    if not ranks.empty:
-        mean_tau = ranks.groupby("severity")["tau"].mean()
-        parts.append("Kendall's τ between the single-block ΔECE ranking on clean images and under shift, "
-                     "averaged over seeds: " + ", ".join(f"{t:.2f} (severity {s})" for s, t in mean_tau.items()) + ".")
-    return " ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from lib.artifacts import Stage, stage
+from lib.artifacts import Stage, cached
 from lib.config import Config, ShiftConfig
 from lib.corruptions import CorruptedSplit, cached_corrupt_split
 from lib.data import Split, batches
@@ -150,7 +150,7 @@ def shift_predictions(
     temperature scaling use the MAP logits and the study's temperature. Cached as a ``shift_probs``
     stage downstream of the study's ``subsets`` stage and ``upstream`` (e.g. the images' ``corrupt``
     stage); ``key`` (JSON-able) names the image set. On the study's test images it reproduces the
-    study's probabilities.
+    study's probabilities. The stage is keyed by this module's code (:func:`lib.artifacts.cached`).
 
     Args:
         images: uint8 (N, 3, H, W). labels: (N,) int64, or None for OOD images (stored as zeros).
@@ -161,20 +161,20 @@ def shift_predictions(
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must be (N,) = ({images.shape[0]},); got {tuple(labels.shape)}")
     extra_key = {n: torch.as_tensor(m, dtype=torch.bool).tolist() for n, m in (extra or {}).items()}
-    st = stage("shift_probs", {"images": dict(key), "extra": extra_key, "n_samples": pc.n_samples,
-                               "batch_size": pc.batch_size, "method": pc.method, "numerics": numerics(device)},
-               upstream=[study.subsets, *upstream])
-    path = st.file("probs.pt")
-    if not st.done:
+
+    def compute(st: Stage) -> None:
         names, masks, scales, temperature = _posteriors(study, extra)
         bank = perturbation_bank(
             study.run.model, study.posterior,
             batches(Split(images, labels), pc.batch_size, preprocess=study.run.preprocess, device=device),
             n_samples=pc.n_samples, seed=study.seed, device=device, dtype=amp_dtype(device) or torch.float32,
         )
-        torch.save(_predict(bank, names, masks, scales, temperature, pc.method, device), path)
-        st.mark_done()
-    d = torch.load(path, weights_only=True)
+        torch.save(_predict(bank, names, masks, scales, temperature, pc.method, device), st.file("probs.pt"))
+
+    st = cached("shift_probs", {"images": dict(key), "extra": extra_key, "n_samples": pc.n_samples,
+                                "batch_size": pc.batch_size, "method": pc.method, "numerics": numerics(device)},
+                code=__name__, compute=compute, upstream=[study.subsets, *upstream])
+    d = torch.load(st.file("probs.pt"), weights_only=True)
     return ShiftPredictions(tuple(d["names"]), d["probs"], d["det"], d["ts"], d["labels"])
 
 

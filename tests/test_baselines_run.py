@@ -8,30 +8,39 @@ import pytest
 import torch
 from test_pipeline import tiny_profile
 
-import lib.baselines.run as brun
-from lib.baselines.importance import update_norm
-from lib.baselines.run import METHODS, BaselinesConfig, importance_run, method_predictions
+import lib.baselines.ensemble as bens
+import lib.baselines.finetune as bft
+import lib.baselines.importance as bimp
+import lib.baselines.last_layer as bll
+import lib.baselines.mc_dropout as bmc
+import lib.baselines.variational as bvar
+from lib.baselines.importance import SCORES, importance_scores, update_norm
+from lib.baselines.run import METHODS, method_predictions, run_baselines
 from lib.baselines.table import baseline_table, with_temperature
-from lib.config import ParamsError
 from lib.pipeline import map_run
 from lib.train import predict_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
-BC = BaselinesConfig.from_dict({
+BASELINES = {
     "finetune": {"epochs": 2, "warmup_epochs": 0.5},
     "last_layer": {"structure": "kron", "batch_size": 16, "marglik_steps": 20},
     "ensemble": {"sizes": [1, 2]},
     "mc_dropout": {"rate": 0.2, "samples": 3},
     "variational": {"log_alpha_lr": 5.0, "beta_warmup_epochs": 1, "prune_every": 2, "samples": 3},
-    "timing_batch": 4, "timing_iters": 1,
-})
+    "timing_batch": 4, "timing_iters": 1, "importance_batches": 2, "importance_batch_size": 4, "fisher_examples": 6,
+}
+
+
+def _profile(seeds=(0, 1), **baselines):
+    return tiny_profile(seeds=list(seeds), baselines={**BASELINES, **baselines})
 ROWS = {
     "last-layer Laplace": ["last-layer Laplace"],
     "LoRA ensemble": ["LoRA ensemble, M = 1", "LoRA ensemble, M = 2"],
     "MC dropout": ["MC dropout", "MC dropout, no dropout at test"],
     "variational LoRA": ["variational LoRA", "variational LoRA, mean gates"],
+    "continued MAP": ["MAP, fine-tuned further"],
 }
 
 
@@ -41,20 +50,20 @@ def artifacts(tmp_path, monkeypatch):
     return tmp_path / "artifacts"
 
 
-def _refuse(monkeypatch, *names):
+def _refuse(monkeypatch, *targets):
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed although the stage is done")
 
-    for name in names:
-        monkeypatch.setattr(brun, name, refuse)
+    for module, name in targets:
+        monkeypatch.setattr(module, name, refuse)
 
 
 def test_all_baselines_run_and_are_reused(artifacts, monkeypatch):
-    cfg = tiny_profile(seeds=[0, 1])
+    cfg = _profile()
     run = map_run(cfg, 0, CPU)
     map_probs = predict_logits(run.model, run.splits.test, preprocess=run.preprocess, device=CPU).softmax(-1)
     before = [p.detach().clone() for p in run.model.parameters() if p.requires_grad]
-    results = {name: fn(cfg, BC, run, CPU) for name, fn in METHODS.items()}
+    results = dict(zip(METHODS, run_baselines(cfg, run, CPU)))
     for name, res in results.items():
         assert res.method == name and list(res.rows) == ROWS[name] and res.stage.done
         for row in res.rows.values():
@@ -71,8 +80,8 @@ def test_all_baselines_run_and_are_reused(artifacts, monkeypatch):
     assert ens.cost["member_seeds"] == [0, 1] and ens.cost["training"]["kind"] == "members are the study's MAP models"
     assert ens.cost["train_seconds"] == pytest.approx(sum(r["seconds"] for r in other.history))
     assert (results["last-layer Laplace"].rows["last-layer Laplace"].test - map_probs).abs().max() > 1e-4
-    mc, var = results["MC dropout"], results["variational LoRA"]
-    for res in (mc, var):  # fine-tuned from the MAP adapters with the MAP recipe
+    mc, var, more = results["MC dropout"], results["variational LoRA"], results["continued MAP"]
+    for res in (mc, var, more):  # fine-tuned from the MAP adapters with the MAP recipe
         t = res.cost["training"]
         assert t["kind"] == "fine-tuned from the MAP adapters" and t["epochs"] == 2 and t["l2"] == cfg.train.weight_decay
         assert t["lr"] == cfg.train.lr and t["grad_clip"] == cfg.train.grad_clip
@@ -87,52 +96,47 @@ def test_all_baselines_run_and_are_reused(artifacts, monkeypatch):
     tuned = with_temperature(predictions, run.splits.val.y)
     table = baseline_table({"MAP": predictions["LoRA ensemble, M = 1"], "temperature scaling": tuned["LoRA ensemble, M = 1 + TS"],
                             **tuned}, run.splits.val.y, run.splits.test.y, n_resamples=20)
-    assert len(table) == 2 + 2 * 7 and set(table.tuning) == {"none", "temperature"}
+    assert len(table) == 2 + 2 * 8 and set(table.tuning) == {"none", "temperature"}
+    # the control is the MC-dropout fine-tune without dropout: same recipe, same data order, other weights
+    assert (more.rows["MAP, fine-tuned further"].test - map_probs).abs().max() > 1e-5
+    assert (more.rows["MAP, fine-tuned further"].test - mc.rows["MC dropout, no dropout at test"].test).abs().max() > 1e-6
 
-    _refuse(monkeypatch, "fit_last_layer", "member_probs", "mc_dropout_probs", "fit_variational", "fit")
+    _refuse(monkeypatch, (bll, "fit_last_layer"), (bens, "member_probs"), (bmc, "fit"), (bvar, "fit_variational"),
+            (bft, "fit"))
     for name, fn in METHODS.items():
-        again = fn(cfg, BC, run, CPU)
+        again = fn(cfg, run, CPU)
         assert again.stage.path == results[name].stage.path and again.cost == results[name].cost
         for k, row in results[name].rows.items():
             assert torch.equal(again.rows[k].test, row.test) and torch.equal(again.rows[k].val, row.val)
 
 
 def test_trained_baselines_are_reproducible_whatever_the_global_stream(artifacts, tmp_path, monkeypatch):
-    cfg = tiny_profile()
+    cfg = _profile(seeds=[0], ensemble={"sizes": [1]})
     run = map_run(cfg, 0, CPU)
-    a = brun.mc_dropout_run(cfg, BC, run, CPU)
+    a = METHODS["MC dropout"](cfg, run, CPU)
     monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "other"))
     torch.manual_seed(999)
-    b = brun.mc_dropout_run(cfg, BC, map_run(cfg, 0, CPU), CPU)
+    b = METHODS["MC dropout"](cfg, map_run(cfg, 0, CPU), CPU)
     assert a.stage.path.name == b.stage.path.name
     assert all(torch.equal(a.rows[k].test, b.rows[k].test) for k in a.rows)
 
 
-def test_ensemble_larger_than_the_study_is_refused(artifacts):
+def test_missing_section_and_unknown_names_are_refused(artifacts):
     cfg = tiny_profile()
     run = map_run(cfg, 0, CPU)
-    with pytest.raises(ValueError, match="needs 2 study seeds"):
-        brun.ensemble_run(cfg, BC, run, CPU)
+    with pytest.raises(ValueError, match="no 'baselines' section"):
+        METHODS["MC dropout"](cfg, run, CPU)
+    with pytest.raises(ValueError, match="unknown baselines"):
+        run_baselines(_profile(seeds=[0], ensemble={"sizes": [1]}), run, CPU, ["SWAG"])
 
 
 def test_importance_scores_are_cached(artifacts, monkeypatch):
-    cfg = tiny_profile()
+    cfg = _profile(seeds=[0], ensemble={"sizes": [1]})
     run = map_run(cfg, 0, CPU)
-    bc = BaselinesConfig.from_dict({"importance_batches": 2, "importance_batch_size": 4, "fisher_examples": 6})
-    st, scores = importance_run(bc, run, CPU)
-    assert list(scores) == ["AdaLoRA sensitivity", "Fisher trace", "LoRA update norm"]
+    st, scores = importance_scores(cfg, run, CPU)
+    assert tuple(scores) == SCORES == ("AdaLoRA sensitivity", "Fisher trace", "LoRA update norm")
     assert all(v.shape == (2,) and v.dtype == torch.float64 and (v > 0).all() for v in scores.values())
     assert torch.equal(scores["LoRA update norm"], update_norm(run.model))
-    _refuse(monkeypatch, "fisher_trace", "adalora_sensitivity")
-    st2, again = importance_run(bc, run, CPU)
+    _refuse(monkeypatch, (bimp, "fisher_trace"), (bimp, "adalora_sensitivity"))
+    st2, again = importance_scores(cfg, run, CPU)
     assert st2.path == st.path and all(torch.equal(scores[k], again[k]) for k in scores)
-
-
-def test_config_nested_unknown_key():
-    with pytest.raises(ParamsError, match="unknown key 'baselines.ensemble.size'"):
-        BaselinesConfig.from_dict({"ensemble": {"size": [3]}})
-    with pytest.raises(ParamsError, match="unknown key 'baselines.ensembles'"):
-        BaselinesConfig.from_dict({"ensembles": {}})
-    with pytest.raises(ParamsError, match="unknown key 'baselines.finetune.epoch'"):
-        BaselinesConfig.from_dict({"finetune": {"epoch": 3}})
-    assert BaselinesConfig.from_dict({}).mc_dropout.samples == 16

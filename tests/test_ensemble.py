@@ -7,13 +7,11 @@ import torch
 from conftest import TINY_VIT, make_lora_vit
 
 from lib.baselines.ensemble import (
-    EnsembleConfig,
     ensemble_cost,
     ensemble_probs,
     member_probs,
     member_seeds,
 )
-from lib.config import ParamsError
 from lib.data import Preprocess, Split
 from lib.model import count_parameters, data_config
 
@@ -86,11 +84,3 @@ def test_cost_over_one_map_model():
     assert cost.extra_train_seconds == pytest.approx(3.5)
     assert cost.extra_params == 2 * per_member
     assert ensemble_cost(hist[:1], per_member).extra_train_seconds == 0.0
-
-
-def test_config():
-    assert EnsembleConfig.from_dict({"sizes": [3, 5]}).sizes == (3, 5)
-    with pytest.raises(ParamsError, match="unknown key 'ensemble.size'"):
-        EnsembleConfig.from_dict({"size": [3]})
-    with pytest.raises(ValueError, match="sizes"):
-        EnsembleConfig(sizes=(0,))

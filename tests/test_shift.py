@@ -20,9 +20,8 @@ from lib.shift import (
     prepare_shift_boxes,
     rank_agreement,
     shift_metrics,
-    shift_summary,
 )
-from lib.stats import bootstrap_counts, delta_ece, kendall_tau_b
+from lib.stats import bootstrap_counts, delta_ece
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,23 +200,3 @@ def test_gain_intervals_equal_a_loop_and_delta_ece():
     assert torch.allclose(one, delta_ece(det[0], probs[0], labels, 6), atol=1e-12)
     with pytest.raises(ValueError, match="groups"):
         gain_intervals(det, probs, labels, n_resamples=2, generator=g, groups=ids[:5])
-
-
-def test_shift_summary_names_the_best_method_and_where_it_changes():
-    gains = pd.DataFrame({
-        "severity": [0, 0, 1, 1, 5, 5],
-        "method": ["temperature scaling", "Laplace, all"] * 3,
-        "gain": [0.05, 0.01, 0.03, 0.04, 0.002, -0.01],
-        "lower": [0.04, 0.0, 0.02, 0.035, -0.001, -0.02],
-        "upper": [0.06, 0.02, 0.04, 0.045, 0.005, 0.0],
-    })
-    ranks = pd.DataFrame({"seed": [0, 1], "severity": [1, 1], "tau": [0.5, 0.7], "lower": [0.1, 0.3], "upper": [0.9, 1.0]})
-    text = shift_summary(gains, ranks, 0.05)
-    assert "On the clean test set the largest ECE gain over MAP is temperature scaling's, 5.00 pp (95% interval 4.00 to 6.00)" in text
-    assert "At severity 1 the largest ECE gain over MAP is Laplace, all's, 4.00 pp" in text
-    assert "At severity 5 the largest ECE gain over MAP is temperature scaling's, 0.20 pp" in text
-    assert "its interval includes zero" in text
-    assert "the choice differs from the in-distribution one (temperature scaling) at severity 1 (" in text
-    assert "0.60 (severity 1)" in text
-    with pytest.raises(ValueError, match="gains"):
-        shift_summary(gains.drop(columns="gain"), ranks, 0.05)

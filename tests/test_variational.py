@@ -14,15 +14,17 @@ from scipy import integrate
 
 from lib.baselines.variational import (
     K1,
-    VariationalConfig,
     VariationalLoRA,
     check_pruning_can_act,
     fit_variational,
+    kl_beta,
     kl_log_uniform,
+    prune_epochs,
     pruning_table,
+    sampling,
     variational_probs,
 )
-from lib.config import LoraConfig, ParamsError
+from lib.config import LoraConfig, VariationalConfig
 from lib.data import Preprocess, Split, synthetic_images
 from lib.model import add_lora, build_backbone, data_config, lora_modules
 from lib.train import FitSpec, fit, lr_factor
@@ -150,10 +152,10 @@ def test_schedule_of_the_seed_demo():
     --prune-every 3, 20 epochs) printed β 0, 0, 0, .2, .4, .6, .8, 1, …, sampling from epoch 4 and
     pruned after epochs 9, 12, 15, 18 (from epoch 3 + 5 = 8 on)."""
     cfg = VariationalConfig(kl_freeze_epochs=3, beta_warmup_epochs=5, sample_warmup_epochs=3, prune_every=3)
-    assert [cfg.beta(e) for e in range(1, 10)] == [0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
-    assert [cfg.sampling(e) for e in (3, 4)] == [False, True]
-    assert cfg.prune_epochs(20) == [9, 12, 15, 18]
-    assert dataclasses.replace(cfg, prune_start_epoch=1).prune_epochs(7) == [3, 6]
+    assert [kl_beta(cfg, e) for e in range(1, 10)] == [0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0]
+    assert [sampling(cfg, e) for e in (3, 4)] == [False, True]
+    assert prune_epochs(cfg, 20) == [9, 12, 15, 18]
+    assert prune_epochs(dataclasses.replace(cfg, prune_start_epoch=1), 7) == [3, 6]
 
 
 def test_pruning_cannot_act_with_adams_step_bound():
@@ -268,13 +270,3 @@ def test_mean_prediction_is_the_network_at_gate_one():
     v = VariationalLoRA(model, init_log_alpha=0.0, generator=torch.Generator().manual_seed(0))
     p = variational_probs(model, v, split, samples=4, seed=3, preprocess=pre, device="cpu", mean=True)
     assert torch.allclose(p, ref, atol=1e-6)
-
-
-def test_config():
-    assert VariationalConfig.from_dict({"kl_scale": 0.05, "min_ranks": 2}).kl_scale == 0.05
-    with pytest.raises(ParamsError, match="unknown key 'variational.beta'"):
-        VariationalConfig.from_dict({"beta": 1.0})
-    with pytest.raises(ParamsError, match="samples"):
-        VariationalConfig.from_dict({"samples": 0})
-    with pytest.raises(ParamsError, match="kl_scale"):
-        VariationalConfig.from_dict({"kl_scale": 0.0})

@@ -23,31 +23,20 @@ image and M× the adapter storage.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from lib.config import _build
+from lib.artifacts import cached
+from lib.baselines.result import BaselineResult, Row, baselines_config, forward_ms, load, save, timing_batch, timing_key
+from lib.config import Config
 from lib.data import Preprocess, Split
+from lib.model import count_parameters
+from lib.pipeline import MapRun, map_run, numerics
 from lib.train import predict_logits
-
-
-@dataclass(frozen=True)
-class EnsembleConfig:
-    """``sizes``: the ensemble sizes M reported (nested; each at most the study's number of seeds)."""
-
-    sizes: tuple[int, ...] = (3, 5)
-
-    def __post_init__(self) -> None:
-        if not self.sizes or any(m < 1 for m in self.sizes):
-            raise ValueError(f"ensemble.sizes is {list(self.sizes)}; give one or more sizes M ≥ 1")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "EnsembleConfig":
-        """Build from a mapping, rejecting unknown keys and out-of-range values (``ParamsError``)."""
-        return _build(cls, d, source, "ensemble.")
 
 
 @dataclass(frozen=True)
@@ -108,3 +97,34 @@ def ensemble_cost(histories: Sequence[Sequence[Mapping[str, float]]], adapter_pa
         raise ValueError("histories is empty: an ensemble needs at least one member")
     seconds = float(sum(row["seconds"] for h in histories[1:] for row in h))
     return EnsembleCost(members=m, extra_train_seconds=seconds, forward_passes=m, extra_params=(m - 1) * adapter_params)
+
+
+def ensemble_baseline(cfg: Config, run: MapRun, device: torch.device) -> BaselineResult:
+    """The LoRA ensembles of ``baselines.ensemble.sizes`` for the seed of ``run`` (rows
+    ``'LoRA ensemble, M = m'``, :mod:`lib.baselines.result`): the members are the study's MAP runs
+    of :func:`member_seeds` (member 0 is ``run``). Cost per size in ``cost["sizes"]``
+    (:class:`EnsembleCost` fields); ``train_seconds`` and ``extra_params`` are the largest size's;
+    the prediction time is M × the measured MAP forward pass (the members run one after another)."""
+    bc = baselines_config(cfg)
+    ec = bc.ensemble
+    seeds = member_seeds(run.seed, max(ec.sizes), cfg.seeds)
+    runs = [run] + [map_run(cfg, s, device) for s in seeds[1:]]
+
+    def compute(st) -> None:
+        kw = dict(preprocess=run.preprocess, device=device)
+        val = member_probs([r.model for r in runs], run.splits.val, **kw)
+        test = member_probs([r.model for r in runs], run.splits.test, **kw)
+        map_ms = forward_ms(run.model, timing_batch(run, bc, device), bc, device)
+        n = count_parameters(run.model)
+        rows, sizes = {}, {}
+        for m in sorted(ec.sizes):
+            sizes[str(m)] = dataclasses.asdict(ensemble_cost([r.history for r in runs[:m]], n["lora"] + n["head"]))
+            rows[f"LoRA ensemble, M = {m}"] = Row(ensemble_probs(val, m), ensemble_probs(test, m), m * map_ms, m)
+        largest = sizes[str(max(ec.sizes))]
+        save(st, rows, {"train_seconds": largest["extra_train_seconds"], "extra_params": largest["extra_params"],
+                        "peak_mib": None, "map_ms_per_image": map_ms, "sizes": sizes, "member_seeds": seeds,
+                        "training": {"kind": "members are the study's MAP models", "member_seeds": seeds}})
+
+    inputs = {"ensemble": dataclasses.asdict(ec), "timing": timing_key(bc), "numerics": numerics(device)}
+    return load(cached("baseline_ensemble", inputs, code=__name__, compute=compute, upstream=[r.stage for r in runs]),
+                "LoRA ensemble")

@@ -49,7 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lib.artifacts import Stage, cached
+from lib.baselines.result import baselines_config
+from lib.config import Config
+from lib.data import batches
 from lib.model import lora_modules, n_blocks
+from lib.pipeline import MapRun, numerics
 from lib.stats import kendall_tau_b, percentile_interval
 from lib.train import autocast
 
@@ -144,6 +149,38 @@ def update_norm(model: nn.Module) -> Tensor:
         raise ValueError("the model has no LoRA modules: wrap it with lib.model.add_lora first")
     sq = [((m.scaling * m.B.weight.double() @ m.A.weight.double()) ** 2).sum() for m in mods]
     return _per_block(sq, [m.block for m in mods], n_blocks(model)).sqrt()
+
+
+SCORES = ("AdaLoRA sensitivity", "Fisher trace", "LoRA update norm")
+"""The names of the scores of :func:`importance_scores`, in order."""
+
+
+def importance_scores(cfg: Config, run: MapRun, device: torch.device) -> tuple[Stage, dict[str, Tensor]]:
+    """The scores of :data:`SCORES` for the MAP model of ``run``, each (L,) float64, as a cached
+    stage (file ``scores.pt``). AdaLoRA's score runs over the first ``baselines.importance_batches``
+    training minibatches of ``importance_batch_size`` images (in order, no augmentation), the
+    Fisher trace over the first ``fisher_examples`` of their images."""
+    bc = baselines_config(cfg)
+
+    def compute(st: Stage) -> None:
+        data = []
+        for x, y in batches(run.splits.train, bc.importance_batch_size, preprocess=run.preprocess, device=device):
+            if len(data) == bc.importance_batches:
+                break
+            data.append((x, y))
+        fisher_data, left = [], bc.fisher_examples
+        for x, y in data:
+            if left <= 0:
+                break
+            fisher_data.append((x[:left], y[:left]))
+            left -= len(y)
+        scores = (adalora_sensitivity(run.model, data), fisher_trace(run.model, fisher_data), update_norm(run.model))
+        torch.save(dict(zip(SCORES, scores)), st.file("scores.pt"))
+
+    inputs = {"batches": bc.importance_batches, "batch_size": bc.importance_batch_size,
+              "fisher_examples": bc.fisher_examples, "numerics": numerics(device)}
+    st = cached("baseline_importance", inputs, code=__name__, compute=compute, upstream=[run.stage])
+    return st, torch.load(st.file("scores.pt"), weights_only=True)
 
 
 def kendall_tau_interval(score: Tensor, delta_estimate: Tensor, delta_samples: Tensor,

@@ -58,11 +58,13 @@ log α by their kept rows/columns.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
 import pandas as pd
 import torch
@@ -70,9 +72,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from lib.config import _above, _at_least, _build
+from lib.artifacts import cached
+from lib.baselines.finetune import finetune_spec
+from lib.baselines.result import BaselineResult, Row, baselines_config, forward_ms, load, ms_per_image, save, timing_batch, timing_key
+from lib.config import Config, VariationalConfig
 from lib.data import Preprocess, Split, batches
 from lib.model import lora_modules
+from lib.pipeline import MapRun, numerics
 from lib.train import FitSpec, autocast, epoch_generator, lr_factor
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
@@ -81,49 +87,24 @@ LOG_ALPHA_MAX = 8.0
 """log α is clamped at this value in the gates and the KL (molchanov2017variational clip α ≤ e⁸)."""
 
 
-@dataclass(frozen=True)
-class VariationalConfig:
-    """The variational part of the BayesLoRA baseline (the point parameters' recipe is a
-    :class:`lib.train.FitSpec`); formulas in the module docstring.
+def kl_beta(cfg: VariationalConfig, epoch: int) -> float:
+    """β_e of epoch ``epoch`` (1-based): 0 up to ``kl_freeze_epochs``, then a linear ramp to 1
+    over ``beta_warmup_epochs``."""
+    if epoch <= cfg.kl_freeze_epochs:
+        return 0.0
+    return min(1.0, (epoch - cfg.kl_freeze_epochs) / cfg.beta_warmup_epochs)
 
-    ``log_alpha_lr``: Adam step size of log α (constant); ``init_log_alpha``: log α of every rank
-    at the start (−4: gate std 0.14); ``kl_scale``: c; ``kl_freeze_epochs``,
-    ``beta_warmup_epochs``: the KL warm-up β_e; ``sample_warmup_epochs``: epochs at the gate mean
-    before the gates are drawn; ``prune_every``, ``prune_start_epoch`` (None: after the KL
-    warm-up), ``prune_threshold``, ``min_ranks``: pruning; ``samples``: gate draws K per test image.
-    """
 
-    log_alpha_lr: float = _above(0.05, 0.0)
-    init_log_alpha: float = -4.0
-    kl_scale: float = _above(0.1, 0.0)
-    kl_freeze_epochs: int = _at_least(0, 0)
-    beta_warmup_epochs: int = _at_least(2, 1)
-    sample_warmup_epochs: int = _at_least(0, 0)
-    prune_every: int = _at_least(3, 1)
-    prune_start_epoch: int | None = _at_least(None, 1)
-    prune_threshold: float = 3.0
-    min_ranks: int = _at_least(2, 1)
-    samples: int = _at_least(16, 1)
+def sampling(cfg: VariationalConfig, epoch: int) -> bool:
+    """Whether the gates are drawn in epoch ``epoch`` (1-based): after ``sample_warmup_epochs``."""
+    return epoch > cfg.sample_warmup_epochs
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "VariationalConfig":
-        """Build from a mapping, rejecting unknown keys and out-of-range values (``ParamsError``)."""
-        return _build(cls, d, source, "variational.")
 
-    def beta(self, epoch: int) -> float:
-        """β_e of epoch ``epoch`` (1-based)."""
-        if epoch <= self.kl_freeze_epochs:
-            return 0.0
-        return min(1.0, (epoch - self.kl_freeze_epochs) / self.beta_warmup_epochs)
-
-    def sampling(self, epoch: int) -> bool:
-        """Whether the gates are drawn in epoch ``epoch`` (1-based)."""
-        return epoch > self.sample_warmup_epochs
-
-    def prune_epochs(self, epochs: int) -> list[int]:
-        """The epochs (1-based) of ``1..epochs`` after which ranks are pruned."""
-        start = self.kl_freeze_epochs + self.beta_warmup_epochs if self.prune_start_epoch is None else self.prune_start_epoch
-        return [e for e in range(max(1, start), epochs + 1) if e % self.prune_every == 0]
+def prune_epochs(cfg: VariationalConfig, epochs: int) -> list[int]:
+    """The epochs (1-based) of ``1..epochs`` after which ranks are pruned: the multiples of
+    ``prune_every`` from ``prune_start_epoch`` on (default: after the KL warm-up)."""
+    start = cfg.kl_freeze_epochs + cfg.beta_warmup_epochs if cfg.prune_start_epoch is None else cfg.prune_start_epoch
+    return [e for e in range(max(1, start), epochs + 1) if e % cfg.prune_every == 0]
 
 
 def kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -240,12 +221,12 @@ def check_pruning_can_act(spec: FitSpec, cfg: VariationalConfig, n_train: int) -
     """The steps with β > 0 before the last pruning; raises ValueError when the schedule prunes
     never, or when Adam's step bound (≈ ``log_alpha_lr`` per step) keeps log α below the threshold
     until the last pruning (module docstring)."""
-    prunes = cfg.prune_epochs(spec.epochs)
+    prunes = prune_epochs(cfg, spec.epochs)
     if not prunes:
         raise ValueError(f"the variational schedule never prunes in {spec.epochs} epochs (prune_every "
                          f"{cfg.prune_every}, prune_start_epoch {cfg.prune_start_epoch}); lower them or add epochs")
     per_epoch = math.ceil(n_train / spec.batch_size)
-    steps = per_epoch * sum(1 for e in range(1, prunes[-1] + 1) if cfg.beta(e) > 0)
+    steps = per_epoch * sum(1 for e in range(1, prunes[-1] + 1) if kl_beta(cfg, e) > 0)
     reach = cfg.init_log_alpha + cfg.log_alpha_lr * steps
     if reach <= cfg.prune_threshold:
         raise ValueError(
@@ -282,7 +263,7 @@ def fit_variational(
     device = torch.device(device)
     n = len(train)
     check_pruning_can_act(spec, cfg, n)
-    prunes = set(cfg.prune_epochs(spec.epochs))
+    prunes = set(prune_epochs(cfg, spec.epochs))
     steps_per_epoch = math.ceil(n / spec.batch_size)
     total, warmup = spec.epochs * steps_per_epoch, int(spec.warmup_epochs * steps_per_epoch)
     point = [p for p in model.parameters() if p.requires_grad]
@@ -297,14 +278,14 @@ def fit_variational(
     history, log = [], []
     for epoch in range(1, spec.epochs + 1):
         model.train()
-        beta, sampling = cfg.beta(epoch), cfg.sampling(epoch)
+        beta, draw = kl_beta(cfg, epoch), sampling(cfg, epoch)
         sums, steps, t0 = {"loss": 0.0, "nll": 0.0, "kl": 0.0}, 0, time.perf_counter()
         g = epoch_generator(seed, epoch - 1)
         for x, y in tqdm(batches(train, spec.batch_size, preprocess=preprocess, device=device, shuffle=True,
                                  generator=g, augment=spec.augment),
                          total=steps_per_epoch, desc=f"variational LoRA epoch {epoch}/{spec.epochs}", leave=False,
                          disable=None):
-            with vlora.mode(sampling), autocast(device):
+            with vlora.mode(draw), autocast(device):
                 logits = model(x)
             nll = F.cross_entropy(logits.float(), y)
             kl = vlora.kl()
@@ -326,7 +307,7 @@ def fit_variational(
             opt, sched = optimizer(epoch * steps_per_epoch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        history.append({"epoch": epoch, "beta": beta, "sampling": sampling, "lr": lr,
+        history.append({"epoch": epoch, "beta": beta, "sampling": draw, "lr": lr,
                         **{k: v / steps for k, v in sums.items()}, "ranks": sum(vlora.ranks().values()),
                         "seconds": time.perf_counter() - t0})
     model.eval()
@@ -372,3 +353,54 @@ def pruning_table(log: list[dict]) -> pd.DataFrame:
                      "pruned": before - kept, "log_alpha_median": float(la.median()),
                      "log_alpha_min": float(la.min()), "log_alpha_max": float(la.max())})
     return pd.DataFrame(rows)
+
+
+def variational_baseline(cfg: Config, run: MapRun, device: torch.device) -> BaselineResult:
+    """The variational LoRA started from the MAP adapters of ``run`` with every log α at
+    ``baselines.variational.init_log_alpha``, fine-tuned with the MAP recipe for
+    ``baselines.finetune.epochs`` (gate noise and data order seeded by the run's seed), then two
+    rows (:mod:`lib.baselines.result`): ``'variational LoRA'`` (the MC predictive of
+    ``variational.samples`` gate draws) and ``'variational LoRA, mean gates'``. ``cost`` adds
+    ``ranks_before`` and ``ranks`` (after pruning); ``extra_params`` is the kept log α minus the
+    floats of the pruned ranks' A rows and B columns. Records: ``history.json``, ``prune_log.json``
+    (per LoRA map and pruning: kept ranks, log α; :func:`pruning_table` for the chapter)."""
+    bc = baselines_config(cfg)
+    vc, spec = bc.variational, finetune_spec(cfg.train, bc.finetune)
+
+    def compute(st) -> None:
+        model = copy.deepcopy(run.model)
+        vlora = VariationalLoRA(model, init_log_alpha=vc.init_log_alpha,
+                                generator=torch.Generator(device=device).manual_seed(run.seed))
+        ranks_before = sum(vlora.ranks().values())
+        history, log = fit_variational(model, vlora, run.splits.train, spec, vc, preprocess=run.preprocess,
+                                       device=device, seed=run.seed)
+        st.file("history.json").write_text(json.dumps(history, indent=1))
+        st.file("prune_log.json").write_text(json.dumps(log, indent=1))
+        kw = dict(samples=vc.samples, seed=run.seed, preprocess=run.preprocess, device=device)
+        x = timing_batch(run, bc, device)
+
+        def predict():
+            with torch.no_grad(), vlora.mode(True):
+                for _ in range(vc.samples):
+                    with autocast(device):
+                        model(x)
+
+        ms, mem = ms_per_image(predict, x, bc, device)
+        with vlora.mode(False):
+            mean_ms = forward_ms(model, x, bc, device)
+        rows = {"variational LoRA": Row(variational_probs(model, vlora, run.splits.val, **kw),
+                                        variational_probs(model, vlora, run.splits.test, **kw), ms, vc.samples),
+                "variational LoRA, mean gates": Row(variational_probs(model, vlora, run.splits.val, mean=True, **kw),
+                                                    variational_probs(model, vlora, run.splits.test, mean=True, **kw),
+                                                    mean_ms, 1)}
+        ranks = sum(vlora.ranks().values())
+        saved = sum((cfg.lora.r - m.A.weight.shape[0]) * (m.A.weight.shape[1] + m.B.weight.shape[0])
+                    for m in lora_modules(model))
+        save(st, rows, {"train_seconds": sum(r["seconds"] for r in history), "peak_mib": mem, "extra_params": ranks - saved,
+                        "map_ms_per_image": forward_ms(run.model, x, bc, device), "ranks_before": ranks_before,
+                        "ranks": ranks, "training": {"kind": "fine-tuned from the MAP adapters", **dataclasses.asdict(spec)}})
+
+    inputs = {"variational": dataclasses.asdict(vc), "finetune": dataclasses.asdict(spec), "timing": timing_key(bc),
+              "numerics": numerics(device)}
+    return load(cached("baseline_variational", inputs, code=__name__, compute=compute, upstream=[run.stage]),
+                "variational LoRA")
