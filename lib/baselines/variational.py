@@ -44,6 +44,11 @@ rank's own contribution only. Adam moves log α by at most about ``log_alpha_lr`
 rank can only be pruned if ``init_log_alpha + log_alpha_lr · (steps with β > 0 before the last
 pruning) > prune_threshold``; :func:`fit_variational` refuses a schedule where it cannot.
 
+In the study (:func:`variational_baseline`, settings ``baselines.variational`` of
+:class:`lib.config.VariationalConfig`) the point parameters start from the seed's MAP adapters, so
+the MAP training plays the part of the seed's deterministic warm-up (its KL-freeze and sample
+warm-up epochs, 0 by default here); the fine-tune then runs the KL warm-up and the prunings.
+
 Prediction: the MC predictive ``(1/K) Σ_k softmax(f(x; g_k))`` (:func:`variational_probs`), and
 for comparison the network at the gate mean g = 1 (``mean=True``, what BayesLoRA reports as
 ``acc_mean``). Why this one and not BLoB (wang2024blob, a mean-field Gaussian on A with a learned
