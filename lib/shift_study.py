@@ -11,8 +11,8 @@ Cost. The perturbation banks dominate: ``seeds × (|corruptions| · |severities|
 Measured on the shared 2-core CPU (one thread): generating all 12 corruptions × 5 severities of 1,000
 CIFAR images takes 20 s (cached once, shared by the seeds); the OOD table of 15 methods on 5,000 +
 5,000 images with 2,000 resamples 25 s on the CPU (the bootstraps run on ``device``); the whole
-evaluation on the smoke profile (2 seeds, 4 corruptions × 3 severities × 96 images, 96 far-OOD
-images) 18 s, 0.6 s when cached.
+evaluation on the smoke profile (2 seeds, 4 corruptions × 3 severities × 96 images, three far-OOD
+sets of 96 images) 24 s, 0.8 s when cached.
 """
 
 from __future__ import annotations
