@@ -31,6 +31,12 @@ DENSE_BLOCK_MAX_PARAMS = 32_768
 is allowed: its ``P_ℓ²`` float32 entries take 4.3 GB at the limit (cifar10-transfer: 24,576
 parameters, 2.4 GB; vit-b16-cifar100: 196,608, 155 GB, refused)."""
 
+FarOodSet = Literal["natural", "digits", "synthetic"]
+FAR_OOD_SET_NAMES: tuple[str, ...] = typing.get_args(FarOodSet)
+"""The far-OOD sets of :mod:`lib.ood_sets` a profile may name in ``shift.far_ood_sets``."""
+DIGITS = 1797
+"""Images in scikit-learn's digits set (the largest ``shift.far_ood_images`` with ``digits``)."""
+
 CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 """torchvision's folder of each real dataset inside ``data.root``."""
 
@@ -87,6 +93,11 @@ class DataConfig:
 class ModelConfig:
     """A timm ViT by name; ``pretrained`` loads hub weights, ``checkpoint`` a local file instead.
 
+    ``checkpoint``: a timm state dict, ``.safetensors`` or a ``torch.save`` file; with
+    ``checkpoint_sha256`` (64 hex digits) the file must have exactly that SHA-256 (a backbone
+    shipped with the project, :mod:`lib.backbone`), so a replaced or corrupted file is an error,
+    never a silently different study.
+
     ``kwargs`` go to ``timm.create_model``; its dropout rates (``*drop_rate``, ``drop_path_rate``)
     must stay 0: dropout draws from the global random stream, so a resumed run would not be
     bit-identical and the Laplace fit would linearise a stochastic network.
@@ -95,6 +106,7 @@ class ModelConfig:
     name: str = "vit_tiny_patch16_224"
     pretrained: bool = False
     checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -250,11 +262,15 @@ class DeployConfig:
 
 @dataclass(frozen=True)
 class ShiftConfig:
-    """Calibration under dataset shift and OOD detection (:mod:`lib.shift`, :mod:`lib.corruptions`).
+    """Calibration under dataset shift and OOD detection (:mod:`lib.shift`, :mod:`lib.corruptions`,
+    :mod:`lib.ood_sets`).
 
     ``corruptions`` at ``severities`` are applied to ``max_images`` test images (a seeded subset,
     the same for every corruption; None: all), seeded by ``seed``. ``near_ood_images`` limits the
-    held-out-class test images (None: all), ``far_ood_images`` is the size of the synthetic far-OOD set.
+    held-out-class test images of a real dataset (None: all). ``far_ood_sets``: the far-OOD sets of
+    :data:`lib.ood_sets.FAR_OOD_SETS` evaluated (``natural``: patches of scikit-learn's sample
+    photographs, ``digits``: its handwritten digits, ``synthetic``: uniform noise and smooth
+    colour blobs), each of ``far_ood_images`` images (at most 1,797 with ``digits``), seeded by ``seed``.
     """
 
     corruptions: tuple[str, ...] = (
@@ -265,7 +281,99 @@ class ShiftConfig:
     max_images: int | None = _at_least(1000, 1)
     seed: int = 0
     near_ood_images: int | None = _at_least(None, 1)
+    far_ood_sets: tuple[FarOodSet, ...] = FAR_OOD_SET_NAMES
     far_ood_images: int = _at_least(1000, 1)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The brief fine-tune from the MAP adapters of the same seed that the trained baselines (MC
+    dropout, the variational LoRA) run with the MAP recipe (:mod:`lib.baselines.finetune`):
+    ``epochs``, the peak ``lr`` (None: ``train.lr``) and ``warmup_epochs``."""
+
+    epochs: int = _at_least(6, 1)
+    lr: float | None = _above(None, 0.0)
+    warmup_epochs: float = _at_least(0.5, 0.0)
+
+
+@dataclass(frozen=True)
+class LastLayerConfig:
+    """Last-layer Laplace (:mod:`lib.baselines.last_layer`).
+
+    ``structure``: the head's GGN kept ``full`` or ``kron``; the prior is one scalar δ for the
+    whole head (laplace-torch 0.3's last-layer classes accept a scalar or a full diagonal, not one
+    δ per tensor); ``prior_init``: δ where the marginal-likelihood search starts (None: δ = λ·N of
+    the MAP training); ``marglik_steps``/``marglik_lr``: Adam steps and step size on log δ;
+    ``batch_size``: images per curvature and prediction batch.
+    """
+
+    structure: Literal["full", "kron"] = "kron"
+    prior_init: float | None = _above(None, 0.0)
+    marglik_steps: int = _at_least(100, 1)
+    marglik_lr: float = _above(0.1, 0.0)
+    batch_size: int = _at_least(64, 1)
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """LoRA ensembles of the study's MAP models (:mod:`lib.baselines.ensemble`): the sizes M
+    reported (nested, each at most the number of ``seeds``)."""
+
+    sizes: tuple[int, ...] = (3, 5)
+
+
+@dataclass(frozen=True)
+class McDropoutConfig:
+    """MC dropout (:mod:`lib.baselines.mc_dropout`): ``rate``, the LoRA dropout p of the fine-tune
+    and of the test passes; ``samples``, the K stochastic forward passes per image."""
+
+    rate: float = _above(0.1, 0.0, 1.0)
+    samples: int = _at_least(16, 1)
+
+
+@dataclass(frozen=True)
+class VariationalConfig:
+    """The variational LoRA's own settings (:mod:`lib.baselines.variational`, formulas there; the
+    point parameters follow the fine-tune's MAP recipe).
+
+    ``log_alpha_lr``: Adam step size of log α (constant); ``init_log_alpha``: log α of every rank
+    at the start (−4: gate std 0.14); ``kl_scale``: c (the seed's 0.05–0.1); ``kl_freeze_epochs``,
+    ``beta_warmup_epochs``: the KL warm-up β_e; ``sample_warmup_epochs``: epochs at the gate mean
+    before the gates are drawn; ``prune_every``, ``prune_start_epoch`` (None: after the KL
+    warm-up), ``prune_threshold``, ``min_ranks``: pruning; ``samples``: gate draws K per test image.
+    """
+
+    log_alpha_lr: float = _above(0.05, 0.0)
+    init_log_alpha: float = -4.0
+    kl_scale: float = _above(0.1, 0.0)
+    kl_freeze_epochs: int = _at_least(0, 0)
+    beta_warmup_epochs: int = _at_least(2, 1)
+    sample_warmup_epochs: int = _at_least(0, 0)
+    prune_every: int = _at_least(3, 1)
+    prune_start_epoch: int | None = _at_least(None, 1)
+    prune_threshold: float = 3.0
+    min_ranks: int = _at_least(2, 1)
+    samples: int = _at_least(16, 1)
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """The baselines of the study (:mod:`lib.baselines`): the brief ``finetune`` of the trained
+    ones, each method's own section, the timing batch (first ``timing_batch`` test images,
+    ``timing_iters`` timed calls) and the importance scores' data (the first ``importance_batches``
+    training minibatches of ``importance_batch_size`` images; the Fisher trace on the first
+    ``fisher_examples`` of their images)."""
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    last_layer: LastLayerConfig = field(default_factory=LastLayerConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    mc_dropout: McDropoutConfig = field(default_factory=McDropoutConfig)
+    variational: VariationalConfig = field(default_factory=VariationalConfig)
+    timing_batch: int = _at_least(64, 1)
+    timing_iters: int = _at_least(5, 1)
+    importance_batches: int = _at_least(64, 1)
+    importance_batch_size: int = _at_least(32, 1)
+    fisher_examples: int = _at_least(512, 1)
 
 
 @dataclass(frozen=True)
@@ -286,6 +394,7 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     shift: ShiftConfig | None = None
+    baselines: BaselinesConfig | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "Config":
@@ -462,6 +571,13 @@ def _check_data(cfg: DataConfig, source: str, prefix: str) -> None:
 
 
 def _check_model(cfg: ModelConfig, source: str, prefix: str) -> None:
+    if cfg.checkpoint_sha256 is not None:
+        if cfg.checkpoint is None:
+            raise ParamsError(f"{source}: '{prefix}checkpoint_sha256' is set but '{prefix}checkpoint' is not; "
+                              "set the checkpoint file or remove the hash")
+        if not re.fullmatch(r"[0-9a-f]{64}", cfg.checkpoint_sha256):
+            raise ParamsError(f"{source}: '{prefix}checkpoint_sha256' must be 64 lower-case hex digits "
+                              f"(sha256sum of the file), got {cfg.checkpoint_sha256!r}")
     for key, value in cfg.kwargs.items():
         if key.endswith("drop_rate") or key == "drop_path_rate":
             if value:
@@ -488,6 +604,17 @@ def _check_shift(cfg: ShiftConfig, source: str, prefix: str) -> None:
     bad = [s for s in cfg.severities if s not in SEVERITIES]
     if bad or not cfg.severities:
         raise ParamsError(f"{source}: {prefix}severities must be a non-empty list of 1..5; got {list(cfg.severities)}")
+    if not cfg.far_ood_sets or len(set(cfg.far_ood_sets)) != len(cfg.far_ood_sets):
+        raise ParamsError(f"{source}: {prefix}far_ood_sets is {list(cfg.far_ood_sets)}; give a non-empty list of "
+                          f"distinct names of {', '.join(FAR_OOD_SET_NAMES)}")
+    if "digits" in cfg.far_ood_sets and cfg.far_ood_images > DIGITS:
+        raise ParamsError(f"{source}: {prefix}far_ood_images is {cfg.far_ood_images}, but the 'digits' set has "
+                          f"{DIGITS} images; use at most {DIGITS} or drop 'digits' from {prefix}far_ood_sets")
+
+
+def _check_ensemble(cfg: EnsembleConfig, source: str, prefix: str) -> None:
+    if not cfg.sizes or any(m < 1 for m in cfg.sizes) or len(set(cfg.sizes)) != len(cfg.sizes):
+        raise ParamsError(f"{source}: '{prefix}sizes' is {list(cfg.sizes)}; give distinct ensemble sizes M >= 1")
 
 
 def lora_block_params(model: ModelConfig, lora: LoraConfig) -> int:
@@ -504,6 +631,11 @@ def lora_block_params(model: ModelConfig, lora: LoraConfig) -> int:
 
 
 def _check_config(cfg: "Config", source: str, prefix: str) -> None:
+    if cfg.baselines is not None and max(cfg.baselines.ensemble.sizes) > len(cfg.seeds):
+        raise ParamsError(
+            f"{source}: '{prefix}baselines.ensemble.sizes' is {list(cfg.baselines.ensemble.sizes)}, but the ensembles' "
+            f"members are the study's MAP models and '{prefix}seeds' has {len(cfg.seeds)}; add seeds or lower the sizes"
+        )
     lc = cfg.laplace
     if lc.structure != "dense_block" and lc.quality_images == 0:
         return
@@ -522,7 +654,7 @@ def _check_config(cfg: "Config", source: str, prefix: str) -> None:
 
 
 _CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive,
-           ShiftConfig: _check_shift, Config: _check_config}
+           ShiftConfig: _check_shift, EnsembleConfig: _check_ensemble, Config: _check_config}
 
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:

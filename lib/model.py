@@ -8,12 +8,14 @@ bare ``proj`` pattern would match it. The classifier head is replaced and traine
 
 from __future__ import annotations
 
+import hashlib
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import safetensors.torch
 import timm
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -84,9 +86,21 @@ def _create(cfg: ModelConfig) -> nn.Module:
                 f"model.checkpoint '{cfg.checkpoint}' not found ({ckpt}); point it at a timm "
                 "state-dict file or set it to null and model.pretrained: true"
             )
+        if cfg.checkpoint_sha256 is not None:
+            actual = file_sha256(ckpt)
+            if actual != cfg.checkpoint_sha256:
+                raise ValueError(
+                    f"model.checkpoint '{cfg.checkpoint}' has SHA-256 {actual}, not model.checkpoint_sha256 "
+                    f"{cfg.checkpoint_sha256}: the file was replaced or damaged; restore it (git checkout -- "
+                    f"{cfg.checkpoint}) or, for a backbone you retrained (python -m lib.backbone), put its new "
+                    "SHA-256 into the params file"
+                )
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if ckpt.suffix == ".safetensors":
+            state = safetensors.torch.load_file(ckpt, device="cpu")
+        else:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
         missing = sorted(set(own) - set(state))
@@ -101,6 +115,15 @@ def _create(cfg: ModelConfig) -> nn.Module:
     else:
         model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
     return model
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def data_config(model: nn.Module) -> dict:
@@ -119,17 +142,14 @@ def data_config(model: nn.Module) -> dict:
     }
 
 
-def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int, dropout: float = 0.0) -> PeftModel:
+def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int) -> PeftModel:
     """Wrap ``model`` with peft LoRA on ``cfg.targets`` of every block; head trained in full.
 
     Only the LoRA factors and the head require gradients. LoRA ``A`` is initialised from ``seed``
     (peft's Kaiming-uniform), ``B`` at zero so the adapted model starts equal to the backbone.
-    ``dropout``: peft's ``lora_dropout``, inverted dropout of rate p on the adapter input ``x``
-    before ``A`` (``scaling · B A dropout(x)``); 0 (the MAP network is deterministic, see
-    :class:`lib.config.ModelConfig`) except for the MC-dropout baseline (:mod:`lib.baselines.mc_dropout`).
+    No adapter dropout (the MAP network is deterministic, see :class:`lib.config.ModelConfig`);
+    the MC-dropout baseline adds it to a copy (:func:`lib.baselines.mc_dropout.with_lora_dropout`).
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout is {dropout}; the LoRA dropout rate must be in [0, 1)")
     unknown = set(cfg.targets) - set(TARGET_PATHS)
     if unknown:
         raise ValueError(f"lora.targets has {sorted(unknown)}; valid targets: {sorted(TARGET_PATHS)}")
@@ -137,7 +157,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int, dropout: float = 0
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
-        lora_dropout=dropout,
+        lora_dropout=0.0,
         target_modules=rf".*blocks\.\d+\.({paths})",
         modules_to_save=["head"],
         bias="none",

@@ -35,7 +35,6 @@ __all__ = [
     "auroc",
     "weighted_auroc",
     "average_precision",
-    "ood_metrics",
     "paired_bootstrap_auroc",
     "auroc_difference",
 ]
@@ -147,19 +146,6 @@ def average_precision(scores_in: Tensor, scores_out: Tensor) -> Tensor:
     asc = (-values).contiguous()
     group_end = torch.searchsorted(asc, asc, side="right") - 1
     return (lab * precision.gather(-1, group_end)).sum(-1) / n_out
-
-
-def ood_metrics(probs_in: Tensor, probs_out: Tensor) -> dict[str, Tensor]:
-    """AUROC and AUPR (OOD positive) of both scores: keys ``'{auroc,aupr}_{max_prob,entropy}'``.
-
-    probs_in (..., N_in, C), probs_out (..., N_out, C) → tensors (...,).
-    """
-    s_in, s_out = ood_scores(probs_in), ood_scores(probs_out)
-    out = {}
-    for name in s_in:
-        out[f"auroc_{name}"] = auroc(s_in[name], s_out[name])
-        out[f"aupr_{name}"] = average_precision(s_in[name], s_out[name])
-    return out
 
 
 def paired_bootstrap_auroc(

@@ -1,4 +1,4 @@
-"""The study's first stages: ``backbone`` (pre-training, cifar10-transfer only) → ``map`` (one per
+"""The study's first stages: ``backbone`` (pre-training, where a profile does not ship it) → ``map`` (one per
 training seed), cached by :func:`lib.artifacts.cached`; the later stages are in :mod:`lib.stages`.
 
 Each stage's key hashes exactly the params it depends on, its upstream keys and the source of
@@ -59,20 +59,22 @@ def _data_identity(cfg: Config) -> dict:
     return data
 
 
-def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
-    """Pre-train the backbone from scratch on ``pretrain.classes`` (or None without a pretrain section).
+def pretrain_stage(cfg: Config, device: torch.device) -> Stage:
+    """Pre-train the backbone from scratch on ``pretrain.classes`` (a ValueError without a pretrain section).
 
     The full ViT is trained with AdamW (decoupled decay), label smoothing, crop/flip augmentation
     and a cosine schedule; the saved file ``backbone.pt`` is a timm state dict whose head is
-    discarded when fine-tuning.
+    discarded when fine-tuning. The model section's ``checkpoint`` fields are not inputs: they
+    name where a profile ships the result of this stage (:mod:`lib.backbone`).
     """
     if cfg.pretrain is None:
-        return None
+        raise ValueError(f"params for profile '{cfg.profile}' have no pretrain section; add one to pre-train a backbone")
     p = cfg.pretrain
+    model_cfg = dataclasses.replace(cfg.model, checkpoint=None, checkpoint_sha256=None)
 
     def pretrain(st: Stage) -> None:
         splits = pretrain_splits(cfg)
-        model = build_backbone(cfg.model, splits.num_classes, seed=p.seed, device=device, init_seed=p.seed)
+        model = build_backbone(model_cfg, splits.num_classes, seed=p.seed, device=device, init_seed=p.seed)
         pre = Preprocess.from_data_config(data_config(model))
         spec = FitSpec(
             epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, warmup_epochs=p.warmup_epochs, grad_clip=1.0,
@@ -84,9 +86,17 @@ def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
         torch.save(model.state_dict(), st.file("backbone.pt"))
         st.file("history.json").write_text(json.dumps(history, indent=1))
 
-    return cached("backbone", {"data": _data_identity(cfg), "model": cfg.section("model")["model"],
+    return cached("backbone", {"data": _data_identity(cfg), "model": dataclasses.asdict(model_cfg),
                                "pretrain": dataclasses.asdict(p), "numerics": numerics(device)},
                   code=__name__, compute=pretrain)
+
+
+def backbone_stage(cfg: Config, device: torch.device) -> Stage | None:
+    """The pre-training stage that fine-tuning starts from: None when the profile has no pretrain
+    section or ships the pre-trained backbone as ``model.checkpoint`` (then fine-tuning loads that file)."""
+    if cfg.pretrain is None or cfg.model.checkpoint is not None:
+        return None
+    return pretrain_stage(cfg, device)
 
 
 def _finetune_model_cfg(cfg: Config, backbone: Stage | None) -> ModelConfig:
@@ -95,19 +105,13 @@ def _finetune_model_cfg(cfg: Config, backbone: Stage | None) -> ModelConfig:
     return dataclasses.replace(cfg.model, pretrained=False, checkpoint=str(backbone.file("backbone.pt")))
 
 
-def map_run(cfg: Config, seed: int, device: torch.device, *, lora_dropout: float = 0.0) -> MapRun:
-    """Train (or load) the LoRA MAP model of one seed; saves the trainable weights and history.
-
-    ``lora_dropout`` > 0 trains with peft's LoRA dropout (the MC-dropout baseline,
-    :mod:`lib.baselines.mc_dropout`): a separate stage (the rate is part of its key; 0 leaves the
-    MAP key unchanged), its dropout masks drawn from the global stream forked and seeded with ``seed``.
-    """
+def map_run(cfg: Config, seed: int, device: torch.device) -> MapRun:
+    """Train (or load) the LoRA MAP model of one seed; saves the trainable weights and history."""
     backbone = backbone_stage(cfg, device)
-    dropout_key = {"lora_dropout": lora_dropout} if lora_dropout else {}
     splits = splits_for(cfg)
     model = build_backbone(_finetune_model_cfg(cfg, backbone), splits.num_classes, seed=seed, device=device)
     model.requires_grad_(False)
-    model = add_lora(model, cfg.lora, seed=seed, dropout=lora_dropout).to(device)
+    model = add_lora(model, cfg.lora, seed=seed).to(device)
     pre = Preprocess.from_data_config(data_config(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -127,7 +131,7 @@ def map_run(cfg: Config, seed: int, device: torch.device, *, lora_dropout: float
     st = cached(
         "map",
         {"data": _data_identity(cfg), **cfg.section("model", "lora", "train"), "seed": seed,
-         "numerics": numerics(device), **dropout_key},
+         "numerics": numerics(device)},
         code=__name__, compute=train, upstream=[backbone] if backbone else [],
     )
     # The saved weights, whether trained just now or earlier: one path, the same numbers.
@@ -137,4 +141,3 @@ def map_run(cfg: Config, seed: int, device: torch.device, *, lora_dropout: float
             p.copy_(saved)
     model.eval()
     return MapRun(seed, model, splits, pre, json.loads(st.file("history.json").read_text()), st)
-

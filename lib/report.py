@@ -274,6 +274,19 @@ def readable(df: pd.DataFrame, alpha: float | None = None) -> pd.DataFrame:
     return out
 
 
+def book_table(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` as the book shows a table, under one header row: the name of the row labels (the
+    index) moves into the header's corner cell, where pandas writes the columns' name; index levels
+    after the first become leading columns. pandas writes index names on a header row of their own,
+    below the column names, which Quarto's Typst PDF shows as an empty table row. Every table a
+    chapter displays goes through this, last."""
+    if df.index.nlevels > 1:
+        df = df.reset_index(level=list(range(1, df.index.nlevels)))
+    if df.index.name is None:
+        return df
+    return df.rename_axis(index=None, columns=df.index.name)
+
+
 def agreement_notes(table: pd.DataFrame) -> str:
     """The ``note`` column of :func:`lib.laplace.reference.agreement_table` as a Markdown list, one
     item per check (what it is compared with and where its tolerance comes from), so that the

@@ -44,6 +44,10 @@ from lib.provenance import canonical_json, environment, notebook_sha256, params_
 INDEX = "index"
 SCRATCH = "+"
 """Separates a profile from the slug of its overrides in a scratch run's folder name (:func:`run_name`)."""
+INJECTED = "injected-parameters"
+"""papermill's tag of the cell it inserts after the ``parameters`` cell (the run's ``profile`` and ``params``)."""
+REMOVE = "remove-cell"
+"""The cell tag that both Quarto and the offline renderer honour by leaving the cell out of the book."""
 
 
 class RunnerError(RuntimeError):
@@ -147,6 +151,16 @@ def _params_cell_check(nb: nbformat.NotebookNode, src: Path) -> None:
     )
 
 
+def _hide_injected_parameters(nb: nbformat.NotebookNode) -> None:
+    """Tag papermill's injected cell :data:`REMOVE`: it holds the whole params dict, which the
+    provenance record and table report; papermill tags it :data:`INJECTED` only, which neither
+    renderer knows (the chapter's own ``parameters`` cell carries :data:`REMOVE` in the source)."""
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if INJECTED in tags and REMOVE not in tags:
+            cell.metadata["tags"] = [*tags, REMOVE]
+
+
 def _provenance_cell(record: Mapping[str, Any], params_file: str) -> nbformat.NotebookNode:
     seeds = record.get("seeds")
     sha = record["git_sha"] or "none (no commit)"
@@ -181,7 +195,7 @@ def _failure_message(err: Exception, chapter: str, profile: str, kept: Path) -> 
     where = "a cell"
     try:
         nb = nbformat.read(kept, as_version=4)
-        added = {"injected-parameters", "papermill-error-cell-tag"}
+        added = {INJECTED, "papermill-error-cell-tag"}
         source_cells = [c for c in nb.cells if not added & set(c.get("metadata", {}).get("tags", []))]
         for i, cell in enumerate(source_cells):
             if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
@@ -265,6 +279,7 @@ def run_chapter(
             "wall_time_s": round(wall, 1),
         }
         nb = nbformat.read(tmp_out, as_version=4)
+        _hide_injected_parameters(nb)
         nb.cells.append(_provenance_cell(record, record["params_file"]))
         nbformat.write(nb, out_dir / f"{chapter}.ipynb")
     (out_dir / f"{chapter}.json").write_text(json.dumps(record, indent=1) + "\n")

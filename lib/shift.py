@@ -1,4 +1,5 @@
-"""Calibration under dataset shift and OOD detection per method: tables, OOD sets, box plots.
+"""Calibration under dataset shift and OOD detection per method: tables and the box statistics
+(drawn by :mod:`lib.shift_figures`).
 
 The protocol is Ovadia et al.'s :cite:`ovadia2019can`: every method (MAP, temperature scaling,
 Laplace posteriors over block subsets, ...) is evaluated on the clean test set (severity 0) and on
@@ -7,18 +8,11 @@ at severities 1..5, with accuracy, ECE, NLL and Brier score (:mod:`lib.calibrati
 method and severity summarises the spread over corruptions. OOD detection follows Laplace Redux
 :cite:`daxberger2021laplace` with the metrics of :mod:`lib.ood`.
 
-OOD sets of the ``cifar10-transfer`` profile:
-
-- **near-OOD**: the CIFAR-10 test images of the classes *not* fine-tuned on (classes 0-4, which
-  the backbone saw in pre-training while the LoRA head was fine-tuned on classes 5-9);
-- **far-OOD**: :func:`far_ood_images`, synthetic images of two kinds in equal numbers —
-  ``uniform``: i.i.d. uniform pixel values in 0..255 per pixel and channel; ``smooth``: a 4 × 4
-  grid of i.i.d. uniform colours upsampled bicubically to full size (smooth colour blobs without
-  objects), both drawn from an explicit seeded generator.
+The OOD image sets (near-OOD held-out classes; natural-photograph patches, handwritten digits and
+synthetic far-OOD images) are built in :mod:`lib.ood_sets`.
 
 :func:`gain_intervals` gives the ECE gain of each method over MAP per severity with paired
-intervals, :func:`shift_summary` the resulting choice per severity, and :func:`rank_agreement`
-whether the ranking of blocks by ΔECE changes under shift: Kendall's τ-b :cite:`kendall1938new`
+intervals, and :func:`rank_agreement` whether the ranking of blocks by ΔECE changes under shift: Kendall's τ-b :cite:`kendall1938new`
 between the per-block ΔECE on clean images and on their corrupted copies. Their bootstraps resample
 test images, as clusters with all their corrupted copies when corruptions are pooled
 (:func:`cluster_counts`, :cite:`efron1993introduction`).
@@ -29,47 +23,30 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from lib.calibration import accuracy, brier, ece, ece_from_weights, nll, top_label
-from lib.config import Config
 from lib.corruptions import CORRUPTIONS
-from lib.data import read_cifar
-from lib.style import PALETTE, STYLE, WIDTH
 from lib.ood import auroc_difference, average_precision, ood_scores, paired_bootstrap_auroc
 from lib.resample import bootstrap_counts
-from lib.stats import percentile_interval
+from lib.stats import kendall_tau_b, percentile_interval
 
 __all__ = [
     "METRICS",
-    "FAR_OOD_KINDS",
     "shift_metrics",
-    "near_ood_images",
-    "far_ood_images",
     "ood_table",
     "cluster_counts",
     "gain_intervals",
-    "shift_summary",
-    "kendall_tau_b",
     "RankAgreement",
     "rank_agreement",
     "prepare_shift_boxes",
-    "plot_shift_boxes",
 ]
 
 METRICS = ("accuracy", "ece", "nll", "brier")
 """Columns of :func:`shift_metrics` (fractions; NLL in nats)."""
-
-FAR_OOD_KINDS = ("uniform", "smooth")
-"""The kinds of :func:`far_ood_images`, in the order they are drawn."""
-
 
 def shift_metrics(
     probs: Mapping[str, Tensor],
@@ -115,45 +92,6 @@ def shift_metrics(
             "nll": float(nll(p, labels)), "brier": float(brier(p, labels)),
         })
     return pd.DataFrame(rows)
-
-
-def near_ood_images(cfg: Config, *, max_images: int | None = None, seed: int = 0) -> Tensor:
-    """Test images of the classes of the dataset that were *not* fine-tuned on, uint8 (M, 3, 32, 32).
-
-    For ``cifar10-transfer`` these are the 5,000 test images of classes 0-4. ``max_images`` keeps a
-    sorted random subset drawn with ``torch.Generator().manual_seed(seed)``.
-    """
-    if cfg.data.name == "synthetic" or cfg.data.classes is None:
-        raise ValueError(
-            f"profile '{cfg.profile}': near-OOD images need a real dataset with data.classes set "
-            "(the held-out classes are the near-OOD set)"
-        )
-    _, test, _ = read_cifar(cfg.data_root, cfg.data.name, download=cfg.data.download)
-    keep = ~torch.isin(test.y, torch.tensor(cfg.data.classes))
-    x = test.x[keep]
-    if max_images is not None and max_images < len(x):
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_images].sort().values
-        x = x[idx]
-    return x
-
-
-def far_ood_images(n: int, *, seed: int, size: int = 32) -> tuple[Tensor, tuple[str, ...]]:
-    """Synthetic far-OOD images uint8 (n, 3, size, size) and the kind of each (see module docstring).
-
-    The first ``ceil(n / 2)`` are ``uniform`` (pixels i.i.d. uniform in 0..255), the rest ``smooth``
-    (4 × 4 uniform colours in [0, 255], bicubic upsampling to ``size``, clipped), all drawn from
-    ``torch.Generator().manual_seed(seed)`` in that order.
-    """
-    if n < 1 or size < 4:
-        raise ValueError(f"n must be >= 1 and size >= 4; got n={n}, size={size}")
-    g = torch.Generator().manual_seed(seed)
-    n_uniform = (n + 1) // 2
-    uniform = torch.randint(0, 256, (n_uniform, 3, size, size), generator=g, dtype=torch.uint8)
-    coarse = 255 * torch.rand(n - n_uniform, 3, 4, 4, generator=g)
-    smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-    smooth = smooth.round().clamp(0, 255).to(torch.uint8)
-    uniform_kind, smooth_kind = FAR_OOD_KINDS
-    return torch.cat([uniform, smooth]), (uniform_kind,) * n_uniform + (smooth_kind,) * (n - n_uniform)
 
 
 def ood_table(
@@ -270,57 +208,6 @@ def gain_intervals(
                          for start in range(0, n_resamples, chunk_size)])
     lo, hi = percentile_interval(samples, alpha)
     return estimate, lo, hi
-
-
-def shift_summary(gains: pd.DataFrame, ranks: pd.DataFrame, alpha: float) -> str:
-    """Sentences on the best method per severity by ECE gain over MAP, where that choice differs
-    from the in-distribution one (severity 0), and Kendall's τ of the block ranking under shift.
-
-    ``gains``: rows ``severity, method, gain, lower, upper`` (fractions; shown in percentage points);
-    ``ranks``: rows ``seed, severity, tau, lower, upper`` (may be empty).
-    """
-    need = ["severity", "method", "gain", "lower", "upper"]
-    if any(c not in gains.columns for c in need) or gains.empty:
-        raise ValueError(f"gains must be a non-empty DataFrame with columns {need}")
-    level = f"{100 * (1 - alpha):.0f}%"
-    best = gains.loc[gains.groupby("severity")["gain"].idxmax()].set_index("severity")
-    parts = []
-    base = best.loc[0].method if 0 in best.index else None
-    for sev, row in best.iterrows():
-        where = "on the clean test set" if sev == 0 else f"at severity {sev}"
-        sure = ("its interval excludes zero" if row.lower > 0 else
-                "its interval includes zero, so no method is shown to beat MAP")
-        parts.append(f"{where.capitalize()} the largest ECE gain over MAP is {row.method}'s, "
-                     f"{100 * row.gain:.2f} pp ({level} interval {100 * row.lower:.2f} to {100 * row.upper:.2f}); {sure}.")
-    changed = [int(s) for s, r in best.iterrows() if base is not None and s != 0 and r.method != base]
-    if base is not None:
-        parts.append(
-            f"By point estimate the choice differs from the in-distribution one ({base}) at severit"
-            f"{'y' if len(changed) == 1 else 'ies'} {', '.join(map(str, changed))} (the intervals above are "
-            "of gains over MAP, not of differences between methods)." if changed
-            else f"By point estimate the in-distribution choice ({base}) stays the best at every severity."
-        )
-    if not ranks.empty:
-        mean_tau = ranks.groupby("severity")["tau"].mean()
-        parts.append("Kendall's τ between the single-block ΔECE ranking on clean images and under shift, "
-                     "averaged over seeds: " + ", ".join(f"{t:.2f} (severity {s})" for s, t in mean_tau.items()) + ".")
-    return " ".join(parts)
-
-
-def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
-    """Kendall's τ-b :cite:`kendall1938new` between rows of ``a`` and ``b`` (..., P) → (...,).
-
-    ``τ_b = Σ_{i<j} sgn(a_i − a_j) sgn(b_i − b_j) / sqrt((n_0 − n_a)(n_0 − n_b))`` with
-    ``n_0 = P(P−1)/2`` and ``n_a``, ``n_b`` the tied pairs of ``a`` and ``b`` (NaN if either row is constant).
-    """
-    if a.shape != b.shape or a.shape[-1] < 2:
-        raise ValueError(f"a and b must have the same shape (..., P) with P >= 2; got {tuple(a.shape)}, {tuple(b.shape)}")
-    p = a.shape[-1]
-    iu = torch.triu_indices(p, p, 1, device=a.device)
-    sa = torch.sign(a[..., iu[0]] - a[..., iu[1]])
-    sb = torch.sign(b[..., iu[0]] - b[..., iu[1]])
-    den = (sa.abs().sum(-1) * sb.abs().sum(-1)).sqrt()
-    return (sa * sb).sum(-1) / den
 
 
 @dataclass(frozen=True)
@@ -442,45 +329,3 @@ def prepare_shift_boxes(table: pd.DataFrame, metric: str, methods: Sequence[str]
                          "q1": float(q1), "med": float(med), "q3": float(q3), "whislo": float(inside.min()),
                          "whishi": float(inside.max()), "fliers": fliers})
     return pd.DataFrame(rows)
-
-
-_AXIS_LABELS = {"accuracy": "Accuracy (%)", "ece": "ECE (%)", "nll": "NLL (nats)", "brier": "Brier score"}
-_PERCENT = {"accuracy", "ece"}
-
-
-def plot_shift_boxes(data: pd.DataFrame, metric: str, ax: Axes | None = None) -> Figure:
-    """Draw :func:`prepare_shift_boxes` output: one group of boxes per severity (0 = clean), one
-    box per method in the Okabe-Ito colours of :mod:`lib.style`; accuracy and ECE in percent."""
-    need = ["severity", "method", "q1", "med", "q3", "whislo", "whishi", "fliers", "mean"]
-    if not isinstance(data, pd.DataFrame) or any(c not in data.columns for c in need):
-        raise ValueError(f"plot_shift_boxes: data must be a prepare_shift_boxes DataFrame with columns {need}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
-    scale = 100.0 if metric in _PERCENT else 1.0
-    methods = list(dict.fromkeys(data["method"]))
-    severities = sorted(data["severity"].unique())
-    width = 0.8 / len(methods)
-    with mpl.rc_context(STYLE):
-        if ax is None:
-            fig = Figure(figsize=(WIDTH, 3.0), layout="constrained")
-            ax = fig.add_subplot()
-        else:
-            fig = ax.get_figure()
-        for k, method in enumerate(methods):
-            sub = data[data["method"] == method]
-            stats = [{"med": r.med * scale, "q1": r.q1 * scale, "q3": r.q3 * scale, "whislo": r.whislo * scale,
-                      "whishi": r.whishi * scale, "fliers": np.asarray(r.fliers) * scale, "mean": r.mean * scale}
-                     for r in sub.itertuples()]
-            pos = [severities.index(s) - 0.4 + width * (k + 0.5) for s in sub["severity"]]
-            colour = PALETTE[k % len(PALETTE)]
-            ax.bxp(stats, positions=pos, widths=width * 0.85, patch_artist=True, manage_ticks=False,
-                   boxprops={"facecolor": colour, "edgecolor": colour, "alpha": 0.6},
-                   medianprops={"color": "black"}, whiskerprops={"color": colour}, capprops={"color": colour},
-                   flierprops={"markeredgecolor": colour, "markersize": 3})
-            ax.plot([], [], color=colour, linewidth=6, alpha=0.6, label=method)
-        ax.set_xticks(range(len(severities)), ["clean" if s == 0 else str(s) for s in severities])
-        ax.set_xlim(-0.5, len(severities) - 0.5)
-        ax.set_xlabel("Corruption severity")
-        ax.set_ylabel(_AXIS_LABELS[metric])
-        ax.legend(frameon=False, ncols=min(len(methods), 3), loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    return fig

@@ -6,13 +6,13 @@ scaling and the chosen Laplace posteriors on them and on the OOD sets (``shift_p
 one perturbation bank per image set, the same posterior samples as the study's test bank), and
 from those the tables of :func:`evaluate_shift`.
 
-Cost. The perturbation banks dominate: ``seeds × (|corruptions| · |severities| · max_images +
-near + far OOD images)`` bank images against ``seeds × (test + validation)`` for the study itself.
+Cost. The perturbation banks dominate: ``seeds × (|corruptions| · |severities| · max_images + near +
+|far_ood_sets| · far_ood_images)`` bank images against ``seeds × (test + validation)`` for the study itself.
 Measured on the shared 2-core CPU (one thread): generating all 12 corruptions × 5 severities of 1,000
 CIFAR images takes 20 s (cached once, shared by the seeds); the OOD table of 15 methods on 5,000 +
 5,000 images with 2,000 resamples 25 s on the CPU (the bootstraps run on ``device``); the whole
-evaluation on the smoke profile (2 seeds, 4 corruptions × 3 severities × 96 images, 96 far-OOD
-images) 18 s, 0.6 s when cached.
+evaluation on the smoke profile (2 seeds, 4 corruptions × 3 severities × 96 images, three far-OOD
+sets of 96 images) 24 s, 0.8 s when cached.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from lib.artifacts import Stage, stage
+from lib.artifacts import Stage, cached
 from lib.config import Config, ShiftConfig
 from lib.corruptions import CorruptedSplit, cached_corrupt_split
 from lib.data import Split, batches
 from lib.laplace.predictive import Bank, iter_subset_probs, perturbation_bank
 from lib.pipeline import numerics
-from lib.shift import far_ood_images, gain_intervals, near_ood_images, ood_table, rank_agreement, shift_metrics
+from lib.ood_sets import cached_ood_images, near_ood_images
+from lib.shift import gain_intervals, ood_table, rank_agreement, shift_metrics
 from lib.stages.seed import SeedStudy
 from lib.temperature import apply_temperature
 from lib.train import amp_dtype
@@ -149,7 +150,7 @@ def shift_predictions(
     temperature scaling use the MAP logits and the study's temperature. Cached as a ``shift_probs``
     stage downstream of the study's ``subsets`` stage and ``upstream`` (e.g. the images' ``corrupt``
     stage); ``key`` (JSON-able) names the image set. On the study's test images it reproduces the
-    study's probabilities.
+    study's probabilities. The stage is keyed by this module's code (:func:`lib.artifacts.cached`).
 
     Args:
         images: uint8 (N, 3, H, W). labels: (N,) int64, or None for OOD images (stored as zeros).
@@ -160,20 +161,20 @@ def shift_predictions(
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must be (N,) = ({images.shape[0]},); got {tuple(labels.shape)}")
     extra_key = {n: torch.as_tensor(m, dtype=torch.bool).tolist() for n, m in (extra or {}).items()}
-    st = stage("shift_probs", {"images": dict(key), "extra": extra_key, "n_samples": pc.n_samples,
-                               "batch_size": pc.batch_size, "method": pc.method, "numerics": numerics(device)},
-               upstream=[study.subsets, *upstream])
-    path = st.file("probs.pt")
-    if not st.done:
+
+    def compute(st: Stage) -> None:
         names, masks, scales, temperature = _posteriors(study, extra)
         bank = perturbation_bank(
             study.run.model, study.posterior,
             batches(Split(images, labels), pc.batch_size, preprocess=study.run.preprocess, device=device),
             n_samples=pc.n_samples, seed=study.seed, device=device, dtype=amp_dtype(device) or torch.float32,
         )
-        torch.save(_predict(bank, names, masks, scales, temperature, pc.method, device), path)
-        st.mark_done()
-    d = torch.load(path, weights_only=True)
+        torch.save(_predict(bank, names, masks, scales, temperature, pc.method, device), st.file("probs.pt"))
+
+    st = cached("shift_probs", {"images": dict(key), "extra": extra_key, "n_samples": pc.n_samples,
+                                "batch_size": pc.batch_size, "method": pc.method, "numerics": numerics(device)},
+                code=__name__, compute=compute, upstream=[study.subsets, *upstream])
+    d = torch.load(st.file("probs.pt"), weights_only=True)
     return ShiftPredictions(tuple(d["names"]), d["probs"], d["det"], d["ts"], d["labels"])
 
 
@@ -187,8 +188,9 @@ class ShiftResults:
         gains: ECE gain over MAP ``severity, method, gain, lower, upper`` of temperature scaling and
             the reported posteriors, averaged over seeds (:func:`lib.shift.gain_intervals`; severity 0:
             the clean test set, else all corruptions of that severity pooled, images resampled as clusters).
-        ood: :func:`lib.shift.ood_table` rows for the near-OOD set (when the profile has one) and the
-            far-OOD set, with differences to MAP, per ``seed``.
+        ood: :func:`lib.shift.ood_table` rows for the near-OOD set (``ood_set = 'near'``, when the
+            profile has held-out classes) and each far-OOD set of ``shift.far_ood_sets`` (``ood_set``
+            its name, :mod:`lib.ood_sets`), with differences to MAP, per ``seed``.
         ranks: per seed and severity, Kendall's τ-b between the single-block ΔECE on the clean subset
             and on its corrupted copies (corruptions of that severity pooled), with its interval:
             ``seed, severity, tau, lower, upper``.
@@ -260,14 +262,17 @@ def evaluate_shift(
                               "upper": res.upper})
         cleans.append(clean)
         pooled.append(seed_pooled)
-        ood_sets = {"far": (far_ood_images(sc.far_ood_images, seed=sc.seed, size=test.x.shape[-1])[0],
-                            {"set": "far", "n": sc.far_ood_images, "seed": sc.seed, "size": test.x.shape[-1]})}
+        size = test.x.shape[-1]
+        ood_sets = {}
         if cfg.data.name != "synthetic" and cfg.data.classes is not None:
             ood_sets["near"] = (near_ood_images(cfg, max_images=sc.near_ood_images, seed=sc.seed),
                                 {"set": "near", "data": cfg.data.name, "classes": list(cfg.data.classes),
-                                 "n": sc.near_ood_images, "seed": sc.seed})
-        for ood_set, (images, key) in ood_sets.items():
-            pred = shift_predictions(cfg, study, images, None, key, device, extra=extra)
+                                 "n": sc.near_ood_images, "seed": sc.seed}, [])
+        for name in sc.far_ood_sets:
+            far = cached_ood_images(name, sc.far_ood_images, seed=sc.seed, size=size)
+            ood_sets[name] = (far.images, {"ood_images": far.stage.key}, [far.stage])
+        for ood_set, (images, key, upstream) in ood_sets.items():
+            pred = shift_predictions(cfg, study, images, None, key, device, upstream=upstream, extra=extra)
             ood.append(ood_table(on_device(clean.methods(posteriors)), on_device(pred.methods(posteriors)),
                                  ood_set=ood_set, n_resamples=st.n_boot, generator=generator(study.seed),
                                  alpha=st.alpha, reference="MAP").assign(seed=study.seed))

@@ -55,6 +55,7 @@ __all__ = [
     "shapley_values",
     "shapley_interaction",
     "pareto_front",
+    "kendall_tau_b",
 ]
 
 
@@ -819,3 +820,19 @@ def pareto_front(cost: Tensor, value: Tensor) -> Tensor:
     strict = (cost[:, None] < cost[None, :]) | (value[:, None] > value[None, :])
     dominated = (le & ge & strict).any(0)
     return ~dominated
+
+
+def kendall_tau_b(a: Tensor, b: Tensor) -> Tensor:
+    """Kendall's τ-b :cite:`kendall1938new` between rows of ``a`` and ``b`` (..., P) → (...,).
+
+    ``τ_b = Σ_{i<j} sgn(a_i − a_j) sgn(b_i − b_j) / sqrt((n_0 − n_a)(n_0 − n_b))`` with
+    ``n_0 = P(P−1)/2`` and ``n_a``, ``n_b`` the tied pairs of ``a`` and ``b`` (NaN if either row is constant).
+    """
+    if a.shape != b.shape or a.shape[-1] < 2:
+        raise ValueError(f"a and b must have the same shape (..., P) with P >= 2; got {tuple(a.shape)}, {tuple(b.shape)}")
+    p = a.shape[-1]
+    iu = torch.triu_indices(p, p, 1, device=a.device)
+    sa = torch.sign(a[..., iu[0]] - a[..., iu[1]])
+    sb = torch.sign(b[..., iu[0]] - b[..., iu[1]])
+    den = (sa.abs().sum(-1) * sb.abs().sum(-1)).sqrt()
+    return (sa * sb).sum(-1) / den

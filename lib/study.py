@@ -17,7 +17,6 @@ this module's closure.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any
@@ -27,9 +26,10 @@ import torch
 
 from lib.artifacts import Stage
 from lib.attribution import Attribution
+from lib.backbone import BackboneRecord, backbone_record
 from lib.config import Config
 from lib.laplace.posterior import LaplacePosterior
-from lib.pipeline import MapRun, backbone_stage, map_run, resolve_device
+from lib.pipeline import MapRun, map_run, resolve_device
 from lib.stages.attribution import AttributionTables, attribution_stage, load_attribution
 from lib.stages.banks import build_bank
 from lib.stages.laplace import fit_laplace
@@ -44,7 +44,7 @@ class Study:
     Per training seed: :meth:`run` (MAP), :meth:`fit` (Laplace stage and posterior), :meth:`seed`
     (every per-seed stage, :class:`~lib.stages.seed.SeedStudy`); over the profile's seeds
     (``cfg.seeds``, in order): :attr:`runs`, :attr:`fits`, :attr:`seeds`; once: :attr:`backbone`,
-    :attr:`backbone_history`, :attr:`curvature_quality` (first seed), and from the one
+    :attr:`curvature_quality` (first seed), and from the one
     ``attribution`` stage :attr:`attribution`, :attr:`ranks`, :attr:`shapley`, :attr:`validation`.
     A seed outside ``cfg.seeds`` may be asked for (e.g. an ensemble's extra members).
     """
@@ -59,15 +59,11 @@ class Study:
         self._seeds: dict[int, SeedStudy] = {}
 
     @cached_property
-    def backbone(self) -> Stage | None:
-        """The ``backbone`` pre-training stage (None for profiles without ``pretrain``)."""
-        return backbone_stage(self.cfg, self.device)
-
-    @cached_property
-    def backbone_history(self) -> list[dict] | None:
-        """Pre-training history of the backbone, one dict per epoch (None without pre-training)."""
-        st = self.backbone
-        return None if st is None else json.loads(st.file("history.json").read_text())
+    def backbone(self) -> BackboneRecord | None:
+        """Where the fine-tuned backbone comes from: shipped (``model.checkpoint``) or the ``backbone``
+        pre-training stage, with its per-epoch history (:func:`lib.backbone.backbone_record`); None
+        for profiles that do not pre-train one."""
+        return backbone_record(self.cfg, self.device)
 
     def run(self, seed: int) -> MapRun:
         """The LoRA MAP model of ``seed`` (stage ``map``)."""

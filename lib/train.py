@@ -114,7 +114,7 @@ def fit(
         opt = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.l2)
     else:
         opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.decoupled_wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
     history: list[dict] = []
     start = 0
     if ckpt is not None and ckpt.is_file():
@@ -179,7 +179,9 @@ def fit(
     return history
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at optimiser step ``step`` (0-based): linear warm-up over
+    ``warmup`` steps, then cosine decay to 0 at ``total`` steps."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -40,6 +40,7 @@ def tiny_study_params(seeds: list[int]) -> dict:
     d["laplace"]["fit_size"] = 48
     d["predictive"]["n_samples"] = 4
     d["stats"].update(n_boot=60, n_boot_shapley=20)
+    d["baselines"] = None  # not studied here; its ensembles would need as many seeds as their size
     return d
 
 

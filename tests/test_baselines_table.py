@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.baselines.table import MethodPredictions, baseline_table, paired_nll_bootstrap
+from lib.baselines.table import MethodPredictions, baseline_table, paired_nll_bootstrap, with_temperature
 from lib.calibration import ece, nll
 
 
@@ -79,3 +79,27 @@ def test_missing_reference_is_an_error(methods):
     ms, yv, yt = methods
     with pytest.raises(ValueError, match="temperature scaling"):
         baseline_table({"MAP": ms["MAP"]}, yv, yt)
+
+
+def test_with_temperature_adds_a_tuned_row_per_method(methods):
+    """A method whose probabilities are softmax(f / 4) gets T ≈ 1/4 × (MAP's T on the same logits);
+    the tuned row is softmax(log p / T) on both splits, costs one parameter more, and its
+    validation NLL is not above the untuned one's (T = 1 is a candidate); the untuned rows stay."""
+    from lib.temperature import apply_temperature, fit_temperature
+
+    ms, yv, yt = methods
+    base = {k: ms[k] for k in ("copy of MAP", "hot")}
+    out = with_temperature(base, yv)
+    assert list(out) == ["copy of MAP", "hot", "copy of MAP + TS", "hot + TS"]
+    t_map = fit_temperature(ms["MAP"].val.log(), yv)
+    assert out["copy of MAP + TS"].temperature == pytest.approx(t_map, rel=1e-6)
+    assert out["hot + TS"].temperature == pytest.approx(t_map / 4, rel=1e-3)  # L-BFGS tolerance
+    hot = out["hot + TS"]
+    assert torch.allclose(hot.test, apply_temperature(ms["hot"].test.log(), hot.temperature).double(), atol=1e-6)
+    assert hot.tuning == "temperature" and hot.extra_params == 1 and hot.ms_per_image == ms["hot"].ms_per_image
+    assert float(nll(hot.val, yv)) <= float(nll(ms["hot"].val, yv)) + 1e-9
+    # the tuned copy of MAP is MAP's temperature scaling itself (same logits, same T)
+    assert torch.allclose(out["copy of MAP + TS"].test, apply_temperature(ms["MAP"].test.log(), t_map).double(), atol=1e-6)
+    t = baseline_table({**ms, **out}, yv, yt, n_resamples=20).set_index("method")
+    assert t.loc["hot + TS", "tuning"] == "temperature" and t.loc["hot", "tuning"] == "none"
+    assert t.loc["hot + TS", "temperature"] == pytest.approx(hot.temperature)

@@ -54,6 +54,8 @@ def problems(pages: dict[str, str]) -> list[str]:
                 for m in re.finditer(r"\?@[\w-]+", every)]
         out += [f"{name}: object repr '{r}' in «{_context(every, i, i + len(r))}»"
                 for r in REPRS for i in [every.find(r)] if i >= 0]
+        out += [f"{name}: parameters cell shown: «{_context(every, m.start(), m.end())}»"
+                for m in re.finditer(r"\bparams\s*=\s*\{", every)]
         if "uncommitted changes" in every:
             out.append(f"{name}: executed from a checkout with uncommitted changes (provenance table); "
                        "commit, then make run PROFILE=smoke")
@@ -64,9 +66,11 @@ def test_checks_catch_what_they_are_for():
     """Each check fails on a page that has the defect and passes on its clean form."""
     bad = ('<p>at κ_S and ECE_det − ECE_Bayes, ECE_TS − ECE and ΔECE_iso, see <strong>?@fig-x</strong></p>'
            "<pre><code>&lt;lib.study.Study object at 0x7f00&gt;</code></pre>"
-           "<td>`abc123` (uncommitted changes)</td>")
+           "<td>`abc123` (uncommitted changes)</td>"
+           '<details class="code-fold"><summary>Code</summary><pre># Parameters\nparams = {"seeds": [0]}</pre></details>')
     found = problems({"p.html": bad})
-    for needle in ("'κ_S'", "'ECE_d'", "'ECE_B'", "'ECE_T'", "'ΔECE_i'", "?@fig-x", "'<lib.'", "'object at 0x'", "uncommitted"):
+    for needle in ("'κ_S'", "'ECE_d'", "'ECE_B'", "'ECE_T'", "'ΔECE_i'", "?@fig-x", "'<lib.'", "'object at 0x'", "uncommitted",
+                   "parameters cell"):
         assert any(needle in f for f in found), (needle, found)
     clean = ('<p>at <math><msub><mi>κ</mi><mi>S</mi></msub></math>, see <a href="#fig-x">Figure 1.1</a>, '
              "parameter <code>stats.n_bins</code></p>"

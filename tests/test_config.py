@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -63,13 +64,20 @@ def test_every_params_file_validates(profile, tmp_path):
     params = load_params(path)
     assert params["profile"] == raw["profile"] == profile
     cfg = Config.from_dict(params)
-    # every value written in the file survives validation (lists become tuples in the dataclass)
+    # every value written in the file survives validation (lists become tuples in the dataclass;
+    # nested sections such as baselines.finetune are compared key by key)
+    def check(obj, values, where):
+        for key, value in values.items():
+            got = getattr(obj, key)
+            if isinstance(value, dict) and dataclasses.is_dataclass(got):
+                check(got, value, f"{where}.{key}")
+                continue
+            expect = tuple(value) if isinstance(value, list) else value
+            assert got == expect, f"{profile}: {where}.{key} = {got!r}, file says {value!r}"
+
     for section, values in raw.items():
         if isinstance(values, dict) and section != "data":
-            for key, value in values.items():
-                got = getattr(getattr(cfg, section), key)
-                expect = tuple(value) if isinstance(value, list) else value
-                assert got == expect, f"{profile}: {section}.{key} = {got!r}, file says {value!r}"
+            check(getattr(cfg, section), values, section)
     assert cfg.seeds == tuple(raw["seeds"])
     assert cfg.data.name == raw["data"]["name"]
 
@@ -388,6 +396,28 @@ def test_overridden_params_get_their_own_artifact_keys():
     assert key(lr, "data", "model", "lora", "train") != key(base, "data", "model", "lora", "train")
     assert key(bins, "stats") != key(base, "stats")
     assert key(bins, "data", "model", "lora", "train") == key(base, "data", "model", "lora", "train")
+
+
+def test_baselines_section():
+    """Optional; nested keys of every method named in errors; the ensembles' sizes are bounded by
+    the number of seeds (their members are the study's MAP models)."""
+    assert Config.from_dict({}).baselines is None
+    b = Config.from_dict({"seeds": [0, 1, 2], "baselines": {"ensemble": {"sizes": [2, 3]}, "mc_dropout": {"samples": 8},
+                                                            "last_layer": {"structure": "full"}}}).baselines
+    assert b.ensemble.sizes == (2, 3) and b.mc_dropout.samples == 8 and b.last_layer.structure == "full"
+    assert b.variational.kl_scale == 0.1 and b.finetune.epochs == 6 and b.variational.min_ranks == 2
+    bad = [({"baselines": {"ensemble": {"size": [3]}}}, "unknown key 'baselines.ensemble.size'"),
+           ({"baselines": {"ensembles": {}}}, "unknown key 'baselines.ensembles'"),
+           ({"baselines": {"finetune": {"epoch": 3}}}, "unknown key 'baselines.finetune.epoch'"),
+           ({"baselines": {"last_layer": {"structure": "diag"}}}, "baselines.last_layer.structure"),
+           ({"baselines": {"last_layer": {"marglik_steps": 0}}}, "baselines.last_layer.marglik_steps"),
+           ({"baselines": {"mc_dropout": {"rate": 1.0}}}, "baselines.mc_dropout.rate"),
+           ({"baselines": {"variational": {"kl_scale": 0.0}}}, "baselines.variational.kl_scale"),
+           ({"baselines": {"ensemble": {"sizes": [0]}}}, "distinct ensemble sizes"),
+           ({"seeds": [0, 1], "baselines": {"ensemble": {"sizes": [3]}}}, "'seeds' has 2")]
+    for d, match in bad:
+        with pytest.raises(ParamsError, match=match):
+            Config.from_dict(d, source="p.yml")
 
 
 @pytest.mark.parametrize(("laplace", "name"), [

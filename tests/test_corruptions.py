@@ -6,7 +6,9 @@ and the cached stage."""
 from __future__ import annotations
 
 import colorsys
+import hashlib
 import io
+import math
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from lib.corruptions import (
     corrupt,
     corrupt_split,
     disk_kernel,
+    gaussian_taps_f32,
     hsv_to_rgb,
     plasma_fractal,
     rgb_to_hsv,
@@ -167,16 +170,96 @@ def test_gaussian_blur_spreads_an_impulse_as_a_gaussian():
     assert abs(float(y[0, 0, 7, 9]) - 255 * g[5] ** 2) < 1.0
 
 
-def test_disk_kernel():
-    """Normalised, symmetric; radius 1 with a tiny alias blur is the 5-pixel plus with weights 1/5."""
-    k = disk_kernel(1.0, 0.2)
-    assert k.shape == (17, 17) and abs(k.sum() - 1) < 1e-12
-    assert np.allclose(k, k.T) and np.allclose(k, k[::-1])
-    plus = np.zeros((17, 17))
-    plus[8, 7:10] = plus[7:10, 8] = 0.2
-    assert np.allclose(k, plus, atol=1e-4)
+DEFOCUS = CORRUPTIONS["defocus_blur"].constants
+OPENCV_DISK_ROWS = {  # cv2.GaussianBlur of make_cifar_c.py's float32 disk, rows 8 and 7, columns 6..10
+    # (float32 bit patterns), and the kernel's sum in float64; identical in OpenCV 3.4.18 and 4.8.1
+    (0.3, 0.4): ((0x0, 0x3D1810F1, 0x3F585029, 0x3D1810F1, 0x0),
+                 (0x0, 0x3AD5CD63, 0x3D1810F1, 0x3AD5CD63, 0x0), 1.0000000013969839),
+    (0.4, 0.5): ((0x0, 0x3DABA990, 0x3F1E8D87, 0x3DABA990, 0x0),
+                 (0x0, 0x3C39DB15, 0x3DABA990, 0x3C39DB15, 0x0), 1.0000000186264515),
+    (0.5, 0.6): ((0x0, 0x3DE35BC7, 0x3EE3F2FD, 0x3DE35BC7, 0x0),
+                 (0x0, 0x3CE2C4F6, 0x3DE35BC7, 0x3CE2C4F6, 0x0), 1.0000000447034836),
+    (1.0, 0.2): ((0x354811F8, 0x3E4CCC37, 0x3E4CCCCD, 0x3E4CCC37, 0x354811F8),
+                 (0x2C4373D9, 0x35C81210, 0x3E4CCC37, 0x35C81210, 0x2C4373D9), 1.0000000180720523),
+    (1.5, 0.1): ((0x19CF437C, 0x3DE38E39, 0x3DE38E39, 0x3DE38E39, 0x19CF437C),
+                 (0x19CF437C, 0x3DE38E39, 0x3DE38E39, 0x3DE38E39, 0x19CF437C), 1.0000000074505806),
+}
+OPENCV_DEFOCUS_SHA = {  # sha256[:16] of the uint8 (3, 32, 32) output of make_cifar_c.py's defocus_blur
+    # (cv2.filter2D with the kernel above; OpenCV 3.4.18 and 4.8.1) on the images of _reference_images
+    "noise": ("fe323ed8c1d571aa", "a15897cda7a51fe4", "8f5c8880ca55a366", "0a78d2c89130e1a9", "ab6fd9836c0255ed"),
+    "ramp": ("68e5091344148373", "542d95bf67fa2423", "58d7ecf054309a98", "26d656caf5e261f4", "4905cd2e65d1b102"),
+}
+
+
+def _reference_images() -> dict[str, torch.Tensor]:
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    i, j = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    ramp = np.stack([(i * 8 + j * 3 + 40 * c) % 256 for c in range(3)], -1).astype(np.uint8)
+    return {k: torch.from_numpy(v.transpose(2, 0, 1).copy())[None] for k, v in (("noise", noise), ("ramp", ramp))}
+
+
+def test_gaussian_taps_f32_hand_worked():
+    """σ = 0.4: t = float32(exp(−1/(2·0.16))) = float32(e^−3.125), s = 1/(1 + 2t) in double,
+    taps float32(t·s), float32(s), float32(t·s): OpenCV's getGaussianKernel(3, σ, CV_32F)."""
+    t = float(np.float32(math.exp(-3.125)))
+    s = 1.0 / (t + 1.0 + t)
+    ref = np.array([t * s, s, t * s], dtype=np.float32)
+    taps = gaussian_taps_f32(0.4)
+    assert taps.dtype == np.float32 and np.array_equal(taps, ref)
+    assert abs(float(taps[0]) - 0.0403879) < 1e-6 and abs(float(taps[1]) - 0.9192242) < 1e-6
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_taps_f32(0.0)
+
+
+@pytest.mark.parametrize("c", DEFOCUS)
+def test_disk_kernel_is_opencvs_float32_kernel(c):
+    """Bit for bit the float32 kernel OpenCV builds in make_cifar_c.py's disk (recorded above);
+    it sums to more than 1, which is what keeps flat regions from truncating one level darker."""
+    k = disk_kernel(*c)
+    assert k.shape == (17, 17) and k.dtype == np.float32
+    row8, row7, total = OPENCV_DISK_ROWS[c]
+    assert [int(v) for v in k[8, 6:11].view(np.uint32)] == list(row8)
+    assert [int(v) for v in k[7, 6:11].view(np.uint32)] == list(row7)
+    assert abs(float(k.sum(dtype=np.float64)) - total) < 1e-15 and total > 1
+    assert np.array_equal(k, k.T) and np.array_equal(k, k[::-1])
     with pytest.raises(ValueError, match="radius"):
         disk_kernel(9.0, 0.1)
+
+
+def test_defocus_blur_of_flat_images_keeps_every_value():
+    """A flat image of value v is filtered to v·Σk ≥ v (Σk > 1), so it truncates back to v at every
+    severity, as in the original; a float64 kernel (Σk = 1 up to rounding) loses a level for some v."""
+    x = torch.arange(256, dtype=torch.uint8)[:, None, None, None].expand(256, 3, 32, 32).contiguous()
+    for s in SEVERITIES:
+        assert torch.equal(corrupt(x, "defocus_blur", s, seed=0), x), s
+
+
+def test_defocus_blur_hand_computed_step_edge():
+    """Severity 1 (radius 0.3: the disk is the centre pixel alone): the kernel is K_ij = float32(t_i t_j)
+    with the taps t of σ = 0.4. A vertical edge (a left of column 16, b from it on) gives, in
+    column 15, ⌊255 · (a/255 · (S₋₁ + S₀) + b/255 · S₁)⌋ with S_j = Σ_i K_ij, and symmetrically in
+    column 16; columns 0 and 31 reflect (reflect-101) and stay flat."""
+    a, b = 200, 40
+    x = torch.full((1, 3, 32, 32), a, dtype=torch.uint8)
+    x[..., 16:] = b
+    t = gaussian_taps_f32(0.4)
+    K = np.array([[float(np.float32(ti * tj)) for tj in t] for ti in t])
+    S = K.sum(0)
+    left = 255 * (a / 255 * (S[0] + S[1]) + b / 255 * S[2])
+    right = 255 * (a / 255 * S[0] + b / 255 * (S[1] + S[2]))
+    assert min(left % 1, 1 - left % 1, right % 1, 1 - right % 1) > 1e-6  # far from a truncation boundary
+    y = corrupt(x, "defocus_blur", 1, seed=0)
+    assert (y[..., 15] == int(left)).all() and (y[..., 16] == int(right)).all()
+    assert (y[..., :15] == a).all() and (y[..., 17:] == b).all()
+    assert int(left) != a and int(right) != b
+
+
+@pytest.mark.parametrize("kind", list(OPENCV_DEFOCUS_SHA))
+def test_defocus_blur_equals_the_recorded_opencv_output(kind):
+    img = _reference_images()[kind]
+    for s in SEVERITIES:
+        digest = hashlib.sha256(corrupt(img, "defocus_blur", s, seed=0).numpy().tobytes()).hexdigest()[:16]
+        assert digest == OPENCV_DEFOCUS_SHA[kind][s - 1], s
 
 
 def test_hsv_against_colorsys_and_round_trip():

@@ -7,14 +7,11 @@ import torch
 from conftest import TINY_VIT, make_lora_vit
 
 from lib.baselines.ensemble import (
-    EnsembleConfig,
     ensemble_cost,
     ensemble_probs,
     member_probs,
     member_seeds,
-    train_members,
 )
-from lib.config import ParamsError
 from lib.data import Preprocess, Split
 from lib.model import count_parameters, data_config
 
@@ -65,29 +62,25 @@ def test_sizes_are_nested_prefixes():
         ensemble_probs(probs, 6)
 
 
-def test_member_seeds_and_training_calls():
-    assert member_seeds(2, 3, 1000) == [2, 1002, 2002]
-    calls = []
-    out = train_members(lambda s: calls.append(s) or f"run{s}", 1, 5, 1000)
-    assert calls == [1, 1001, 2001, 3001, 4001] and out[0] == "run1"
-    assert member_seeds(1, 3, 1000) == calls[:3]  # M = 3 reuses the first members of M = 5
+def test_member_seeds_are_the_study_seeds_from_the_seed_on():
+    assert member_seeds(2, 3, [0, 1, 2, 3]) == [2, 3, 0]
+    assert member_seeds(5, 3, [5, 9, 7]) == [5, 9, 7]
+    assert member_seeds(7, 2, [5, 9, 7]) == [7, 5]
+    assert member_seeds(9, 3, [5, 9, 7])[:2] == member_seeds(9, 2, [5, 9, 7])  # nested sizes
+    with pytest.raises(ValueError, match="needs 4 study seeds"):
+        member_seeds(0, 4, [0, 1, 2])
+    with pytest.raises(ValueError, match="not one of the study's seeds"):
+        member_seeds(3, 1, [0, 1, 2])
 
 
-def test_cost_counts_m_times():
+def test_cost_over_one_map_model():
+    """Members 1..M−1 are the extra cost: their training time and parameters; M forward passes."""
     model = make_lora_vit(TINY_VIT, num_classes=4, r=2)
     n = count_parameters(model)
     per_member = n["lora"] + n["head"]
     hist = [[{"seconds": 1.5}, {"seconds": 2.0}], [{"seconds": 3.0}], [{"seconds": 0.5}]]
     cost = ensemble_cost(hist, per_member)
     assert cost.members == 3 and cost.forward_passes == 3
-    assert cost.train_seconds == pytest.approx(7.0)
-    assert cost.adapter_params == 3 * per_member
-    assert cost.train_factor == 3.0 and cost.inference_factor == 3.0
-
-
-def test_config():
-    assert EnsembleConfig.from_dict({"sizes": [3, 5]}).sizes == (3, 5)
-    with pytest.raises(ParamsError, match="unknown key 'ensemble.size'"):
-        EnsembleConfig.from_dict({"size": [3]})
-    with pytest.raises(ValueError, match="sizes"):
-        EnsembleConfig(sizes=(0,))
+    assert cost.extra_train_seconds == pytest.approx(3.5)
+    assert cost.extra_params == 2 * per_member
+    assert ensemble_cost(hist[:1], per_member).extra_train_seconds == 0.0

@@ -1,5 +1,6 @@
-"""lib.baselines.mc_dropout: p = 0 equals MAP, passes differ and average out as 1/K, determinism
-under the seed, and only the LoRA dropout modules run in train mode."""
+"""lib.baselines.mc_dropout: the dropout copy of a MAP model equals it without dropout, p = 0 equals
+MAP, passes differ and average out as 1/K, determinism under the seed, and only the LoRA dropout
+modules run in train mode."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import torch
 from conftest import TINY_VIT
 
 from lib.baselines.mc_dropout import (
-    McDropoutConfig,
     lora_dropout_modules,
     lora_dropout_on,
     mc_dropout_probs,
     mc_dropout_samples,
+    with_lora_dropout,
 )
-from lib.config import LoraConfig, ParamsError
+from lib.config import LoraConfig
 from lib.data import Preprocess, Split
 from lib.model import add_lora, build_backbone, data_config, lora_modules
 from lib.train import predict_logits
@@ -26,12 +27,12 @@ TIMM_DROPOUT = dict(drop_rate=0.5, proj_drop_rate=0.5, attn_drop_rate=0.5, drop_
 
 def _model(rate: float, timm_dropout: bool = False) -> torch.nn.Module:
     cfg = TINY_VIT if not timm_dropout else dataclasses.replace(TINY_VIT, kwargs={**TINY_VIT.kwargs, **TIMM_DROPOUT})
-    model = add_lora(build_backbone(cfg, 4, seed=0, device="cpu"), LoraConfig(r=2), seed=0, dropout=rate)
+    model = add_lora(build_backbone(cfg, 4, seed=0, device="cpu"), LoraConfig(r=2), seed=0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model):
             m.B.weight.copy_(0.3 * torch.randn(m.B.weight.shape, generator=gen))
-    return model.eval()
+    return (with_lora_dropout(model, rate) if rate > 0 else model).eval()
 
 
 def _split(n: int = 6) -> Split:
@@ -107,36 +108,26 @@ def test_errors_and_config():
     assert lora_dropout_modules(model) == []
     with pytest.raises(ValueError, match="no LoRA dropout"):
         mc_dropout_probs(model, _split(), samples=2, seed=0, preprocess=Preprocess.from_data_config(data_config(model)), device="cpu")
-    with pytest.raises(ValueError, match="dropout is 1.0"):
-        add_lora(build_backbone(TINY_VIT, 4, seed=0, device="cpu"), LoraConfig(r=2), seed=0, dropout=1.0)
-    assert McDropoutConfig.from_dict({"rate": 0.1, "samples": 8}).samples == 8
-    with pytest.raises(ParamsError, match="unknown key 'mc_dropout.k'"):
-        McDropoutConfig.from_dict({"k": 8})
-    with pytest.raises(ParamsError, match="rate"):
-        McDropoutConfig.from_dict({"rate": 1.0})
+    with pytest.raises(ValueError, match="rate is 1.0"):
+        with_lora_dropout(model, 1.0)
     with lora_dropout_on(_model(0.1)) as drops:
         assert all(d.training for d in drops)
 
 
-def test_map_run_with_lora_dropout_is_its_own_seeded_stage(tmp_path, monkeypatch):
-    """map_run(lora_dropout=p): a stage apart from the MAP one, LoRA dropout modules present,
-    weights reproducible whatever the global random state, and different from the p = 0 fine-tune."""
-    from test_pipeline import tiny_profile
-
-    from lib.pipeline import map_run
-
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "a"))
-    cfg = tiny_profile()
-    run = map_run(cfg, 0, cpu, lora_dropout=0.2)
-    base = map_run(cfg, 0, cpu)
-    assert run.stage.path != base.stage.path
-    assert len(lora_dropout_modules(run.model)) == 2 * 4 and lora_dropout_modules(base.model) == []
-    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path / "b"))
-    torch.manual_seed(999)
-    again = map_run(cfg, 0, cpu, lora_dropout=0.2)
-    trained = [p for p in run.model.parameters() if p.requires_grad]
-    for a, b in zip(trained, [p for p in again.model.parameters() if p.requires_grad]):
-        assert torch.equal(a, b)
-    diff = max(float((a - b).detach().abs().max()) for a, b in zip(trained, [p for p in base.model.parameters() if p.requires_grad]))
-    assert diff > 1e-6
+def test_with_lora_dropout_is_a_copy_with_dropout_on_every_lora_input():
+    """The copy has one nn.Dropout(p) per LoRA map, equals the MAP model in eval mode, differs
+    from it with dropout on, and leaves the MAP model (no dropout modules) untouched."""
+    base = _model(0.0)
+    model = with_lora_dropout(base, 0.3)
+    drops = lora_dropout_modules(model)
+    assert len(drops) == 3 * 4 and all(d.p == 0.3 for d in drops) and lora_dropout_modules(base) == []
+    pre = Preprocess.from_data_config(data_config(model))
+    x = pre(_split().x)
+    with torch.no_grad():
+        ref = base(x)
+        assert torch.equal(model.eval()(x), ref)
+        with lora_dropout_on(model):
+            assert (model(x) - ref).abs().max() > 1e-3
+    a = [p for p in model.parameters() if p.requires_grad]
+    b = [p for p in base.parameters() if p.requires_grad]
+    assert len(a) == len(b) and all(torch.equal(p, q) and p is not q for p, q in zip(a, b))

@@ -18,7 +18,7 @@ from lib.ood import (
     average_precision,
     entropy_score,
     max_prob_score,
-    ood_metrics,
+    ood_scores,
     paired_bootstrap_auroc,
     weighted_auroc,
 )
@@ -76,7 +76,7 @@ def test_batched_rows_match_one_row_at_a_time():
         assert abs(float(a[k]) - ref_roc) < 1e-12 and abs(float(p[k]) - ref_ap) < 1e-12
 
 
-def test_scores_and_ood_metrics():
+def test_scores_and_their_auroc_and_aupr():
     """max_prob: −max p; entropy: −Σ p log p (log 2 for (½, ½), 0 for one-hot)."""
     probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
     assert torch.allclose(max_prob_score(probs), torch.tensor([-0.5, -1.0, -0.5], dtype=torch.float64))
@@ -86,8 +86,9 @@ def test_scores_and_ood_metrics():
     g = torch.Generator().manual_seed(0)
     p_in = torch.softmax(3 * torch.randn(2, 40, 5, generator=g, dtype=torch.float64), -1)
     p_out = torch.softmax(torch.randn(2, 25, 5, generator=g, dtype=torch.float64), -1)
-    m = ood_metrics(p_in, p_out)
-    assert set(m) == {"auroc_max_prob", "aupr_max_prob", "auroc_entropy", "aupr_entropy"}
+    s_in, s_out = ood_scores(p_in), ood_scores(p_out)
+    assert set(s_in) == {"max_prob", "entropy"}
+    m = {f"{metric}_{k}": fn(s_in[k], s_out[k]) for k in s_in for metric, fn in (("auroc", auroc), ("aupr", average_precision))}
     for k in range(2):
         ref_roc, ref_ap = _sk(entropy_score(p_in[k]), entropy_score(p_out[k]))
         assert abs(float(m["auroc_entropy"][k]) - ref_roc) < 1e-12

@@ -13,6 +13,7 @@ import lib.pipeline
 from conftest import write_fake_cifar10
 from lib.config import Config
 from lib.model import build_backbone, lora_modules, unwrap
+from lib.backbone import backbone_record
 from lib.pipeline import backbone_stage, map_run, resolve_device
 from lib.study import Study
 from lib.train import predict_logits
@@ -127,9 +128,10 @@ def test_backbone_stage_feeds_the_fine_tuning_model(artifacts, tmp_path, monkeyp
     assert st.done and st.path.name.startswith("backbone-") and st.path.parent == artifacts
     saved = torch.load(st.path / "backbone.pt", weights_only=True)
     assert saved["head.weight"].shape == (4, 32)  # pre-trained on 4 classes
-    history = Study(cfg, CPU).backbone_history
-    assert len(history) == 1 and history[0]["epoch"] == 1
-    assert Study(tiny_profile(), CPU).backbone_history is None
+    record = backbone_record(cfg, CPU)
+    assert not record.shipped and record.sidecar is None
+    assert len(record.history) == 1 and record.history[0]["epoch"] == 1
+    assert Study(cfg, CPU).backbone == record and Study(tiny_profile(), CPU).backbone is None
     # pre-training moved the weights away from the seeded initialisation
     init = build_backbone(cfg.model, 4, seed=3, device=CPU, init_seed=3).state_dict()
     assert not torch.equal(init["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])

@@ -79,7 +79,8 @@ def _write_book(root: Path) -> None:
         "<tbody><tr><th>0</th><td>0.031</td></tr><tr><th>1</th><td>0.012</td></tr></tbody></table></div>"
     )
     chapters = {
-        "index": [md("# Preface {.unnumbered}\n\nSee @fig-rel and @sec-method.")],
+        "index": [md("<!-- not the first line: Quarto would make it the title, numbered -->\n\n"
+                     "# Preface {.unnumbered}\n\nSee @fig-rel and @sec-method.")],
         "01-intro": [
             md("# Introduction {#sec-intro}\n\n## Method {#sec-method}\n\nMiscalibration [@guo2017calibration]; "
                "@fig-rel shows it and @tbl-ece lists it.\n\n::: {.callout-note}\nA note.\n:::\n\n"
@@ -324,3 +325,65 @@ def test_every_same_author_and_year_group_of_the_bibliography_is_in_nocite():
     assert (ROOT / cfg["csl"]).is_file()
     assert 'disambiguate-add-year-suffix="true"' in (ROOT / cfg["csl"]).read_text()
     assert Book.load(ROOT).csl == ROOT / cfg["csl"]
+
+
+def _nb(*cells) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = list(cells)
+    return nb
+
+
+def test_chapters_are_numbered_by_quartos_rule():
+    """Quarto 1.10 (fixupFrontMatter, then isNumberedChapter) numbers a notebook whose first markdown
+    line is its heading even with ``{.unnumbered}``: that heading becomes the title and loses its
+    classes. A heading after other content, or a front-matter title in heading form, keeps them."""
+    from lib.render.book import quarto_numbered
+
+    md, raw = nbformat.v4.new_markdown_cell, nbformat.v4.new_raw_cell
+    assert quarto_numbered(_nb(md("# Summary {.unnumbered}\n\nText.")))
+    assert quarto_numbered(_nb(md("Summary {.unnumbered}\n===\n\nText.")))
+    assert not quarto_numbered(_nb(md("<!-- first -->\n\n# Summary {.unnumbered}\n\nText.")))
+    assert not quarto_numbered(_nb(md("<!-- first -->\n\n# Summary {-}")))
+    assert not quarto_numbered(_nb(md("Text first."), md("# Summary {.unnumbered}")))
+    assert quarto_numbered(_nb(md("<!-- first -->\n\n# Introduction")))
+    assert quarto_numbered(_nb(md("<!-- c -->\n\n```\n# not a heading {.unnumbered}\n```\n\n# Intro")))
+    assert quarto_numbered(_nb(raw("---\ntitle: Summary\n---"), md("# Summary {.unnumbered}")))
+    assert quarto_numbered(_nb(raw("---\ntitle: Summary {.unnumbered}\n---"), md("Text.")))
+    assert not quarto_numbered(_nb(raw('---\ntitle: "# Summary {.unnumbered}"\n---'), md("Text.")))
+    assert quarto_numbered(_nb(raw("---\nauthor: A\n---"), md("# Summary {.unnumbered}")))
+    assert quarto_numbered(_nb(nbformat.v4.new_code_cell("x = 1")))
+
+
+def test_render_modules_import_without_circles_or_deferred_imports():
+    """lib.render's model (book.py) imports none of its writers; the writers and the top-level build
+    import the model: no import circle, and every import of lib sits at the top of its module."""
+    import ast
+
+    from lib.paths import ROOT
+
+    graph, deferred = {}, []
+    for path in sorted((ROOT / "lib" / "render").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        graph[path.stem] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lib."):
+                if id(node) not in top:
+                    deferred.append(f"{path.name}:{node.lineno}")
+                if node.module.startswith("lib.render."):
+                    graph[path.stem].add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import) and id(node) not in top:
+                deferred += [f"{path.name}:{node.lineno}" for a in node.names if a.name.startswith("lib")]
+    assert deferred == []
+    assert graph["book"] & {"html", "pdf", "build"} == set()
+    done: set[str] = set()
+
+    def visit(module: str, stack: tuple[str, ...]) -> None:
+        assert module not in stack, f"import circle: {' → '.join((*stack, module))}"
+        if module not in done:
+            for dep in graph.get(module, ()):
+                visit(dep, (*stack, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pandas as pd
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from lib.config import Config
-from lib.report import (agreement_notes, display_selection_table, selection_summary, attribution_summary, baseline_table, block_table, deterministic_table,
+from lib.report import (agreement_notes, book_table, display_selection_table, selection_summary, attribution_summary, baseline_table, block_table, deterministic_table,
                         control_summary, display_control_table, display_layer_table, interval_check_summary,
                         statistics_summary, display_rank_table, estimator_summary, in_pp, laplace_fit_table,
                         mc_error_summary, posterior_summary, readable, recommendation, scale_sensitivity_summary,
@@ -169,6 +170,22 @@ def test_readable_renames_columns_and_formats_by_quantity():
     assert list(readable(ci).columns) == ["ΔECE", "lower", "upper"]
     assert list(readable(ci, alpha=0.05).columns) == ["ΔECE", "95% lower", "95% upper"]
     assert list(readable(ci, alpha=0.1).columns) == ["ΔECE", "90% lower", "90% upper"]
+
+
+def test_book_table_has_one_header_row_with_the_row_labels_named_in_its_corner():
+    """pandas writes an index name on a header row of its own, which Quarto's Typst PDF shows as an
+    empty row; :func:`book_table` puts it in the header's corner, and further index levels into columns."""
+    df = pd.DataFrame({"Posterior": ["all blocks", "block 0 only"], "ECE": ["1.0", "2.0"]}).set_index("Posterior")
+    assert df.to_html().count("<tr") == 4  # the index-name row
+    shown = book_table(df)
+    html = shown.to_html()
+    assert html.count("<tr") == 3 and re.findall(r"<th>([^<]*)</th>", html)[:2] == ["Posterior", "ECE"]
+    assert list(shown.index) == ["all blocks", "block 0 only"] and list(shown["ECE"]) == ["1.0", "2.0"]
+    two = pd.DataFrame({"a": ["k", "k"], "m": ["q", "v"], "x": [1, 2]}).set_index(["a", "m"])
+    html = book_table(two).to_html()
+    assert html.count("<tr") == 3 and re.findall(r"<th>([^<]*)</th>", html)[:3] == ["a", "m", "x"]
+    plain = pd.DataFrame({"x": [1, 2]})
+    assert book_table(plain).to_html() == plain.to_html()
 
 
 def _attribution(all_lower: float, single_lower=(-0.001, 0.001)) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

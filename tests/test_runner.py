@@ -89,7 +89,10 @@ def test_run_writes_outputs_records_and_provenance(book):
         assert last.cell_type == "markdown" and last.metadata["tags"] == ["provenance"]
         assert "Provenance" in last.source and "`tiny`" in last.source
         assert rec["params_sha256"][:16] in last.source and "3, 4" in last.source
-        assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and all("remove-cell" in c.metadata["tags"] for c in injected)  # the params stay out of the book
+        assert [c.metadata.get("tags", []) for c in nb.cells[:3]] == [[], ["parameters", "remove-cell"],
+                                                                     ["injected-parameters", "remove-cell"]]
     nb = nbformat.read(book.freeze / "tiny" / "01-alpha.ipynb", as_version=4)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "alpha tiny 1.5" in text

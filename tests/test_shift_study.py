@@ -13,9 +13,10 @@ from conftest import tiny_study_params
 from lib.calibration import ece, nll
 from lib.config import Config, ParamsError
 from lib.data import Split
-from lib.shift import far_ood_images, kendall_tau_b, shift_metrics
+from lib.ood_sets import synthetic_ood_images
+from lib.shift import shift_metrics
 from lib.shift_study import clean_predictions, corrupted_test_sets, evaluate_shift, shift_predictions
-from lib.stats import delta_ece
+from lib.stats import delta_ece, kendall_tau_b
 from lib.study import Study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,7 +78,7 @@ def test_corrupted_sets_are_cached_paired_and_change_predictions(tiny):
     pred = shift_predictions(cfg, study, s.split.x, s.split.y, {"corrupt": s.stage.key}, cpu, upstream=[s.stage])
     assert pred.probs.shape == (len(clean.names), 40, cfg.data.num_classes)
     assert not torch.allclose(pred.det, clean.det[s.index], atol=1e-3)
-    far, _ = far_ood_images(10, seed=0, size=16)
+    far = synthetic_ood_images(10, seed=0, size=16)
     ood = shift_predictions(cfg, study, far, None, {"set": "far", "n": 10}, cpu)
     assert (ood.labels == 0).all() and ood.probs.shape[1] == 10
 
@@ -125,7 +126,8 @@ def test_evaluate_shift_tables(tiny):
     assert abs(row.gain - ref) < 1e-6
 
     o = res.ood
-    assert set(o.ood_set) == {"far"} and len(o) == 2 * 4  # synthetic data: no near-OOD set
+    # synthetic data: no near-OOD set; the three far-OOD sets, 2 scores × 4 methods each
+    assert list(dict.fromkeys(o.ood_set)) == ["natural", "digits", "synthetic"] and len(o) == 3 * 2 * 4
     assert ((o.auroc >= 0) & (o.auroc <= 1)).all() and (o[o.method == "MAP"].auroc_diff == 0).all()
 
 
@@ -137,6 +139,13 @@ def test_missing_or_bad_shift_section_is_reported():
         Config.from_dict({"shift": {"corruptions": ["rain"]}}, source="p.yml")
     with pytest.raises(ParamsError, match="shift.severities"):
         Config.from_dict({"shift": {"severities": [0]}}, source="p.yml")
+    with pytest.raises(ParamsError, match="'shift.far_ood_sets' is 'faces'"):
+        Config.from_dict({"shift": {"far_ood_sets": ["faces"]}}, source="p.yml")
+    with pytest.raises(ParamsError, match="distinct names"):
+        Config.from_dict({"shift": {"far_ood_sets": ["digits", "digits"]}}, source="p.yml")
+    with pytest.raises(ParamsError, match="'digits' set has 1797 images"):
+        Config.from_dict({"shift": {"far_ood_images": 1798}}, source="p.yml")
+    assert Config.from_dict({"shift": {"far_ood_sets": ["natural"], "far_ood_images": 5000}}).shift.far_ood_images == 5000
     with pytest.raises(ParamsError, match="did you mean 'shift.max_images'"):
         Config.from_dict({"shift": {"max_imgs": 3}}, source="p.yml")
     assert Config.from_dict({}).shift is None

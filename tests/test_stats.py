@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import norm
+from scipy.stats import kendalltau, norm
 
 from lib.calibration import ece, ece_from_weights
 from lib.resample import bootstrap_counts
@@ -18,6 +18,7 @@ from lib.stats import (
     TunedColumn,
     TunedSeed,
     holm,
+    kendall_tau_b,
     jackknife_delta_ece,
     mc_error_delta_ece,
     paired_bootstrap,
@@ -705,3 +706,14 @@ def test_tuned_bootstrap_rejects_columns_of_different_validation_sizes():
                                   TunedColumn(torch.zeros(1, 5), lambda g, w: tables[0][0][None].mean(1))], 2)
     with pytest.raises(ValueError, match="N_val"):
         tuned_bootstrap([bad], 3, torch.Generator(), torch.Generator())
+
+
+def test_kendall_tau_b_against_scipy_with_ties():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(0, 4, (6, 9), generator=g).double()
+    b = torch.randint(0, 4, (6, 9), generator=g).double()
+    got = kendall_tau_b(a, b)
+    for k in range(6):
+        assert abs(float(got[k]) - kendalltau(a[k].numpy(), b[k].numpy()).statistic) < 1e-12
+    assert float(kendall_tau_b(torch.arange(5.0), torch.arange(5.0))) == 1.0
+    assert float(kendall_tau_b(torch.arange(5.0), -torch.arange(5.0))) == -1.0

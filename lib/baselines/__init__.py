@@ -1,3 +1,5 @@
-"""Baselines beside the LoRA-block Laplace posteriors: last-layer Laplace (laplace-torch), LoRA deep
-ensembles, MC dropout on the LoRA adapters, variational (BayesLoRA-style) LoRA, and cheap per-block
-importance scores compared with ΔECE(ℓ)."""
+"""Baselines beside the LoRA-block Laplace posteriors: last-layer Laplace (laplace-torch), LoRA
+ensembles of the study's MAP models, MC dropout on the LoRA adapters, the variational LoRA of
+BayesLoRA (rank-wise variational dropout with pruning), the continued-MAP control of the trained
+ones (:mod:`lib.baselines.run` lists them under one signature), and cheap per-block importance
+scores compared with ΔECE(ℓ) (:mod:`lib.baselines.importance`)."""

@@ -7,78 +7,61 @@ The predictive is the mean of the members' softmax outputs (lakshminarayanan2017
 each member ``f_m`` a LoRA + head fine-tune of one frozen backbone, as in LoRA-Ensemble
 (muhlematter2024lora) and the ensemble baselines of Laplace-LoRA (yang2024bayesian) and BLoB
 (wang2024blob). A member differs from the others only in its seed: the head and LoRA ``A``
-initialisation and the data order (:func:`lib.pipeline.map_run`), so member ``j`` of study seed
-``s`` is the cached MAP run of seed ``s + j·stride`` (:func:`member_seeds`; member 0 is the MAP
-model itself). Ensembles are nested: the M = 3 ensemble is the first three members of the M = 5
-one (:func:`ensemble_probs` with ``m``), so the two sizes share their training cost.
+initialisation and the data order (:func:`lib.pipeline.map_run`).
 
-Cost (:class:`EnsembleCost`): M× training (M fine-tunes), M× inference (M forward passes per
-image) and M× adapter storage, relative to the one MAP model.
+The members are the study's own MAP models: the ensemble of study seed ``s`` takes the study's
+seeds in their order, starting at ``s`` and wrapping around (:func:`member_seeds`), so member 0
+is the seed's MAP model itself and the study trains nothing for its ensembles. The price is that
+the ensembles of different seeds share members (they are not independent across seeds), and an
+ensemble cannot be larger than the study's number of seeds. Ensembles are nested: the M = 3
+ensemble is the first three members of the M = 5 one (:func:`ensemble_probs` with ``m``).
+
+Cost (:class:`EnsembleCost`), what a user who starts from one MAP model pays: M − 1 further
+fine-tunes (the members' own training times, though the study reuses them), M forward passes per
+image and M× the adapter storage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from lib.config import _at_least, _build
+from lib.artifacts import cached
+from lib.baselines.result import BaselineResult, Row, baselines_config, forward_ms, load, save, timing_batch, timing_key
+from lib.config import Config
 from lib.data import Preprocess, Split
+from lib.model import count_parameters
+from lib.pipeline import MapRun, map_run, numerics
 from lib.train import predict_logits
 
 
 @dataclass(frozen=True)
-class EnsembleConfig:
-    """``sizes``: the ensemble sizes M reported (nested, the largest is trained); ``seed_stride``:
-    member ``j`` of study seed ``s`` is trained with seed ``s + j·seed_stride``. A stride larger
-    than the seed range keeps every ensemble's members apart from the other study seeds' MAP
-    models (independent ensembles, (M − 1)× extra fine-tunes per seed); stride 1 with contiguous
-    study seeds reuses their MAP runs as members (overlapping ensembles, only M − 1 extra
-    fine-tunes in all: the cheap choice under a time budget)."""
-
-    sizes: tuple[int, ...] = (3, 5)
-    seed_stride: int = _at_least(1000, 1)
-
-    def __post_init__(self) -> None:
-        if not self.sizes or any(m < 1 for m in self.sizes):
-            raise ValueError(f"ensemble.sizes is {list(self.sizes)}; give one or more sizes M ≥ 1")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "EnsembleConfig":
-        """Build from a mapping, rejecting unknown keys and out-of-range values (``ParamsError``)."""
-        return _build(cls, d, source, "ensemble.")
-
-
-@dataclass(frozen=True)
 class EnsembleCost:
-    """Cost of an M-member ensemble: ``train_seconds`` summed over the members' fine-tunes,
-    ``forward_passes`` per test image (M), ``adapter_params`` (M × one member's LoRA + head
-    parameters) and the factors relative to one MAP model (M for all three)."""
+    """Cost of an M-member ensemble over one MAP model: ``extra_train_seconds``, the summed
+    training time of members 1..M−1; ``forward_passes`` per test image (M); ``extra_params``
+    ((M − 1) × one member's LoRA + head parameters)."""
 
     members: int
-    train_seconds: float
+    extra_train_seconds: float
     forward_passes: int
-    adapter_params: int
-    train_factor: float
-    inference_factor: float
+    extra_params: int
 
 
-def member_seeds(seed: int, m: int, stride: int) -> list[int]:
-    """Seeds of the ``m`` members of study seed ``seed``: ``seed + j·stride``, j = 0..m−1."""
-    if m < 1:
-        raise ValueError(f"m is {m}; an ensemble needs at least one member")
-    if stride < 1:
-        raise ValueError(f"stride is {stride}; use a positive seed stride")
-    return [seed + j * stride for j in range(m)]
-
-
-def train_members(run: Callable[[int], Any], seed: int, m: int, stride: int) -> list[Any]:
-    """Train (or load from cache) the ``m`` members: ``run(s)`` for every seed of
-    :func:`member_seeds` (in the study ``run = lambda s: map_run(cfg, s, device)``, which caches
-    each member as the MAP stage of its seed)."""
-    return [run(s) for s in member_seeds(seed, m, stride)]
+def member_seeds(seed: int, m: int, seeds: Sequence[int]) -> list[int]:
+    """The ``m`` members of study seed ``seed``: the study ``seeds`` in order from ``seed`` on,
+    wrapping around (``member_seeds(2, 3, [0, 1, 2, 3]) == [2, 3, 0]``)."""
+    seeds = list(seeds)
+    if seed not in seeds:
+        raise ValueError(f"seed {seed} is not one of the study's seeds {seeds}")
+    if not 1 <= m <= len(seeds):
+        raise ValueError(f"an ensemble of {m} members needs {m} study seeds, the profile has {len(seeds)} "
+                         f"({seeds}); add seeds or lower baselines.ensemble.sizes")
+    start = seeds.index(seed)
+    return [seeds[(start + j) % len(seeds)] for j in range(m)]
 
 
 def member_probs(models: Sequence[nn.Module], split: Split, *, preprocess: Preprocess, device: torch.device,
@@ -106,12 +89,42 @@ def ensemble_probs(probs: torch.Tensor, m: int | None = None) -> torch.Tensor:
 
 
 def ensemble_cost(histories: Sequence[Sequence[Mapping[str, float]]], adapter_params: int) -> EnsembleCost:
-    """Cost of the ensemble whose members trained with ``histories`` (one per member, rows with
-    ``seconds`` per epoch as :func:`lib.train.fit` returns) and have ``adapter_params`` trainable
-    parameters each (``lib.model.count_parameters``: lora + head)."""
+    """Cost of the ensemble whose members trained with ``histories`` (one per member, member 0
+    the MAP model itself; rows with ``seconds`` per epoch as :func:`lib.train.fit` returns) and
+    have ``adapter_params`` trainable parameters each (``lib.model.count_parameters``: lora + head)."""
     m = len(histories)
     if m < 1:
         raise ValueError("histories is empty: an ensemble needs at least one member")
-    seconds = float(sum(row["seconds"] for h in histories for row in h))
-    return EnsembleCost(members=m, train_seconds=seconds, forward_passes=m, adapter_params=m * adapter_params,
-                        train_factor=float(m), inference_factor=float(m))
+    seconds = float(sum(row["seconds"] for h in histories[1:] for row in h))
+    return EnsembleCost(members=m, extra_train_seconds=seconds, forward_passes=m, extra_params=(m - 1) * adapter_params)
+
+
+def ensemble_baseline(cfg: Config, run: MapRun, device: torch.device) -> BaselineResult:
+    """The LoRA ensembles of ``baselines.ensemble.sizes`` for the seed of ``run`` (rows
+    ``'LoRA ensemble, M = m'``, :mod:`lib.baselines.result`): the members are the study's MAP runs
+    of :func:`member_seeds` (member 0 is ``run``). Cost per size in ``cost["sizes"]``
+    (:class:`EnsembleCost` fields); ``train_seconds`` and ``extra_params`` are the largest size's;
+    the prediction time is M × the measured MAP forward pass (the members run one after another)."""
+    bc = baselines_config(cfg)
+    ec = bc.ensemble
+    seeds = member_seeds(run.seed, max(ec.sizes), cfg.seeds)
+    runs = [run] + [map_run(cfg, s, device) for s in seeds[1:]]
+
+    def compute(st) -> None:
+        kw = dict(preprocess=run.preprocess, device=device)
+        val = member_probs([r.model for r in runs], run.splits.val, **kw)
+        test = member_probs([r.model for r in runs], run.splits.test, **kw)
+        map_ms = forward_ms(run.model, timing_batch(run, bc, device), bc, device)
+        n = count_parameters(run.model)
+        rows, sizes = {}, {}
+        for m in sorted(ec.sizes):
+            sizes[str(m)] = dataclasses.asdict(ensemble_cost([r.history for r in runs[:m]], n["lora"] + n["head"]))
+            rows[f"LoRA ensemble, M = {m}"] = Row(ensemble_probs(val, m), ensemble_probs(test, m), m * map_ms, m)
+        largest = sizes[str(max(ec.sizes))]
+        save(st, rows, {"train_seconds": largest["extra_train_seconds"], "extra_params": largest["extra_params"],
+                        "peak_mib": None, "map_ms_per_image": map_ms, "sizes": sizes, "member_seeds": seeds,
+                        "training": {"kind": "members are the study's MAP models", "member_seeds": seeds}})
+
+    inputs = {"ensemble": dataclasses.asdict(ec), "timing": timing_key(bc), "numerics": numerics(device)}
+    return load(cached("baseline_ensemble", inputs, code=__name__, compute=compute, upstream=[r.stage for r in runs]),
+                "LoRA ensemble")

@@ -28,40 +28,23 @@ irrelevant to the last-layer mode (it differentiates the head only, in closed fo
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from lib.config import _above, _at_least, _build
+from lib.artifacts import cached
+from lib.baselines.result import (BaselineResult, Row, baselines_config, forward_ms, load, ms_per_image, save,
+                                  timing_batch, timing_key)
+from lib.config import Config, LastLayerConfig
 from lib.data import Preprocess, Split, batches
 from lib.model import unwrap
-
-
-@dataclass(frozen=True)
-class LastLayerConfig:
-    """Last-layer Laplace settings.
-
-    ``structure``: the head's GGN kept ``full`` or ``kron``; the prior is one scalar δ for the
-    whole head (laplace-torch 0.3's last-layer classes accept a scalar or a full diagonal, not one
-    δ per tensor); ``prior_init``: δ
-    where the marginal-likelihood search starts (None: δ = λ·N of the MAP training, given to
-    :func:`fit_last_layer`); ``marglik_steps``/``marglik_lr``: Adam steps and step size on log δ;
-    ``batch_size``: images per curvature and prediction batch.
-    """
-
-    structure: Literal["full", "kron"] = "kron"
-    prior_init: float | None = _above(None, 0.0)
-    marglik_steps: int = _at_least(100, 1)
-    marglik_lr: float = _above(0.1, 0.0)
-    batch_size: int = _at_least(64, 1)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "LastLayerConfig":
-        """Build from a mapping, rejecting unknown keys and out-of-range values (``ParamsError``)."""
-        return _build(cls, d, source, "last_layer.")
+from lib.pipeline import MapRun, numerics
+from lib.train import prior_precision
 
 
 class SplitLoader:
@@ -135,3 +118,45 @@ def last_layer_probs(la, split: Split, *, preprocess: Preprocess, device: torch.
     out = [la(x, pred_type="glm", link_approx="probit").float().cpu()
            for x, _ in batches(split, batch_size, preprocess=preprocess, device=device)]
     return torch.cat(out)
+
+
+def _posterior_floats(precision: Any) -> int:
+    """Floats that laplace-torch keeps for a posterior precision: the matrix itself (``full``), or
+    the eigenvectors and eigenvalues of its Kronecker factors (``kron``)."""
+    if isinstance(precision, torch.Tensor):
+        return precision.numel()
+    return sum(t.numel() for group in (precision.eigenvectors, precision.eigenvalues) for fs in group for t in fs)
+
+
+def last_layer_baseline(cfg: Config, run: MapRun, device: torch.device) -> BaselineResult:
+    """laplace-torch's last-layer Laplace on the MAP model of ``run``, one row
+    ``'last-layer Laplace'`` (:mod:`lib.baselines.result`); the marginal-likelihood search starts
+    from δ = λ·N of the MAP training unless ``baselines.last_layer.prior_init`` is set. Record:
+    ``prior.json`` (the tuned δ). Formula: module docstring."""
+    bc = baselines_config(cfg)
+    lc = bc.last_layer
+
+    def compute(st) -> None:
+        pre = run.preprocess
+        t0 = time.perf_counter()
+        la = fit_last_layer(run.model, run.splits.train, lc, preprocess=pre, device=device,
+                            prior_init=prior_precision(cfg.train.weight_decay, len(run.splits.train)))
+        fit_seconds = time.perf_counter() - t0
+        st.file("prior.json").write_text(json.dumps({"prior_precision": la.prior_precision.tolist()}))
+        val = last_layer_probs(la, run.splits.val, preprocess=pre, device=device, batch_size=lc.batch_size)
+        test = last_layer_probs(la, run.splits.test, preprocess=pre, device=device, batch_size=lc.batch_size)
+        x = timing_batch(run, bc, device)
+
+        def predict():
+            with torch.no_grad():
+                return la(x, pred_type="glm", link_approx="probit")
+
+        ms, mem = ms_per_image(predict, x, bc, device)
+        save(st, {"last-layer Laplace": Row(val, test, ms, 1)},
+             {"train_seconds": fit_seconds, "extra_params": _posterior_floats(la.posterior_precision), "peak_mib": mem,
+              "map_ms_per_image": forward_ms(run.model, x, bc, device),
+              "training": {"kind": "post hoc", "structure": lc.structure}})
+
+    inputs = {"last_layer": dataclasses.asdict(lc), "timing": timing_key(bc), "numerics": numerics(device)}
+    return load(cached("baseline_last_layer", inputs, code=__name__, compute=compute, upstream=[run.stage]),
+                "last-layer Laplace")

@@ -1,10 +1,9 @@
 """MC dropout on the LoRA adapters: peft's ``lora_dropout`` kept on at test time.
 
 A LoRA map with adapter dropout computes ``y = W x + s · B A (m ⊙ x) / (1 − p)``, m_i ~ Bernoulli(1 − p)
-(peft's ``lora_dropout``, an ``nn.Dropout`` on the adapter input). Trained with dropout rate p
-(:func:`lib.pipeline.map_run` with ``lora_dropout=p``) and kept on at test time, K stochastic
-forward passes approximate the predictive of the variational posterior that dropout defines
-(gal2016dropout):
+(peft's ``lora_dropout``, an ``nn.Dropout`` on the adapter input). Trained with dropout rate p and
+kept on at test time, K stochastic forward passes approximate the predictive of the variational
+posterior that dropout defines (gal2016dropout):
 
     p(y | x) ≈ (1/K) Σ_k softmax(f(x; m_k)),
 
@@ -13,35 +12,53 @@ LoRA dropout modules run in train mode; the rest of the network (timm's attentio
 and head dropout, stochastic depth) stays in eval mode (:func:`lora_dropout_on`). The masks come
 from torch's global stream, forked and seeded with ``seed`` for the duration
 (``torch.random.fork_rng``), so a call is deterministic and leaves the global stream as found.
-Cost: K forward passes per image (K× inference), one fine-tune.
+
+Training. The dropout network starts from the MAP adapters of its seed (:func:`with_lora_dropout`
+copies the MAP model and puts dropout of rate p on every LoRA input) and is fine-tuned briefly
+with the MAP recipe (:mod:`lib.baselines.finetune`). The same network evaluated without dropout
+(eval mode, :func:`lib.train.predict_logits`) is reported beside its MC predictive, which
+separates the regularisation that training with dropout brings from the averaging over masks.
+Cost: the brief fine-tune and K forward passes per image (K× inference).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from lib.config import _above, _at_least, _build
+from lib.artifacts import cached
+from lib.baselines.finetune import finetune_spec
+from lib.baselines.result import (BaselineResult, Row, baselines_config, deterministic_probs, forward_ms, load,
+                                  ms_per_image, save, timing_batch, timing_key)
+from lib.config import Config
 from lib.data import Preprocess, Split, batches
-from lib.train import autocast
+from lib.pipeline import MapRun, numerics
+from lib.train import autocast, fit
 
 
-@dataclass(frozen=True)
-class McDropoutConfig:
-    """``rate``: peft ``lora_dropout`` p used in fine-tuning and at test time; ``samples``: K
-    stochastic forward passes per image."""
-
-    rate: float = _above(0.1, 0.0, 1.0)
-    samples: int = _at_least(16, 1)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "params") -> "McDropoutConfig":
-        """Build from a mapping, rejecting unknown keys and out-of-range values (``ParamsError``)."""
-        return _build(cls, d, source, "mc_dropout.")
+def with_lora_dropout(model: nn.Module, rate: float) -> nn.Module:
+    """A deep copy of the peft ``model`` whose LoRA maps get input dropout of ``rate`` (peft's
+    ``lora_dropout``: every adapter's ``nn.Identity`` or ``nn.Dropout`` replaced by
+    ``nn.Dropout(rate)``); the weights and everything else are copied unchanged, so in eval mode
+    the copy computes exactly what ``model`` does."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate is {rate}; the LoRA dropout rate must be in (0, 1)")
+    out = copy.deepcopy(model)
+    found = False
+    for module in out.modules():
+        if hasattr(module, "lora_dropout") and hasattr(module, "lora_A"):
+            for name in list(module.lora_dropout.keys()):
+                module.lora_dropout[name] = nn.Dropout(rate)
+                found = True
+    if not found:
+        raise ValueError("the model has no LoRA modules: wrap it with lib.model.add_lora first")
+    return out
 
 
 def lora_dropout_modules(model: nn.Module) -> list[nn.Dropout]:
@@ -103,7 +120,7 @@ def mc_dropout_probs(model: nn.Module, split: Split, *, samples: int, seed: int,
         raise ValueError(f"samples is {samples}; MC dropout needs at least one pass")
     device = torch.device(device)
     if not lora_dropout_modules(model):
-        raise ValueError("the model has no LoRA dropout (rate 0): train it with map_run(..., lora_dropout=p > 0)")
+        raise ValueError("the model has no LoRA dropout (rate 0): make it with with_lora_dropout(model, p)")
     out = []
     with torch.random.fork_rng(devices=_rng_devices(device)), lora_dropout_on(model):
         torch.manual_seed(seed)
@@ -114,3 +131,37 @@ def mc_dropout_probs(model: nn.Module, split: Split, *, samples: int, seed: int,
                     acc = acc + model(x).float().softmax(-1)
             out.append((acc / samples).cpu())
     return torch.cat(out)
+
+
+def mc_dropout_baseline(cfg: Config, run: MapRun, device: torch.device) -> BaselineResult:
+    """MC dropout with LoRA dropout ``baselines.mc_dropout.rate`` (:mod:`lib.baselines.result`):
+    the MAP model of ``run`` with dropout on every LoRA input (:func:`with_lora_dropout`),
+    fine-tuned with the MAP recipe for ``baselines.finetune.epochs`` (masks and data order seeded
+    by the run's seed; resumable from ``checkpoint.pt``), then two rows: ``'MC dropout'``
+    (``mc_dropout.samples`` passes, masks seeded by the seed) and ``'MC dropout, no dropout at
+    test'`` (the same network in eval mode). Record: ``history.json``."""
+    bc = baselines_config(cfg)
+    mc, spec = bc.mc_dropout, finetune_spec(cfg.train, bc.finetune)
+
+    def compute(st) -> None:
+        model = with_lora_dropout(run.model, mc.rate)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(run.seed)
+            history = fit(model, trainable, run.splits.train, run.splits.val, spec, preprocess=run.preprocess,
+                          device=device, seed=run.seed, ckpt=st.file("checkpoint.pt"), desc=f"MC dropout seed {run.seed}")
+        st.file("history.json").write_text(json.dumps(history, indent=1))
+        kw = dict(samples=mc.samples, seed=run.seed, preprocess=run.preprocess, device=device)
+        x = timing_batch(run, bc, device)
+        ms, mem = ms_per_image(lambda: mc_dropout_samples(model, x, samples=mc.samples, seed=run.seed), x, bc, device)
+        rows = {"MC dropout": Row(mc_dropout_probs(model, run.splits.val, **kw),
+                                  mc_dropout_probs(model, run.splits.test, **kw), ms, mc.samples),
+                "MC dropout, no dropout at test": Row(*deterministic_probs(model, run, device),
+                                                      forward_ms(model, x, bc, device), 1)}
+        save(st, rows, {"train_seconds": sum(r["seconds"] for r in history), "extra_params": 0, "peak_mib": mem,
+                        "map_ms_per_image": forward_ms(run.model, x, bc, device),
+                        "training": {"kind": "fine-tuned from the MAP adapters", **dataclasses.asdict(spec)}})
+
+    inputs = {"mc_dropout": dataclasses.asdict(mc), "finetune": dataclasses.asdict(spec), "timing": timing_key(bc),
+              "numerics": numerics(device)}
+    return load(cached("baseline_mc_dropout", inputs, code=__name__, compute=compute, upstream=[run.stage]), "MC dropout")

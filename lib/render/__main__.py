@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 from lib.paths import ROOT
-from lib.render.book import RenderError, render_book
+from lib.render.book import RenderError
+from lib.render.build import render_book
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,12 @@
-"""The book as configured in ``_quarto.yml`` and the top-level :func:`render_book`."""
+"""The book as configured in ``_quarto.yml``: its chapters, their numbering and their labels.
+
+This is the renderer's model; the writers (:mod:`lib.render.html`, :mod:`lib.render.pdf`) read it,
+and :func:`lib.render.build.render_book` drives them.
+"""
 
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,15 +114,15 @@ class Book:
         return re.sub(r"[^a-z0-9]+", "-", self.title.lower()).strip("-") or "book"
 
     def convert(self, target: str, fig_dir: Path, fig_href: str) -> list[ChapterDoc]:
-        """Convert every chapter for ``target``; numbers chapters (the first entry is unnumbered)."""
+        """Convert every chapter for ``target``; numbers the chapters as Quarto does (:func:`quarto_numbered`)."""
         conv = Converter(
             target, fig_dir, fig_href,
             echo=self.pdf_echo if target == "pdf" else True, code_fold=self.code_fold, warning=self.warning,
         )
         docs, number = [], 0
-        for i, entry in enumerate(self.entries):
+        for entry in self.entries:
             nb = nbformat.read(entry.notebook, as_version=4)
-            numbered = i > 0 and not _unnumbered(nb)
+            numbered = quarto_numbered(nb)
             number += numbered
             try:
                 doc = conv.convert(nb, entry.name, number if numbered else None)
@@ -157,33 +160,12 @@ def cited_keys(markdowns: list[str], bibliography: Path | None) -> list[str]:
 
 @dataclass
 class Result:
-    """What :func:`render_book` wrote."""
+    """What :func:`lib.render.build.render_book` wrote."""
 
     index: Path
     pdf: Path | None
     pages: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def render_book(root: Path, out: Path | None = None, profile: str | None = None, pdf: bool = True) -> Result:
-    """Render the HTML site (and the PDF) of the book under ``root`` into ``out`` (default ``_book``)."""
-    from lib.render.html import write_site
-    from lib.render.pdf import write_pdf
-
-    root = Path(root)
-    out = Path(out) if out else root / "_book"
-    book = Book.load(root, profile)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    work = root / "_render"
-    result = write_site(book, out)
-    if pdf:
-        try:
-            result.pdf = write_pdf(book, out, work)
-        except PandocError as err:
-            raise RenderError(str(err)) from None
-    return result
 
 
 def _author(author: Any) -> str:
@@ -194,12 +176,77 @@ def _author(author: Any) -> str:
     return str(author or "")
 
 
-def _unnumbered(nb: Any) -> bool:
-    for cell in nb.cells:
-        if cell.cell_type != "markdown":
-            continue
-        for line in cell.source.splitlines():
-            m = re.match(r"^#\s+.*?\{([^{}]*)\}\s*$", line)
-            if line.startswith("# "):
-                return bool(m) and "unnumbered" in parse_attrs(m.group(1))[1]
-    return False
+_ATX_HEADING = re.compile(r"^#{1,}\s")
+_SETEXT_UNDERLINE = re.compile(r"^(?:=+|-+)\s*$")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+_TITLE_ATTRS = re.compile(r"^#{1,}\s(?:(.*)\s)?\{(.*)\}$")
+_YAML_OPEN = re.compile(r"^---\s*$")
+
+
+def quarto_numbered(nb: Any) -> bool:
+    """Whether Quarto numbers notebook ``nb`` as a book chapter, by its own rule (quarto-cli 1.10:
+    ``fixupFrontMatter`` in src/core/jupyter/jupyter-fixups.ts, then ``isNumberedChapter`` in
+    src/project/types/book/book-shared.ts), so that the offline renderer numbers the same chapters:
+
+    - a YAML front-matter cell with a string ``title`` decides: unnumbered only when the title has
+      the heading form ``"# T {.unnumbered}"``;
+    - otherwise a heading on the first line of the first markdown cell becomes the page title and
+      loses its attributes: the chapter is numbered even with ``{.unnumbered}``
+      (quarto-dev/quarto-cli#8526);
+    - otherwise the notebook's first heading decides: unnumbered with ``{.unnumbered}`` or ``{-}``.
+    """
+    cells = [c for c in nb.cells if c.cell_type in ("markdown", "raw")]
+    front = next((c for c in cells if _leading_yaml(c.source) is not None), None)
+    title = _leading_yaml(front.source).get("title") if front is not None else None
+    rest = [c for c in cells if c is not front]
+    if not title:
+        first = next((c for c in rest if c.cell_type == "markdown"), None)
+        if first is not None and _opens_with_heading(first.source):
+            return True
+    if isinstance(title, str):
+        return not _unnumbered_heading(title)
+    heading = _first_heading("\n".join(c.source for c in rest))
+    return heading is None or not _unnumbered_heading(heading)
+
+
+def _leading_yaml(text: str) -> dict | None:
+    """The YAML front matter that opens ``text`` (Quarto's ``partitionYamlFrontMatter``), or None."""
+    lines = text.lstrip().split("\n")
+    if len(lines) < 3 or not _YAML_OPEN.match(lines[0]) or not lines[1].strip() or _YAML_OPEN.match(lines[1]):
+        return None
+    end = next((i for i, line in enumerate(lines) if i > 0 and re.match(r"^(?:---|\.\.\.)\s*$", line)), None)
+    if end is None:
+        return None
+    try:
+        meta = yaml.safe_load("\n".join(lines[1:end]))
+    except yaml.YAMLError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _opens_with_heading(text: str) -> bool:
+    """Whether a markdown cell's first line is a heading (ATX, or setext underlined on its second line)."""
+    lines = text.split("\n")
+    if _ATX_HEADING.match(lines[0]):
+        return True
+    return len(lines) > 1 and bool(lines[0].strip()) and bool(_SETEXT_UNDERLINE.match(lines[1]))
+
+
+def _first_heading(markdown: str) -> str | None:
+    """The first ATX heading line of ``markdown`` outside fenced code."""
+    fence = ""
+    for line in markdown.split("\n"):
+        m = _FENCE.match(line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not line[m.end():].strip():
+                fence = ""
+        elif m:
+            fence = m.group(1)
+        elif _ATX_HEADING.match(line):
+            return line
+    return None
+
+
+def _unnumbered_heading(heading: str) -> bool:
+    m = _TITLE_ATTRS.match(heading.strip())
+    return bool(m) and "unnumbered" in parse_attrs(m.group(2))[1]

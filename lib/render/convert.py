@@ -268,8 +268,6 @@ class Converter:
         if level == 1 and first_h1[0]:
             first_h1[0] = False
             doc.title = title
-            if "unnumbered" in classes:
-                doc.number = num.chapter = None
             doc.title_id = ident or doc.title_id
             if ident:
                 num.labels.append(Label(ident, "chapter", str(doc.number or ""), title, doc.name))
@@ -403,11 +401,9 @@ class Converter:
         num = _Numbering(name, number)
         first_h1 = [True]
         blocks: list[str] = []
-        injected = any("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells)
         for index, cell in enumerate(nb.cells):
-            tags = cell.get("metadata", {}).get("tags", [])
-            if "remove-cell" in tags or (injected and "parameters" in tags):
-                continue  # Quarto's remove-cell; a parameters cell is superseded by papermill's injected one
+            if "remove-cell" in cell.get("metadata", {}).get("tags", []):
+                continue  # Quarto's remove-cell
             if cell.cell_type == "markdown":
                 blocks.append(self._markdown(cell.source, num, doc, first_h1))
             elif cell.cell_type == "code":

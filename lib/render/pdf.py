@@ -11,16 +11,13 @@ import shutil
 from datetime import date
 from pathlib import Path
 
+import typst
+
 from lib.render.book import Book, collect_labels
 from lib.render.convert import Label, resolve_refs
 from lib.render.pandoc import PandocError, pandoc
 
 ASSETS = Path(__file__).parent / "assets"
-
-
-TYPST_RENAMED = {"times.circle": "times.o", "plus.circle": "plus.o", "minus.circle": "minus.o",
-                 "dot.circle": "dot.o", "div.circle": "div.o"}
-"""Math symbols pandoc still writes with modifiers that the typst wheel (0.14+) renamed."""
 
 
 def book_markdown(book: Book, work: Path) -> tuple[str, list[str]]:
@@ -42,8 +39,6 @@ def book_markdown(book: Book, work: Path) -> tuple[str, list[str]]:
 
 def write_pdf(book: Book, out: Path, work: Path) -> Path:
     """Write ``out/<title-slug>.pdf``; intermediate files go to ``work`` (``_render/``)."""
-    import typst
-
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -58,8 +53,6 @@ def write_pdf(book: Book, out: Path, work: Path) -> Path:
         args += [*book.citeproc_args(), "-M", "suppress-bibliography=false"]
     (work / "book.md").write_text(markdown)
     source, _ = pandoc(markdown, args, cwd=str(work))
-    for old, new in TYPST_RENAMED.items():
-        source = source.replace(old, new)
     typ = work / "book.typ"
     typ.write_text(source)
     pdf = out / f"{book.slug()}.pdf"
