@@ -29,7 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lib.codehash import code_sha256, module_closure
+from lib.codehash import combined_sha256, module_hashes
+from lib.paths import ROOT
 from lib.paths import ARTIFACTS
 from lib.provenance import canonical_json, sha256_text
 
@@ -107,6 +108,18 @@ def stage(
 CODE_KEY = "code"
 """The entry of a cached stage's inputs that names its code: ``{"modules": closure, "sha256": hash}``."""
 
+DESCRIPTIVE = frozenset({"lib", "lib.paths", "lib.provenance", "lib.codehash", "lib.artifacts", "lib.config"})
+"""Modules that describe and store a stage rather than compute it, left out of its code hash: the
+validated params it reads are its inputs (defaults included), so an edit to the params schema (a
+new section, say) changes a stage's key only where it changes the values the stage reads."""
+
+
+def stage_code(modules: Sequence[str], root: Path = ROOT) -> dict[str, Any]:
+    """``{"modules": [...], "sha256": ...}``: the computing part of the import closure of ``modules``
+    (:func:`lib.codehash.module_hashes` without :data:`DESCRIPTIVE`) and one hash over its sources."""
+    hashes = {m: h for m, h in module_hashes(modules, root).items() if m not in DESCRIPTIVE}
+    return {"modules": list(hashes), "sha256": combined_sha256(hashes)}
+
 
 def cached(
     name: str,
@@ -121,7 +134,8 @@ def cached(
 
     ``code``: the module (normally the caller's ``__name__``) or modules that compute the stage;
     the key hashes their source and that of every ``lib`` module they import, transitively
-    (:func:`lib.codehash.code_sha256`), besides ``inputs`` and the upstream keys. ``compute(stage)``
+    (:func:`stage_code`, which leaves out the :data:`DESCRIPTIVE` modules), besides ``inputs`` and
+    the upstream keys. ``compute(stage)``
     runs only when the stage is not done; it writes the stage's files (it may resume from parts
     it saved earlier in the same directory), and the stage is marked done when it returns. A
     ``compute`` that raises leaves the stage unfinished, never marked done.
@@ -129,7 +143,7 @@ def cached(
     if CODE_KEY in inputs:
         raise ValueError(f"inputs of stage {name!r} use the reserved key {CODE_KEY!r}; rename that input")
     modules = (code,) if isinstance(code, str) else tuple(code)
-    keyed = {**inputs, CODE_KEY: {"modules": list(module_closure(modules)), "sha256": code_sha256(modules)}}
+    keyed = {**inputs, CODE_KEY: stage_code(modules)}
     st = stage(name, keyed, upstream, root)
     if not st.done:
         compute(st)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from lib.artifacts import DONE, Stage, cached, default_root, stage, stage_key
-from lib.codehash import code_sha256, module_closure
+from lib.artifacts import DESCRIPTIVE, DONE, Stage, cached, default_root, stage, stage_code, stage_key
+from lib.codehash import module_closure
 from lib.provenance import canonical_json, sha256_text
 
 INPUTS = {
@@ -154,7 +154,9 @@ def test_cached_computes_once_and_keys_the_code(tmp_path):
     again = cached("demo", {"a": 1}, code="lib.stats", compute=compute, root=tmp_path)
     assert first == again and first.done and calls == [first.key]
     recorded = json.loads((first.path / "inputs.json").read_text())["inputs"]["code"]
-    assert recorded == {"modules": list(module_closure(["lib.stats"])), "sha256": code_sha256(["lib.stats"])}
+    assert recorded == stage_code(["lib.stats"])
+    assert recorded["modules"] == [m for m in module_closure(["lib.stats"]) if m not in DESCRIPTIVE]
+    assert "lib.stats" in recorded["modules"] and "lib.config" not in recorded["modules"]
     # the same inputs computed by other code get another stage
     other = cached("demo", {"a": 1}, code="lib.calibration", compute=compute, root=tmp_path)
     assert other.key != first.key and calls == [first.key, other.key]

@@ -16,7 +16,7 @@ from lib.attribution import (ESTIMATORS, SCALES, attribution, block_subsets, cho
                              rank_analysis, ranking_agreement, scale_sensitivity, shapley, tuned_seed,
                              validation_table)
 from lib.calibration import ece, smooth_ece
-from lib.codehash import code_sha256, module_closure
+from lib.artifacts import stage_code
 from lib.config import Config, ParamsError
 from lib.names import display_name
 from lib.report import (CONTROL_DIFF, TS_DIFF, answer, attribution_summary, ci, control_summary,
@@ -55,7 +55,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
                      (s0.val_bank, "lib.stages.banks"), (s0.control, "lib.stages.banks"),
                      (s0.control_val, "lib.stages.banks"), (s0.subsets, "lib.stages.subsets")):
         keyed = json.loads((st.path / "inputs.json").read_text())["inputs"]["code"]
-        assert keyed == {"modules": list(module_closure([code])), "sha256": code_sha256([code])}, st.path
+        assert keyed == stage_code([code]), st.path
     d = studies[0].named()
     # the 'none' posterior is the deterministic model; subset ECE row 0 column 0 is its ECE
     assert torch.allclose(d["probs"][d["names"].index("none")], d["det"], atol=1e-6)
@@ -158,7 +158,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
                          (tables.interactions, pairs), (tables.validation, validation)):
             pd.testing.assert_frame_equal(got, ref)
     keyed = json.loads((attribution_stage(tiny_cfg, studies, cpu).path / "inputs.json").read_text())["inputs"]["code"]
-    assert keyed["modules"] == list(module_closure(["lib.stages.attribution"]))
+    assert keyed["modules"] == stage_code(["lib.stages.attribution"])["modules"]
     text = attribution_summary(att.table, ranks, values, 0.05, 2, best) + statistics_summary(att.table, ranks, 2, 0.05, 2)
     assert f"the best single block is block {best}" in text and "pp" in text
     names = list(block_subsets(3))
