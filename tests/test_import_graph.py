@@ -24,7 +24,7 @@ from lib.codehash import imported_modules
 from lib.paths import ROOT
 
 LAYERS: list[set[str]] = [
-    {"lib", "lib.paths", "lib.names", "lib.style", "lib.corruption_names", "lib.resample", "lib.calibration",
+    {"lib", "lib.paths", "lib.names", "lib.style", "lib.corruption_names", "lib.resample", "lib.calibration", "lib.interval",
      "lib.temperature", "lib.laplace.marglik", "lib.stages", "lib.baselines"},
     {"lib.provenance", "lib.codehash", "lib.artifacts", "lib.stats", "lib.ood"},
     {"lib.config"},
