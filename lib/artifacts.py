@@ -101,7 +101,11 @@ def stage(
         "inputs": json.loads(canonical_json(inputs, f"inputs of stage {name!r}")),
         "upstream": [{"name": u.name, "key": u.key} for u in upstream],
     }
-    (path / "inputs.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    # Written atomically (a temporary file per process, then renamed): processes that open the
+    # same stage at once (:mod:`lib.compute`) never leave a half-written record.
+    tmp = path / f"inputs.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path / "inputs.json")
     return Stage(name=name, key=key, path=path)
 
 
@@ -119,6 +123,23 @@ def stage_code(modules: Sequence[str], root: Path = ROOT) -> dict[str, Any]:
     (:func:`lib.codehash.module_hashes` without :data:`DESCRIPTIVE`) and one hash over its sources."""
     hashes = {m: h for m, h in module_hashes(modules, root).items() if m not in DESCRIPTIVE}
     return {"modules": list(hashes), "sha256": combined_sha256(hashes)}
+
+
+def open_cached(
+    name: str,
+    inputs: Mapping[str, Any],
+    *,
+    code: str | Sequence[str],
+    upstream: Sequence[Stage] = (),
+    root: Path | None = None,
+) -> Stage:
+    """The directory of the stage that :func:`cached` with these arguments computes, opened without
+    computing anything: for filling a resumable stage's parts in several processes
+    (:mod:`lib.compute`) before one of them completes it through :func:`cached`."""
+    if CODE_KEY in inputs:
+        raise ValueError(f"inputs of stage {name!r} use the reserved key {CODE_KEY!r}; rename that input")
+    modules = (code,) if isinstance(code, str) else tuple(code)
+    return stage(name, {**inputs, CODE_KEY: stage_code(modules)}, upstream, root)
 
 
 def cached(
@@ -140,11 +161,7 @@ def cached(
     it saved earlier in the same directory), and the stage is marked done when it returns. A
     ``compute`` that raises leaves the stage unfinished, never marked done.
     """
-    if CODE_KEY in inputs:
-        raise ValueError(f"inputs of stage {name!r} use the reserved key {CODE_KEY!r}; rename that input")
-    modules = (code,) if isinstance(code, str) else tuple(code)
-    keyed = {**inputs, CODE_KEY: stage_code(modules)}
-    st = stage(name, keyed, upstream, root)
+    st = open_cached(name, inputs, code=code, upstream=upstream, root=root)
     if not st.done:
         compute(st)
         st.mark_done()

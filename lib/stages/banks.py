@@ -7,13 +7,15 @@ The validation bank tunes the covariance scale (``predictive.scale``, :mod:`lib.
 and the choice of blocks on validation data (:func:`lib.attribution.validation_table`); the
 control's banks do the same for its noise variance. Every bank is computed in resumable parts of
 about :data:`BANK_PART_IMAGES` images (:func:`bank_parts`, :func:`compute_part`), each saved as
-soon as it is done.
+soon as it is done; several processes can fill one bank's parts (:func:`open_bank`,
+:func:`save_part`, as :mod:`lib.compute` does) before :func:`build_bank` joins them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 import shutil
 import time
 
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from lib.artifacts import Stage, cached
+from lib.artifacts import Stage, cached, open_cached
 from lib.config import Config
 from lib.data import Split, batches
 from lib.laplace.isotropic import IsotropicPosterior
@@ -66,6 +68,53 @@ def compute_part(cfg: Config, run: MapRun, post: BlockPosterior, data: Split, st
     return {"bank": dataclasses.asdict(bank), "seconds": time.perf_counter() - t0}
 
 
+@dataclass(frozen=True)
+class BankPlan:
+    """One bank stage (not necessarily done) with what its parts are computed from: the images
+    ``data`` and the ``posterior`` whose perturbations they hold."""
+
+    stage: Stage
+    data: Split
+    posterior: BlockPosterior
+
+
+def save_part(cfg: Config, run: MapRun, plan: BankPlan, start: int, stop: int, device: torch.device) -> tuple[dict, bool]:
+    """The part of images ``start:stop`` of ``plan``'s bank (:func:`compute_part`) and whether it
+    was saved before: loaded from ``parts/<start>-<stop>.pt`` if that file exists, else computed
+    and saved there atomically (a temporary file renamed), so that a part file is always whole."""
+    path = plan.stage.file(f"parts/{start:07d}-{stop:07d}.pt")
+    if path.is_file():
+        return torch.load(path, weights_only=True), True
+    part = compute_part(cfg, run, plan.posterior, plan.data, start, stop, device)
+    torch.save(part, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return part, False
+
+
+def _bank_spec(cfg: Config, run: MapRun, post: LaplacePosterior, device: torch.device, split: str,
+               control: bool) -> tuple[str, dict, Split, BlockPosterior]:
+    """Stage name, stage inputs, images and posterior of a bank (see :func:`build_bank`)."""
+    pc = cfg.predictive
+    data = {"test": run.splits.test, "val": run.splits.val}[split]
+    if split == "val" and pc.scale_images is not None:
+        data = Split(data.x[: pc.scale_images], data.y[: pc.scale_images])
+    # "map_logits" names where the bank's f_MAP comes from (see _map_logits), so that banks which
+    # kept the logits of their own forward pass are not reused.
+    name = ("bank_iso" if control else "bank") + ("" if split == "test" else "_val")
+    inputs = {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
+              "map_logits": "map stage", "numerics": numerics(device)}
+    if control:
+        inputs["posterior"] = "isotropic N(0, I)"
+    return name, inputs, data, IsotropicPosterior.like(post) if control else post
+
+
+def open_bank(cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device,
+              split: str = "test", control: bool = False) -> BankPlan:
+    """The stage :func:`build_bank` with these arguments computes, opened without computing it."""
+    name, inputs, data, posterior = _bank_spec(cfg, run, post, device, split, control)
+    return BankPlan(open_cached(name, inputs, code=__name__, upstream=[lap]), data, posterior)
+
+
 def build_bank(
     cfg: Config, run: MapRun, post: LaplacePosterior, lap: Stage, device: torch.device, split: str = "test",
     control: bool = False,
@@ -84,30 +133,14 @@ def build_bank(
     (:class:`Bank` as a dict; ``map_logits`` are the MAP stage's, :func:`_map_logits`), ``info.json``.
     """
     pc = cfg.predictive
-    data = {"test": run.splits.test, "val": run.splits.val}[split]
-    if split == "val" and pc.scale_images is not None:
-        data = Split(data.x[: pc.scale_images], data.y[: pc.scale_images])
-    # "map_logits" names where the bank's f_MAP comes from (see _map_logits), so that banks which
-    # kept the logits of their own forward pass are not reused.
-    name = ("bank_iso" if control else "bank") + ("" if split == "test" else "_val")
-    inputs = {"n_samples": pc.n_samples, "batch_size": pc.batch_size, "split": split, "images": len(data),
-              "map_logits": "map stage", "numerics": numerics(device)}
-    if control:
-        inputs["posterior"] = "isotropic N(0, I)"
-    posterior = IsotropicPosterior.like(post) if control else post
+    name, inputs, data, posterior = _bank_spec(cfg, run, post, device, split, control)
 
     def compute(st: Stage) -> None:
         ranges = bank_parts(len(data), pc.batch_size)
         parts, seconds, resumed = [], 0.0, 0
         for start, stop in tqdm(ranges, desc=f"{split} bank parts", disable=None):
-            path = st.file(f"parts/{start:07d}-{stop:07d}.pt")
-            if path.is_file():
-                part = torch.load(path, weights_only=True)
-                resumed += 1
-            else:
-                part = compute_part(cfg, run, posterior, data, start, stop, device)
-                torch.save(part, path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
+            part, saved = save_part(cfg, run, BankPlan(st, data, posterior), start, stop, device)
+            resumed += saved
             parts.append(Bank(**part["bank"]))
             seconds += part["seconds"]
         labels = torch.cat([b.labels for b in parts])

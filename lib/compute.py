@@ -1,0 +1,217 @@
+"""Fill the study's stage cache (:mod:`lib.study`) on several processes, one per GPU, with
+``torch.distributed``; the chapters then find every stage cached::
+
+    torchrun --nproc-per-node=G -m lib.compute compute --profile P [--set KEY=VALUE ...]
+    python -m lib.compute compute --profile P     # one process (world size 1), the same stages
+
+``torchrun`` starts the G processes and sets their ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
+rendezvous address; :func:`init_ranks` joins them into one process group (NCCL on CUDA, gloo on
+the CPU), process ``r`` on GPU ``LOCAL_RANK``. Rank ``r`` of ``W`` runs five phases, each ended by
+a :meth:`Ranks.sync` (a barrier) because the next one reads what it wrote:
+
+0. rank 0: the data splits (a download happens once) and the ``backbone`` stage;
+1. seed ``i`` of ``cfg.seeds`` on rank ``i mod W``: ``map`` and ``laplace``; ``curvature_quality``
+   on the first seed's rank;
+2. the parts of every bank of every seed (:func:`lib.stages.banks.bank_parts`), dealt over the
+   ranks in turn: the bank sharded by image, each part saved by the rank that computed it;
+3. seed ``i`` on rank ``i mod W``: its four banks joined from the parts (:func:`~lib.stages.banks.build_bank`,
+   which marks each done) and its ``subsets`` stage;
+4. rank 0: the ``attribution`` stage over all seeds.
+
+Every stage goes through :func:`lib.artifacts.cached` with the keys a single process gives, so the
+cache a G-rank run fills is the one :class:`lib.study.Study` opens. A rerun skips the stages that
+are done and the bank parts that are saved; nothing partial is marked done (a bank is marked done
+only once joined from all its parts). A task that raises stops its rank's phase; at the next sync
+every rank raises :class:`ComputeError` naming the rank and the stage that failed, so the command
+exits non-zero (torchrun reports each rank's error). A rank that dies without raising (killed, out
+of host memory) is detected by torchrun, which stops the others and names it.
+
+Progress: one bar per rank over its tasks, at terminal row ``r`` (``position=rank``); the stages'
+own bars are quiet when stderr is not a terminal (``torchrun --local-ranks-filter=0`` shows rank
+0's output only, ``--redirects 3 --log-dir D`` writes each rank's to a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lib.config import Config, load_params, params_path, parse_override
+from lib.data import splits_for
+from lib.pipeline import backbone_stage, resolve_device
+from lib.stages.banks import bank_parts, open_bank, save_part
+from lib.study import Study
+
+BANKS = (("test", False), ("val", False), ("test", True), ("val", True))
+"""The four banks of a seed as ``(split, control)`` (stages ``bank``, ``bank_val``, ``bank_iso``, ``bank_iso_val``)."""
+
+
+class ComputeError(RuntimeError):
+    """A rank's task failed; the message names the rank and the stage."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of a phase: ``label`` names the stage (and seed, images) in errors and progress."""
+
+    label: str
+    run: Callable[[], object]
+
+
+@dataclass
+class Ranks:
+    """This process's ``rank`` among ``world`` processes, on ``device``; ``group`` is True when a
+    ``torch.distributed`` process group was initialised (``world`` > 1 or under torchrun)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    group: bool
+
+    def mine(self, items: Sequence) -> list:
+        """The items dealt to this rank: ``items[rank::world]``."""
+        return list(items[self.rank::self.world])
+
+    def sync(self, phase: str, failure: tuple[str, BaseException] | None) -> None:
+        """Barrier at the end of ``phase`` that also exchanges the ranks' failures (an all-gather
+        of ``(rank, label, message)`` or None): if any rank failed, every rank raises a
+        :class:`ComputeError` naming the failed ranks and their stages (the failed rank's chained
+        to its exception)."""
+        own = None if failure is None else (self.rank, failure[0], f"{type(failure[1]).__name__}: {failure[1]}")
+        gathered = [None] * self.world
+        if self.group:
+            dist.all_gather_object(gathered, own)
+        else:
+            gathered = [own]
+        failed = [f for f in gathered if f is not None]
+        if not failed:
+            return
+        said = "; ".join(f"rank {r} failed in stage {label!r} ({msg})" for r, label, msg in failed)
+        if failure is not None:
+            raise ComputeError(f"{said} [phase {phase}]") from failure[1]
+        raise ComputeError(f"rank {self.rank} stopped: {said} [phase {phase}]")
+
+
+def init_ranks(cfg: Config) -> Ranks:
+    """Join torchrun's process group when its environment is set (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), else one process of world size 1. On CUDA
+    (``device`` of the params resolving to it) rank r uses GPU ``LOCAL_RANK`` and NCCL, on the CPU gloo."""
+    device = resolve_device(cfg)
+    if "WORLD_SIZE" not in os.environ:
+        return Ranks(0, 1, device, group=False)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device, group=True)
+
+
+def _run_phase(ranks: Ranks, phase: str, tasks: Sequence[Task]) -> float:
+    """Run this rank's ``tasks`` in order (stopping at the first that raises), then :meth:`Ranks.sync`;
+    returns the phase's wall time on this rank."""
+    t0 = time.perf_counter()
+    failure = None
+    for task in tqdm(tasks, desc=f"rank {ranks.rank} {phase}", position=ranks.rank,
+                     disable=None if tasks else True):
+        try:
+            task.run()
+        except Exception as err:  # reported to every rank at the sync below, then raised there
+            traceback.print_exc()
+            failure = (task.label, err)
+            break
+    ranks.sync(phase, failure)
+    return time.perf_counter() - t0
+
+
+def _seed_tasks(study: Study, ranks: Ranks) -> list[Task]:
+    """Phase 1 on this rank: MAP and Laplace of its seeds, curvature quality on the first seed's rank (0)."""
+    tasks = []
+    for seed in ranks.mine(study.cfg.seeds):
+        tasks.append(Task(f"map seed {seed}", lambda s=seed: study.run(s)))
+        tasks.append(Task(f"laplace seed {seed}", lambda s=seed: study.fit(s)))
+    if ranks.rank == 0 and study.cfg.laplace.quality_images > 0:
+        tasks.append(Task(f"curvature_quality seed {study.cfg.seeds[0]}", lambda: study.curvature_quality))
+    return tasks
+
+
+def _part_tasks(study: Study, ranks: Ranks) -> list[Task]:
+    """Phase 2 on this rank: its share of the parts of the banks not done yet, over all seeds."""
+    cfg, device, tasks = study.cfg, ranks.device, []
+    for seed in cfg.seeds:
+        run = study.run(seed)
+        lap, post = study.fit(seed)
+        for split, control in BANKS:
+            plan = open_bank(cfg, run, post, lap, device, split, control)
+            if plan.stage.done:
+                continue
+            for start, stop in bank_parts(len(plan.data), cfg.predictive.batch_size):
+                tasks.append(Task(f"{plan.stage.name} seed {seed} images {start}-{stop}",
+                                  lambda r=run, p=plan, a=start, b=stop: save_part(cfg, r, p, a, b, device)))
+    return ranks.mine(tasks)
+
+
+def compute(cfg: Config, ranks: Ranks) -> dict[str, float]:
+    """Fill the cache of ``cfg``'s study (the phases of the module docstring) as rank ``ranks.rank``;
+    returns each phase's wall time on this rank (seconds, the sync included)."""
+    device = ranks.device
+    study = Study(cfg, device)
+    times = {}
+
+    def prepare() -> None:
+        splits_for(cfg)
+        backbone_stage(cfg, device)
+
+    times["prepare"] = _run_phase(ranks, "prepare", [Task("data and backbone", prepare)] if ranks.rank == 0 else [])
+    times["map+laplace"] = _run_phase(ranks, "map+laplace", _seed_tasks(study, ranks))
+    try:
+        parts = _part_tasks(study, ranks)
+    except Exception as err:  # reported at the phase's sync like a task's failure
+        ranks.sync("bank parts", ("bank parts (opening the seeds' stages)", err))
+    times["bank parts"] = _run_phase(ranks, "bank parts", parts)
+    mine = [Task(f"banks and subsets seed {s}", lambda s=s: study.seed(s)) for s in ranks.mine(list(cfg.seeds))]
+    times["banks+subsets"] = _run_phase(ranks, "banks+subsets", mine)
+    last = [Task("attribution", lambda: study.attribution_tables)] if ranks.rank == 0 else []
+    times["attribution"] = _run_phase(ranks, "attribution", last)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib.compute", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("compute", help="fill artifacts/ with every stage of the study (under torchrun: in parallel)")
+    p.add_argument("--profile", required=True, help="params/<profile>.yml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one parameter, as `python -m lib.runner run --set` (the chapters must "
+                        "be run with the same overrides to find these stages)")
+    args = parser.parse_args(argv)
+    overrides = [parse_override(text) for text in args.overrides]
+    cfg = Config.from_dict(load_params(params_path(args.profile), overrides=overrides),
+                           source=f"params/{args.profile}.yml")
+    ranks = init_ranks(cfg)
+    try:
+        t0 = time.perf_counter()
+        times = compute(cfg, ranks)
+        if ranks.rank == 0:
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
+            print(f"computed profile {args.profile} on {ranks.world} rank(s) ({ranks.device.type}) in "
+                  f"{time.perf_counter() - t0:.1f} s: {phases}", file=sys.stderr)
+    except ComputeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if ranks.group:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
