@@ -23,7 +23,7 @@ cache a G-rank run fills is the one :class:`lib.study.Study` opens. A rerun skip
 are done and the bank parts that are saved; nothing partial is marked done (a bank is marked done
 only once joined from all its parts). A task that raises stops its rank's phase; at the next sync
 every rank raises :class:`ComputeError` naming the rank and the stage that failed, so the command
-exits non-zero (torchrun reports each rank's error). A rank that dies without raising (killed, out
+exits non-zero and torchrun's summary shows each rank's error. A rank that dies without raising (killed, out
 of host memory) is detected by torchrun, which stops the others and names it.
 
 Progress: one bar per rank over its tasks, at terminal row ``r`` (``position=rank``); the stages'
@@ -37,15 +37,15 @@ import argparse
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
-from lib.config import Config, load_params, params_path, parse_override
+from lib.config import Config, ParamsError, load_params, params_path, parse_override
 from lib.data import splits_for
 from lib.pipeline import backbone_stage, resolve_device
 from lib.stages.banks import bank_parts, open_bank, save_part
@@ -124,8 +124,7 @@ def _run_phase(ranks: Ranks, phase: str, tasks: Sequence[Task]) -> float:
                      disable=None if tasks else True):
         try:
             task.run()
-        except Exception as err:  # reported to every rank at the sync below, then raised there
-            traceback.print_exc()
+        except Exception as err:  # reported to every rank at the sync below, raised there with it as cause
             failure = (task.label, err)
             break
     ranks.sync(phase, failure)
@@ -184,7 +183,10 @@ def compute(cfg: Config, ranks: Ranks) -> dict[str, float]:
     return times
 
 
+@record
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a :class:`ComputeError` is raised out of it, so that torchrun's summary
+    shows each rank's error message (``@record`` writes it to the file torchrun reads)."""
     parser = argparse.ArgumentParser(prog="python -m lib.compute", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("compute", help="fill artifacts/ with every stage of the study (under torchrun: in parallel)")
@@ -193,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="override one parameter, as `python -m lib.runner run --set` (the chapters must "
                         "be run with the same overrides to find these stages)")
     args = parser.parse_args(argv)
-    overrides = [parse_override(text) for text in args.overrides]
-    cfg = Config.from_dict(load_params(params_path(args.profile), overrides=overrides),
-                           source=f"params/{args.profile}.yml")
+    try:
+        overrides = [parse_override(text) for text in args.overrides]
+        cfg = Config.from_dict(load_params(params_path(args.profile), overrides=overrides),
+                               source=f"params/{args.profile}.yml")
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     ranks = init_ranks(cfg)
     try:
         t0 = time.perf_counter()
@@ -204,9 +210,6 @@ def main(argv: list[str] | None = None) -> int:
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
             print(f"computed profile {args.profile} on {ranks.world} rank(s) ({ranks.device.type}) in "
                   f"{time.perf_counter() - t0:.1f} s: {phases}", file=sys.stderr)
-    except ComputeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     finally:
         if ranks.group:
             dist.destroy_process_group()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lib.artifacts import DESCRIPTIVE, DONE, Stage, cached, default_root, stage, stage_code, stage_key
+from lib.artifacts import DESCRIPTIVE, DONE, Stage, cached, default_root, open_cached, stage, stage_code, stage_key
 from lib.codehash import module_closure
 from lib.provenance import canonical_json, sha256_text
 
@@ -174,3 +174,18 @@ def test_cached_leaves_a_failed_compute_unfinished_and_reserves_the_code_key(tmp
     assert not (path / DONE).exists() and (path / "part.txt").is_file()
     with pytest.raises(ValueError, match="reserved key 'code'"):
         cached("demo", {"code": 1}, code="lib.stats", compute=fail, root=tmp_path)
+
+
+def test_open_cached_is_the_stage_cached_computes_without_computing_it(tmp_path):
+    """Processes that fill a stage's parts open it with :func:`open_cached`: the same directory
+    and key as :func:`cached`, nothing computed or marked done; then one of them completes it
+    through :func:`cached`, whose ``compute`` finds the parts; no temporary record is left."""
+    opened = open_cached("demo", {"a": 1}, code="lib.stats", upstream=[], root=tmp_path)
+    assert not opened.done and sorted(p.name for p in opened.path.iterdir()) == ["inputs.json"]
+    opened.file("parts/0.txt").write_text("part")
+    done = cached("demo", {"a": 1}, code="lib.stats", root=tmp_path,
+                  compute=lambda st: st.file("out.txt").write_text(st.file("parts/0.txt").read_text()))
+    assert done == opened and done.done and (done.path / "out.txt").read_text() == "part"
+    assert not list(tmp_path.rglob("*.tmp"))
+    with pytest.raises(ValueError, match="reserved key 'code'"):
+        open_cached("demo", {"code": 1}, code="lib.stats", root=tmp_path)
