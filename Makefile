@@ -1,5 +1,6 @@
 # Book machinery. `make book` and `make test` need nothing but python3 (they create .venv).
 #   make run PROFILE=smoke [CHAPTER=04-attribution]   execute chapters into _freeze/<profile>/
+#   make compute PROFILE=smoke GPUS=2 [SET=...]        fill artifacts/ on GPUS processes (torchrun, lib.compute)
 #   make run PROFILE=smoke SET="stats.n_bins=20 seeds=[0,1]"
 #                                                     "what if": into _freeze/<profile>+<slug>/ (git-ignored)
 #   make book [BOOK_PROFILE=...]                      render _book/ from frozen outputs (no execution)
@@ -15,13 +16,14 @@ PROFILE ?= smoke
 CHAPTER ?=
 SET ?=
 BOOK_PROFILE ?=
+GPUS ?= 1
 # Torch must not oversubscribe the 2-core CI machine.
 export OMP_NUM_THREADS ?= 2
 export MKL_NUM_THREADS ?= 2
 export MPLBACKEND ?= agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: venv run link book test test-unit test-nbval clean
+.PHONY: venv run compute link book test test-unit test-nbval clean
 
 venv: $(STAMP)
 
@@ -33,6 +35,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m lib.runner run --profile $(PROFILE) $(if $(CHAPTER),--chapter $(CHAPTER)) $(foreach s,$(SET),--set '$(s)')
+
+compute: $(STAMP)
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(GPUS) -m lib.compute compute --profile $(PROFILE) $(foreach s,$(SET),--set '$(s)')
 
 link: $(STAMP)
 	$(PY) -m lib.runner link $(if $(BOOK_PROFILE),--profile $(BOOK_PROFILE))

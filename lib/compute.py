@@ -10,10 +10,10 @@ the CPU), process ``r`` on GPU ``LOCAL_RANK``. Rank ``r`` of ``W`` runs five pha
 a :meth:`Ranks.sync` (a barrier) because the next one reads what it wrote:
 
 0. rank 0: the data splits (a download happens once) and the ``backbone`` stage;
-1. seed ``i`` of ``cfg.seeds`` on rank ``i mod W``: ``map`` and ``laplace``; ``curvature_quality``
-   on the first seed's rank;
+1. seed ``i`` of ``cfg.seeds`` on rank ``i mod W``: ``map`` and ``laplace``;
 2. the parts of every bank of every seed (:func:`lib.stages.banks.bank_parts`), dealt over the
-   ranks in turn: the bank sharded by image, each part saved by the rank that computed it;
+   ranks in turn: the bank sharded by image, each part saved by the rank that computed it; and
+   ``curvature_quality`` (first seed) on the last rank;
 3. seed ``i`` on rank ``i mod W``: its four banks joined from the parts (:func:`~lib.stages.banks.build_bank`,
    which marks each done) and its ``subsets`` stage;
 4. rank 0: the ``attribution`` stage over all seeds.
@@ -132,18 +132,18 @@ def _run_phase(ranks: Ranks, phase: str, tasks: Sequence[Task]) -> float:
 
 
 def _seed_tasks(study: Study, ranks: Ranks) -> list[Task]:
-    """Phase 1 on this rank: MAP and Laplace of its seeds, curvature quality on the first seed's rank (0)."""
+    """Phase 1 on this rank: MAP and Laplace of its seeds."""
     tasks = []
     for seed in ranks.mine(study.cfg.seeds):
         tasks.append(Task(f"map seed {seed}", lambda s=seed: study.run(s)))
         tasks.append(Task(f"laplace seed {seed}", lambda s=seed: study.fit(s)))
-    if ranks.rank == 0 and study.cfg.laplace.quality_images > 0:
-        tasks.append(Task(f"curvature_quality seed {study.cfg.seeds[0]}", lambda: study.curvature_quality))
     return tasks
 
 
 def _part_tasks(study: Study, ranks: Ranks) -> list[Task]:
-    """Phase 2 on this rank: its share of the parts of the banks not done yet, over all seeds."""
+    """Phase 2 on this rank: its share of the parts of the banks not done yet, over all seeds, and
+    on the last rank (which the deal gives the fewest parts) first the curvature quality of the
+    first seed, which only reads its MAP model."""
     cfg, device, tasks = study.cfg, ranks.device, []
     for seed in cfg.seeds:
         run = study.run(seed)
@@ -155,7 +155,10 @@ def _part_tasks(study: Study, ranks: Ranks) -> list[Task]:
             for start, stop in bank_parts(len(plan.data), cfg.predictive.batch_size):
                 tasks.append(Task(f"{plan.stage.name} seed {seed} images {start}-{stop}",
                                   lambda r=run, p=plan, a=start, b=stop: save_part(cfg, r, p, a, b, device)))
-    return ranks.mine(tasks)
+    mine = ranks.mine(tasks)
+    if ranks.rank == ranks.world - 1 and cfg.laplace.quality_images > 0:
+        mine.insert(0, Task(f"curvature_quality seed {cfg.seeds[0]}", lambda: study.curvature_quality))
+    return mine
 
 
 def compute(cfg: Config, ranks: Ranks) -> dict[str, float]:

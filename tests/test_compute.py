@@ -45,7 +45,7 @@ def test_ranks_deal_items_in_turn_and_a_failure_names_the_rank_and_stage():
 
 def test_bank_parts_dealt_over_two_ranks_join_into_the_single_pass_bank(tiny_cfg, monkeypatch):
     """Each rank's share of the bank parts is disjoint from the other's and together they cover
-    every part; after rank 0's share alone the bank is not done, and joining computes only the
+    every part (the last rank also has the curvature quality); after rank 0's share alone the bank is not done, and joining computes only the
     missing parts into exactly the bank of one pass over the test set."""
     import lib.stages.banks as banks
 
@@ -56,7 +56,8 @@ def test_bank_parts_dealt_over_two_ranks_join_into_the_single_pass_bank(tiny_cfg
     study = Study(cfg, CPU)
     shares = [_part_tasks(study, Ranks(r, 2, CPU, group=False)) for r in (0, 1)]
     labels = [{t.label for t in share} for share in shares]
-    assert not labels[0] & labels[1] and len(labels[0] | labels[1]) == 2 * (3 + 2)
+    assert not labels[0] & labels[1] and len(labels[0] | labels[1]) == 2 * (3 + 2) + 1
+    assert [t.label for t in shares[1]][0] == "curvature_quality seed 0"  # the last rank's, first
     assert "bank seed 0 images 0-24" in labels[0] and "bank seed 0 images 24-48" in labels[1]
     for task in shares[0]:
         task.run()
@@ -181,7 +182,7 @@ def test_two_rank_compute_fails_naming_the_rank_then_resumes_to_the_single_proce
     assert failed.returncode != 0
     assert "rank 1 failed in stage 'map seed 1' (FileExistsError" in failed.stderr, failed.stderr[-3000:]
     assert sorted(p.name.split("-")[0] for p in ranked.iterdir() if (p / "DONE").is_file()) == \
-        ["curvature_quality", "laplace", "map"]  # seed 0's: rank 0 finished its phase
+        ["laplace", "map"]  # seed 0's: rank 0 finished its phase
     taken.unlink()
     done = _torchrun(ranked, tiny_cfg.to_dict())
     assert done.returncode == 0, done.stderr[-3000:]
