@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,10 @@ from lib.study import Study
 
 BANKS = (("test", False), ("val", False), ("test", True), ("val", True))
 """The four banks of a seed as ``(split, control)`` (stages ``bank``, ``bank_val``, ``bank_iso``, ``bank_iso_val``)."""
+
+
+BARRIER_TIMEOUT = timedelta(hours=12)
+"""How long a rank waits at a phase's barrier for the others."""
 
 
 class ComputeError(RuntimeError):
@@ -70,7 +75,7 @@ class Task:
 @dataclass
 class Ranks:
     """This process's ``rank`` among ``world`` processes, on ``device``; ``group`` is True when a
-    ``torch.distributed`` process group was initialised (``world`` > 1 or under torchrun)."""
+    ``torch.distributed`` process group was initialised (under torchrun)."""
 
     rank: int
     world: int
@@ -111,17 +116,23 @@ def init_ranks(cfg: Config) -> Ranks:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # A rank may wait at a barrier for as long as another trains a seed (NCCL's default timeout is
+    # 10 minutes); a rank that dies is detected by torchrun, which stops the others, not by this timeout.
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=BARRIER_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size(), device, group=True)
 
 
-def _run_phase(ranks: Ranks, phase: str, tasks: Sequence[Task]) -> float:
-    """Run this rank's ``tasks`` in order (stopping at the first that raises), then :meth:`Ranks.sync`;
-    returns the phase's wall time on this rank."""
+def _run_phase(ranks: Ranks, phase: str, tasks: Callable[[], Sequence[Task]]) -> float:
+    """List this rank's ``tasks()`` and run them in order (stopping at the first that raises, or
+    when listing them raises), then :meth:`Ranks.sync`; returns the phase's wall time on this rank."""
     t0 = time.perf_counter()
     failure = None
-    for task in tqdm(tasks, desc=f"rank {ranks.rank} {phase}", position=ranks.rank,
-                     disable=None if tasks else True):
+    try:
+        todo = list(tasks())
+    except Exception as err:  # reported at the sync below like a task's failure
+        todo, failure = [], (f"{phase} (opening its stages)", err)
+    for task in tqdm(todo, desc=f"rank {ranks.rank} {phase}", position=ranks.rank,
+                     disable=None if todo else True):
         try:
             task.run()
         except Exception as err:  # reported to every rank at the sync below, raised there with it as cause
@@ -172,17 +183,14 @@ def compute(cfg: Config, ranks: Ranks) -> dict[str, float]:
         splits_for(cfg)
         backbone_stage(cfg, device)
 
-    times["prepare"] = _run_phase(ranks, "prepare", [Task("data and backbone", prepare)] if ranks.rank == 0 else [])
-    times["map+laplace"] = _run_phase(ranks, "map+laplace", _seed_tasks(study, ranks))
-    try:
-        parts = _part_tasks(study, ranks)
-    except Exception as err:  # reported at the phase's sync like a task's failure
-        ranks.sync("bank parts", ("bank parts (opening the seeds' stages)", err))
-    times["bank parts"] = _run_phase(ranks, "bank parts", parts)
-    mine = [Task(f"banks and subsets seed {s}", lambda s=s: study.seed(s)) for s in ranks.mine(list(cfg.seeds))]
-    times["banks+subsets"] = _run_phase(ranks, "banks+subsets", mine)
+    first = [Task("data and backbone", prepare)] if ranks.rank == 0 else []
+    times["prepare"] = _run_phase(ranks, "prepare", lambda: first)
+    times["map+laplace"] = _run_phase(ranks, "map+laplace", lambda: _seed_tasks(study, ranks))
+    times["bank parts"] = _run_phase(ranks, "bank parts", lambda: _part_tasks(study, ranks))
+    mine = [Task(f"banks and subsets seed {s}", lambda s=s: study.seed(s)) for s in ranks.mine(cfg.seeds)]
+    times["banks+subsets"] = _run_phase(ranks, "banks+subsets", lambda: mine)
     last = [Task("attribution", lambda: study.attribution_tables)] if ranks.rank == 0 else []
-    times["attribution"] = _run_phase(ranks, "attribution", last)
+    times["attribution"] = _run_phase(ranks, "attribution", lambda: last)
     return times
 
 
