@@ -131,13 +131,16 @@ def _run_phase(ranks: Ranks, phase: str, tasks: Callable[[], Sequence[Task]]) ->
         todo = list(tasks())
     except Exception as err:  # reported at the sync below like a task's failure
         todo, failure = [], (f"{phase} (opening its stages)", err)
-    for task in tqdm(todo, desc=f"rank {ranks.rank} {phase}", position=ranks.rank,
-                     disable=None if todo else True):
-        try:
-            task.run()
-        except Exception as err:  # reported to every rank at the sync below, raised there with it as cause
-            failure = (task.label, err)
-            break
+    with tqdm(total=len(todo), desc=f"rank {ranks.rank} {phase}", position=ranks.rank,
+              disable=None if todo else True) as bar:
+        for task in todo:
+            bar.set_postfix_str(task.label)  # what this rank is doing, on its own line
+            try:
+                task.run()
+            except Exception as err:  # reported to every rank at the sync below, raised there with it as cause
+                failure = (task.label, err)
+                break
+            bar.update()
     ranks.sync(phase, failure)
     return time.perf_counter() - t0
 
