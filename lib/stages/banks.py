@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 import shutil
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
