@@ -546,12 +546,15 @@ def test_open_study_validates_the_params_and_resolves_the_device():
     a bad key names the params file; nothing is computed until a stage is asked for."""
     from lib.config import load_params
     from lib.paths import PARAMS
-    from lib.study import open_study
+    from lib.study import open_chapter, open_study
 
     d = load_params(PARAMS / "smoke.yml")
     d["device"] = "cpu"
     study = open_study("smoke", d)
     assert study.cfg == Config.from_dict(d) and study.device == torch.device("cpu")
+    opened, cfg, device = open_chapter("smoke", d)
+    assert isinstance(opened, Study) and cfg == opened.cfg == study.cfg and device == opened.device == torch.device("cpu")
+    assert not opened._runs and not opened._fits and not opened._seeds  # nothing opened yet
     d["stats"]["n_binz"] = 3
     with pytest.raises(ParamsError, match="params/smoke.yml: unknown key 'stats.n_binz'"):
         open_study("smoke", d)
