@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "shift_predictions",
     "ShiftResults",
     "evaluate_shift",
+    "study_shift",
 ]
 
 
@@ -185,9 +187,11 @@ class ShiftResults:
     Attributes:
         metrics: :func:`lib.shift.shift_metrics` rows for the clean test set (severity 0) and every
             corruption × severity, per ``seed``.
-        gains: ECE gain over MAP ``severity, method, gain, lower, upper`` of temperature scaling and
-            the reported posteriors, averaged over seeds (:func:`lib.shift.gain_intervals`; severity 0:
-            the clean test set, else all corruptions of that severity pooled, images resampled as clusters).
+        gains: ECE gain ``severity, reference, method, gain, lower, upper``, averaged over seeds
+            (:func:`lib.shift.gain_intervals`; severity 0: the clean test set, else all corruptions of
+            that severity pooled, images resampled as clusters): over ``reference = 'MAP'`` of
+            temperature scaling and the reported posteriors, and over ``'temperature scaling'`` of
+            the posteriors (ECE_TS − ECE_m, paired: the same resamples).
         ood: :func:`lib.shift.ood_table` rows for the near-OOD set (``ood_set = 'near'``, when the
             profile has held-out classes) and each far-OOD set of ``shift.far_ood_sets`` (``ood_set``
             its name, :mod:`lib.ood_sets`), with differences to MAP, per ``seed``.
@@ -287,10 +291,21 @@ def evaluate_shift(
         sets[severity] = (idx, labels[idx], torch.stack([p[severity][1] for p in pooled]),
                           torch.stack([p[severity][2] for p in pooled]))
     for severity, (groups, y, det, probs) in sets.items():
-        est, lo, hi = gain_intervals(det.to(device), probs.to(device), y.to(device), n_resamples=st.n_boot,
-                                     generator=generator(sc.seed), groups=None if groups is None else groups.to(device),
-                                     n_bins=st.n_bins, alpha=st.alpha)
-        gains += [{"severity": severity, "method": k, "gain": float(e), "lower": float(a), "upper": float(b)}
-                  for k, e, a, b in zip(compared, est, lo, hi)]
+        g = None if groups is None else groups.to(device)
+        for reference, ref, others, names in (("MAP", det, probs, compared),
+                                              ("temperature scaling", probs[:, 0], probs[:, 1:], compared[1:])):
+            if not names:
+                continue
+            est, lo, hi = gain_intervals(ref.to(device), others.to(device), y.to(device), n_resamples=st.n_boot,
+                                         generator=generator(sc.seed), groups=g, n_bins=st.n_bins, alpha=st.alpha)
+            gains += [{"severity": severity, "reference": reference, "method": k, "gain": float(e), "lower": float(a),
+                       "upper": float(b)} for k, e, a, b in zip(names, est, lo, hi)]
     return ShiftResults(pd.concat(metrics, ignore_index=True), pd.DataFrame(gains), pd.concat(ood, ignore_index=True),
                         pd.DataFrame(ranks, columns=["seed", "severity", "tau", "lower", "upper"]))
+
+
+def study_shift(study: Any, posteriors: Sequence[str], extra: Mapping[str, Tensor] | None = None) -> ShiftResults:
+    """:func:`evaluate_shift` of every seed of ``study`` (a :class:`lib.study.Study` whose profile
+    has a ``shift`` section) on its device: the analysis behind the chapter "Shift and
+    out-of-distribution". Its stages take the per-seed records (``study.seeds``), not the study."""
+    return evaluate_shift(study.cfg, study.seeds, study.device, posteriors, extra)

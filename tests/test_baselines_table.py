@@ -141,3 +141,36 @@ def test_table_with_seeds_averages_metrics_and_needs_equal_seed_counts(methods):
     assert tuned.test.shape == stacked["hot"].test.shape
     with pytest.raises(ValueError, match="same number of seeds"):
         baseline_table({**stacked, "MAP": ms["MAP"]}, yv, yt, n_resamples=5)
+
+
+def _verdict_table(ts_lo: float, hot_ts: tuple, hot_nll_hi: float = 0.1) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = {"MAP": dict(d_ece_map=(0, 0, 0), d_ece_ts=(-0.02, -0.03, -0.01)),
+            "temperature scaling": dict(d_ece_map=(0.02, ts_lo, 0.03), d_ece_ts=(0, 0, 0)),
+            "hot": dict(d_ece_map=(0.03, 0.01, 0.05), d_ece_ts=hot_ts),
+            "cheap hot": dict(d_ece_map=(0.03, 0.01, 0.05), d_ece_ts=hot_ts)}
+    out = []
+    for name, r in rows.items():
+        row = {"method": name, "ece": 0.1, "extra_ms": {"hot": 3.0, "cheap hot": 1.0}.get(name, 0.0),
+               "train_seconds": 0.0, "extra_params": 0, "d_nll_ts": 0.0, "d_nll_ts_lo": -0.1,
+               "d_nll_ts_hi": hot_nll_hi if "hot" in name else 0.1}
+        for col, (e, lo, hi) in r.items():
+            row.update({col: e, f"{col}_lo": lo, f"{col}_hi": hi})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def test_recommend_leads_with_what_the_paired_intervals_support():
+    from lib.baselines.table import recommend
+
+    better = recommend(_verdict_table(0.01, (0.01, 0.002, 0.02)), 0.05)
+    assert better.method == "cheap hot" and better.basis == "beats temperature scaling"
+    assert better.beat_ts == ("cheap hot", "hot") and better.versus_ts.side == "above"
+    # an ECE gain over TS that costs NLL significantly is not preferred
+    nll_worse = recommend(_verdict_table(0.01, (0.01, 0.002, 0.02), hot_nll_hi=-0.01), 0.05)
+    assert nll_worse.method == "temperature scaling" and nll_worse.basis == "temperature scaling"
+    tie = recommend(_verdict_table(0.01, (0.01, -0.002, 0.02)), 0.05)
+    assert tie.method == "temperature scaling" and tie.beat_ts == () and tie.lose_to_ts == ("MAP",)
+    nothing = recommend(_verdict_table(-0.01, (0.01, -0.002, 0.02)), 0.05)
+    assert nothing.method == "MAP" and nothing.basis == "none"

@@ -56,8 +56,13 @@ def test_temperature_scaling_verdict_follows_the_paired_interval():
     tie = recommendation(_front(), _table(ts=(0.002, -0.001, 0.004)), _baseline(), "last 2", alpha=0.05)
     assert "the data cannot tell the two apart: $\\mathrm{ECE}_{\\mathrm{TS}}-\\mathrm{ECE}$ = +0.20 [−0.10, +0.40] pp" in tie
     worse = recommendation(_front(), _table(ts=(-0.005, -0.009, -0.001)), _baseline(), "last 2", alpha=0.05)
-    assert "Temperature scaling, fitted on the validation set, calibrates better at no extra cost" in worse
+    assert worse.startswith("Use temperature scaling, not a Bayesian block: on the test set it calibrates better than "
+                            "**last 2 blocks**")
     assert "$\\mathrm{ECE}_{\\mathrm{TS}}-\\mathrm{ECE}$ = −0.50 [−0.90, −0.10] pp" in worse
+    assert "Make" not in worse and "Bayesian (" not in worse
+    gainless = recommendation(_front(), _table(lower=-0.001, ts=(-0.005, -0.009, -0.001)), _baseline(), "last 2",
+                              alpha=0.05)
+    assert "Temperature scaling, fitted on the validation set, calibrates better at no extra cost" in gainless
 
 
 def test_no_recommendation_when_the_chosen_sets_interval_includes_zero():

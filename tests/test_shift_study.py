@@ -116,7 +116,13 @@ def test_evaluate_shift_tables(tiny):
     assert r1.lower <= r1.upper
 
     g = res.gains
-    assert list(g.columns) == ["severity", "method", "gain", "lower", "upper"] and sorted(g.severity.unique()) == [0, 1, 5]
+    assert list(g.columns) == ["severity", "reference", "method", "gain", "lower", "upper"]
+    assert sorted(g.severity.unique()) == [0, 1, 5]
+    assert set(g[g.reference == "temperature scaling"].method) == {"Laplace, all", "Laplace, single 1"}
+    versus_ts = g[(g.severity == 0) & (g.method == "Laplace, all") & (g.reference == "temperature scaling")].iloc[0]
+    ref = float(delta_ece(clean.ts, clean.probs[[clean.names.index("all")]], clean.labels, cfg.stats.n_bins)[0])
+    assert abs(versus_ts.gain - ref) < 1e-6 and versus_ts.lower <= versus_ts.upper
+    g = g[g.reference == "MAP"]
     assert set(g.method) == {"temperature scaling", "Laplace, all", "Laplace, single 1"}
     row = g[(g.severity == 0) & (g.method == "Laplace, all")].iloc[0]
     ref = float(delta_ece(clean.det, clean.probs[[clean.names.index("all")]], clean.labels, cfg.stats.n_bins)[0])

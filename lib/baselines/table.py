@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lib.calibration import calibration_summary, ece, ece_from_weights, nll, top_label
+from lib.interval import Interval
 from lib.resample import bootstrap_counts
 from lib.stats import pareto_front, percentile_interval
 from lib.temperature import apply_temperature, fit_temperature
@@ -186,3 +187,60 @@ def baseline_table(methods: Mapping[str, MethodPredictions], val_labels: Tensor,
         table[f"pareto_{metric}"] = pareto_front(extra, -torch.tensor(table[metric].to_numpy(), dtype=torch.float64)).numpy()
     table["recommended"] = table.method == table.method[table[f"val_{select_by}"].idxmin()]
     return table
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What the paired intervals of a :func:`baseline_table` support (:func:`recommend`).
+
+    Attributes:
+        method: the recommended row: the cheapest method whose ECE is significantly below
+            temperature scaling's (``basis='beats temperature scaling'``); else temperature scaling
+            when it is significantly below MAP's (``'temperature scaling'``); else MAP (``'none'``).
+        basis: which of the three cases holds.
+        versus_map: ECE_MAP − ECE_method with its paired interval (:class:`lib.interval.Interval`).
+        versus_ts: ECE_TS − ECE_method (zero-width for temperature scaling itself).
+        nll_versus_ts: NLL_TS − NLL_method.
+        extra_ms, train_seconds, extra_params: the method's cost over the MAP model.
+        beat_ts: every row significantly better calibrated than temperature scaling (ECE), cheapest first.
+        lose_to_ts: every row that temperature scaling calibrates significantly better.
+    """
+
+    method: str
+    basis: str
+    versus_map: Interval
+    versus_ts: Interval
+    nll_versus_ts: Interval
+    extra_ms: float
+    train_seconds: float
+    extra_params: int
+    beat_ts: tuple[str, ...]
+    lose_to_ts: tuple[str, ...]
+
+
+def recommend(table: pd.DataFrame, alpha: float, reference: str = "MAP",
+              temperature: str = "temperature scaling") -> Recommendation:
+    """The method a :func:`baseline_table` supports, leading with the paired intervals (see
+    :class:`Recommendation`): a method is preferred to temperature scaling only when its ECE is
+    significantly lower (``d_ece_ts_lo > 0``) and its NLL not significantly higher
+    (``d_nll_ts_hi ≥ 0``); ties in cost (``extra_ms``, then ``train_seconds``) go to the smaller ECE."""
+    t = table.set_index("method")
+    for key in (reference, temperature):
+        if key not in t.index:
+            raise ValueError(f"table has no '{key}' row; pass the output of baseline_table")
+
+    def iv(name: str, col: str) -> Interval:
+        return Interval.from_row(t.loc[name], alpha, estimate=col, lower=f"{col}_lo", upper=f"{col}_hi")
+
+    beat = t[(t.d_ece_ts_lo > 0) & (t.d_nll_ts_hi >= 0)].sort_values(["extra_ms", "train_seconds", "ece"], kind="stable")
+    lose = t[t.d_ece_ts_hi < 0]
+    if len(beat):
+        method, basis = str(beat.index[0]), "beats temperature scaling"
+    elif iv(temperature, "d_ece_map").side == "above":
+        method, basis = temperature, "temperature scaling"
+    else:
+        method, basis = reference, "none"
+    row = t.loc[method]
+    return Recommendation(method, basis, iv(method, "d_ece_map"), iv(method, "d_ece_ts"), iv(method, "d_nll_ts"),
+                          float(row.extra_ms), float(row.train_seconds), int(row.extra_params),
+                          tuple(map(str, beat.index)), tuple(map(str, lose.index)))
