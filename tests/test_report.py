@@ -502,20 +502,6 @@ def test_statistics_summary_names_every_block():
     assert "For block 3 the data cannot tell the sign" in text and "Block 4 makes calibration worse" in text
 
 
-def test_latency_summary_states_whether_the_cost_model_holds():
-    from lib.report import latency_summary
-
-    latency = pd.DataFrame({"posterior": ["deterministic", "single 0", "first 2", "all"],
-                            "blocks": ["", "0", "0 1", "0 1 2"], "n_iters": [50] * 4})
-    none = pd.DataFrame(columns=["subset", "superset", "subset_ms", "subset_q25", "superset_ms", "superset_q75"])
-    ok = latency_summary(latency, none)
-    assert "median over 50 timed batches" in ok and "@fig-latency" in ok
-    assert "agree with the cost model: of the 3 pairs" in ok
-    bad = latency_summary(latency, pd.DataFrame({"subset": ["single 0"], "superset": ["first 2"], "subset_ms": [0.442],
-                                                 "subset_q25": [0.44], "superset_ms": [0.316], "superset_q75": [0.32]}))
-    assert "For 1 of the 3 pairs" in bad and "first 2 blocks, 0.316 ms, against block 0 only, 0.442 ms" in bad
-
-
 def test_temperature_gain_and_profile_note():
     from lib.report import profile_note, temperature_gain
 

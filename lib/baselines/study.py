@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from lib.attribution import block_subsets
+from lib.attribution import block_subsets, choose_set, choose_single
 from lib.baselines.importance import importance_scores, importance_table
 from lib.baselines.result import BaselineResult, baselines_config
 from lib.baselines.run import METHODS, method_predictions
@@ -41,6 +41,7 @@ from lib.data import batches
 from lib.deploy import cached_latency
 from lib.laplace.predictive import iter_subset_probs
 from lib.model import lora_modules
+from lib.names import display_name
 from lib.stages.seed import SeedStudy
 from lib.temperature import apply_temperature
 
@@ -62,6 +63,28 @@ def priced_latency(study: Any) -> pd.DataFrame:
                           n_samples=cfg.predictive.n_samples, seed=first.seed, device=device,
                           n_warmup=cfg.deploy.n_warmup, n_iters=cfg.deploy.n_iters,
                           upstream=[first.run.stage, first.laplace])
+
+
+def chosen_posteriors(study: Any, latency: pd.DataFrame) -> dict[str, str]:
+    """The restricted Laplace posteriors the baselines and shift chapters report, row label → named
+    posterior: all blocks; the validation-chosen set (:func:`lib.attribution.choose_set` over the
+    priced choices of ``latency``, left out when it is all blocks or when none is chosen); the
+    validation-chosen single block (:func:`lib.attribution.choose_single`); one row for both when
+    the chosen set is that block."""
+    att, validation = study.attribution, study.validation
+    priced = latency[latency.posterior != "deterministic"].set_index("posterior")
+    cost = pd.DataFrame({"name": [n for n in priced.index if n in set(att.table.posterior)]})
+    cost["cost"] = priced.loc[cost.name, "extra_ms"].to_numpy(float)
+    choice, best = choose_set(validation, cost), choose_single(validation)
+    single = f"single {best}"
+    out = {"all blocks": "all"}
+    if choice == single:
+        out[f"validation-chosen set and block ({display_name(single)})"] = single
+        return out
+    if choice is not None and choice != "all":
+        out[f"validation-chosen set ({display_name(choice)})"] = choice
+    out[f"validation-chosen block ({display_name(single)})"] = single
+    return out
 
 
 def stored_floats(seed: SeedStudy, blocks: list[int], n_samples: int) -> int:
