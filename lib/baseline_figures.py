@@ -16,8 +16,10 @@ from lib.style import PALETTE, STYLE, WIDTH
 
 SHORT = {"MAP": "MAP", "temperature scaling": "TS", "last-layer Laplace": "LLLA", "MC dropout": "MCD",
          "MC dropout, no dropout at test": "MCD det", "variational LoRA": "VL", "variational LoRA, mean gates": "VL mean",
-         "MAP, fine-tuned further": "MAP+ft"}
-"""Point labels of the methods of :data:`lib.baselines.run.METHODS` and the reference rows."""
+         "MAP, fine-tuned further": "MAP+ft", "rank-wise Gaussian-dropout LoRA": "GDL",
+         "rank-wise Gaussian-dropout LoRA, mean gates": "GDL mean"}
+"""Point labels of the methods of :data:`lib.baselines.run.METHODS` and the reference rows (GDL: the
+variational LoRA under its true name when it pruned nothing, :data:`lib.baselines.study.UNPRUNED`)."""
 
 
 def short_method(name: str) -> str:

@@ -198,6 +198,15 @@ def lora_modules(model: nn.Module) -> list[LoraModule]:
     return sorted(out, key=lambda m: (m.block, m.name))
 
 
+def lora_block_index(model: nn.Module) -> dict[str, int]:
+    """Map every LoRA parameter name (as in ``model.named_parameters()``) to its block index."""
+    ids = {}
+    for m in lora_modules(model):
+        for p in (m.A.weight, m.B.weight):
+            ids[id(p)] = m.block
+    return {name: ids[id(p)] for name, p in model.named_parameters() if id(p) in ids}
+
+
 def n_blocks(model: nn.Module) -> int:
     """Number of transformer blocks."""
     return len(unwrap(model).blocks)

@@ -17,6 +17,7 @@ from lib.model import (
     build_backbone,
     count_parameters,
     data_config,
+    lora_block_index,
     lora_modules,
     n_blocks,
     fused_attention_off,
@@ -88,14 +89,7 @@ def test_only_lora_and_head_require_grad():
     assert counts["total"] == counts["lora"] + counts["head"] + counts["frozen"]
 
 
-def lora_block_index(model):
-    """Every LoRA parameter name (as in ``model.named_parameters()``) → the block that
-    :func:`lib.model.lora_modules` assigns it."""
-    ids = {id(p): m.block for m in lora_modules(model) for p in (m.A.weight, m.B.weight)}
-    return {name: ids[id(p)] for name, p in model.named_parameters() if id(p) in ids}
-
-
-def test_lora_modules_cover_every_lora_parameter_once_with_its_block():
+def test_lora_block_index_covers_every_lora_parameter_once():
     model = _lora_model()
     index = lora_block_index(model)
     lora_names = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]

@@ -24,6 +24,12 @@ def _sources() -> dict[str, str]:
     return out
 
 
+RE_KEYS_EVERY_STAGE = {"lib/model.py: lora_block_index"}
+"""Used by tests only, but kept for now: lib.model is in the closure of the MAP training stage
+(tests/test_stages.py), so deleting it re-keys every stage of every profile; it goes with the next
+change that re-keys the MAP training anyway."""
+
+
 def test_every_public_function_and_class_of_lib_is_used_outside_tests():
     sources = _sources()
     unused = []
@@ -36,4 +42,6 @@ def test_every_public_function_and_class_of_lib_is_used_outside_tests():
                 elsewhere = any(word.search(t) for p, t in sources.items() if p != path)
                 if not elsewhere and len(word.findall(text)) < 2:
                     unused.append(f"{path}: {node.name}")
-    assert unused == [], "used by no chapter, benchmark or lib code: make it a test helper or delete it"
+    assert sorted(set(unused) - RE_KEYS_EVERY_STAGE) == [], \
+        "used by no chapter, benchmark or lib code: make it a test helper or delete it"
+    assert RE_KEYS_EVERY_STAGE <= set(unused), "an exempted name is used now: drop it from RE_KEYS_EVERY_STAGE"

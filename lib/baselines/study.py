@@ -45,6 +45,11 @@ from lib.names import display_name
 from lib.stages.seed import SeedStudy
 from lib.temperature import apply_temperature
 
+VARIATIONAL = "variational LoRA"
+"""The name of the variational LoRA's method and rows (:data:`lib.baselines.run.METHODS`)."""
+UNPRUNED = "rank-wise Gaussian-dropout LoRA"
+"""The true name of the variational LoRA's rows when its pruning removed no rank on any seed: then it
+is BayesLoRA's rank-wise variational dropout without the pruning that its name promises."""
 MAP, TS = "MAP", "temperature scaling"
 """The two reference rows of the table."""
 LAPLACE = "Laplace, "
@@ -118,7 +123,8 @@ class BaselineStudy:
 
     Attributes:
         table: :func:`lib.baselines.table.baseline_table` over the seeds (rows: MAP, temperature
-            scaling, the Laplace rows, every baseline row and its ``+ TS`` row).
+            scaling, the Laplace rows, every baseline row and its ``+ TS`` row; the variational
+            LoRA's rows are named :data:`UNPRUNED` when it pruned no rank on any seed).
         results: per seed (``cfg.seeds`` order), the :class:`~lib.baselines.result.BaselineResult`
             of every method of :data:`lib.baselines.run.METHODS`.
         training: one row per method: ``method``, ``training`` (how it was trained), ``epochs``,
@@ -159,6 +165,8 @@ def baseline_study(study: Any, posteriors: Mapping[str, str], latency: pd.DataFr
     done: dict[int, list[BaselineResult]] = {}
     for s, name in tqdm(jobs, desc="baselines (seed, method)", disable=None):
         done.setdefault(s, []).append(METHODS[name](cfg, study.seed(s).run, device))
+    ranks = _ranks(done, cfg.seeds)
+    honest = {} if (ranks.ranks_before > ranks.ranks_after).any() else {VARIATIONAL: UNPRUNED}
     val_y = test_y = None
     for s in cfg.seeds:
         seed: SeedStudy = study.seed(s)
@@ -182,7 +190,7 @@ def baseline_study(study: Any, posteriors: Mapping[str, str], latency: pd.DataFr
                 v, named["probs"][k], float(row.ms_per_image), None if pd.isna(row.peak_mib) else float(row.peak_mib),
                 train_seconds=fit_seconds, extra_params=stored_floats(seed, blocks, cfg.predictive.n_samples),
                 tuning="κ_S on validation NLL" if cfg.predictive.scale != "none" else "none")
-        trained = method_predictions(done[s])
+        trained = {_renamed(k, honest): v for k, v in method_predictions(done[s]).items()}
         rows.update(with_temperature(trained, val_y))
         per_seed.append(rows)
         results.append(done[s])
@@ -191,19 +199,26 @@ def baseline_study(study: Any, posteriors: Mapping[str, str], latency: pd.DataFr
                for name in per_seed[0]}
     table = baseline_table(methods, val_y, test_y, n_bins=cfg.stats.n_bins, n_resamples=cfg.stats.n_boot,
                            seed=cfg.seeds[0], alpha=cfg.stats.alpha)
-    return BaselineStudy(table, results, _training(results, per_seed[0]), *_variational(results, cfg.seeds),
+    return BaselineStudy(table, results, _training(results, honest), _pruning(results, cfg.seeds), ranks,
                          _ensemble(results, cfg.seeds))
+
+
+def _renamed(name: str, honest: Mapping[str, str]) -> str:
+    for old, new in honest.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
 def _mean_or_none(vals: list[float | None]) -> float | None:
     return None if any(v is None for v in vals) else sum(vals) / len(vals)
 
 
-def _training(results: list[list[BaselineResult]], rows: Mapping[str, MethodPredictions]) -> pd.DataFrame:
+def _training(results: list[list[BaselineResult]], honest: Mapping[str, str]) -> pd.DataFrame:
     out = []
     for res in results[0]:
         t = res.cost["training"]
-        for name in res.rows:
+        for name in map(lambda n: _renamed(n, honest), res.rows):
             secs = [r.cost["train_seconds"] for seed in results for r in seed if r.method == res.method]
             out.append({"method": name, "training": t["kind"], "epochs": t.get("epochs"), "lr": t.get("lr"),
                         "l2": t.get("l2"), "augment": t.get("augment"), "train_seconds": sum(secs) / len(secs),
@@ -211,15 +226,22 @@ def _training(results: list[list[BaselineResult]], rows: Mapping[str, MethodPred
     return pd.DataFrame(out)
 
 
-def _variational(results: list[list[BaselineResult]], seeds) -> tuple[pd.DataFrame, pd.DataFrame]:
-    logs, ranks = [], []
+def _pruning(results: list[list[BaselineResult]], seeds) -> pd.DataFrame:
+    logs = []
     for s, seed in zip(seeds, results):
-        res = next(r for r in seed if r.method == "variational LoRA")
+        res = next(r for r in seed if r.method == VARIATIONAL)
         log = json.loads(res.stage.file("prune_log.json").read_text())
         if log:
             logs.append(pruning_table(log).assign(seed=s))
-        ranks.append({"seed": s, "ranks_before": res.cost["ranks_before"], "ranks_after": res.cost["ranks"]})
-    return (pd.concat(logs, ignore_index=True) if logs else pd.DataFrame()), pd.DataFrame(ranks)
+    return pd.concat(logs, ignore_index=True) if logs else pd.DataFrame()
+
+
+def _ranks(done: Mapping[int, list[BaselineResult]], seeds) -> pd.DataFrame:
+    rows = []
+    for s in seeds:
+        res = next(r for r in done[s] if r.method == VARIATIONAL)
+        rows.append({"seed": s, "ranks_before": res.cost["ranks_before"], "ranks_after": res.cost["ranks"]})
+    return pd.DataFrame(rows)
 
 
 def _ensemble(results: list[list[BaselineResult]], seeds) -> pd.DataFrame:
