@@ -21,6 +21,12 @@ Targets: sweep >= 20x faster, K-FAC fit >= 3x faster than laplace-torch.
     python benchmarks/bench_laplace.py --device cuda --model vit_base_patch16_224 --img 224 \\
         --classes 100 --r 16 --out bench.json
     python benchmarks/bench_laplace.py --tiny --out bench_tiny.json
+    python benchmarks/bench_laplace.py --profile cifar10-cpu --out benchmarks/bench_laplace_cifar10-cpu.json
+
+``--profile P``: the profile's model (its shipped or pre-trained backbone, checked by sha256), LoRA
+rank and classes, and its real images: the K-FAC fit on training images, the sweep on test images
+(preprocessed as in the study). The adapters are not trained (B drawn at 0.02 scale as above): the
+benchmark measures compute, not calibration.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from pathlib import Path
 
 import torch
 
-from lib.config import LoraConfig, ModelConfig
+from lib.config import Config, LoraConfig, ModelConfig, load_params, params_path
+from lib.data import Preprocess, splits_for
 from lib.laplace.predictive import perturbation_bank, standard_subsets, subset_probs
-from lib.model import add_lora, build_backbone, lora_modules, n_blocks, set_fused_attention
+from lib.model import add_lora, build_backbone, data_config, lora_modules, n_blocks, set_fused_attention
 
 SIZES = {
     "tiny": dict(model="vit_tiny_patch16_224", img=16, classes=10, r=2, n_test=256, batch_size=32, fit_n=64,
@@ -51,6 +58,7 @@ SIZES = {
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="12-block width-32 ViT on 16 px images, CPU-sized defaults")
+    p.add_argument("--profile", help="take model, LoRA rank, classes and images from params/<profile>.yml (CPU-sized defaults)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", help="timm name (default vit_base_patch16_224)")
     p.add_argument("--img", type=int, help="image size (default 224)")
@@ -78,10 +86,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each fit; the median is reported")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    for k, v in SIZES["tiny" if args.tiny else "full"].items():
+    args.cfg = None
+    if args.profile is not None:
+        if args.tiny:
+            p.error("--profile and --tiny are exclusive")
+        args.cfg = Config.from_dict(load_params(params_path(args.profile)), source=f"params/{args.profile}.yml")
+        args.model, args.classes, args.r = args.cfg.model.name, args.cfg.data.num_classes, args.cfg.lora.r
+        args.img = args.cfg.model.kwargs.get("img_size", 224)
+    for k, v in SIZES["tiny" if args.tiny or args.profile else "full"].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    args.kwargs = {**args.kwargs, "img_size": args.img}
+    args.kwargs = dict(args.cfg.model.kwargs) if args.cfg else {**args.kwargs, "img_size": args.img}
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 
@@ -111,11 +126,9 @@ def timed(device: torch.device, record: dict, key: str, repeat: bool = False):
 
 
 def make_model(args, device):
-    model = add_lora(
-        build_backbone(ModelConfig(name=args.model, kwargs=args.kwargs), args.classes, seed=args.seed, device="cpu"),
-        LoraConfig(r=args.r, alpha=2.0 * args.r),
-        seed=args.seed,
-    )
+    model_cfg = args.cfg.model if args.cfg else ModelConfig(name=args.model, kwargs=args.kwargs)
+    lora_cfg = args.cfg.lora if args.cfg else LoraConfig(r=args.r, alpha=2.0 * args.r)
+    model = add_lora(build_backbone(model_cfg, args.classes, seed=args.seed, device="cpu"), lora_cfg, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     with torch.no_grad():
         for m in lora_modules(model):
@@ -123,7 +136,15 @@ def make_model(args, device):
     return model.to(device).eval()
 
 
-def synthetic(n, args, seed, device):
+def synthetic(n, args, seed, device, split="train"):
+    """``n`` (image, label) pairs: random normal images drawn from ``seed``, or with ``--profile`` the
+    first ``n`` images of the profile's ``split`` (train: the fits, test: the sweep), preprocessed as in the study."""
+    if args.cfg is not None:
+        part = getattr(splits_for(args.cfg), split)
+        if n > len(part):
+            raise ValueError(f"{n} images asked of the {split} split ({len(part)}) of profile '{args.profile}'; "
+                             "lower --n-test or --fit-n")
+        return args.preprocess(part.x[:n]).to(device), part.y[:n].to(device)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, args.img, args.img, generator=gen)
     y = torch.randint(0, args.classes, (n,), generator=gen)
@@ -237,7 +258,7 @@ def bench_sweep(model, args, device, res):
         fit_kron(model, peer_fit, device=device, kfac="expand", fisher="exact", progress=False),
         prior_precision=args.prior_precision,
     )
-    test_x, test_y = synthetic(args.n_test, args, args.seed + 30, device)
+    test_x, test_y = synthetic(args.n_test, args, args.seed + 30, device, split="test")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     kw = dict(n_samples=args.n_samples, seed=args.seed, device=device, dtype=dtype, k_chunk=args.k_chunk,
               store_device=device)
@@ -384,7 +405,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = make_model(args, device)
-    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    args.preprocess = Preprocess.from_data_config(data_config(model))
+    res = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("cfg", "preprocess")},
            "torch": torch.__version__, "platform": platform.platform(),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
            "n_blocks": n_blocks(model), "n_lora_params": sum(w.numel() for m in lora_modules(model) for w in (m.A.weight, m.B.weight))}

@@ -47,6 +47,25 @@ def test_bench_laplace_sweep_agrees(tmp_path):
     assert "sweep speed-up vs laplace-torch" in stdout
 
 
+def test_bench_laplace_profile_takes_the_profiles_model_and_images(tmp_path):
+    """``--profile smoke``: the smoke ViT (4 blocks, width 64, r 4, 5 classes) on the smoke profile's
+    images; the fit factors still equal laplace-torch's."""
+    res, _ = _run("bench_laplace.py", "--profile", "smoke", "--parts", "fit", "--repeats", "1", "--fit-n", "16",
+                  "--fit-batch-size", "8", out=tmp_path / "profile.json")
+    assert res["n_blocks"] == 4 and res["args"]["classes"] == 5 and res["args"]["r"] == 4
+    assert res["n_lora_params"] == 4 * 4 * (3 * 64 + 64 + 64 + 64 + 64 + 256 + 256 + 64)
+    diffs = [v for k, v in res.items() if k.endswith("_factor_max_rel_diff")]
+    assert diffs and all(v <= RTOL_CURVATURE for v in diffs)
+
+
+def test_bench_laplace_profile_rejects_more_images_than_the_split(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_laplace.py", "--profile", "smoke", "--parts", "fit",
+                           "--fit-n", "100000", "--out", str(tmp_path / "x.json")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "lower --n-test or --fit-n" in proc.stderr
+
+
 def test_bench_train_runs_and_gives_no_reference_ratio_off_setting(tmp_path):
     res, stdout = _run("bench_train.py", "--model", "vit_tiny_patch16_224", "--img", "32", "--classes", "10",
                        "--r", "2", "--batch", "4", "--iters", "1", out=tmp_path / "train.json")
