@@ -536,7 +536,9 @@ def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFr
     (:func:`lib.attribution.attribution`: ΔECE and ECE_TS − ECE, both including the choice of κ_S).
 
     ``front``: :func:`lib.figures.prepare_pareto` output (``name``, ``cost``); ``baseline``:
-    :func:`baseline_table` output with the deterministic row and the chosen set's row.
+    :func:`baseline_table` output with the deterministic row and the chosen set's row. It leads with
+    what the paired intervals support: when temperature scaling calibrates significantly better than
+    the chosen set, it recommends temperature scaling and not the Bayesian set.
     """
     b = baseline.set_index("method")
     det = b.loc["deterministic (MAP)"]
@@ -551,6 +553,12 @@ def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFr
     full_cost = float(front.set_index("name").loc["all", "cost"])
     d_acc = (b.loc[f"Laplace, {display_name(choice)}", "accuracy (%)"] - det["accuracy (%)"]) / PP
     rule = f"the cheapest priced choice with at least {100 * SET_SHARE:.0f}% of the all-block validation gain"
+    if pick.lower > 0 and pick.ts_upper < 0:
+        return (f"Use temperature scaling, not a Bayesian block: on the test set it calibrates better than "
+                f"**{display_name(choice)}** (chosen on the validation images as {rule}), "
+                f"{TS_DIFF} = {ci(pick.ts_delta, pick.ts_lower, pick.ts_upper)} pp ({level(alpha)} paired interval), "
+                f"at no extra cost and without changing accuracy, whereas the Bayesian set costs {cost:.3g} ms extra per "
+                f"image for its ΔECE of {ci(pick.delta, pick.lower, pick.upper)} pp over the MAP model.")
     if pick.lower <= 0:
         text = (f"Chosen on the validation images as {rule}, **{display_name(choice)}** has on the test set ΔECE = "
                 f"{ci(pick.delta, pick.lower, pick.upper)} pp: its interval includes zero, so no choice of Bayesian "
@@ -799,6 +807,77 @@ def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.
     return pd.DataFrame(rows)
 
 
+def _with_interval(est: float, lo: float, hi: float, digits: int, scale: float = 1.0) -> str:
+    """``+1.23 [+0.80, +1.70]`` of ``scale × (est, lo, hi)`` with ``digits`` decimals."""
+    return f"{signed(scale * est, digits)} [{signed(scale * lo, digits)}, {signed(scale * hi, digits)}]"
+
+
+def display_baselines(table: pd.DataFrame) -> pd.DataFrame:
+    """The metrics and costs of :func:`lib.baselines.table.baseline_table` for reading, one row per
+    method (index ``Method``): accuracy and ECE in %, NLL and Brier, extra latency per image over
+    MAP, extra training (s), floats stored beyond the MAP model and the peak extra memory (MiB, –
+    where not measured, e.g. on the CPU)."""
+    out = pd.DataFrame({
+        "Method": table.method,
+        "accuracy (%)": (PP * table.accuracy).map(lambda v: format_number(v, "percent")),
+        "ECE (%)": (PP * table.ece).map(lambda v: format_number(v, "percent")),
+        "NLL": table.nll.map(lambda v: format_number(v, "metric")),
+        "Brier": table.brier.map(lambda v: format_number(v, "metric")),
+        "extra ms / image": table.extra_ms.map(lambda v: f"{v:.3g}".replace("-", "−")),
+        "extra training (s)": table.train_seconds.map(lambda v: format_number(v, "seconds")),
+        "extra floats": table.extra_params.map(lambda v: format_number(v, "count")),
+        "peak MiB": table.peak_mib.map(lambda v: format_number(v, "seconds")),
+    })
+    return out.set_index("Method")
+
+
+def display_paired(table: pd.DataFrame) -> pd.DataFrame:
+    """The paired differences of :func:`lib.baselines.table.baseline_table` for reading (index
+    ``Method``): ΔECE (pp) and ΔNLL against MAP and against temperature scaling, each with its
+    interval (positive: the method is better)."""
+    cols = {"ΔECE vs MAP (pp)": ("d_ece_map", 2, PP), "ΔECE vs TS (pp)": ("d_ece_ts", 2, PP),
+            "ΔNLL vs MAP": ("d_nll_map", 4, 1.0), "ΔNLL vs TS": ("d_nll_ts", 4, 1.0)}
+    out = {"Method": table.method}
+    for title, (c, digits, scale) in cols.items():
+        out[title] = [_with_interval(r[c], r[f"{c}_lo"], r[f"{c}_hi"], digits, scale) for _, r in table.iterrows()]
+    return pd.DataFrame(out).set_index("Method")
+
+
+def display_importance(blocks: pd.DataFrame, tau: pd.DataFrame) -> pd.DataFrame:
+    """Per block ΔECE(ℓ) (pp) and each importance score (3 significant digits), then one row per
+    score with Kendall's τ-b and its interval: two tables' worth in one (index ``Block``)."""
+    scores = [c for c in blocks.columns if c not in ("block", "delta")]
+    out = pd.DataFrame({"Block": blocks.block.map(str), "ΔECE(ℓ) (pp)": (PP * blocks.delta).map(lambda v: signed(v, 2)),
+                        **{s: blocks[s].map(lambda v: f"{v:.3g}") for s in scores}})
+    taus = {s: _with_interval(r.kendall_tau, r.lower, r.upper, 2) for s, r in tau.set_index("score").iterrows()}
+    out.loc[len(out)] = ["Kendall τ-b with ΔECE(ℓ)", "", *[taus[s] for s in scores]]
+    return out.set_index("Block")
+
+
+def display_shift_gains(gains: pd.DataFrame) -> pd.DataFrame:
+    """:attr:`lib.shift_study.ShiftResults.gains` for reading: one row per method and reference,
+    one column per severity (0: clean), each the ECE gain in pp with its interval."""
+    g = gains.assign(cell=[_with_interval(r.gain, r.lower, r.upper, 2, PP) for r in gains.itertuples()],
+                     severity=gains.severity.map(lambda v: "clean" if v == 0 else f"severity {v}"))
+    wide = g.pivot_table(index=["method", "reference"], columns="severity", values="cell", aggfunc="first", sort=False)
+    wide = wide.reset_index().rename(columns={"method": "Method", "reference": "gain over"})
+    wide.columns.name = None
+    return wide.set_index("Method")
+
+
+def display_ood(ood: pd.DataFrame, score: str = "entropy") -> pd.DataFrame:
+    """:attr:`lib.shift_study.ShiftResults.ood` for reading, means over seeds: one row per method, per
+    OOD set the AUROC (%) with its interval (the seeds' mean bounds) and the AUPR (%), for ``score``."""
+    t = ood[ood.score == score].groupby(["method", "ood_set"], sort=False)[
+        ["auroc", "auroc_lower", "auroc_upper", "aupr"]].mean().reset_index()
+    rows = {}
+    for r in t.itertuples():
+        row = rows.setdefault(r.method, {"Method": r.method})
+        row[f"{r.ood_set}: AUROC (%)"] = f"{PP * r.auroc:.1f} [{PP * r.auroc_lower:.1f}, {PP * r.auroc_upper:.1f}]"
+        row[f"{r.ood_set}: AUPR (%)"] = f"{PP * r.aupr:.1f}"
+    return pd.DataFrame(list(rows.values())).set_index("Method")
+
+
 def laplace_fit_table(stages: list, seeds: list[int]) -> pd.DataFrame:
     """Laplace fit per seed (from each ``laplace`` stage's ``info.json``): images, time, evidence, device."""
     rows = []
@@ -808,30 +887,6 @@ def laplace_fit_table(stages: list, seeds: list[int]) -> pd.DataFrame:
                      "fit_images_per_s": info["fit_images_per_s"], "prior_init": info["prior_init"],
                      "log_marginal_likelihood": info["log_marginal_likelihood"], "device": info["environment"]["device"]})
     return pd.DataFrame(rows)
-
-
-def latency_summary(latency: pd.DataFrame, violations: pd.DataFrame) -> str:
-    """How the latencies were measured and whether they agree with the cost model, in words.
-
-    ``latency``: :func:`lib.deploy.latency_table`; ``violations``: its
-    :func:`lib.deploy.cost_model_violations` (pairs where a superset of Bayesian blocks is cheaper
-    than its subset by more than the inter-quartile ranges)."""
-    n = int(latency.n_iters.iloc[0]) if "n_iters" in latency.columns else None
-    rows = latency[latency.posterior != "deterministic"]
-    sets = [frozenset(str(b).split()) for b in rows.blocks]
-    pairs = sum(a < b for a in sets for b in sets)
-    text = ("Each latency is the median over "
-            + (f"{n} timed batches" if n else "the timed batches")
-            + " after warm-up, with the inter-quartile range as its noise (bars in @fig-latency). ")
-    if violations.empty:
-        return text + (f"The measurements agree with the cost model: of the {pairs} pairs of priced choices in which one "
-                       "set of Bayesian blocks contains the other, no larger set is cheaper beyond that noise.")
-    worst = violations.assign(gap=violations.subset_ms - violations.superset_ms).sort_values("gap").iloc[-1]
-    return text + (f"For {len(violations)} of the {pairs} pairs of priced choices in which one set of Bayesian blocks "
-                   f"contains the other, the larger set is measured cheaper beyond that noise, against the cost model "
-                   f"(most: {display_name(worst.superset)}, {worst.superset_ms:.3g} ms, against "
-                   f"{display_name(worst.subset)}, {worst.subset_ms:.3g} ms per image); latency differences of that "
-                   "size are not resolved by these measurements, and conclusions that rest on them are not supported.")
 
 
 def temperature_gain(baseline: pd.DataFrame) -> float:

@@ -13,7 +13,7 @@ The layers, lowest first (a module may import modules of its own layer or of low
 7. stage modules and analyses (lib.stages.*, attribution, shift, shift study, the shipped backbone,
    the baseline methods and their run; the answer's findings and the study's scale)
 8. study (lib.study)
-9. figures (drawing only: lib.figures, lib.shift_figures)
+9. figures (drawing only: lib.figures, lib.shift_figures, lib.baseline_figures)
 10. report (tables, numbers and text)
 11. runner and renderer
 """
@@ -38,9 +38,9 @@ LAYERS: list[set[str]] = [
      "lib.stages.attribution", "lib.attribution", "lib.shift", "lib.shift_study", "lib.backbone",
      "lib.baselines.result", "lib.baselines.finetune", "lib.baselines.ensemble", "lib.baselines.importance",
      "lib.baselines.last_layer", "lib.baselines.mc_dropout", "lib.baselines.variational", "lib.baselines.run",
-     "lib.answer", "lib.study_scale"},
+     "lib.baselines.study", "lib.answer", "lib.study_scale"},
     {"lib.study"},
-    {"lib.figures", "lib.shift_figures"},
+    {"lib.figures", "lib.shift_figures", "lib.baseline_figures"},
     {"lib.report"},
     {"lib.runner", "lib.render", "lib.render.book", "lib.render.convert", "lib.render.html", "lib.render.pandoc",
      "lib.render.pdf", "lib.render.tables", "lib.render.build"},
