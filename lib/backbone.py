@@ -88,6 +88,33 @@ class BackboneRecord:
     history: list[dict]
     sidecar: dict[str, Any] | None
 
+    def __post_init__(self) -> None:
+        if not self.history:
+            raise ValueError("BackboneRecord history is empty: the backbone's pre-training has no epoch; retrain it")
+        if self.shipped and self.sidecar is None:
+            raise ValueError("BackboneRecord: a shipped backbone needs its sidecar record")
+
+    @property
+    def epochs(self) -> int:
+        """Pre-training epochs."""
+        return len(self.history)
+
+    @property
+    def images(self) -> int:
+        """Images of one pre-training epoch (its throughput × its time, rounded)."""
+        first = self.history[0]
+        return round(first["images_per_s"] * first["seconds"])
+
+    @property
+    def val_accuracy(self) -> float:
+        """Validation accuracy (a fraction) on the pre-training classes after the last epoch."""
+        return float(self.history[-1]["val_acc"])
+
+    @property
+    def seconds(self) -> float:
+        """Training time of all epochs (validation passes left out), in s."""
+        return float(sum(h["seconds"] for h in self.history))
+
 
 def backbone_record(cfg: Config, device: torch.device) -> BackboneRecord | None:
     """The pre-training of the profile's backbone (None for profiles that do not pre-train one)."""

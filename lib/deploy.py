@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
+from lib.artifacts import Stage, cached
 from lib.laplace.predictive import (CLASS_CHUNK, BlockPosterior, block_tangents, load_forward_ad, reverse_delta, reverse_mode,
                                    reverse_samples, uses_reverse_mode)
 from lib.model import fused_attention_off, vit_parts
@@ -215,3 +216,23 @@ def cost_model_violations(latency: pd.DataFrame) -> pd.DataFrame:
                             "superset_ms": by.loc[b, "ms_per_image"], "superset_q75": by.loc[b, "ms_q75"]})
     cols = ["subset", "superset", "subset_ms", "subset_q25", "superset_ms", "superset_q75"]
     return pd.DataFrame(out, columns=cols)
+
+
+def cached_latency(model: nn.Module, posterior: BlockPosterior, x: Tensor, subsets: dict[str, list[int]], *,
+                   n_samples: int, seed: int, device: torch.device, n_warmup: int, n_iters: int,
+                   upstream: list[Stage]) -> pd.DataFrame:
+    """:func:`latency_table` measured once and kept as the cached stage ``latency`` (file
+    ``latency.csv``), so that every chapter that prices block choices reads the same measurement.
+    Keyed by the subsets, the batch size, K, the seed, the timing settings and the device's name;
+    ``upstream``: the stages of ``model`` and ``posterior`` (MAP and Laplace)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    def compute(st: Stage) -> None:
+        latency_table(model, posterior, x, subsets, n_samples=n_samples, seed=seed, device=device,
+                      n_warmup=n_warmup, n_iters=n_iters).to_csv(st.file("latency.csv"), index=False)
+
+    inputs = {"subsets": {k: sorted(v) for k, v in subsets.items()}, "batch": len(x), "n_samples": n_samples,
+              "seed": seed, "n_warmup": n_warmup, "n_iters": n_iters, "device": name}
+    st = cached("latency", inputs, code=__name__, compute=compute, upstream=upstream)
+    return pd.read_csv(st.file("latency.csv"), dtype={"posterior": str, "blocks": str, "mode": str},
+                       keep_default_na=False, na_values={"peak_mib": [""]})

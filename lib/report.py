@@ -1,54 +1,31 @@
-"""Result tables of the book and the sentences that state them, generated from the numbers.
+"""Result tables of the book and the number formatting the chapters state them with.
 
-Chapters call these so that every number in the prose comes from the run that produced the
+Chapters call these so that every number in the book comes from the run that produced the
 figures; nothing is typed by hand. ΔECE and its intervals are shown in percentage points (pp).
+The chapters write their own sentences over the findings of lib (:mod:`lib.answer`,
+:mod:`lib.fit_findings`, :mod:`lib.study_scale`); the tables are stored by :mod:`lib.results`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-from lib.attribution import SET_SHARE, choose_set, choose_single
+from lib.answer import MATERIAL
+from lib.attribution import SET_SHARE
+from lib.backbone import BackboneRecord
 from lib.calibration import calibration_summary
 from lib.config import Config
+from lib.interval import Interval
 from lib.model import count_parameters, data_config, n_blocks
 from lib.names import display_name
-from lib.paths import FREEZE
 from lib.pipeline import MapRun
+from lib.results import load_table, results_dir, save_table  # noqa: F401  (chapters 04-06 still import them from here)
+from lib.study_scale import model_scale
 
 PP = 100.0
-
-
-def results_dir(profile: str) -> Path:
-    """``_freeze/<profile>/results/``: the CSV tables the chapters save next to their outputs.
-
-    ``$LLA_RESULTS/<profile>/`` instead when that variable is set: ``make test`` re-executes the
-    frozen notebooks with it pointing at a temporary folder, so tests never rewrite frozen tables.
-    """
-    env = os.environ.get("LLA_RESULTS")
-    path = Path(env) / profile if env else FREEZE / profile / "results"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def save_table(df: pd.DataFrame, profile: str, name: str) -> Path:
-    """Write ``df`` to ``_freeze/<profile>/results/<name>.csv`` and return the path."""
-    path = results_dir(profile) / f"{name}.csv"
-    df.to_csv(path, index=False)
-    return path
-
-
-def load_table(profile: str, name: str) -> pd.DataFrame:
-    """Read a table saved by :func:`save_table`; a missing table names the chapter to run."""
-    path = results_dir(profile) / f"{name}.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run the chapter that saves it: make run PROFILE={profile}")
-    return pd.read_csv(path)
 
 
 def signed(x: float, digits: int) -> str:
@@ -64,6 +41,29 @@ def pp(x: float) -> str:
 def ci(delta: float, lower: float, upper: float) -> str:
     """``+1.23 [+0.80, +1.70]`` (pp)."""
     return f"{pp(delta)} [{pp(lower)}, {pp(upper)}]"
+
+
+def pp_interval(iv: Interval) -> str:
+    """An :class:`lib.interval.Interval` of a fraction as ``+1.23 [+0.80, +1.70]`` (pp)."""
+    return ci(iv.estimate, iv.lower, iv.upper)
+
+
+def words(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    items = list(items)
+    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1] if items else ""
+
+
+def blocks_text(blocks) -> str:
+    """Block numbers for prose: ``no block``, ``block 3``, ``blocks 1 and 4``, ``blocks 0–3`` (a run of three or more)."""
+    blocks = sorted(int(b) for b in blocks)
+    if not blocks:
+        return "no block"
+    if len(blocks) == 1:
+        return f"block {blocks[0]}"
+    if len(blocks) > 2 and blocks == list(range(blocks[0], blocks[-1] + 1)):
+        return f"blocks {blocks[0]}–{blocks[-1]}"
+    return "blocks " + words(list(map(str, blocks)))
 
 
 def level(alpha: float) -> str:
@@ -117,9 +117,13 @@ def format_number(x: float, quantity: str) -> str:
     return text.replace("-", "−")
 
 
-def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
-    """Data, model, LoRA and training settings of the profile as a two-column table."""
+def setup_table(cfg: Config, run: MapRun, backbone: BackboneRecord | None = None) -> pd.DataFrame:
+    """Data, model, LoRA and training settings of the profile as a two-column table, with the
+    scale of the study (:func:`lib.study_scale.model_scale`): transformer blocks, backbone parameters
+    (head left out) and, from the backbone's record ``backbone`` (:attr:`lib.study.Study.backbone`),
+    its pre-training images."""
     s, d = run.splits, data_config(run.model)
+    scale = model_scale(cfg, backbone)
     counts = count_parameters(run.model)
     data = cfg.data
     rows = [
@@ -131,9 +135,10 @@ def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
         ("Backbone weights", "pre-trained by this project (see below)" if cfg.pretrain
          else ("timm pretrained" if cfg.model.pretrained else "random initialisation (frozen)")),
         ("Input", f"{d['input_size'][1]}×{d['input_size'][2]} px, mean {d['mean']}, std {d['std']}"),
-        ("Transformer blocks", str(n_blocks(run.model))),
+        ("Transformer blocks", f"{n_blocks(run.model)} ({scale.tokens} tokens per image)"),
+        ("Backbone parameters", f"{scale.parameters:,} (frozen; head left out)"),
         ("LoRA", f"r = {cfg.lora.r}, α = {cfg.lora.alpha:g} on {', '.join(cfg.lora.targets)} of every block"),
-        ("Trainable parameters", f"{counts['lora']:,} LoRA + {counts['head']:,} head (frozen: {counts['frozen']:,})"),
+        ("Trainable parameters", f"{counts['lora']:,} LoRA + {counts['head']:,} head"),
         ("Fine-tuning", f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, Adam lr {cfg.train.lr:g}, cosine, "
                         f"L2 λ = {cfg.train.weight_decay:g}"),
         ("Prior precision implied by λ (δ = λN)", f"{cfg.train.weight_decay * len(s.train):g}"),
@@ -152,6 +157,9 @@ def setup_table(cfg: Config, run: MapRun) -> pd.DataFrame:
         p = cfg.pretrain
         rows.insert(5, ("Backbone pre-training", f"classes {list(p.classes)}, {p.epochs} epochs, batch {p.batch_size}, "
                                                   f"AdamW lr {p.lr:g}, wd {p.weight_decay:g}, label smoothing {p.label_smoothing:g}"))
+    if backbone is not None:
+        rows.insert(6, ("Pre-training images", f"{scale.pretrain_images:,} per epoch, {scale.pretrain_epochs} epochs; validation "
+                                               f"accuracy {PP * backbone.val_accuracy:.1f}% on the pre-training classes"))
     return pd.DataFrame(rows, columns=["Setting", "Value"])
 
 
@@ -285,13 +293,6 @@ def book_table(df: pd.DataFrame) -> pd.DataFrame:
     if df.index.name is None:
         return df
     return df.rename_axis(index=None, columns=df.index.name)
-
-
-def agreement_notes(table: pd.DataFrame) -> str:
-    """The ``note`` column of :func:`lib.laplace.reference.agreement_table` as a Markdown list, one
-    item per check (what it is compared with and where its tolerance comes from), so that the
-    table itself can show the numbers only."""
-    return "\n".join(f"- **{r.check}**: {r.note}." for r in table.itertuples())
 
 
 def _blocks_text(blocks: list[int]) -> str:
@@ -465,11 +466,6 @@ SCALE_WORDS = {"own κ_S": f"each subset's own {KAPPA_S}", "shared κ_all": f"th
 """The scalings of :data:`lib.attribution.SCALES` in prose."""
 
 
-MATERIAL = 0.5
-"""An extra error (Monte Carlo, κ_S selection) is called material when its standard deviation
-exceeds this fraction of the intervals' one: added in variance it widens them by more than ~12%."""
-
-
 def _widening(ratio: float) -> float:
     """Relative widening ``√(1 + ratio²) − 1`` of an interval when an independent error with
     ``ratio`` times its standard deviation is added in variance."""
@@ -540,7 +536,9 @@ def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFr
     (:func:`lib.attribution.attribution`: ΔECE and ECE_TS − ECE, both including the choice of κ_S).
 
     ``front``: :func:`lib.figures.prepare_pareto` output (``name``, ``cost``); ``baseline``:
-    :func:`baseline_table` output with the deterministic row and the chosen set's row.
+    :func:`baseline_table` output with the deterministic row and the chosen set's row. It leads with
+    what the paired intervals support: when temperature scaling calibrates significantly better than
+    the chosen set, it recommends temperature scaling and not the Bayesian set.
     """
     b = baseline.set_index("method")
     det = b.loc["deterministic (MAP)"]
@@ -555,6 +553,12 @@ def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFr
     full_cost = float(front.set_index("name").loc["all", "cost"])
     d_acc = (b.loc[f"Laplace, {display_name(choice)}", "accuracy (%)"] - det["accuracy (%)"]) / PP
     rule = f"the cheapest priced choice with at least {100 * SET_SHARE:.0f}% of the all-block validation gain"
+    if pick.lower > 0 and pick.ts_upper < 0:
+        return (f"Use temperature scaling, not a Bayesian block: on the test set it calibrates better than "
+                f"**{display_name(choice)}** (chosen on the validation images as {rule}), "
+                f"{TS_DIFF} = {ci(pick.ts_delta, pick.ts_lower, pick.ts_upper)} pp ({level(alpha)} paired interval), "
+                f"at no extra cost and without changing accuracy, whereas the Bayesian set costs {cost:.3g} ms extra per "
+                f"image for its ΔECE of {ci(pick.delta, pick.lower, pick.upper)} pp over the MAP model.")
     if pick.lower <= 0:
         text = (f"Chosen on the validation images as {rule}, **{display_name(choice)}** has on the test set ΔECE = "
                 f"{ci(pick.delta, pick.lower, pick.upper)} pp: its interval includes zero, so no choice of Bayesian "
@@ -573,21 +577,6 @@ def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFr
     return text + " " + _versus_ts(pick, alpha)
 
 
-def deterministic_summary(det: pd.DataFrame) -> str:
-    """The deterministic model's test accuracy and ECE across seeds."""
-    acc, e, s = det.accuracy, det.ece, det.signed_ece
-    direction = "over-confident" if s.mean() > 0 else "under-confident"
-    return (f"Across {len(det)} seed{'s' if len(det) > 1 else ''}, the MAP model reaches "
-            f"{PP * acc.mean():.1f}% test accuracy (range {PP * acc.min():.1f}–{PP * acc.max():.1f}%) with an ECE of "
-            f"{PP * e.mean():.2f}% (range {PP * e.min():.2f}–{PP * e.max():.2f}%); its signed calibration error of "
-            f"{pp(s.mean())} pp says it is {direction} on average. "
-            + ("Averaging over a posterior mostly lowers confidence, which is what an over-confident model needs, "
-               "so a Laplace predictive can be expected to help here." if s.mean() > 0 else
-               "Averaging over a posterior mostly lowers confidence, which helps an over-confident model and hurts an "
-               "under-confident one, so gains in ECE are not expected here; @sec-attribution reports whether any "
-               "block still lowers it."))
-
-
 def block_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
     """Per-block posterior quantities: mean over seeds with ``_min``/``_max`` over seeds."""
     stacked = pd.concat(summaries)
@@ -598,25 +587,6 @@ def block_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
         out[f"{c}_min"], out[f"{c}_max"] = g.min()[c], g.max()[c]
     out["n_params"] = stacked.groupby("block").n_params.first()
     return out.reset_index()
-
-
-def posterior_summary(blocks: pd.DataFrame, prior_init: float) -> str:
-    """Where the posterior is widest, how the tuned prior varies over depth, and how it compares
-    with the prior precision ``prior_init`` that the training L2 term implies (δ = λN), under
-    which the MAP was fitted."""
-    var, delta = blocks.set_index("block").variance_trace, blocks.set_index("block").prior_precision
-    lo, hi = delta.min() / prior_init, delta.max() / prior_init
-    if lo > 1:
-        relation = (f"{lo:.3g}–{hi:.3g} times the δ = {prior_init:.3g} implied by the training L2 term: the MAP was "
-                    "fitted under a weaker prior than the one the posterior uses")
-    elif hi < 1:
-        relation = (f"{1 / hi:.3g}–{1 / lo:.3g} times smaller than the δ = {prior_init:.3g} implied by the training L2 "
-                    "term: the MAP was fitted under a stronger prior than the one the posterior uses")
-    else:
-        relation = f"on both sides of the δ = {prior_init:.3g} implied by the training L2 term"
-    return (f"The tuned prior precision ranges from {delta.min():.3g} (block {delta.idxmin()}) to {delta.max():.3g} "
-            f"(block {delta.idxmax()}), {relation}. The posterior is widest in block {var.idxmax()} (total variance "
-            f"{var.max():.3g}) and narrowest in block {var.idxmin()} ({var.min():.3g}).")
 
 
 def scale_table(metrics: list[pd.DataFrame], scales: list[pd.DataFrame]) -> pd.DataFrame:
@@ -816,90 +786,6 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
 
 
-def answer(table: pd.DataFrame, ranks: pd.DataFrame, pareto: pd.DataFrame, baseline: pd.DataFrame,
-           validation: pd.DataFrame, control: pd.DataFrame, cfg: Config, mc: pd.DataFrame | None = None,
-           agreement: pd.DataFrame | None = None, scale: pd.DataFrame | None = None,
-           selection: pd.DataFrame | None = None) -> str:
-    """The book's answer in one paragraph, from the saved result tables.
-
-    Every "best" is chosen on the validation images (``validation``:
-    :func:`lib.attribution.validation_table`; :func:`lib.attribution.choose_single`,
-    :func:`lib.attribution.choose_set`) and reported on the test set, and every number quoted comes
-    with its interval from :func:`lib.attribution.attribution`, which includes the choice of κ_S
-    (and of σ² and T) on the validation images; when no single-block interval excludes zero the
-    paragraph says so plainly. ``control``: :attr:`lib.attribution.Attribution.control`; the
-    paragraph says whether the chosen block's Laplace shape beats isotropic noise of tuned size.
-    ``mc``: :func:`lib.attribution.mc_error` of the first seed; when Monte Carlo noise is material
-    (``mc_share >`` :data:`MATERIAL`) the paragraph says that more samples would narrow the intervals.
-    ``agreement``: :func:`lib.attribution.estimator_agreement`; whether the leading block is the same
-    under the other estimators of calibration error. ``scale``: :func:`scale_table`; the paragraph
-    says when the all-block posterior's κ_S sits at the lower end of the grid. ``selection``:
-    :func:`lib.attribution.scale_selection`; when the choice of κ_S is a material part of the
-    intervals (``sel_share >`` :data:`MATERIAL`) the paragraph says so.
-    """
-    alpha = cfg.stats.alpha
-    singles = table[table.kind == "single"].sort_values("block")
-    full = table[table.kind == "all"].iloc[0]
-    best = choose_single(validation)
-    top = singles.set_index("block").loc[best]
-    sure = ranks[ranks.surely_top_k].block.tolist()
-    sig = singles[singles.improves].block.tolist()
-    above, below = _signed_blocks(singles)
-    text = [
-        f"On the `{cfg.profile}` profile, the Laplace posterior over all LoRA blocks"
-        + (" (each posterior with its covariance scale tuned on validation NLL, @sec-attribution-scale)"
-           if cfg.predictive.scale != "none" else "")
-        + f" gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp ({level(alpha)} percentile bootstrap interval "
-        f"over seeds, test images, posterior samples and validation images, with {KAPPA_S} re-tuned in every replicate; "
-        f"positive: lower ECE; accuracy {pp(full.d_acc)} pp)."
-        + (f" Its {KAPPA_S} sits at the lower end of the validation grid on at least one seed: validation prefers a "
-           "posterior that predicts almost like the MAP." if scale is not None and cfg.predictive.scale != "none"
-           and bool(_at_grid_ends(scale.set_index("posterior"), cfg.predictive.scale_range)[1]["all"])
-           else ""),
-        f"Chosen on the validation images, the best single block is block {best}; on the test set, which played no "
-        f"part in choosing it, its ΔECE is {ci(top.delta, top.lower, top.upper)} pp.",
-        (NOTHING_SINGLED_OUT if not above and not below else
-         ("The single blocks whose intervals lie above zero: " + _blocks_text(above) + "." if above else
-          "No single block's interval lies above zero.")
-         + (f" Those of {_blocks_text(below)} lie below zero." if below else "")),
-        (f"Only {_blocks_text(sig)} pass{'es' if len(sig) == 1 else ''} a Holm-corrected test on their own."
-         if sig else "No single block passes a Holm-corrected test on its own."),
-        (f"The rank confidence set certifies {_blocks_text(sure)} as top-{cfg.stats.top_k}." if sure
-         else f"No block is certified as top-{cfg.stats.top_k} by the simultaneous rank confidence set."),
-    ]
-    c = control.set_index("block").loc[best]
-    text.append(f"Against isotropic noise of tuned size on the same weights (@sec-attribution-control), block {best}'s "
-                f"Laplace posterior gives {CONTROL_DIFF} = {ci(c['diff'], c.diff_lower, c.diff_upper)} pp: "
-                + {"better": "its shape adds to the gain.",
-                   "worse": "isotropic noise does better, so the gain does not come from the posterior's shape.",
-                   "no difference shown": "the control matches it, so the gain is not specific to the posterior's "
-                                          "shape."}[_shape_verdict(c.diff_lower, c.diff_upper)])
-    if agreement is not None:
-        _, certified, rows = _leader(agreement, ranks)
-        differ = rows.estimator.tolist()
-        if not differ:
-            text.append(f"The leading single block is the same under the {_join(list(agreement.estimator))} "
-                        "(@sec-statistics-estimator).")
-        elif certified:
-            text.append(f"Which single block leads depends on the estimator of calibration error: another leads under "
-                        f"the {_join(differ)} (@sec-statistics-estimator).")
-        else:
-            text.append(f"Under the {_join(differ)} a different block leads (@sec-statistics-estimator), as can be "
-                        "expected when no leader is certified.")
-    if mc is not None and (mc.mc_share > MATERIAL).any():
-        noisy = int((mc.mc_share > MATERIAL).sum())
-        text.append(f"With K = {cfg.predictive.n_samples} posterior samples, Monte Carlo error is comparable to the "
-                    "test-set error (more than half of it, on the first seed) for "
-                    + (f"all {noisy}" if noisy == len(mc) else f"{noisy} of the {len(mc)}")
-                    + " posteriors checked; the intervals include it, and more samples would narrow them "
-                    "(@sec-statistics-mc).")
-    if selection is not None and not selection.empty and (selection.sel_share > MATERIAL).any():
-        text.append(f"The choice of {KAPPA_S} on the validation images is a material part of the intervals' width; more "
-                    "validation images would narrow them (@sec-statistics-scale).")
-    text.append(recommendation(pareto, table, baseline, choose_set(validation, pareto), alpha=alpha))
-    return " ".join(text)
-
-
 def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.DataFrame) -> pd.DataFrame:
     """Deterministic, temperature scaling and the given posteriors: ECE, signed ECE (positive:
     over-confident), NLL, accuracy (means over seeds), extra latency per image and, where it was
@@ -921,6 +807,77 @@ def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.
     return pd.DataFrame(rows)
 
 
+def _with_interval(est: float, lo: float, hi: float, digits: int, scale: float = 1.0) -> str:
+    """``+1.23 [+0.80, +1.70]`` of ``scale × (est, lo, hi)`` with ``digits`` decimals."""
+    return f"{signed(scale * est, digits)} [{signed(scale * lo, digits)}, {signed(scale * hi, digits)}]"
+
+
+def display_baselines(table: pd.DataFrame) -> pd.DataFrame:
+    """The metrics and costs of :func:`lib.baselines.table.baseline_table` for reading, one row per
+    method (index ``Method``): accuracy and ECE in %, NLL and Brier, extra latency per image over
+    MAP, extra training (s), floats stored beyond the MAP model and the peak extra memory (MiB, –
+    where not measured, e.g. on the CPU)."""
+    out = pd.DataFrame({
+        "Method": table.method,
+        "accuracy (%)": (PP * table.accuracy).map(lambda v: format_number(v, "percent")),
+        "ECE (%)": (PP * table.ece).map(lambda v: format_number(v, "percent")),
+        "NLL": table.nll.map(lambda v: format_number(v, "metric")),
+        "Brier": table.brier.map(lambda v: format_number(v, "metric")),
+        "extra ms / image": table.extra_ms.map(lambda v: f"{v:.3g}".replace("-", "−")),
+        "extra training (s)": table.train_seconds.map(lambda v: format_number(v, "seconds")),
+        "extra floats": table.extra_params.map(lambda v: format_number(v, "count")),
+        "peak MiB": table.peak_mib.map(lambda v: format_number(v, "seconds")),
+    })
+    return out.set_index("Method")
+
+
+def display_paired(table: pd.DataFrame) -> pd.DataFrame:
+    """The paired differences of :func:`lib.baselines.table.baseline_table` for reading (index
+    ``Method``): ΔECE (pp) and ΔNLL against MAP and against temperature scaling, each with its
+    interval (positive: the method is better)."""
+    cols = {"ΔECE vs MAP (pp)": ("d_ece_map", 2, PP), "ΔECE vs TS (pp)": ("d_ece_ts", 2, PP),
+            "ΔNLL vs MAP": ("d_nll_map", 4, 1.0), "ΔNLL vs TS": ("d_nll_ts", 4, 1.0)}
+    out = {"Method": table.method}
+    for title, (c, digits, scale) in cols.items():
+        out[title] = [_with_interval(r[c], r[f"{c}_lo"], r[f"{c}_hi"], digits, scale) for _, r in table.iterrows()]
+    return pd.DataFrame(out).set_index("Method")
+
+
+def display_importance(blocks: pd.DataFrame, tau: pd.DataFrame) -> pd.DataFrame:
+    """Per block ΔECE(ℓ) (pp) and each importance score (3 significant digits), then one row per
+    score with Kendall's τ-b and its interval: two tables' worth in one (index ``Block``)."""
+    scores = [c for c in blocks.columns if c not in ("block", "delta")]
+    out = pd.DataFrame({"Block": blocks.block.map(str), "ΔECE(ℓ) (pp)": (PP * blocks.delta).map(lambda v: signed(v, 2)),
+                        **{s: blocks[s].map(lambda v: f"{v:.3g}") for s in scores}})
+    taus = {s: _with_interval(r.kendall_tau, r.lower, r.upper, 2) for s, r in tau.set_index("score").iterrows()}
+    out.loc[len(out)] = ["Kendall τ-b with ΔECE(ℓ)", "", *[taus[s] for s in scores]]
+    return out.set_index("Block")
+
+
+def display_shift_gains(gains: pd.DataFrame) -> pd.DataFrame:
+    """:attr:`lib.shift_study.ShiftResults.gains` for reading: one row per method and reference,
+    one column per severity (0: clean), each the ECE gain in pp with its interval."""
+    g = gains.assign(cell=[_with_interval(r.gain, r.lower, r.upper, 2, PP) for r in gains.itertuples()],
+                     severity=gains.severity.map(lambda v: "clean" if v == 0 else f"severity {v}"))
+    wide = g.pivot_table(index=["method", "reference"], columns="severity", values="cell", aggfunc="first", sort=False)
+    wide = wide.reset_index().rename(columns={"method": "Method", "reference": "gain over"})
+    wide.columns.name = None
+    return wide.set_index("Method")
+
+
+def display_ood(ood: pd.DataFrame, score: str = "entropy") -> pd.DataFrame:
+    """:attr:`lib.shift_study.ShiftResults.ood` for reading, means over seeds: one row per method, per
+    OOD set the AUROC (%) with its interval (the seeds' mean bounds) and the AUPR (%), for ``score``."""
+    t = ood[ood.score == score].groupby(["method", "ood_set"], sort=False)[
+        ["auroc", "auroc_lower", "auroc_upper", "aupr"]].mean().reset_index()
+    rows = {}
+    for r in t.itertuples():
+        row = rows.setdefault(r.method, {"Method": r.method})
+        row[f"{r.ood_set}: AUROC (%)"] = f"{PP * r.auroc:.1f} [{PP * r.auroc_lower:.1f}, {PP * r.auroc_upper:.1f}]"
+        row[f"{r.ood_set}: AUPR (%)"] = f"{PP * r.aupr:.1f}"
+    return pd.DataFrame(list(rows.values())).set_index("Method")
+
+
 def laplace_fit_table(stages: list, seeds: list[int]) -> pd.DataFrame:
     """Laplace fit per seed (from each ``laplace`` stage's ``info.json``): images, time, evidence, device."""
     rows = []
@@ -932,61 +889,8 @@ def laplace_fit_table(stages: list, seeds: list[int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def latency_summary(latency: pd.DataFrame, violations: pd.DataFrame) -> str:
-    """How the latencies were measured and whether they agree with the cost model, in words.
-
-    ``latency``: :func:`lib.deploy.latency_table`; ``violations``: its
-    :func:`lib.deploy.cost_model_violations` (pairs where a superset of Bayesian blocks is cheaper
-    than its subset by more than the inter-quartile ranges)."""
-    n = int(latency.n_iters.iloc[0]) if "n_iters" in latency.columns else None
-    rows = latency[latency.posterior != "deterministic"]
-    sets = [frozenset(str(b).split()) for b in rows.blocks]
-    pairs = sum(a < b for a in sets for b in sets)
-    text = ("Each latency is the median over "
-            + (f"{n} timed batches" if n else "the timed batches")
-            + " after warm-up, with the inter-quartile range as its noise (bars in @fig-latency). ")
-    if violations.empty:
-        return text + (f"The measurements agree with the cost model: of the {pairs} pairs of priced choices in which one "
-                       "set of Bayesian blocks contains the other, no larger set is cheaper beyond that noise.")
-    worst = violations.assign(gap=violations.subset_ms - violations.superset_ms).sort_values("gap").iloc[-1]
-    return text + (f"For {len(violations)} of the {pairs} pairs of priced choices in which one set of Bayesian blocks "
-                   f"contains the other, the larger set is measured cheaper beyond that noise, against the cost model "
-                   f"(most: {display_name(worst.superset)}, {worst.superset_ms:.3g} ms, against "
-                   f"{display_name(worst.subset)}, {worst.subset_ms:.3g} ms per image); latency differences of that "
-                   "size are not resolved by these measurements, and conclusions that rest on them are not supported.")
-
-
 def temperature_gain(baseline: pd.DataFrame) -> float:
     """Temperature scaling's calibration gain ECE_det − ECE_TS (a fraction, as ΔECE) from the saved
     :func:`baseline_table`, the reference line of the answer figure."""
     b = baseline.set_index("method")["ECE (%)"]
     return float(b["deterministic (MAP)"] - b["temperature scaling (validation-fitted)"]) / PP
-
-
-REFERENCE_PROFILE = "vit-b16-cifar100"
-"""The reference setting of the question: an ImageNet-pre-trained ViT-B/16 with LoRA on CIFAR-100."""
-
-
-def profile_note(cfg: Config) -> str:
-    """What the book's profile is and what it is not, from its configuration: its data and backbone,
-    and, unless it is the reference setting, how the reference numbers would be produced."""
-    d, m = cfg.data, cfg.model
-    data = ("synthetic class-conditional images" if d.name == "synthetic" else
-            f"{d.name.upper().replace('CIFAR', 'CIFAR-')} images" + (f" (classes {', '.join(map(str, d.classes))})"
-                                                                     if d.classes else ""))
-    if cfg.pretrain is not None:
-        backbone = (f"a `{m.name}` backbone pre-trained from scratch by this project on classes "
-                    f"{', '.join(map(str, cfg.pretrain.classes))} of the same dataset")
-    elif m.pretrained or m.checkpoint:
-        backbone = f"the pre-trained `{m.name}` backbone"
-    else:
-        backbone = f"a randomly initialised `{m.name}` backbone"
-    text = f"The **`{cfg.profile}`** profile fine-tunes LoRA adapters on {data}, with {backbone}."
-    if cfg.profile == REFERENCE_PROFILE:
-        return text + " This is the reference setting of the question."
-    kind = ("Its numbers exercise the code and carry no scientific meaning." if d.name == "synthetic" else
-            "Its numbers are real measurements of that model, not of a large ImageNet-pre-trained one.")
-    return (text + f" {kind} It is not the reference setting, an ImageNet-pre-trained ViT-B/16 with LoRA on "
-            f"CIFAR-100 (profile `{REFERENCE_PROFILE}`): on a machine with a GPU and internet access, "
-            f"`make run PROFILE={REFERENCE_PROFILE} && make book BOOK_PROFILE={REFERENCE_PROFILE}` downloads "
-            "CIFAR-100 and the pretrained ViT-B/16, executes every chapter on them and renders the book from it.")

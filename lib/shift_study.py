@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "shift_predictions",
     "ShiftResults",
     "evaluate_shift",
+    "study_shift",
 ]
 
 
@@ -185,9 +187,11 @@ class ShiftResults:
     Attributes:
         metrics: :func:`lib.shift.shift_metrics` rows for the clean test set (severity 0) and every
             corruption × severity, per ``seed``.
-        gains: ECE gain over MAP ``severity, method, gain, lower, upper`` of temperature scaling and
-            the reported posteriors, averaged over seeds (:func:`lib.shift.gain_intervals`; severity 0:
-            the clean test set, else all corruptions of that severity pooled, images resampled as clusters).
+        gains: ECE gain ``severity, reference, method, gain, lower, upper``, averaged over seeds
+            (:func:`lib.shift.gain_intervals`; severity 0: the clean test set, else all corruptions of
+            that severity pooled, images resampled as clusters): over ``reference = 'MAP'`` of
+            temperature scaling and the reported posteriors, and over ``'temperature scaling'`` of
+            the posteriors (ECE_TS − ECE_m, paired: the same resamples).
         ood: :func:`lib.shift.ood_table` rows for the near-OOD set (``ood_set = 'near'``, when the
             profile has held-out classes) and each far-OOD set of ``shift.far_ood_sets`` (``ood_set``
             its name, :mod:`lib.ood_sets`), with differences to MAP, per ``seed``.
@@ -212,7 +216,10 @@ def evaluate_shift(
     """Calibration under shift, OOD detection and the per-block ranking under shift.
 
     ``posteriors``: named posteriors (and ``extra`` names) reported next to MAP and temperature
-    scaling. The rank agreement uses every ``'single ℓ'`` posterior and pools the corruptions of a
+    scaling; with a ``baselines`` section in the profile, also the LoRA ensembles of its
+    ``ensemble.sizes`` (rows ``'LoRA ensemble, M = m'``: the mean of the softmax of the studied
+    seeds' MAP models, the members of :mod:`lib.baselines.ensemble`, which costs no new stage).
+    The rank agreement uses every ``'single ℓ'`` posterior and pools the corruptions of a
     severity; its bootstrap (like that of ``gains``) resamples test images, each with all its
     corrupted copies (cluster bootstrap, :func:`lib.shift.cluster_counts`). Intervals:
     ``stats.n_boot`` resamples at level ``1 − stats.alpha``, drawn on ``device`` (the bootstraps run
@@ -222,7 +229,12 @@ def evaluate_shift(
     sc, st = shift_config(cfg), cfg.stats
     if not studies:
         raise ValueError("studies is empty: pass the SeedStudy of at least one seed (lib.study.Study.seeds)")
-    compared = ["temperature scaling", *[f"Laplace, {p}" for p in posteriors]]
+    seeds = [study.seed for study in studies]
+    sizes = sorted(cfg.baselines.ensemble.sizes) if cfg.baselines is not None else []
+    if sizes and max(sizes) > len(seeds):
+        raise ValueError(f"baselines.ensemble.sizes {sizes} need as many studied seeds; got {len(seeds)} ({seeds})")
+    ensembles = [f"LoRA ensemble, M = {m}" for m in sizes]
+    compared = ["temperature scaling", *[f"Laplace, {p}" for p in posteriors], *ensembles]
 
     def generator(seed: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(seed)
@@ -230,67 +242,94 @@ def evaluate_shift(
     def on_device(probs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(device) for k, v in probs.items()}
 
-    metrics, ood, ranks = [], [], []
-    cleans, pooled = [], []
+    size = studies[0].run.splits.test.x.shape[-1]
+    ood_sets = {}
+    if cfg.data.name != "synthetic" and cfg.data.classes is not None:
+        ood_sets["near"] = (near_ood_images(cfg, max_images=sc.near_ood_images, seed=sc.seed),
+                            {"set": "near", "data": cfg.data.name, "classes": list(cfg.data.classes),
+                             "n": sc.near_ood_images, "seed": sc.seed}, [])
+    for name in sc.far_ood_sets:
+        far = cached_ood_images(name, sc.far_ood_images, seed=sc.seed, size=size)
+        ood_sets[name] = (far.images, {"ood_images": far.stage.key}, [far.stage])
+
+    # Phase 1: every seed's predictions on the clean, corrupted and OOD images (cached stages).
+    cleans, shifted, oods = [], [], []
     for study in studies:
-        test = study.run.splits.test
-        clean = clean_predictions(cfg, study, device, extra)
+        cleans.append(clean_predictions(cfg, study, device, extra))
+        shifted.append([(cs, shift_predictions(cfg, study, cs.split.x, cs.split.y, {"corrupt": cs.stage.key}, device,
+                                               upstream=[cs.stage], extra=extra))
+                        for cs in tqdm(list(corrupted_test_sets(cfg, study.run.splits.test)),
+                                       desc=f"shift (seed {study.seed})", disable=None)])
+        oods.append({ood_set: shift_predictions(cfg, study, images, None, key, device, upstream=upstream, extra=extra)
+                     for ood_set, (images, key, upstream) in ood_sets.items()})
+    labels = cleans[0].labels
+    if any(not torch.equal(c.labels, labels) for c in cleans):
+        raise ValueError("the studies' test sets differ; the seeds of one profile must share data.split_seed")
+
+    def methods(i: int, preds: Sequence[ShiftPredictions]) -> dict[str, Tensor]:
+        """Seed i's methods on one image set (``preds``: every seed's predictions on it): MAP,
+        temperature scaling, the posteriors, and the LoRA ensembles of the seeds' MAP models, member
+        j being seed ``seeds[(i + j) mod S]`` (:func:`lib.baselines.ensemble.member_seeds`)."""
+        out = preds[i].methods(posteriors)
+        for m, name in zip(sizes, ensembles):
+            out[name] = torch.stack([preds[(i + j) % len(preds)].det for j in range(m)]).mean(0)
+        return out
+
+    # Phase 2: the tables.
+    metrics, ood, ranks, clean_methods, pooled = [], [], [], [], []
+    for i, (study, clean) in enumerate(zip(studies, cleans)):
         singles = [clean.names.index(n) for n in clean.names if n.startswith("single ")]
-        metrics.append(shift_metrics(clean.methods(posteriors), clean.labels, corruption="clean", severity=0,
+        clean_methods.append(methods(i, cleans))
+        metrics.append(shift_metrics(clean_methods[i], clean.labels, corruption="clean", severity=0,
                                      n_bins=st.n_bins).assign(seed=study.seed))
-        by_severity: dict[int, list[tuple[ShiftPredictions, Tensor]]] = {}
-        for cs in tqdm(list(corrupted_test_sets(cfg, test)), desc=f"shift (seed {study.seed})", disable=None):
-            pred = shift_predictions(cfg, study, cs.split.x, cs.split.y, {"corrupt": cs.stage.key}, device,
-                                     upstream=[cs.stage], extra=extra)
-            metrics.append(shift_metrics(pred.methods(posteriors), pred.labels, corruption=cs.name,
-                                         severity=cs.severity, n_bins=st.n_bins).assign(seed=study.seed))
-            by_severity.setdefault(cs.severity, []).append((pred, cs.index))
+        by_severity: dict[int, list[tuple[ShiftPredictions, Tensor, dict[str, Tensor]]]] = {}
+        for k, (cs, pred) in enumerate(shifted[i]):
+            ms = methods(i, [sh[k][1] for sh in shifted])
+            metrics.append(shift_metrics(ms, pred.labels, corruption=cs.name, severity=cs.severity,
+                                         n_bins=st.n_bins).assign(seed=study.seed))
+            by_severity.setdefault(cs.severity, []).append((pred, cs.index, ms))
         seed_pooled = {}
         for severity, preds in sorted(by_severity.items()):
-            idx = torch.cat([i for _, i in preds])
-            det = torch.cat([p.det for p, _ in preds])
-            methods = [p.methods(posteriors) for p, _ in preds]
-            seed_pooled[severity] = (idx, det, torch.cat([torch.stack([m[k] for k in compared]) for m in methods], 1))
+            idx = torch.cat([ix for _, ix, _ in preds])
+            det = torch.cat([p.det for p, _, _ in preds])
+            seed_pooled[severity] = (idx, det, torch.cat([torch.stack([m[k] for k in compared]) for _, _, m in preds], 1))
             if len(singles) >= 2:
                 res = rank_agreement(
                     (clean.det[idx].to(device), clean.probs[singles][:, idx].to(device)),
-                    (det.to(device), torch.cat([p.probs[singles] for p, _ in preds], 1).to(device)),
+                    (det.to(device), torch.cat([p.probs[singles] for p, _, _ in preds], 1).to(device)),
                     clean.labels[idx].to(device), n_resamples=st.n_boot, generator=generator(study.seed),
                     groups=idx.to(device), n_bins=st.n_bins, alpha=st.alpha,
                 )
                 ranks.append({"seed": study.seed, "severity": severity, "tau": res.tau, "lower": res.lower,
                               "upper": res.upper})
-        cleans.append(clean)
         pooled.append(seed_pooled)
-        size = test.x.shape[-1]
-        ood_sets = {}
-        if cfg.data.name != "synthetic" and cfg.data.classes is not None:
-            ood_sets["near"] = (near_ood_images(cfg, max_images=sc.near_ood_images, seed=sc.seed),
-                                {"set": "near", "data": cfg.data.name, "classes": list(cfg.data.classes),
-                                 "n": sc.near_ood_images, "seed": sc.seed}, [])
-        for name in sc.far_ood_sets:
-            far = cached_ood_images(name, sc.far_ood_images, seed=sc.seed, size=size)
-            ood_sets[name] = (far.images, {"ood_images": far.stage.key}, [far.stage])
-        for ood_set, (images, key, upstream) in ood_sets.items():
-            pred = shift_predictions(cfg, study, images, None, key, device, upstream=upstream, extra=extra)
-            ood.append(ood_table(on_device(clean.methods(posteriors)), on_device(pred.methods(posteriors)),
+        for ood_set in ood_sets:
+            ood.append(ood_table(on_device(clean_methods[i]), on_device(methods(i, [o[ood_set] for o in oods])),
                                  ood_set=ood_set, n_resamples=st.n_boot, generator=generator(study.seed),
                                  alpha=st.alpha, reference="MAP").assign(seed=study.seed))
 
     gains = []
-    labels = cleans[0].labels
-    if any(not torch.equal(c.labels, labels) for c in cleans):
-        raise ValueError("the studies' test sets differ; the seeds of one profile must share data.split_seed")
     sets = {0: (None, labels, torch.stack([c.det for c in cleans]),
-                torch.stack([torch.stack([c.methods(posteriors)[k] for k in compared]) for c in cleans]))}
+                torch.stack([torch.stack([c[k] for k in compared]) for c in clean_methods]))}
     for severity, (idx, _, _) in pooled[0].items():
         sets[severity] = (idx, labels[idx], torch.stack([p[severity][1] for p in pooled]),
                           torch.stack([p[severity][2] for p in pooled]))
     for severity, (groups, y, det, probs) in sets.items():
-        est, lo, hi = gain_intervals(det.to(device), probs.to(device), y.to(device), n_resamples=st.n_boot,
-                                     generator=generator(sc.seed), groups=None if groups is None else groups.to(device),
-                                     n_bins=st.n_bins, alpha=st.alpha)
-        gains += [{"severity": severity, "method": k, "gain": float(e), "lower": float(a), "upper": float(b)}
-                  for k, e, a, b in zip(compared, est, lo, hi)]
+        g = None if groups is None else groups.to(device)
+        for reference, ref, others, names in (("MAP", det, probs, compared),
+                                              ("temperature scaling", probs[:, 0], probs[:, 1:], compared[1:])):
+            if not names:
+                continue
+            est, lo, hi = gain_intervals(ref.to(device), others.to(device), y.to(device), n_resamples=st.n_boot,
+                                         generator=generator(sc.seed), groups=g, n_bins=st.n_bins, alpha=st.alpha)
+            gains += [{"severity": severity, "reference": reference, "method": k, "gain": float(e), "lower": float(a),
+                       "upper": float(b)} for k, e, a, b in zip(names, est, lo, hi)]
     return ShiftResults(pd.concat(metrics, ignore_index=True), pd.DataFrame(gains), pd.concat(ood, ignore_index=True),
                         pd.DataFrame(ranks, columns=["seed", "severity", "tau", "lower", "upper"]))
+
+
+def study_shift(study: Any, posteriors: Sequence[str], extra: Mapping[str, Tensor] | None = None) -> ShiftResults:
+    """:func:`evaluate_shift` of every seed of ``study`` (a :class:`lib.study.Study` whose profile
+    has a ``shift`` section) on its device: the analysis behind the chapter "Shift and
+    out-of-distribution". Its stages take the per-seed records (``study.seeds``), not the study."""
+    return evaluate_shift(study.cfg, study.seeds, study.device, posteriors, extra)

@@ -6,7 +6,7 @@
 (:mod:`lib.stages.quality`) on the first seed, and ``attribution`` (:mod:`lib.stages.attribution`)
 over all seeds — each through :func:`lib.artifacts.cached`, so a stage is computed once per key
 and loaded afterwards; within one object every stage is also opened only once. A chapter starts
-with :func:`open_study` and asks for what it shows; it never recomputes a stage.
+with :func:`open_chapter` and asks for what it shows; it never recomputes a stage.
 
 Analyses that only some chapters need take a :class:`Study` in their own modules (they are
 imported only by the chapters that use them, so that their code does not enter the freshness of
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import torch
@@ -140,8 +140,28 @@ class Study:
 
 
 def open_study(profile: str, params: Mapping[str, Any]) -> Study:
-    """The chapter preamble: the :class:`Study` of ``params`` (the validated dict the runner
+    """The :class:`Study` of ``params`` (the validated dict the runner
     injects, :func:`lib.config.load_params`) on the device that ``params['device']`` resolves to
     (:func:`lib.pipeline.resolve_device`); ``profile`` names the params file in error messages."""
     cfg = Config.from_dict(params, source=f"params/{profile}.yml")
     return Study(cfg, resolve_device(cfg))
+
+
+class Chapter(NamedTuple):
+    """What a chapter starts from (:func:`open_chapter`): its :class:`Study`, the profile's
+    :class:`~lib.config.Config` and the device the study computes on."""
+
+    study: Study
+    cfg: Config
+    device: torch.device
+
+
+def open_chapter(profile: str, params: Mapping[str, Any]) -> Chapter:
+    """The chapter preamble, one line after the parameters cell::
+
+        study, cfg, device = open_chapter(profile, params)
+
+    (:func:`open_study` of the injected ``profile`` and ``params``). Opening the study computes
+    nothing: a stage is computed, or loaded, when the chapter first asks for it."""
+    study = open_study(profile, params)
+    return Chapter(study, study.cfg, study.device)

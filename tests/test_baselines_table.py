@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.baselines.table import MethodPredictions, baseline_table, paired_nll_bootstrap, with_temperature
+from lib.baselines.table import (MethodPredictions, baseline_table, paired_ece_bootstrap, paired_nll_bootstrap,
+                                  with_temperature)
 from lib.calibration import ece, nll
 
 
@@ -103,3 +104,73 @@ def test_with_temperature_adds_a_tuned_row_per_method(methods):
     t = baseline_table({**ms, **out}, yv, yt, n_resamples=20).set_index("method")
     assert t.loc["hot + TS", "tuning"] == "temperature" and t.loc["hot", "tuning"] == "none"
     assert t.loc["hot + TS", "temperature"] == pytest.approx(hot.temperature)
+
+
+def test_seeds_share_one_test_resample_per_replicate():
+    """With S seeds, ΔECE and ΔNLL are seed means of the per-seed differences, and every replicate
+    is the same explicit resample of the test images for all seeds (checked by indexing)."""
+    g = torch.Generator().manual_seed(7)
+    n, c = 40, 3
+    y = torch.randint(0, c, (n,), generator=g)
+    ref = (2 * torch.randn(2, n, c, generator=g, dtype=torch.float64)).softmax(-1)
+    other = (torch.randn(1, 2, n, c, generator=g, dtype=torch.float64)).softmax(-1)
+    est, reps = paired_ece_bootstrap(ref, other, y, 5, torch.Generator().manual_seed(3), n_bins=4)
+    assert torch.allclose(est, torch.stack([(ece(ref[s], y, 4) - ece(other[0, s], y, 4)) for s in range(2)]).mean()[None],
+                          atol=1e-12)
+    idx = torch.randint(0, n, (5, n), generator=torch.Generator().manual_seed(3))
+    explicit = torch.stack([torch.stack([ece(ref[s][i], y[i], 4) - ece(other[0, s][i], y[i], 4) for s in range(2)]).mean()
+                            for i in idx])
+    assert torch.allclose(reps[:, 0], explicit, atol=1e-12)
+    est, reps = paired_nll_bootstrap(ref, other, y, 5, torch.Generator().manual_seed(3))
+    d = torch.stack([nll(ref[s], y) - nll(other[0, s], y) for s in range(2)]).mean()
+    assert torch.allclose(est, d[None], atol=1e-12)
+    explicit = torch.stack([torch.stack([nll(ref[s][i], y[i]) - nll(other[0, s][i], y[i]) for s in range(2)]).mean()
+                            for i in idx])
+    assert torch.allclose(reps[:, 0], explicit, atol=1e-12)
+
+
+def test_table_with_seeds_averages_metrics_and_needs_equal_seed_counts(methods):
+    ms, yv, yt = methods
+    stacked = {k: MethodPredictions(val=torch.stack([m.val, m.val.flip(0)]), test=torch.stack([m.test, m.test.flip(0)]),
+                                    ms_per_image=m.ms_per_image) for k, m in ms.items()}
+    t = baseline_table(stacked, yv, yt, n_resamples=20).set_index("method")
+    for k, m in ms.items():
+        expect = (float(ece(m.test, yt, 15)) + float(ece(m.test.flip(0), yt, 15))) / 2
+        assert t.loc[k, "ece"] == pytest.approx(expect, abs=1e-12)
+    tuned = with_temperature({"hot": stacked["hot"]}, yv)["hot + TS"]
+    assert tuned.test.shape == stacked["hot"].test.shape
+    with pytest.raises(ValueError, match="same number of seeds"):
+        baseline_table({**stacked, "MAP": ms["MAP"]}, yv, yt, n_resamples=5)
+
+
+def _verdict_table(ts_lo: float, hot_ts: tuple, hot_nll_hi: float = 0.1) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = {"MAP": dict(d_ece_map=(0, 0, 0), d_ece_ts=(-0.02, -0.03, -0.01)),
+            "temperature scaling": dict(d_ece_map=(0.02, ts_lo, 0.03), d_ece_ts=(0, 0, 0)),
+            "hot": dict(d_ece_map=(0.03, 0.01, 0.05), d_ece_ts=hot_ts),
+            "cheap hot": dict(d_ece_map=(0.03, 0.01, 0.05), d_ece_ts=hot_ts)}
+    out = []
+    for name, r in rows.items():
+        row = {"method": name, "ece": 0.1, "extra_ms": {"hot": 3.0, "cheap hot": 1.0}.get(name, 0.0),
+               "train_seconds": 0.0, "extra_params": 0, "d_nll_ts": 0.0, "d_nll_ts_lo": -0.1,
+               "d_nll_ts_hi": hot_nll_hi if "hot" in name else 0.1}
+        for col, (e, lo, hi) in r.items():
+            row.update({col: e, f"{col}_lo": lo, f"{col}_hi": hi})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def test_recommend_leads_with_what_the_paired_intervals_support():
+    from lib.baselines.table import recommend
+
+    better = recommend(_verdict_table(0.01, (0.01, 0.002, 0.02)), 0.05)
+    assert better.method == "cheap hot" and better.basis == "beats temperature scaling"
+    assert better.beat_ts == ("cheap hot", "hot") and better.versus_ts.side == "above"
+    # an ECE gain over TS that costs NLL significantly is not preferred
+    nll_worse = recommend(_verdict_table(0.01, (0.01, 0.002, 0.02), hot_nll_hi=-0.01), 0.05)
+    assert nll_worse.method == "temperature scaling" and nll_worse.basis == "temperature scaling"
+    tie = recommend(_verdict_table(0.01, (0.01, -0.002, 0.02)), 0.05)
+    assert tie.method == "temperature scaling" and tie.beat_ts == () and tie.lose_to_ts == ("MAP",)
+    nothing = recommend(_verdict_table(-0.01, (0.01, -0.002, 0.02)), 0.05)
+    assert nothing.method == "MAP" and nothing.basis == "none"

@@ -146,3 +146,24 @@ def test_cost_model_violations_of_the_reference_h200_run():
     assert cost_model_violations(wide).empty  # with IQRs that wide, none of them is resolved
     with pytest.raises(ValueError, match="lacks columns"):
         cost_model_violations(table.drop(columns="ms_q25"))
+
+
+def test_cached_latency_is_measured_once_and_read_back_alike(fitted, tmp_path, monkeypatch):
+    """The ``latency`` stage stores the table and hands back the same rows (block strings, missing
+    memory on the CPU) without measuring again."""
+    import lib.deploy
+    from lib.deploy import cached_latency
+
+    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path))
+    model, post, x, _ = fitted
+    kw = dict(n_samples=2, seed=0, device=torch.device("cpu"), n_warmup=0, n_iters=1, upstream=[])
+    first = cached_latency(model, post, x, {"single 0": [0], "all": [0, 1, 2]}, **kw)
+    assert list(first.posterior) == ["deterministic", "single 0", "all"] and list(first.blocks) == ["", "0", "0 1 2"]
+    assert first.peak_mib.isna().all()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again although the stage is done")
+
+    monkeypatch.setattr(lib.deploy, "latency_table", refuse)
+    again = cached_latency(model, post, x, {"single 0": [0], "all": [0, 1, 2]}, **kw)
+    pd.testing.assert_frame_equal(first, again)

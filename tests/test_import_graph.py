@@ -3,17 +3,17 @@
 The layers, lowest first (a module may import modules of its own layer or of lower ones):
 
 0. leaf: import nothing from lib (paths, display names, style, corruption names, resampling,
-   calibration metrics, temperature scaling, the evidence formula; empty packages)
-1. infrastructure and statistics: provenance, code hashes, artifacts; stats, OOD metrics
+   calibration metrics, temperature scaling, the evidence formula, the fitted models' findings; empty packages)
+1. infrastructure and statistics: provenance, code hashes, artifacts, stored result tables; stats, OOD metrics
 2. config
 3. data and model (corruptions and OOD image sets included)
 4. training
 5. Laplace (lib.laplace.*), deployment timing, the baseline table
 6. pipeline (backbone, MAP)
 7. stage modules and analyses (lib.stages.*, attribution, shift, shift study, the shipped backbone,
-   the baseline methods and their run)
+   the baseline methods and their run; the answer's findings and the study's scale)
 8. study (lib.study) and the command that fills its cache on several processes (lib.compute)
-9. figures (drawing only: lib.figures, lib.shift_figures)
+9. figures (drawing only: lib.figures, lib.shift_figures, lib.baseline_figures)
 10. report (tables, numbers and text)
 11. runner and renderer
 """
@@ -25,8 +25,8 @@ from lib.paths import ROOT
 
 LAYERS: list[set[str]] = [
     {"lib", "lib.paths", "lib.names", "lib.style", "lib.corruption_names", "lib.resample", "lib.calibration", "lib.interval",
-     "lib.temperature", "lib.laplace.marglik", "lib.stages", "lib.baselines"},
-    {"lib.provenance", "lib.codehash", "lib.artifacts", "lib.stats", "lib.ood"},
+     "lib.temperature", "lib.laplace.marglik", "lib.stages", "lib.baselines", "lib.fit_findings"},
+    {"lib.provenance", "lib.codehash", "lib.artifacts", "lib.results", "lib.stats", "lib.ood"},
     {"lib.config"},
     {"lib.data", "lib.model", "lib.corruptions", "lib.ood_sets"},
     {"lib.train"},
@@ -37,9 +37,10 @@ LAYERS: list[set[str]] = [
     {"lib.stages.laplace", "lib.stages.quality", "lib.stages.banks", "lib.stages.subsets", "lib.stages.seed",
      "lib.stages.attribution", "lib.attribution", "lib.shift", "lib.shift_study", "lib.backbone",
      "lib.baselines.result", "lib.baselines.finetune", "lib.baselines.ensemble", "lib.baselines.importance",
-     "lib.baselines.last_layer", "lib.baselines.mc_dropout", "lib.baselines.variational", "lib.baselines.run"},
+     "lib.baselines.last_layer", "lib.baselines.mc_dropout", "lib.baselines.variational", "lib.baselines.run",
+     "lib.baselines.study", "lib.answer", "lib.study_scale"},
     {"lib.study", "lib.compute"},
-    {"lib.figures", "lib.shift_figures"},
+    {"lib.figures", "lib.shift_figures", "lib.baseline_figures"},
     {"lib.report"},
     {"lib.runner", "lib.render", "lib.render.book", "lib.render.convert", "lib.render.html", "lib.render.pandoc",
      "lib.render.pdf", "lib.render.tables", "lib.render.build"},

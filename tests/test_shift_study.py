@@ -116,7 +116,13 @@ def test_evaluate_shift_tables(tiny):
     assert r1.lower <= r1.upper
 
     g = res.gains
-    assert list(g.columns) == ["severity", "method", "gain", "lower", "upper"] and sorted(g.severity.unique()) == [0, 1, 5]
+    assert list(g.columns) == ["severity", "reference", "method", "gain", "lower", "upper"]
+    assert sorted(g.severity.unique()) == [0, 1, 5]
+    assert set(g[g.reference == "temperature scaling"].method) == {"Laplace, all", "Laplace, single 1"}
+    versus_ts = g[(g.severity == 0) & (g.method == "Laplace, all") & (g.reference == "temperature scaling")].iloc[0]
+    ref = float(delta_ece(clean.ts, clean.probs[[clean.names.index("all")]], clean.labels, cfg.stats.n_bins)[0])
+    assert abs(versus_ts.gain - ref) < 1e-6 and versus_ts.lower <= versus_ts.upper
+    g = g[g.reference == "MAP"]
     assert set(g.method) == {"temperature scaling", "Laplace, all", "Laplace, single 1"}
     row = g[(g.severity == 0) & (g.method == "Laplace, all")].iloc[0]
     ref = float(delta_ece(clean.det, clean.probs[[clean.names.index("all")]], clean.labels, cfg.stats.n_bins)[0])
@@ -149,3 +155,34 @@ def test_missing_or_bad_shift_section_is_reported():
     with pytest.raises(ParamsError, match="did you mean 'shift.max_images'"):
         Config.from_dict({"shift": {"max_imgs": 3}}, source="p.yml")
     assert Config.from_dict({}).shift is None
+
+
+def test_ensembles_of_the_seeds_map_models_under_shift(tmp_path, monkeypatch):
+    """With a baselines section, evaluate_shift adds the LoRA ensembles of the seeds' MAP models: on
+    every image set the mean of the members' MAP softmax (both seeds' M = 2 ensembles are the same
+    two models), also compared with temperature scaling, and in the OOD table."""
+    from test_baselines_run import BASELINES
+
+    monkeypatch.setenv("LLA_ARTIFACTS", str(tmp_path))
+    d = tiny_study_params([0, 1])
+    d["shift"] = {"corruptions": ["contrast"], "severities": [5], "max_images": 24, "seed": 3,
+                  "far_ood_sets": ["synthetic"], "far_ood_images": 12}
+    d["baselines"] = {**BASELINES, "ensemble": {"sizes": [2]}}
+    cfg = Config.from_dict(d)
+    studies = Study(cfg, torch.device("cpu")).seeds
+    cpu = torch.device("cpu")
+    res = evaluate_shift(cfg, studies, cpu, posteriors=["all"])
+    name = "LoRA ensemble, M = 2"
+    (cs,) = list(corrupted_test_sets(cfg, studies[0].run.splits.test))
+    dets = [shift_predictions(cfg, s, cs.split.x, cs.split.y, {"corrupt": cs.stage.key}, cpu, upstream=[cs.stage]).det
+            for s in studies]
+    m = res.metrics[(res.metrics.method == name) & (res.metrics.severity == 5)]
+    assert len(m) == 2 and set(m.seed) == {0, 1}
+    ref = float(ece(torch.stack(dets).mean(0), cs.split.y, cfg.stats.n_bins))
+    assert all(abs(v - ref) < 1e-9 for v in m.ece)
+    g = res.gains
+    assert {(name, "MAP"), (name, "temperature scaling")} <= set(zip(g.method, g.reference))
+    assert set(res.ood[res.ood.method == name].ood_set) == {"synthetic"}
+    d["baselines"]["ensemble"] = {"sizes": [3]}
+    with pytest.raises(ValueError, match="need as many studied seeds"):
+        evaluate_shift(Config.from_dict({**d, "seeds": [0, 1, 2]}), studies, cpu, posteriors=["all"])

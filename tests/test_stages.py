@@ -30,6 +30,7 @@ STAGE_CODE = {
     "baseline_mc_dropout": "lib.baselines.mc_dropout", "baseline_variational": "lib.baselines.variational",
     "baseline_continued_map": "lib.baselines.finetune", "baseline_importance": "lib.baselines.importance",
     "corrupt": "lib.corruptions", "ood_images": "lib.ood_sets", "shift_probs": "lib.shift_study",
+    "latency": "lib.deploy",
 }
 """The module whose closure keys each stage (the ``code`` it passes to :func:`lib.artifacts.cached`)."""
 
@@ -54,6 +55,7 @@ CLOSURES = {
     "lib.baselines.variational": BASELINE | {"lib.baselines.finetune", "lib.baselines.variational"},
     "lib.baselines.finetune": BASELINE | {"lib.baselines.finetune"},
     "lib.baselines.importance": BASELINE | {"lib.baselines.importance", "lib.calibration", "lib.resample", "lib.stats"},
+    "lib.deploy": TRAINING - {"lib.pipeline"} | LAPLACE | {"lib.laplace.predictive", "lib.deploy"},
     "lib.corruptions": STORAGE | {"lib.data", "lib.corruptions"},
     "lib.ood_sets": STORAGE | {"lib.data", "lib.ood_sets"},
     "lib.shift_study": TRAINING | LAPLACE | {

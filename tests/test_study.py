@@ -19,9 +19,10 @@ from lib.calibration import ece, smooth_ece
 from lib.artifacts import stage_code
 from lib.config import Config, ParamsError
 from lib.names import display_name
-from lib.report import (CONTROL_DIFF, TS_DIFF, answer, attribution_summary, ci, control_summary,
-                        display_scale_table, mc_error_summary, scale_summary, scale_table, setup_table,
-                        statistics_summary)
+from lib.answer import answer
+from lib.attribution import choose_set
+from lib.report import (TS_DIFF, attribution_summary, ci, control_summary, display_scale_table, mc_error_summary,
+                        recommendation, scale_summary, scale_table, setup_table, statistics_summary)
 from lib.resample import bootstrap_counts
 from lib.stats import delta_ece, pareto_front
 from lib.data import batches
@@ -171,37 +172,25 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
     ctrl = att.control
 
     def ans(table=att.table, ranks=ranks, val=validation, **kw):
-        return answer(table, ranks, pareto, base, val, ctrl, tiny_cfg, **kw)
+        return answer(table, ranks, val, ctrl, tiny_cfg, **kw)
 
-    text = ans()
-    assert "`smoke`" in text and "@sec-attribution-scale" in text  # smoke tunes the covariance scale
-    assert "Monte Carlo error" not in text and f"the best single block is block {best}" in text
-    assert "with $\\kappa_S$ re-tuned in every replicate" in text and CONTROL_DIFF in text
+    found = ans()
+    assert found.best_block == best and found.all_blocks.estimate == t.loc["all", "delta"]
+    assert found.shape.estimate == ctrl.set_index("block").loc[best, "diff"]
     noisy = mc.reset_index().assign(mc_share=[0.2, 0.9, 0.1, 0.7])
-    assert "(more than half of it, on the first seed) for 2 of the 4 posteriors checked; the intervals include it" in ans(
-        mc=noisy)
-    assert "Monte Carlo" not in ans(mc=noisy.assign(mc_share=0.3))
-    retuned = pd.DataFrame({"posterior": ["single 0", "all"], "sel_share": [0.75, 0.2]})
-    assert "a material part of the intervals' width" in ans(selection=retuned)
-    assert "material" not in ans(selection=retuned.assign(sel_share=0.4))
-    floor = pd.DataFrame({"posterior": ["all"], "κ min": [tiny_cfg.predictive.scale_range[0]], "κ max": [1.0]})
-    assert "validation prefers a posterior that predicts almost like the MAP" in ans(scale=floor)
-    assert "almost like the MAP" not in ans(scale=floor.assign(**{"κ min": [1.0]}))
+    assert (ans(mc=noisy).mc_noisy, ans(mc=noisy).mc_checked) == (2, 4)
+    assert ans(mc=noisy.assign(mc_share=0.3)).mc_noisy == 0
     agree = estimator_agreement(estimator_robustness(studies, tiny_cfg.stats.n_bins))
     lead = int(agree.top_block_study.iloc[0])
-    same = ans(agreement=agree.assign(top_block=lead))
-    assert "The leading single block is the same under the equal-mass ECE, debiased ℓ2 ECE and smooth ECE" in same
-    differ = ans(agreement=agree.assign(top_block=[lead, lead + 1, lead]))
+    assert ans(agreement=agree.assign(top_block=lead)).leader == "same"
     certified = bool((ranks.set_index("block").loc[lead, "rank_upper"] == 1))
-    assert ("Which single block leads depends on the estimator of calibration error" in differ) == certified
-    assert ("a different block leads (@sec-statistics-estimator), as can be expected when no leader is certified"
-            in differ) == (not certified)
+    differ = ans(agreement=agree.assign(top_block=[lead, lead + 1, lead]))
+    assert differ.leader == ("depends" if certified else "uncertified") and differ.differing == (agree.estimator[1],)
     sure = ranks.assign(rank_upper=[1 if b == lead else 3 for b in ranks.block])
-    assert "Which single block leads depends on the estimator" in ans(
-        ranks=sure, agreement=agree.assign(top_block=[lead, lead + 1, lead]))
+    assert ans(ranks=sure, agreement=agree.assign(top_block=[lead, lead + 1, lead])).leader == "depends"
     # The choices come from the validation table, whatever the test set says: with a hand-made
     # validation gain that makes block 2 the best single block and single 1 the cheapest set with
-    # 80% of the all-block gain, the answer reports those two on the test set, with intervals.
+    # 80% of the all-block gain, the answer and the recommendation report those two on the test set.
     assert names == ["single 0", "single 1", "single 2", "first 2", "last 2", "all"]
     hand = validation.set_index("posterior")
     hand["val_delta"] = 0.0
@@ -210,17 +199,18 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
     gain = att.table.copy()
     gain.loc[gain.posterior == "single 1", ["delta", "lower", "upper", "ts_delta", "ts_lower", "ts_upper"]] = [
         0.018, 0.01, 0.026, 0.004, -0.001, 0.009]
-    text = ans(table=gain, val=hand)
     r2 = gain.set_index("posterior").loc["single 2"]
-    assert (f"Chosen on the validation images, the best single block is block 2; on the test set, which played no part "
-            f"in choosing it, its ΔECE is {ci(r2.delta, r2.lower, r2.upper)} pp.") in text
+    chosen = ans(table=gain, val=hand)
+    assert chosen.best_block == 2 and (chosen.best.estimate, chosen.best.lower, chosen.best.upper) == (
+        r2.delta, r2.lower, r2.upper)
+    text = recommendation(pareto, gain, base, choose_set(hand, pareto), alpha=0.05)
     assert ("Make **block 1 only** Bayesian (chosen on the validation images as the cheapest priced choice with at least "
             "80% of the all-block validation gain): on the test set, which played no part in choosing it, its ΔECE is "
             "+1.80 [+1.00, +2.60] pp") in text
     assert "its accuracy changes by −10.00 pp" in text
     assert f"the data cannot tell the two apart: {TS_DIFF} = +0.40 [−0.10, +0.90] pp" in text
     assert "1.00%" not in text  # temperature scaling enters through the paired interval only
-    text = ans(val=hand.assign(val_delta=-0.01))
+    text = recommendation(pareto, gain, base, choose_set(hand.assign(val_delta=-0.01), pareto), alpha=0.05)
     assert "On the validation images the all-block Laplace does not lower the ECE" in text
 
 
@@ -556,12 +546,15 @@ def test_open_study_validates_the_params_and_resolves_the_device():
     a bad key names the params file; nothing is computed until a stage is asked for."""
     from lib.config import load_params
     from lib.paths import PARAMS
-    from lib.study import open_study
+    from lib.study import open_chapter, open_study
 
     d = load_params(PARAMS / "smoke.yml")
     d["device"] = "cpu"
     study = open_study("smoke", d)
     assert study.cfg == Config.from_dict(d) and study.device == torch.device("cpu")
+    opened, cfg, device = open_chapter("smoke", d)
+    assert isinstance(opened, Study) and cfg == opened.cfg == study.cfg and device == opened.device == torch.device("cpu")
+    assert not opened._runs and not opened._fits and not opened._seeds  # nothing opened yet
     d["stats"]["n_binz"] = 3
     with pytest.raises(ParamsError, match="params/smoke.yml: unknown key 'stats.n_binz'"):
         open_study("smoke", d)

@@ -42,16 +42,6 @@ METHODS: dict[str, Callable[[Config, MapRun, torch.device], BaselineResult]] = {
 """Baseline name → its function ``(cfg, run, device) -> BaselineResult``."""
 
 
-def run_baselines(cfg: Config, run: MapRun, device: torch.device,
-                  names: Sequence[str] | None = None) -> list[BaselineResult]:
-    """The baselines ``names`` (default: all of :data:`METHODS`, in order) for the seed of ``run``."""
-    names = list(METHODS) if names is None else list(names)
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown baselines {unknown}; choose among {list(METHODS)}")
-    return [METHODS[n](cfg, run, device) for n in names]
-
-
 def method_predictions(results: Sequence[BaselineResult]) -> dict[str, MethodPredictions]:
     """The rows of ``results`` as :class:`~lib.baselines.table.MethodPredictions` for
     :func:`~lib.baselines.table.baseline_table` (each row carries its method's training time,
