@@ -149,7 +149,8 @@ def setup_table(cfg: Config, run: MapRun, backbone: BackboneRecord | None = None
                        + f", K = {cfg.predictive.n_samples} posterior samples, covariance scale "
                        + ("tuned per subset on validation NLL" if cfg.predictive.scale != "none" else "κ = 1")),
         ("Statistics", f"ECE with M = {cfg.stats.n_bins} equal-width bins; {cfg.stats.n_boot:,} bootstrap replicates "
-                       f"({cfg.stats.n_boot_shapley:,} per seed for Shapley values); α = {cfg.stats.alpha:g}"),
+                       f"({cfg.stats.n_boot_shapley:,} per seed for Shapley values); α = {cfg.stats.alpha:g}; equivalence "
+                       f"margin ±{PP * cfg.stats.equivalence_margin:g} pp (two one-sided tests)"),
     ]
     if cfg.pretrain:
         p = cfg.pretrain
