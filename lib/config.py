@@ -252,7 +252,7 @@ class StatsConfig:
     n_boot_mc: int = _at_least(200, 1)
     alpha: float = _above(0.05, 0.0, 1.0)
     top_k: int = _at_least(3, 1)
-    equivalence_margin: float = _above(0.005, 0.0)
+    equivalence_margin: float = _above(0.005, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
