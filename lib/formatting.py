@@ -34,6 +34,17 @@ def pp_interval(iv: Interval) -> str:
     return ci(iv.estimate, iv.lower, iv.upper)
 
 
+def bracket(estimate: float, lower: float, upper: float, digits: int) -> str:
+    """``+1.23 [+0.80, +1.70]`` with ``digits`` decimals, as given (no change of units)."""
+    return f"{signed(estimate, digits)} [{signed(lower, digits)}, {signed(upper, digits)}]"
+
+
+def interval_text(iv: Interval, unit: str = "pp", digits: int = 2) -> str:
+    """An :class:`lib.interval.Interval` in its own units with ``unit`` after it: ``+1.23 [+0.80, +1.70] pp``
+    (``unit=""``: the bracket alone, e.g. for Kendall's τ)."""
+    return f"{bracket(iv.estimate, iv.lower, iv.upper, digits)} {unit}".rstrip()
+
+
 def words(items: list[str]) -> str:
     """``a``, ``a and b``, ``a, b and c``."""
     items = list(items)

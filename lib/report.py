@@ -18,7 +18,7 @@ from lib.attribution_findings import shape_verdict
 from lib.backbone import BackboneRecord
 from lib.calibration import calibration_summary
 from lib.config import Config
-from lib.formatting import PP, ci, format_number, level, pp, signed
+from lib.formatting import PP, bracket, ci, format_number, level, pp, signed
 from lib.model import count_parameters, data_config, n_blocks
 from lib.names import display_name
 from lib.pipeline import MapRun
@@ -145,7 +145,7 @@ QUANTITIES = {
     "nll": "metric", "brier": "metric", "log_marginal_likelihood": "evidence",
     "max_abs_diff": "tolerance", "max_rel_diff": "tolerance", "tolerance": "tolerance",
 }
-"""The :data:`FORMATS` rule of each result-table column that :func:`readable` formats
+"""The :data:`lib.formatting.FORMATS` rule of each result-table column that :func:`readable` formats
 (``delta_seed<s>`` columns: ``delta_pp``); the ΔECE-like columns must already be in pp (:func:`in_pp`)."""
 
 
@@ -313,11 +313,6 @@ def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.
     return pd.DataFrame(rows)
 
 
-def _with_interval(est: float, lo: float, hi: float, digits: int, scale: float = 1.0) -> str:
-    """``+1.23 [+0.80, +1.70]`` of ``scale × (est, lo, hi)`` with ``digits`` decimals."""
-    return f"{signed(scale * est, digits)} [{signed(scale * lo, digits)}, {signed(scale * hi, digits)}]"
-
-
 def display_baselines(table: pd.DataFrame) -> pd.DataFrame:
     """The metrics and costs of :func:`lib.baselines.table.baseline_table` for reading, one row per
     method (index ``Method``): accuracy and ECE in %, NLL and Brier, extra latency per image over
@@ -345,7 +340,7 @@ def display_paired(table: pd.DataFrame) -> pd.DataFrame:
             "ΔNLL vs MAP": ("d_nll_map", 4, 1.0), "ΔNLL vs TS": ("d_nll_ts", 4, 1.0)}
     out = {"Method": table.method}
     for title, (c, digits, scale) in cols.items():
-        out[title] = [_with_interval(r[c], r[f"{c}_lo"], r[f"{c}_hi"], digits, scale) for _, r in table.iterrows()]
+        out[title] = [bracket(scale * r[c], scale * r[f"{c}_lo"], scale * r[f"{c}_hi"], digits) for _, r in table.iterrows()]
     return pd.DataFrame(out).set_index("Method")
 
 
@@ -355,7 +350,7 @@ def display_importance(blocks: pd.DataFrame, tau: pd.DataFrame) -> pd.DataFrame:
     scores = [c for c in blocks.columns if c not in ("block", "delta")]
     out = pd.DataFrame({"Block": blocks.block.map(str), "ΔECE(ℓ) (pp)": (PP * blocks.delta).map(lambda v: signed(v, 2)),
                         **{s: blocks[s].map(lambda v: f"{v:.3g}") for s in scores}})
-    taus = {s: _with_interval(r.kendall_tau, r.lower, r.upper, 2) for s, r in tau.set_index("score").iterrows()}
+    taus = {s: bracket(r.kendall_tau, r.lower, r.upper, 2) for s, r in tau.set_index("score").iterrows()}
     out.loc[len(out)] = ["Kendall τ-b with ΔECE(ℓ)", "", *[taus[s] for s in scores]]
     return out.set_index("Block")
 
@@ -363,7 +358,7 @@ def display_importance(blocks: pd.DataFrame, tau: pd.DataFrame) -> pd.DataFrame:
 def display_shift_gains(gains: pd.DataFrame) -> pd.DataFrame:
     """:attr:`lib.shift_study.ShiftResults.gains` for reading: one row per method and reference,
     one column per severity (0: clean), each the ECE gain in pp with its interval."""
-    g = gains.assign(cell=[_with_interval(r.gain, r.lower, r.upper, 2, PP) for r in gains.itertuples()],
+    g = gains.assign(cell=[bracket(PP * r.gain, PP * r.lower, PP * r.upper, 2) for r in gains.itertuples()],
                      severity=gains.severity.map(lambda v: "clean" if v == 0 else f"severity {v}"))
     wide = g.pivot_table(index=["method", "reference"], columns="severity", values="cell", aggfunc="first", sort=False)
     wide = wide.reset_index().rename(columns={"method": "Method", "reference": "gain over"})

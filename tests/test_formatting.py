@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib.formatting import blocks_text, format_number, pp_interval, words
+from lib.formatting import blocks_text, bracket, format_number, interval_text, pp_interval, words
 from lib.interval import Interval
 
 
@@ -24,3 +24,9 @@ def test_interval_and_block_formatting():
     assert [blocks_text(b) for b in ([], [3], [4, 1], [2, 0, 1], [0, 2, 5])] == [
         "no block", "block 3", "blocks 1 and 4", "blocks 0–2", "blocks 0, 2 and 5"]
     assert [words(w) for w in ([], ["a"], ["a", "b"], ["a", "b", "c"])] == ["", "a", "a and b", "a, b and c"]
+
+
+def test_bracket_and_interval_text_keep_the_units_they_are_given():
+    assert bracket(0.5, -0.25, 1.0, 2) == "+0.50 [−0.25, +1.00]"
+    assert interval_text(Interval(1.23, 0.8, 1.7, 0.05)) == "+1.23 [+0.80, +1.70] pp"
+    assert interval_text(Interval(-0.333, -1.0, 0.5, 0.05), unit="", digits=1) == "−0.3 [−1.0, +0.5]"
