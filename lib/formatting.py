@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from lib.interval import Interval
+from lib.names import display_name
 
 PP = 100.0
 
@@ -43,6 +44,12 @@ def interval_text(iv: Interval, unit: str = "pp", digits: int = 2) -> str:
     """An :class:`lib.interval.Interval` in its own units with ``unit`` after it: ``+1.23 [+0.80, +1.70] pp``
     (``unit=""``: the bracket alone, e.g. for Kendall's τ)."""
     return f"{bracket(iv.estimate, iv.lower, iv.upper, digits)} {unit}".rstrip()
+
+
+def posterior_text(name: str) -> str:
+    """A posterior key in prose: ``the all-block posterior`` for ``all``, else :func:`lib.names.display_name`
+    (``block 3 only``, ``last 2 blocks``)."""
+    return "the all-block posterior" if name == "all" else display_name(name)
 
 
 def words(items: list[str]) -> str:

@@ -79,8 +79,8 @@ class McFindings:
     ``worst_share``; ``noisy``: posteriors whose ratio exceeds :data:`MATERIAL` (of ``checked``).
     ``drift``: the largest change of ΔECE when half the samples are used, relative to the test-set
     standard error (``drift_ratio``), of posterior ``drifted``; ``drift_share``: that change as a
-    share of the posterior's ΔECE, None when ΔECE lies within z·SE of zero (the share of a gain
-    that cannot be told from zero is undefined).
+    share of the posterior's ΔECE, None when ΔECE lies within ``z`` test-set standard errors of
+    zero (z = Φ⁻¹(1 − α/2); the share of a gain that cannot be told from zero is undefined).
     """
 
     max_se: float
@@ -94,6 +94,7 @@ class McFindings:
     drift: float
     drift_ratio: float
     drift_share: float | None
+    z: float
 
     @property
     def widening(self) -> float:
@@ -122,7 +123,7 @@ def mc_findings(table: pd.DataFrame, alpha: float) -> McFindings:
         median_share=float(table.mc_share.median()), worst=str(worst.posterior), worst_share=float(worst.mc_share),
         noisy=tuple(table[table.mc_share > MATERIAL].posterior), checked=len(table), drifted=str(drift.posterior),
         drift=abs(float(drift.halving)), drift_ratio=float(moved.max()),
-        drift_share=abs(float(drift.halving)) / abs(float(drift.delta)) if clear else None,
+        drift_share=abs(float(drift.halving)) / abs(float(drift.delta)) if clear else None, z=z,
     )
 
 

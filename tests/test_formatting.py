@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib.formatting import blocks_text, bracket, format_number, interval_text, pp_interval, words
+from lib.formatting import blocks_text, bracket, format_number, interval_text, posterior_text, pp_interval, words
 from lib.interval import Interval
 
 
@@ -30,3 +30,8 @@ def test_bracket_and_interval_text_keep_the_units_they_are_given():
     assert bracket(0.5, -0.25, 1.0, 2) == "+0.50 [−0.25, +1.00]"
     assert interval_text(Interval(1.23, 0.8, 1.7, 0.05)) == "+1.23 [+0.80, +1.70] pp"
     assert interval_text(Interval(-0.333, -1.0, 0.5, 0.05), unit="", digits=1) == "−0.3 [−1.0, +0.5]"
+
+
+def test_posterior_text():
+    assert [posterior_text(n) for n in ("all", "single 3", "last 2")] == ["the all-block posterior", "block 3 only",
+                                                                          "last 2 blocks"]

@@ -46,6 +46,7 @@ def test_mc_findings_noisy_posteriors_drift_and_no_share_of_a_gain_within_its_er
     assert m.noisy == ("single 1",) and not m.settled and m.drift_ratio == pytest.approx(0.8)
     tiny = mc_findings(_mc([0.0004, 0.0008, 0.0005], [-0.0002, 0.0001, -0.0045], delta=(0.01, 0.01, 0.00005)), 0.05)
     assert tiny.drifted == "all" and tiny.drift_share is None  # not "9000% of its ΔECE"
+    assert tiny.z == pytest.approx(1.959964, abs=1e-6)
     # the rule is |Δ| > z·SE with z at the level: 0.9 pp is beyond 1.64 × 0.5 pp (α = 0.1) but not 1.96 × 0.5 pp
     edge = _mc([0.0004, 0.0008, 0.0005], [-0.0002, 0.0001, -0.0005], delta=(0.01, 0.01, 0.009))
     assert mc_findings(edge, 0.1).drift_share == pytest.approx(0.0005 / 0.009)
