@@ -15,12 +15,11 @@ from typing import Literal
 import pandas as pd
 
 from lib.attribution import choose_single
+from lib.attribution_findings import Shape, shape_verdict
 from lib.config import Config
 from lib.interval import Interval
+from lib.statistics_findings import MATERIAL
 
-MATERIAL = 0.5
-"""An extra error (Monte Carlo, κ_S selection) is called material when its standard deviation
-exceeds this fraction of the intervals' one: added in variance it widens them by more than ~12%."""
 
 Leader = Literal["same", "depends", "uncertified"]
 """Whether the single block that leads under the equal-width ECE leads under every other estimator
@@ -40,7 +39,8 @@ class Answer:
     ``below``: the single blocks whose interval lies above, and below, zero; ``holm``: those that
     pass the Holm-corrected test on their own; ``certified``: those that the simultaneous rank
     confidence set certifies as top-k. ``shape``: Δ_Laplace − Δ_iso of the best block against
-    isotropic noise of tuned size (``above``: its shape adds to the gain). ``leader`` (None without
+    isotropic noise of tuned size, ``shape_verdict`` what it supports (:data:`lib.attribution_findings.Shape`:
+    equivalence only by TOST within ``stats.equivalence_margin``). ``leader`` (None without
     the estimator table): :data:`Leader`; ``estimators`` the other estimators and ``differing``
     those under which another block leads. ``mc_noisy`` of ``mc_checked`` posteriors have Monte Carlo
     error above :data:`MATERIAL` of the test-set error (first seed; 0 of 0 without the table);
@@ -57,6 +57,7 @@ class Answer:
     holm: tuple[int, ...]
     certified: tuple[int, ...]
     shape: Interval
+    shape_verdict: Shape
     leader: Leader | None
     estimators: tuple[str, ...]
     differing: tuple[str, ...]
@@ -107,6 +108,7 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, validation: pd.DataFrame, c
         above=_blocks(singles[singles.lower > 0]), below=_blocks(singles[singles.upper < 0]),
         holm=_blocks(singles[singles.improves.astype(bool)]), certified=_blocks(ranks[ranks.surely_top_k.astype(bool)]),
         shape=Interval.from_row(shape, alpha, estimate="diff", lower="diff_lower", upper="diff_upper"),
+        shape_verdict=shape_verdict(shape, alpha, cfg.stats.equivalence_margin),
         leader=leader, estimators=estimators, differing=differing, mc_noisy=noisy, mc_checked=0 if mc is None else len(mc),
         selection_material=selection is not None and not selection.empty and bool((selection.sel_share > MATERIAL).any()),
     )

@@ -174,7 +174,8 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, predictive: Predic
     (medians over seeds), ``sigma2_edge`` (``'lower'``/``'upper'`` when the tuned σ² sits at that end
     of its grid on some seed, else ``''``), Δ of the Laplace block (``delta``, ``lower``, ``upper``),
     of the control (``delta_iso``, ``iso_lower``, ``iso_upper``) and their paired difference
-    Δ_Laplace − Δ_iso (``diff``, ``diff_lower``, ``diff_upper``).
+    Δ_Laplace − Δ_iso (``diff``, ``diff_lower``, ``diff_upper``), with its (1 − 2α) interval
+    (``tost_lower``, ``tost_upper``) for the equivalence test of :mod:`lib.equivalence`.
     """
     named = [s.named() for s in studies]
     names = [n for n in named[0]["names"] if n != "none"]
@@ -240,6 +241,7 @@ def _control_table(table: pd.DataFrame, tuned: list[TunedSeed], names: list[str]
     lo, hi = percentile_interval(lap, alpha)
     ilo, ihi = percentile_interval(iso, alpha)
     dlo, dhi = percentile_interval(lap - iso, alpha)
+    tlo, thi = percentile_interval(lap - iso, 2 * alpha)  # the (1 − 2α) interval of the TOST (lib.equivalence)
     kgrid = (torch.ones(1, dtype=torch.float64) if predictive.scale == "none"
              else scale_grid(predictive.scale_range[0], predictive.scale_range[1], predictive.scale_points))
     cgrid = control_grid(predictive)
@@ -255,6 +257,7 @@ def _control_table(table: pd.DataFrame, tuned: list[TunedSeed], names: list[str]
         "delta": est[cols].numpy(), "lower": lo.numpy(), "upper": hi.numpy(),
         "delta_iso": est[P : P + L].numpy(), "iso_lower": ilo.numpy(), "iso_upper": ihi.numpy(),
         "diff": (est[cols] - est[P : P + L]).numpy(), "diff_lower": dlo.numpy(), "diff_upper": dhi.numpy(),
+        "tost_lower": tlo.numpy(), "tost_upper": thi.numpy(),
     })
 
 

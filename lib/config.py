@@ -206,7 +206,7 @@ class PredictiveConfig:
     ``σ²`` (:mod:`lib.laplace.isotropic`), tuned per block on the same validation images and by the
     same rule as ``κ_S`` whatever ``scale`` says. It is a variance per LoRA weight, not a multiple of a
     posterior covariance, so it spans more decades than ``scale_range``; a ``σ²`` at either end of
-    it is reported (:func:`lib.report.control_summary`).
+    it is reported (:func:`lib.attribution_findings.control_findings`).
     """
 
     n_samples: int = _at_least(32, 2)
@@ -239,6 +239,11 @@ class StatsConfig:
     transformations and keeps to the statistic's range. Its coverage is checked by simulation in
     the test suite, and chapter 5 compares it with BCa where BCa is exact (one seed, samples and κ_S
     fixed) as a check, not as a second interval.
+
+    ``equivalence_margin``: the margin m (a fraction; 0.005 = 0.5 pp of ECE) within which a paired
+    difference of ΔECE is called equivalent to zero, by two one-sided tests at level ``alpha``
+    (:mod:`lib.equivalence`, schuirmann1987comparison); an interval that merely holds zero is
+    "cannot be distinguished", never "equivalent".
     """
 
     n_bins: int = _at_least(15, 1)
@@ -247,6 +252,7 @@ class StatsConfig:
     n_boot_mc: int = _at_least(200, 1)
     alpha: float = _above(0.05, 0.0, 1.0)
     top_k: int = _at_least(3, 1)
+    equivalence_margin: float = _above(0.005, 0.0, 1.0)
 
 
 @dataclass(frozen=True)

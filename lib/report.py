@@ -1,9 +1,10 @@
-"""Result tables of the book and the number formatting the chapters state them with.
+"""Result tables of the book: built from the study's records, and formatted for reading.
 
 Chapters call these so that every number in the book comes from the run that produced the
-figures; nothing is typed by hand. ΔECE and its intervals are shown in percentage points (pp).
-The chapters write their own sentences over the findings of lib (:mod:`lib.answer`,
-:mod:`lib.fit_findings`, :mod:`lib.study_scale`); the tables are stored by :mod:`lib.results`.
+figures; nothing is typed by hand. Numbers are written by :mod:`lib.formatting`; the chapters
+write their own sentences over the findings of lib (:mod:`lib.answer`, :mod:`lib.fit_findings`,
+:mod:`lib.attribution_findings`, :mod:`lib.statistics_findings`, :mod:`lib.scale_findings`,
+:mod:`lib.study_scale`); the tables are stored by :mod:`lib.results`.
 """
 
 from __future__ import annotations
@@ -13,109 +14,15 @@ import json
 import pandas as pd
 import torch
 
-from lib.answer import MATERIAL
-from lib.attribution import SET_SHARE
+from lib.attribution_findings import shape_verdict
 from lib.backbone import BackboneRecord
 from lib.calibration import calibration_summary
 from lib.config import Config
-from lib.interval import Interval
+from lib.formatting import PP, bracket, ci, format_number, level, pp, signed
 from lib.model import count_parameters, data_config, n_blocks
 from lib.names import display_name
 from lib.pipeline import MapRun
-from lib.results import load_table, results_dir, save_table  # noqa: F401  (chapters 04-06 still import them from here)
 from lib.study_scale import model_scale
-
-PP = 100.0
-
-
-def signed(x: float, digits: int) -> str:
-    """``x`` with an explicit sign and a typographic minus, e.g. ``+0.0123``, ``−0.0046``."""
-    return f"{x:+.{digits}f}".replace("-", "−")
-
-
-def pp(x: float) -> str:
-    """A fraction as signed percentage points with a typographic minus, e.g. ``+1.23``, ``−0.40``."""
-    return signed(PP * x, 2)
-
-
-def ci(delta: float, lower: float, upper: float) -> str:
-    """``+1.23 [+0.80, +1.70]`` (pp)."""
-    return f"{pp(delta)} [{pp(lower)}, {pp(upper)}]"
-
-
-def pp_interval(iv: Interval) -> str:
-    """An :class:`lib.interval.Interval` of a fraction as ``+1.23 [+0.80, +1.70]`` (pp)."""
-    return ci(iv.estimate, iv.lower, iv.upper)
-
-
-def words(items: list[str]) -> str:
-    """``a``, ``a and b``, ``a, b and c``."""
-    items = list(items)
-    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1] if items else ""
-
-
-def blocks_text(blocks) -> str:
-    """Block numbers for prose: ``no block``, ``block 3``, ``blocks 1 and 4``, ``blocks 0–3`` (a run of three or more)."""
-    blocks = sorted(int(b) for b in blocks)
-    if not blocks:
-        return "no block"
-    if len(blocks) == 1:
-        return f"block {blocks[0]}"
-    if len(blocks) > 2 and blocks == list(range(blocks[0], blocks[-1] + 1)):
-        return f"blocks {blocks[0]}–{blocks[-1]}"
-    return "blocks " + words(list(map(str, blocks)))
-
-
-def level(alpha: float) -> str:
-    """The confidence level of intervals at ``alpha``: ``'95%'`` for 0.05, ``'90%'`` for 0.1."""
-    return f"{100 * (1 - alpha):.3g}%"
-
-
-KAPPA_S = r"$\kappa_S$"
-"""The covariance scale of a subset in prose (math, so both HTML and PDF show the subscript)."""
-KAPPA_ALL = r"$\kappa_{\mathrm{all}}$"
-"""The all-block posterior's covariance scale in prose."""
-CONTROL_DIFF = r"$\Delta_{\mathrm{ECE}}^{\mathrm{Laplace}}-\Delta_{\mathrm{ECE}}^{\mathrm{iso}}$"
-"""The paired difference of a block's Laplace and isotropic-control gains, as math for the prose."""
-TS_DIFF = r"$\mathrm{ECE}_{\mathrm{TS}}-\mathrm{ECE}$"
-"""Temperature scaling's ECE minus a posterior's, as math for the prose."""
-DELTA_DEF = r"$\mathrm{ECE}_{\det} - \mathrm{ECE}_{\mathrm{Bayes}}$"
-"""The definition of ΔECE in prose."""
-
-
-FORMATS = {
-    "delta_pp": "differences in percentage points (ΔECE, its bounds, signed ECE): signed, 2 decimals",
-    "pp": "errors and spreads in percentage points (SE, SD): 2 decimals",
-    "percent": "ECE and accuracy in %: 2 decimals",
-    "p": "p-values: 3 decimals, '<0.001' below 0.0005",
-    "ratio": "ratios and shares: 2 decimals",
-    "seconds": "times in s: 1 decimal",
-    "rate": "throughput (images/s): integer with thousands separators",
-    "count": "counts: integer with thousands separators",
-    "kappa": "covariance scales κ and prior precisions δ: 3 significant digits",
-    "metric": "NLL and Brier score (and their differences): 4 decimals",
-    "evidence": "log evidence: 1 decimal",
-    "tolerance": "numerical differences and tolerances: 2 significant digits, scientific",
-}
-"""The one display rule per quantity of the book's tables (:func:`format_number`)."""
-
-
-def format_number(x: float, quantity: str) -> str:
-    """``x`` as the book shows a ``quantity`` of :data:`FORMATS` (typographic minus; ``–`` for NaN)."""
-    if quantity not in FORMATS:
-        raise ValueError(f"quantity {quantity!r} has no display rule; use one of {', '.join(FORMATS)}")
-    if x is None or pd.isna(x):
-        return "–"
-    x = float(x)
-    if quantity == "delta_pp":
-        return signed(x, 2)
-    if quantity == "p":
-        return "<0.001" if x < 0.0005 else f"{x:.3f}"
-    text = {"pp": f"{x:.2f}", "percent": f"{x:.2f}", "ratio": f"{x:.2f}", "seconds": f"{x:.1f}",
-            "rate": f"{x:,.0f}", "count": f"{x:,.0f}", "kappa": f"{x:.3g}", "metric": f"{x:.4f}",
-            "evidence": f"{x:.1f}", "tolerance": f"{x:.1e}"}[quantity]
-    return text.replace("-", "−")
-
 
 def setup_table(cfg: Config, run: MapRun, backbone: BackboneRecord | None = None) -> pd.DataFrame:
     """Data, model, LoRA and training settings of the profile as a two-column table, with the
@@ -151,7 +58,8 @@ def setup_table(cfg: Config, run: MapRun, backbone: BackboneRecord | None = None
                        + f", K = {cfg.predictive.n_samples} posterior samples, covariance scale "
                        + ("tuned per subset on validation NLL" if cfg.predictive.scale != "none" else "κ = 1")),
         ("Statistics", f"ECE with M = {cfg.stats.n_bins} equal-width bins; {cfg.stats.n_boot:,} bootstrap replicates "
-                       f"({cfg.stats.n_boot_shapley:,} per seed for Shapley values); α = {cfg.stats.alpha:g}"),
+                       f"({cfg.stats.n_boot_shapley:,} per seed for Shapley values); α = {cfg.stats.alpha:g}; equivalence "
+                       f"margin ±{PP * cfg.stats.equivalence_margin:g} pp (two one-sided tests)"),
     ]
     if cfg.pretrain:
         p = cfg.pretrain
@@ -237,7 +145,7 @@ QUANTITIES = {
     "nll": "metric", "brier": "metric", "log_marginal_likelihood": "evidence",
     "max_abs_diff": "tolerance", "max_rel_diff": "tolerance", "tolerance": "tolerance",
 }
-"""The :data:`FORMATS` rule of each result-table column that :func:`readable` formats
+"""The :data:`lib.formatting.FORMATS` rule of each result-table column that :func:`readable` formats
 (``delta_seed<s>`` columns: ``delta_pp``); the ΔECE-like columns must already be in pp (:func:`in_pp`)."""
 
 
@@ -295,286 +203,6 @@ def book_table(df: pd.DataFrame) -> pd.DataFrame:
     return df.rename_axis(index=None, columns=df.index.name)
 
 
-def _blocks_text(blocks: list[int]) -> str:
-    blocks = sorted(blocks)
-    if not blocks:
-        return "no block"
-    if blocks == list(range(blocks[0], blocks[-1] + 1)) and len(blocks) > 2:
-        return f"blocks {blocks[0]}–{blocks[-1]}"
-    if len(blocks) == 1:
-        return f"block {blocks[0]}"
-    return "blocks " + ", ".join(map(str, blocks[:-1])) + f" and {blocks[-1]}"
-
-
-def _signed_blocks(singles: pd.DataFrame) -> tuple[list[int], list[int]]:
-    """Single blocks whose interval lies above zero, and those whose interval lies below it."""
-    return singles[singles.lower > 0].block.tolist(), singles[singles.upper < 0].block.tolist()
-
-
-NOTHING_SINGLED_OUT = "No block's interval excludes zero; the data do not single out a block."
-"""What the summaries say when no single-block interval excludes zero."""
-
-
-def attribution_summary(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.DataFrame, alpha: float, top_k: int,
-                        best: int) -> str:
-    """One paragraph: the all-block gain, the best single block ``best`` as chosen on validation data
-    (:func:`lib.attribution.choose_single`) with its test-set gain, which single blocks have an interval
-    that excludes zero (saying so plainly when none does), how sure the ranking is, Shapley values (as
-    shares of the all-block gain only when its interval excludes zero)."""
-    singles = table[table.kind == "single"].sort_values("block")
-    full = table[table.kind == "all"].iloc[0]
-    top = singles.set_index("block").loc[best]
-    improving = singles[singles.improves].block.tolist()
-    sure = ranks[ranks.surely_top_k].block.tolist()
-    cands = ranks[ranks.top_k_candidate].block.tolist()
-    shap = shapley.sort_values("phi", ascending=False)
-    total = shapley.phi.sum()
-    share = shap.phi.iloc[0] / total
-    above, below = _signed_blocks(singles)
-    parts = [
-        f"Making all blocks Bayesian gives ΔECE = {ci(full.delta, full.lower, full.upper)} pp "
-        f"(positive: lower ECE) with an accuracy change of {pp(full.d_acc)} pp.",
-        f"Chosen on the validation images, the best single block is block {best}; on the test set its ΔECE is "
-        f"{ci(top.delta, top.lower, top.upper)} pp.",
-    ]
-    if not above and not below:
-        parts.append(NOTHING_SINGLED_OUT)
-    else:
-        parts.append(("The intervals of " + _blocks_text(above) + " lie above zero" if above else "No interval lies above zero")
-                     + (f"; those of {_blocks_text(below)} lie below it." if below else "."))
-    if improving:
-        parts.append(f"After Holm correction at α = {alpha:g}, {_blocks_text(improving)} improve calibration on their own.")
-    else:
-        parts.append(f"After Holm correction at α = {alpha:g}, no single block improves calibration significantly on its own.")
-    parts.append(
-        f"The {100 * (1 - alpha):.0f}% simultaneous rank confidence set cannot exclude {_blocks_text(cands)} "
-        f"from the top {top_k}"
-        + (f" and certifies {_blocks_text(sure)} as members." if sure else "; no block is certified as a member.")
-    )
-    lead = shap.iloc[0]
-    parts.append(f"By Shapley value, {lead.layer} contributes most on the test set, "
-                 + ci(lead.phi, lead.lower, lead.upper) + " pp" + (f" ({100 * share:.0f}% of the all-block gain)" if _clear_gain(full) else "")
-                 + f"; the Shapley values of all blocks sum to the all-block gain, {pp(total)} pp.")
-    return " ".join(parts)
-
-
-def _clear_gain(full: pd.Series) -> bool:
-    """Whether the all-block gain's interval excludes zero from above, so that shares of it mean something."""
-    return float(full.lower) > 0
-
-
-def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, alpha: float, top_k: int) -> str:
-    """What the data do and do not support, from the tests and rank sets."""
-    singles = table[table.kind == "single"]
-    sig = singles[singles.improves].block.tolist()
-    worse = singles[singles.upper < 0].block.tolist()
-    unclear = singles[(singles.lower <= 0) & (singles.upper >= 0)].block.tolist()
-    uncorrected = singles[(singles.lower > 0) & ~singles.improves.astype(bool)].block.tolist()
-    width = float((singles.upper - singles.lower).median())
-    above, below = _signed_blocks(singles)
-    out = [
-        f"With {n_seeds} training seed{'s' if n_seeds > 1 else ''}, the median {level(alpha)} interval of a single-block ΔECE is "
-        f"{PP * width:.2f} pp wide (percentile intervals that include the choice of {KAPPA_S} on the validation images).",
-        *([NOTHING_SINGLED_OUT] if not above and not below else []),
-        (f"Supported: {_blocks_text(sig)} improve{'s' if len(sig) == 1 else ''} calibration (Holm-adjusted one-sided "
-         f"test, family-wise error {alpha:g}).") if sig else
-        "Not supported: that any single block, on its own, improves calibration (no Holm-adjusted test rejects).",
-    ]
-    if uncorrected:
-        out.append(f"For {_blocks_text(uncorrected)} the {level(alpha)} interval lies above zero, but the "
-                   f"Holm-adjusted test does not reject: the gain is not established once the {len(singles)} blocks "
-                   "are tested together.")
-    if worse:
-        out.append(f"{_blocks_text(worse).capitalize()} make{'s' if len(worse) == 1 else ''} calibration worse "
-                   "(interval entirely below zero).")
-    if unclear:
-        out.append(f"For {_blocks_text(unclear)} the data cannot tell the sign of the effect.")
-    sure = ranks[ranks.surely_top_k].block.tolist()
-    out.append(f"Rank statements: {_blocks_text(sure)} {'is' if len(sure) == 1 else 'are'} certainly in the top "
-               f"{top_k}." if sure else f"Rank statements: no block is certainly in the top {top_k}; the ranking beyond "
-               "the point estimates is not supported at this sample size.")
-    return " ".join(out)
-
-
-def _posterior_names(names) -> str:
-    """Named posteriors for prose: ``block 3 only and the all-block posterior`` (:func:`display_name`)."""
-    shown = ["the all-block posterior" if n == "all" else display_name(n) for n in names]
-    return _join(shown) if shown else ""
-
-
-def _leader(agreement: pd.DataFrame, ranks: pd.DataFrame) -> tuple[int, bool, pd.DataFrame]:
-    """The block ranked first under the reference of :func:`lib.attribution.ranking_agreement`,
-    whether the rank confidence set certifies it as first, and the rows whose leader differs."""
-    top = int(agreement.top_block_study.iloc[0])
-    certified = bool(ranks.set_index("block").loc[top, "rank_upper"] == 1)
-    return top, certified, agreement[agreement.top_block != top]
-
-
-def _agreement_text(agreement: pd.DataFrame, ranks: pd.DataFrame, reference: str, article: str, gain: str) -> list[str]:
-    """Sentences on :func:`lib.attribution.ranking_agreement` against ``reference`` (e.g. "the
-    equal-width ECE"); ``article`` precedes the alternatives' names ("the " or ""); ``gain`` names
-    the reference gain (e.g. "the equal-width gain")."""
-    top, certified, differ = _leader(agreement, ranks)
-    n = int(agreement.blocks.iloc[0])
-    taus = ", ".join(f"{t:.2f} ({e}; {int(d)} of {int(m)} block pairs ordered differently)"
-                     for e, t, d, m in zip(agreement.estimator, agreement.kendall_tau, agreement.discordant,
-                                           agreement.pairs))
-    text = [f"Against {reference}, Kendall's τ of the single-block ΔECE is {taus}."]
-    if differ.empty:
-        text.append(f"Block {top} ranks first under every one of them.")
-    else:
-        text.append(f"Block {top} ranks first under {reference}, but "
-                    + "; ".join(f"block {int(r.top_block)} under {article}{r.estimator}" for r in differ.itertuples())
-                    + (", so which block leads depends on this choice." if certified else
-                       f"; since the simultaneous rank confidence set (@sec-statistics-ranks) does not single out a "
-                       f"leader under {reference} in the first place, this is no evidence against the ranking."))
-    signs = ", ".join(f"{int(r.same_sign)} of {n} ({r.estimator})" for r in agreement.itertuples())
-    flipped = agreement[~agreement.all_same_sign].estimator.tolist()
-    text.append(f"The sign of a single block's gain agrees with {gain} for {signs}"
-                + (f"; the all-block gain changes sign under {_join([article + e for e in flipped])}." if flipped
-                   else "; the all-block gain keeps its sign under every one of them."))
-    return text
-
-
-def estimator_summary(agreement: pd.DataFrame, coincide: bool, ranks: pd.DataFrame) -> str:
-    """Whether the single-block ranking depends on the calibration-error estimator, in words.
-
-    ``agreement``: :func:`lib.attribution.estimator_agreement`; ``coincide``:
-    :func:`lib.attribution.estimators_coincide`; ``ranks``: :func:`lib.attribution.rank_analysis`
-    (a change of leader only matters if the rank confidence set singles out a leader at all).
-    """
-    text = []
-    if coincide:
-        text.append("Equal-width and equal-mass bins give the same gains: the models err in the same direction at "
-                    "every confidence, so every binned ECE reduces to |mean confidence − accuracy| and this comparison "
-                    "cannot show whether the ranking depends on the binning.")
-    text += _agreement_text(agreement, ranks, "the equal-width ECE", "the ", "the equal-width gain")
-    text.append("These are point estimates; the intervals of @sec-statistics-bootstrap are for the equal-width ECE.")
-    return " ".join(text)
-
-
-def scale_sensitivity_summary(agreement: pd.DataFrame, ranks: pd.DataFrame) -> str:
-    """Whether the single-block ranking depends on how the posteriors are scaled, in words, from
-    :func:`lib.attribution.ranking_agreement` of :func:`lib.attribution.scale_sensitivity`."""
-    shown = agreement.assign(estimator=agreement.estimator.map(lambda e: SCALE_WORDS.get(e, e)))
-    return " ".join(_agreement_text(shown, ranks, f"each subset's own {KAPPA_S}", "", f"the own-{KAPPA_S} gain")
-                    + [f"These are point estimates; the intervals elsewhere in this chapter are for the own {KAPPA_S}."])
-
-
-SCALE_WORDS = {"own κ_S": f"each subset's own {KAPPA_S}", "shared κ_all": f"the all-block {KAPPA_ALL}",
-               "κ = 1": r"$\kappa = 1$"}
-"""The scalings of :data:`lib.attribution.SCALES` in prose."""
-
-
-def _widening(ratio: float) -> float:
-    """Relative widening ``√(1 + ratio²) − 1`` of an interval when an independent error with
-    ``ratio`` times its standard deviation is added in variance."""
-    return (1 + ratio**2) ** 0.5 - 1
-
-
-def mc_error_summary(table: pd.DataFrame, n_samples: int) -> str:
-    """Monte Carlo error of ΔECE next to its test-set error, from :func:`lib.attribution.mc_error`.
-
-    Monte Carlo noise is called material for a posterior when ``mc_se > test_se / 2`` (it widens the
-    interval, which includes it, by more than ~12% over the test-set error alone); Δ has not
-    settled when halving the samples moves it by more than half its test-set standard error.
-    """
-    share = table.mc_share
-    worst = table.loc[share.idxmax()]
-    out = [
-        f"With K = {n_samples} posterior samples the Monte Carlo standard error of ΔECE is at most "
-        f"{PP * table.mc_se.max():.2f} pp (median {PP * table.mc_se.median():.2f} pp): "
-        f"{100 * share.median():.0f}% of the test-set standard error at the median and "
-        f"{100 * worst.mc_share:.0f}% at most ({_posterior_names([worst.posterior])})."
-    ]
-    noisy = table[share > MATERIAL].posterior.tolist()
-    if noisy:
-        which = "every posterior in the table" if len(noisy) == len(table) else _posterior_names(noisy)
-        out.append(f"For {which} Monte Carlo noise is comparable to test-set noise (its standard error is more than "
-                   "half the test-set one). The intervals of "
-                   "@sec-attribution include it (they resample the posterior samples too), so they are wider "
-                   "than the test set alone would make them; more samples (`predictive.n_samples`) would "
-                   "narrow them.")
-    else:
-        widen = _widening(float(worst.mc_share))
-        out.append(f"It widens the intervals of @sec-attribution, which include it, by at most about "
-                   f"{100 * widen:.0f}% over the test-set error alone, so more samples would change little.")
-    moved = table.halving.abs() / table.test_se
-    drift = table.loc[moved.idxmax()]
-    out.append(f"Using only half of the samples shifts ΔECE on average by {PP * abs(float(drift.halving)):.2f} pp for "
-               f"{_posterior_names([drift.posterior])} ({100 * float(moved.max()):.0f}% of its test-set standard error, "
-               "the largest relative shift"
-               + (f", and {100 * abs(float(drift.halving)) / abs(float(drift.delta)):.0f}% of its ΔECE"
-                  if abs(float(drift.delta)) > 0 else "")
-               + "); this estimates the bias from a finite K, which no bootstrap captures" +
-               ((": it is small next to the test-set error" + (", even though the Monte Carlo variance is not." if noisy
-                                                                 else "."))
-                if moved.max() <= 0.5 else
-                "; the values at this K may differ from the infinite-sample ones by a noticeable fraction of their "
-                "uncertainty."))
-    return " ".join(out)
-
-
-def _versus_ts(row: pd.Series, alpha: float) -> str:
-    """The paired comparison with temperature scaling of one attribution row (``ts_delta`` =
-    ECE_TS − ECE_S with its interval), in words."""
-    diff = f"{TS_DIFF} = {ci(row.ts_delta, row.ts_lower, row.ts_upper)} pp ({level(alpha)} paired interval)"
-    if row.ts_lower > 0:
-        return f"It calibrates better than temperature scaling, which costs nothing at prediction time: {diff}."
-    if row.ts_upper < 0:
-        return (f"Temperature scaling, fitted on the validation set, calibrates better at no extra cost and without "
-                f"changing accuracy: {diff}; on this profile it is the better fix for top-label calibration.")
-    return (f"Against temperature scaling, which costs nothing at prediction time, the data cannot tell the two apart: "
-            f"{diff}.")
-
-
-def recommendation(front: pd.DataFrame, table: pd.DataFrame, baseline: pd.DataFrame, choice: str | None,
-                   *, alpha: float) -> str:
-    """Concrete advice on the set of Bayesian blocks ``choice``, chosen on validation data
-    (:func:`lib.attribution.choose_set`; None: the all-block posterior does not lower the validation
-    ECE) and reported on the test set with the intervals of ``table``
-    (:func:`lib.attribution.attribution`: ΔECE and ECE_TS − ECE, both including the choice of κ_S).
-
-    ``front``: :func:`lib.figures.prepare_pareto` output (``name``, ``cost``); ``baseline``:
-    :func:`baseline_table` output with the deterministic row and the chosen set's row. It leads with
-    what the paired intervals support: when temperature scaling calibrates significantly better than
-    the chosen set, it recommends temperature scaling and not the Bayesian set.
-    """
-    b = baseline.set_index("method")
-    det = b.loc["deterministic (MAP)"]
-    t = table.set_index("posterior")
-    full = t.loc["all"]
-    if choice is None:
-        return ("On the validation images the all-block Laplace does not lower the ECE, so no Bayesian-block choice is "
-                f"recommended for calibration (all blocks on the test set: ΔECE = {ci(full.delta, full.lower, full.upper)}"
-                " pp). " + _versus_ts(full, alpha))
-    pick = t.loc[choice]
-    cost = float(front.set_index("name").loc[choice, "cost"])
-    full_cost = float(front.set_index("name").loc["all", "cost"])
-    d_acc = (b.loc[f"Laplace, {display_name(choice)}", "accuracy (%)"] - det["accuracy (%)"]) / PP
-    rule = f"the cheapest priced choice with at least {100 * SET_SHARE:.0f}% of the all-block validation gain"
-    if pick.lower > 0 and pick.ts_upper < 0:
-        return (f"Use temperature scaling, not a Bayesian block: on the test set it calibrates better than "
-                f"**{display_name(choice)}** (chosen on the validation images as {rule}), "
-                f"{TS_DIFF} = {ci(pick.ts_delta, pick.ts_lower, pick.ts_upper)} pp ({level(alpha)} paired interval), "
-                f"at no extra cost and without changing accuracy, whereas the Bayesian set costs {cost:.3g} ms extra per "
-                f"image for its ΔECE of {ci(pick.delta, pick.lower, pick.upper)} pp over the MAP model.")
-    if pick.lower <= 0:
-        text = (f"Chosen on the validation images as {rule}, **{display_name(choice)}** has on the test set ΔECE = "
-                f"{ci(pick.delta, pick.lower, pick.upper)} pp: its interval includes zero, so no choice of Bayesian "
-                "blocks can be recommended for calibration on this evidence (test set, seeds, posterior samples and "
-                f"the choice of {KAPPA_S}); it costs {cost:.3g} ms extra per image and changes accuracy by {pp(d_acc)} pp.")
-    else:
-        text = (f"Make **{display_name(choice)}** Bayesian (chosen on the validation images as {rule}): on the test set, "
-                f"which played no part in choosing it, its ΔECE is "
-                f"{ci(pick.delta, pick.lower, pick.upper)} pp, against {ci(full.delta, full.lower, full.upper)} pp for all "
-                f"blocks, at {cost:.3g} ms extra per image ({100 * cost / full_cost:.0f}% of the all-block extra latency); "
-                f"its accuracy changes by {pp(d_acc)} pp.")
-    if "signed ECE (pp)" in b.columns and det["signed ECE (pp)"] < 0 and d_acc < 0 and -d_acc >= 0.5 * pick.delta:
-        text += (f" The deterministic model is under-confident (signed ECE {pp(det['signed ECE (pp)'] / PP)} pp), and "
-                 "for an under-confident model ECE also falls when accuracy falls: the accuracy loss of "
-                 f"{-PP * d_acc:.2f} pp accounts for at least half of this gain.")
-    return text + " " + _versus_ts(pick, alpha)
 
 
 def block_table(summaries: list[pd.DataFrame]) -> pd.DataFrame:
@@ -615,7 +243,7 @@ def scale_table(metrics: list[pd.DataFrame], scales: list[pd.DataFrame]) -> pd.D
 
 
 def display_scale_table(table: pd.DataFrame) -> pd.DataFrame:
-    """:func:`scale_table` formatted for reading (:data:`FORMATS`): κ as median [min, max], NLL and %."""
+    """:func:`scale_table` formatted for reading (:data:`lib.formatting.FORMATS`): κ as median [min, max], NLL and %."""
     return pd.DataFrame({
         "Posterior": table.posterior.map(display_name),
         "tuned κ [range]": [("–" if pd.isna(m) else f"{m:.3g} [{lo:.3g}, {hi:.3g}]")
@@ -644,57 +272,11 @@ def display_selection_table(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
     })
 
 
-def interval_check_summary(intervals: pd.DataFrame) -> str:
-    """How far BCa endpoints lie from the percentile ones where both are exact, from
-    :func:`lib.attribution.interval_comparison` (one seed, samples and κ_S fixed): the largest shift
-    of an endpoint in pp and as a share of the percentile interval's width, and the blocks whose
-    verdict (interval excludes zero or not) would differ. The book's intervals are percentile ones."""
-    width = intervals.percentile_upper - intervals.percentile_lower
-    shift = pd.concat([(intervals.bca_lower - intervals.percentile_lower).abs(),
-                       (intervals.bca_upper - intervals.percentile_upper).abs()], axis=1).max(axis=1)
-    excl = lambda lo, hi: (lo > 0) | (hi < 0)  # noqa: E731
-    differ = intervals[excl(intervals.percentile_lower, intervals.percentile_upper)
-                       != excl(intervals.bca_lower, intervals.bca_upper)].block.tolist()
-    i = int((shift / width).to_numpy().argmax())
-    out = (f"Where BCa is exact, its endpoints lie at most {PP * shift.max():.2f} pp from the percentile ones "
-           f"({100 * float((shift / width).iloc[i]):.0f}% of the interval's width, block {int(intervals.block.iloc[i])}); ")
-    if differ:
-        return out + (f"for {_blocks_text(differ)} the two disagree on whether the interval excludes zero, so the "
-                      "verdicts of the book there rest on the interval type and should be read as borderline.")
-    return out + "no block's verdict (interval excludes zero or not) depends on the interval type."
-
-
-def selection_summary(table: pd.DataFrame) -> str:
-    """What re-tuning κ_S on resampled validation images does to ΔECE, from
-    :func:`lib.attribution.scale_selection`, and how much of the intervals' spread it makes.
-
-    The intervals (:func:`lib.attribution.attribution`) re-tune κ_S in every bootstrap replicate, so
-    they include this error; ``sel_share`` compares its standard deviation with theirs. It is called
-    material for a posterior when ``sel_share >`` :data:`MATERIAL`.
-    """
-    if table.empty:
-        return ("The covariance scale is not tuned (`predictive.scale: none`, κ = 1 for every posterior), so no "
-                "selection error arises.")
-    worst = table.loc[table.sel_share.idxmax()]
-    out = [f"Re-tuning {KAPPA_S} on bootstrap resamples of the {int(table.n_val.iloc[0])} validation images selects the same {KAPPA_S} in "
-           f"{100 * table.stable.min():.0f}–{100 * table.stable.max():.0f}% of the resamples and moves ΔECE with a "
-           f"standard deviation of at most {PP * table.sel_se.max():.2f} pp, {100 * worst.sel_share:.0f}% of the "
-           f"standard deviation of the intervals' bootstrap at the most ({_posterior_names([worst.posterior])}).",
-           "The intervals of @sec-attribution include this error: every bootstrap replicate re-tunes " + KAPPA_S
-           + " on its own resample of the validation images."]
-    material = table[table.sel_share > MATERIAL].posterior.tolist()
-    if material:
-        out.append(f"For {_posterior_names(material)} the choice of {KAPPA_S} is a material part of the interval's width; more "
-                   "validation images (`predictive.scale_images`, `data.val_size`) would narrow it.")
-    else:
-        out.append("It is a small part of every interval's width.")
-    return " ".join(out)
-
-
-def display_control_table(control: pd.DataFrame, alpha: float) -> pd.DataFrame:
+def display_control_table(control: pd.DataFrame, alpha: float, margin: float) -> pd.DataFrame:
     """:attr:`lib.attribution.Attribution.control` formatted for reading: κ_S and σ² (medians over
     seeds; σ² marked where it sits at an end of its grid), ΔECE of the Laplace block and of the
-    isotropic control and their paired difference with ``1 − alpha`` intervals (pp), and the verdict."""
+    isotropic control and their paired difference with ``1 − alpha`` intervals (pp), and the
+    verdict of :func:`lib.attribution_findings.shape_verdict` at the equivalence ``margin``."""
     return pd.DataFrame({
         "Block": control.block,
         "tuned κ": control.kappa.map(lambda v: f"{v:.3g}"),
@@ -706,84 +288,8 @@ def display_control_table(control: pd.DataFrame, alpha: float) -> pd.DataFrame:
                                                   zip(control.delta_iso, control.iso_lower, control.iso_upper)],
         f"Laplace − isotropic, pp [{level(alpha)} CI]": [ci(d, lo, hi) for d, lo, hi in
                                                        zip(control["diff"], control.diff_lower, control.diff_upper)],
-        "Laplace shape": [_shape_verdict(lo, hi) for lo, hi in zip(control.diff_lower, control.diff_upper)],
+        "Laplace shape": [shape_verdict(r, alpha, margin) for _, r in control.iterrows()],
     })
-
-
-def _shape_verdict(lower: float, upper: float) -> str:
-    """``'better'``, ``'worse'`` or ``'no difference shown'`` from the interval of Δ_Laplace − Δ_iso."""
-    return "better" if lower > 0 else "worse" if upper < 0 else "no difference shown"
-
-
-def control_summary(control: pd.DataFrame, alpha: float) -> str:
-    """Whether the Laplace posterior's shape beats isotropic noise of tuned size, block by block, from
-    :attr:`lib.attribution.Attribution.control` (the paired interval of Δ_Laplace − Δ_iso)."""
-    better = control[control.diff_lower > 0].block.tolist()
-    worse = control[control.diff_upper < 0].block.tolist()
-    same = control[(control.diff_lower <= 0) & (control.diff_upper >= 0)].block.tolist()
-    out = []
-    if better:
-        out.append(f"For {_blocks_text(better)} the Laplace posterior's shape calibrates better than isotropic noise of "
-                   f"tuned size (the {level(alpha)} interval of {CONTROL_DIFF} lies above zero).")
-    if worse:
-        out.append(f"For {_blocks_text(worse)} isotropic noise of tuned size calibrates better than the Laplace posterior "
-                   "(that interval lies below zero).")
-    if same and len(same) == len(control):
-        out.append("For every block the isotropic control matches the Laplace block's ΔECE (every interval of "
-                   + CONTROL_DIFF + " includes zero): the calibration gain is not specific to the posterior's "
-                   "shape; noise of the right size on the same weights does as well.")
-    elif same:
-        out.append(f"For {_blocks_text(same)} the control matches the Laplace block (the interval of the difference "
-                   "includes zero): there the gain is not specific to the posterior's shape.")
-    for word in ("lower", "upper"):
-        hit = control[control.sigma2_edge.fillna("") == word].block.tolist()
-        if hit:
-            out.append(f"For {_blocks_text(hit)} the tuned σ² sits at the {word} end of its grid on at least one seed, so "
-                       f"the control's best size may lie beyond it (widen `predictive.control_range`)"
-                       + ("; at the lower end the noise is so small that the control predicts almost like the MAP."
-                          if word == "lower" else "."))
-    return " ".join(out)
-
-
-def scale_summary(table: pd.DataFrame, cfg: Config) -> str:
-    """How far the evidence-tuned posterior is from the validation-optimal width, in words."""
-    t = table.set_index("posterior")
-    det, full = t.loc["deterministic (MAP)"], t.loc["all"]
-    raw = (f"With the evidence-tuned prior alone (κ = 1), the all-block posterior moves test accuracy from "
-           f"{det['acc % κ=1']:.1f}% (MAP) to {full['acc % κ=1']:.1f}% and the ECE from {det['ECE % κ=1']:.2f}% to "
-           f"{full['ECE % κ=1']:.2f}%.")
-    if cfg.predictive.scale == "none":
-        return raw + " This profile uses the posteriors as the evidence gives them (`predictive.scale: none`)."
-    singles = t[t.index.str.startswith("single ")]
-    grid = cfg.predictive.scale_range
-    return (raw + f" The validation NLL selects κ = {full['κ median']:.3g} for it (median over seeds; grid "
-            f"{grid[0]:g}–{grid[1]:g}, {cfg.predictive.scale_points} points), which gives {full['acc % κ_S']:.1f}% "
-            f"accuracy and {full['ECE % κ_S']:.2f}% ECE; single blocks select κ between {singles['κ min'].min():.3g} and "
-            f"{singles['κ max'].max():.3g}. All results below use each subset's own {KAPPA_S}." + _grid_edges(t, grid))
-
-
-def _at_grid_ends(t: pd.DataFrame, grid: tuple[float, ...]) -> tuple[pd.Series, pd.Series]:
-    """Per posterior of :func:`scale_table` (indexed by posterior): whether its κ_S sits at the
-    upper, and at the lower, end of the grid ``(low, high)`` on at least one seed."""
-    return t["κ max"] >= grid[1] * (1 - 1e-9), t["κ min"] <= grid[0] * (1 + 1e-9)
-
-
-def _grid_edges(t: pd.DataFrame, grid: tuple[float, ...]) -> str:
-    """A caveat naming the posteriors whose κ_S sits at an end of the grid (on any seed)."""
-    named = t.drop(index="deterministic (MAP)")
-    upper, lower = _at_grid_ends(named, grid)
-    out = []
-    for hit, word, fix in ((upper, "upper", "extend the grid upwards"), (lower, "lower", "extend the grid downwards")):
-        if hit.any():
-            who = (f"all {len(named)} posteriors" if hit.all() else _posterior_names(named.index[hit]))
-            out.append(f" For {who} the selected κ is at the {word} end of the grid on at least one seed, so the "
-                       f"validation optimum may lie beyond it (to check, {fix} in `predictive.scale_range`).")
-    return "".join(out)
-
-
-def _join(items: list[str]) -> str:
-    """``a``, ``a and b``, ``a, b and c``."""
-    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
 
 
 def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.DataFrame) -> pd.DataFrame:
@@ -805,11 +311,6 @@ def baseline_table(metrics: list[pd.DataFrame], choices: list[str], latency: pd.
             row["peak MiB"] = round(float(mem.get(n, mem.get("none"))), 1)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _with_interval(est: float, lo: float, hi: float, digits: int, scale: float = 1.0) -> str:
-    """``+1.23 [+0.80, +1.70]`` of ``scale × (est, lo, hi)`` with ``digits`` decimals."""
-    return f"{signed(scale * est, digits)} [{signed(scale * lo, digits)}, {signed(scale * hi, digits)}]"
 
 
 def display_baselines(table: pd.DataFrame) -> pd.DataFrame:
@@ -839,7 +340,7 @@ def display_paired(table: pd.DataFrame) -> pd.DataFrame:
             "ΔNLL vs MAP": ("d_nll_map", 4, 1.0), "ΔNLL vs TS": ("d_nll_ts", 4, 1.0)}
     out = {"Method": table.method}
     for title, (c, digits, scale) in cols.items():
-        out[title] = [_with_interval(r[c], r[f"{c}_lo"], r[f"{c}_hi"], digits, scale) for _, r in table.iterrows()]
+        out[title] = [bracket(scale * r[c], scale * r[f"{c}_lo"], scale * r[f"{c}_hi"], digits) for _, r in table.iterrows()]
     return pd.DataFrame(out).set_index("Method")
 
 
@@ -849,7 +350,7 @@ def display_importance(blocks: pd.DataFrame, tau: pd.DataFrame) -> pd.DataFrame:
     scores = [c for c in blocks.columns if c not in ("block", "delta")]
     out = pd.DataFrame({"Block": blocks.block.map(str), "ΔECE(ℓ) (pp)": (PP * blocks.delta).map(lambda v: signed(v, 2)),
                         **{s: blocks[s].map(lambda v: f"{v:.3g}") for s in scores}})
-    taus = {s: _with_interval(r.kendall_tau, r.lower, r.upper, 2) for s, r in tau.set_index("score").iterrows()}
+    taus = {s: bracket(r.kendall_tau, r.lower, r.upper, 2) for s, r in tau.set_index("score").iterrows()}
     out.loc[len(out)] = ["Kendall τ-b with ΔECE(ℓ)", "", *[taus[s] for s in scores]]
     return out.set_index("Block")
 
@@ -857,7 +358,7 @@ def display_importance(blocks: pd.DataFrame, tau: pd.DataFrame) -> pd.DataFrame:
 def display_shift_gains(gains: pd.DataFrame) -> pd.DataFrame:
     """:attr:`lib.shift_study.ShiftResults.gains` for reading: one row per method and reference,
     one column per severity (0: clean), each the ECE gain in pp with its interval."""
-    g = gains.assign(cell=[_with_interval(r.gain, r.lower, r.upper, 2, PP) for r in gains.itertuples()],
+    g = gains.assign(cell=[bracket(PP * r.gain, PP * r.lower, PP * r.upper, 2) for r in gains.itertuples()],
                      severity=gains.severity.map(lambda v: "clean" if v == 0 else f"severity {v}"))
     wide = g.pivot_table(index=["method", "reference"], columns="severity", values="cell", aggfunc="first", sort=False)
     wide = wide.reset_index().rename(columns={"method": "Method", "reference": "gain over"})

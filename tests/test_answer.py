@@ -5,9 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from lib.answer import MATERIAL, answer
+from lib.answer import answer
 from lib.config import Config
 from lib.interval import Interval
+from lib.statistics_findings import MATERIAL
 
 
 def _table() -> pd.DataFrame:
@@ -28,9 +29,11 @@ def _validation() -> pd.DataFrame:
                          "block": [-1, 0, 1, 2], "val_delta": [0.02, 0.02, 0.01, -0.01]})
 
 
-def _control(lower: float = 0.001, upper: float = 0.008) -> pd.DataFrame:
+def _control(lower: float = 0.001, upper: float = 0.008, tost: tuple = (0.002, 0.007)) -> pd.DataFrame:
+    """Block 0's Δ_Laplace − Δ_iso with its 1 − α interval [lower, upper] and its (1 − 2α) interval ``tost``."""
     return pd.DataFrame({"block": [0, 1, 2], "diff": [0.004, 0.0, 0.0], "diff_lower": [lower, -0.01, -0.01],
-                         "diff_upper": [upper, 0.01, 0.01]})
+                         "diff_upper": [upper, 0.01, 0.01], "tost_lower": [tost[0], -0.008, -0.008],
+                         "tost_upper": [tost[1], 0.008, 0.008]})
 
 
 CFG = Config.from_dict({"stats": {"alpha": 0.1}, "predictive": {"scale": "val_nll", "scale_range": [1e-4, 10.0]}})
@@ -42,9 +45,15 @@ def test_answer_states_the_validation_choice_and_the_sides_of_zero():
     assert a.all_blocks_accuracy == -0.001
     assert a.best_block == 0 and a.best == Interval(0.005, -0.002, 0.012, 0.1) and a.best.side == "includes"
     assert (a.above, a.below, a.holm, a.certified) == ((1,), (2,), (1,), (1,)) and a.singled_out
-    assert a.shape == Interval(0.004, 0.001, 0.008, 0.1) and a.shape.side == "above"
-    assert answer(_table(), _ranks(), _validation(), _control(-0.003, 0.002), CFG).shape.side == "includes"
-    assert answer(_table(), _ranks(), _validation(), _control(-0.009, -0.001), CFG).shape.side == "below"
+    assert a.shape == Interval(0.004, 0.001, 0.008, 0.1) and a.shape.side == "above" and a.shape_verdict == "better"
+    assert answer(_table(), _ranks(), _validation(), _control(-0.009, -0.001), CFG).shape_verdict == "worse"
+    # an interval that holds zero is equivalence only when the (1 − 2α) interval lies inside ±0.5 pp (the default margin)
+    unclear = answer(_table(), _ranks(), _validation(), _control(-0.003, 0.009, (-0.002, 0.006)), CFG)
+    assert unclear.shape.side == "includes" and unclear.shape_verdict == "cannot be distinguished"
+    same = answer(_table(), _ranks(), _validation(), _control(-0.003, 0.002, (-0.002, 0.001)), CFG)
+    assert same.shape_verdict == "equivalent"
+    wide = Config.from_dict({**CFG.to_dict(), "stats": {"alpha": 0.1, "equivalence_margin": 0.01}})
+    assert answer(_table(), _ranks(), _validation(), _control(-0.003, 0.009, (-0.002, 0.006)), wide).shape_verdict == "equivalent"
     # without the optional tables: nothing is said about them
     assert (a.leader, a.estimators, a.differing, a.mc_noisy, a.mc_checked, a.selection_material, a.all_kappa_at_floor) == (
         None, (), (), 0, 0, False, False)

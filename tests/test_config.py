@@ -144,6 +144,7 @@ def test_unknown_key_without_close_match_says_remove(tmp_path):
         ("predictive", "scale_images", 0, "'predictive.scale_images' is 0; it must be ≥ 1"),
         ("stats", "alpha", 1.0, "'stats.alpha' is 1.0; it must be > 0.0 and < 1.0"),
         ("stats", "n_bins", 0, "'stats.n_bins' is 0; it must be ≥ 1"),
+        ("stats", "equivalence_margin", 0.0, "'stats.equivalence_margin' is 0.0; it must be > 0.0 and < 1.0"),
         ("deploy", "n_warmup", -1, "'deploy.n_warmup' is -1; it must be ≥ 0"),
     ],
 )

@@ -3,8 +3,10 @@
 The layers, lowest first (a module may import modules of its own layer or of lower ones):
 
 0. leaf: import nothing from lib (paths, display names, style, corruption names, resampling,
-   calibration metrics, temperature scaling, the evidence formula, the fitted models' findings; empty packages)
-1. infrastructure and statistics: provenance, code hashes, artifacts, stored result tables; stats, OOD metrics
+   calibration metrics, temperature scaling, the evidence formula, the fitted models', the statistics' and the
+   covariance scale's findings; empty packages)
+1. infrastructure and statistics: provenance, code hashes, artifacts, stored result tables; stats, OOD metrics,
+   the equivalence test, the attribution's findings and the number formatting
 2. config
 3. data and model (corruptions and OOD image sets included)
 4. training
@@ -14,7 +16,7 @@ The layers, lowest first (a module may import modules of its own layer or of low
    the baseline methods and their run; the answer's findings and the study's scale)
 8. study (lib.study) and the command that fills its cache on several processes (lib.compute)
 9. figures (drawing only: lib.figures, lib.shift_figures, lib.baseline_figures)
-10. report (tables, numbers and text)
+10. report (result tables)
 11. runner and renderer
 """
 
@@ -25,8 +27,10 @@ from lib.paths import ROOT
 
 LAYERS: list[set[str]] = [
     {"lib", "lib.paths", "lib.names", "lib.style", "lib.corruption_names", "lib.resample", "lib.calibration", "lib.interval",
-     "lib.temperature", "lib.laplace.marglik", "lib.stages", "lib.baselines", "lib.fit_findings"},
-    {"lib.provenance", "lib.codehash", "lib.artifacts", "lib.results", "lib.stats", "lib.ood"},
+     "lib.temperature", "lib.laplace.marglik", "lib.stages", "lib.baselines", "lib.fit_findings",
+     "lib.statistics_findings", "lib.scale_findings"},
+    {"lib.provenance", "lib.codehash", "lib.artifacts", "lib.results", "lib.stats", "lib.ood", "lib.equivalence",
+     "lib.attribution_findings", "lib.formatting"},
     {"lib.config"},
     {"lib.data", "lib.model", "lib.corruptions", "lib.ood_sets"},
     {"lib.train"},

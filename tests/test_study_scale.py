@@ -88,3 +88,4 @@ def test_setup_table_states_the_scale_and_the_pretraining_images(tmp_path):
     assert rows["Backbone parameters"] == "213,568 (frozen; head left out)"
     assert rows["Pre-training images"] == "24,000 per epoch, 2 epochs; validation accuracy 65.8% on the pre-training classes"
     assert "Pre-training images" not in setup_table(small, run).Setting.tolist()
+    assert rows["Statistics"].endswith(f"equivalence margin ±{100 * small.stats.equivalence_margin:g} pp (two one-sided tests)")
