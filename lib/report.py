@@ -376,7 +376,7 @@ def statistics_summary(table: pd.DataFrame, ranks: pd.DataFrame, n_seeds: int, a
     above, below = _signed_blocks(singles)
     out = [
         f"With {n_seeds} training seed{'s' if n_seeds > 1 else ''}, the median {level(alpha)} interval of a single-block ΔECE is "
-        f"{PP * width:.2f} pp wide (percentile intervals that include the choice of {KAPPA_S} on the validation images).",
+        f"{PP * width:.2f} pp wide (basic bootstrap intervals for these training runs that include the choice of {KAPPA_S} on the validation images).",
         *([NOTHING_SINGLED_OUT] if not above and not below else []),
         (f"Supported: {_blocks_text(sig)} improve{'s' if len(sig) == 1 else ''} calibration (Holm-adjusted one-sided "
          f"test, family-wise error {alpha:g}).") if sig else
@@ -650,7 +650,8 @@ def interval_check_summary(intervals: pd.DataFrame) -> str:
     """How far BCa endpoints lie from the percentile ones where both are exact, from
     :func:`lib.attribution.interval_comparison` (one seed, samples and κ_S fixed): the largest shift
     of an endpoint in pp and as a share of the percentile interval's width, and the blocks whose
-    verdict (interval excludes zero or not) would differ. The book's intervals are percentile ones."""
+    verdict (interval excludes zero or not) would differ: a check of the bootstrap distribution's
+    shape (the book's intervals are basic ones, :func:`lib.stats.basic_interval`)."""
     width = intervals.percentile_upper - intervals.percentile_lower
     shift = pd.concat([(intervals.bca_lower - intervals.percentile_lower).abs(),
                        (intervals.bca_upper - intervals.percentile_upper).abs()], axis=1).max(axis=1)
