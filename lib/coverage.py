@@ -79,8 +79,10 @@ TARGETS = {"per-seed percentile": "chosen", "shared percentile": "chosen", "shar
 class CoverageDesign:
     """One simulated design (see the module docstring for the symbols).
 
-    ``ranks``: d_ℓ of each block (L = len(ranks)); ``amplitudes``: a_ℓ; ``grid``: (low, high, G) of
-    the log-spaced κ grid; ``n_boot``: replicates of each bootstrap.
+    ``ranks``: d_ℓ of each block (L = len(ranks)); ``amplitudes``: a_ℓ; ``logit_scale``: τ;
+    ``overconfidence``: β; ``seed_spread``: σ_β; ``map_noise``: σ_ε; ``n_truth``: images of the
+    population ΔECE; ``grid``: (low, high, G) of the log-spaced κ grid; ``n_boot``: replicates of
+    each bootstrap; ``alpha``: 1 − the intervals' level.
     """
 
     n_classes: int = 10
