@@ -1,8 +1,9 @@
 """Cross-seed attribution of the calibration gain to transformer blocks.
 
 From the cached per-seed predictions and perturbation banks of :mod:`lib.stages`: Δ_ECE of every
-named posterior with bootstrap intervals over seeds × test examples × posterior samples
-(davison1997bootstrap; within one seed, percentile vs BCa over examples is compared too,
+named posterior with basic bootstrap intervals over the test and validation images that the seeds
+share (davison1997bootstrap) and Student-t intervals over training runs
+(satterthwaite1946approximate; within one seed, percentile vs BCa over examples is compared too,
 efron1987better), the accompanying NLL / Brier / accuracy changes, Holm-corrected tests of
 "block ℓ improves calibration" (holm1979simple), the bootstrap distribution of the single-block
 ranks with a simultaneous rank confidence set
@@ -27,6 +28,8 @@ from lib.resample import bootstrap_counts
 from lib.stats import (
     TunedColumn,
     TunedSeed,
+    basic_interval,
+    basic_replicates,
     bca_interval,
     bootstrap_pvalues,
     delta_ece,
@@ -35,9 +38,9 @@ from lib.stats import (
     mc_error_delta_ece,
     paired_bootstrap,
     percentile_interval,
-    pooled_seed_bootstrap,
     rank_confidence_set,
     rank_probabilities,
+    seed_spread_interval,
     shapley_interaction,
     shapley_values,
     tuned_bootstrap,
@@ -48,8 +51,10 @@ from lib.stages.seed import SeedStudy
 @dataclass(frozen=True)
 class Attribution:
     """Δ_ECE of the named posteriors: ``table`` (one row per posterior), the bootstrap ``samples``
-    (R, P) of the seed-averaged Δ in the order of ``table.posterior``, and the isotropic control
-    of every block (:func:`attribution`; empty when not computed)."""
+    (R, P) of the seed-averaged Δ in the order of ``table.posterior``, reflected around the estimate
+    (:func:`lib.stats.basic_replicates`, so that their percentiles are the basic interval and the
+    tests and rank sets built on them inherit it), and the isotropic control of every block
+    (:func:`attribution`; empty when not computed)."""
 
     table: pd.DataFrame
     samples: torch.Tensor
@@ -160,15 +165,24 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, predictive: Predic
     """Δ_ECE = ECE_det − ECE_S (positive: S improves calibration) for every named posterior S, the
     same for temperature scaling and the isotropic control of every block, with paired intervals.
 
-    Interval: percentile (level 1 − ``stats.alpha``) of :func:`lib.stats.tuned_bootstrap`, which
-    resamples seeds, test images, posterior samples and validation images and re-chooses every
-    setting on the validation resample: κ_S, the control's σ²_ℓ, the temperature. So every interval
-    includes the error of selecting κ_S (and σ², T) as well as the Monte Carlo error of the ``mc``
-    predictive. ``d_nll`` and ``d_brier`` are det − S (positive: better), ``d_acc`` is S − det; all
-    means over seeds. ``p_holm``/``improves``: Holm-adjusted one-sided bootstrap test of Δ(ℓ) > 0
-    over the family of single-block posteriors. ``ts_delta``/``ts_lower``/``ts_upper``:
-    ECE_TS − ECE_S with its interval from the same replicates (positive: S calibrates better than
-    temperature scaling).
+    Two intervals, for two targets (level 1 − ``stats.alpha``):
+
+    - ``lower``/``upper``: the chosen models, these seeds with their posterior samples, each
+      setting (κ_S, σ², T) tuned on the validation images: the basic interval
+      (:func:`lib.stats.basic_interval`) of :func:`lib.stats.tuned_bootstrap`, whose replicates draw
+      one test-image and one validation resample shared by every seed and re-choose every setting on
+      the latter, so the interval includes the error of selecting κ_S (and σ², T). The basic
+      interval subtracts the upward bias of binned ECE that the replicates repeat; its coverage of
+      this target is checked by simulation (:mod:`lib.coverage`).
+    - ``seed_lower``/``seed_upper``: the expected Δ over training runs, the Student-t interval of
+      :func:`lib.stats.seed_spread_interval` (spread between seeds plus the shared test-image
+      variance, Welch–Satterthwaite degrees of freedom); NaN with one seed.
+
+    ``d_nll`` and ``d_brier`` are det − S (positive: better), ``d_acc`` is S − det; all means over
+    seeds. ``p_holm``/``improves``: Holm-adjusted one-sided bootstrap test of Δ(ℓ) > 0 over the
+    family of single-block posteriors, on the reflected replicates (the inversion of the one-sided
+    basic interval). ``ts_delta``/``ts_lower``/``ts_upper``: ECE_TS − ECE_S with its basic interval
+    from the same replicates (positive: S calibrates better than temperature scaling).
 
     ``control``: one row per block with the Laplace block's ``kappa`` and the control's ``sigma2``
     (medians over seeds), ``sigma2_edge`` (``'lower'``/``'upper'`` when the tuned σ² sits at that end
@@ -186,14 +200,15 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, predictive: Predic
     tuned = [tuned_seed(s, names, predictive, device) for s in studies]
     res = tuned_bootstrap(tuned, stats.n_boot, torch.Generator(device=device).manual_seed(0),
                           torch.Generator(device=device).manual_seed(1), n_bins=stats.n_bins)
-    samples = res.samples.cpu().double()
     est = res.estimate.cpu().double()
-    P, L = len(names), len(tuned[0].columns) - len(names) - 1
-    lower, upper = percentile_interval(samples[:, :P], stats.alpha)
-    ts = samples[:, :P] - samples[:, -1:]  # ECE_TS − ECE_S = Δ_S − Δ_TS
+    samples = basic_replicates(res.samples.cpu().double(), est)
+    P = len(names)
+    lower, upper = percentile_interval(samples[:, :P], stats.alpha)  # = basic_interval of the raw replicates
+    seed_lower, seed_upper = seed_spread_interval(res.seed_estimates[:, :P].cpu().double(),
+                                                  res.samples[:, :P].cpu().double(), stats.alpha)
+    ts = samples[:, :P] - samples[:, -1:]  # ECE_TS − ECE_S = Δ_S − Δ_TS, reflected alike
     ts_lower, ts_upper = percentile_interval(ts, stats.alpha)
-    interval = ("percentile; " + ("seeds × " if len(studies) > 1 else "")
-                + "test images × posterior samples × validation images (κ_S, σ², T re-chosen)")
+    interval = "basic; test images × validation images shared by the seeds (κ_S, σ², T re-chosen)"
     per_seed_delta = torch.stack([delta_ece(*ps, n_bins=stats.n_bins) for ps in per_seed]).cpu()
     metrics = [s.metrics().set_index("posterior") for s in studies]
 
@@ -207,6 +222,8 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, predictive: Predic
         "delta": est[:P].numpy(),
         "lower": lower.numpy(),
         "upper": upper.numpy(),
+        "seed_lower": seed_lower.numpy(),
+        "seed_upper": seed_upper.numpy(),
         "seed_sd": per_seed_delta.std(0).numpy() if len(studies) > 1 else float("nan"),
         "d_nll": change("nll", -1.0),
         "d_brier": change("brier", -1.0),
@@ -232,8 +249,9 @@ def attribution(studies: list[SeedStudy], stats: StatsConfig, predictive: Predic
 
 def _control_table(table: pd.DataFrame, tuned: list[TunedSeed], names: list[str], samples: torch.Tensor,
                    est: torch.Tensor, predictive: PredictiveConfig, alpha: float) -> pd.DataFrame:
-    """The ``control`` frame of :func:`attribution` from its bootstrap (columns: named posteriors,
-    then the L controls, then temperature scaling)."""
+    """The ``control`` frame of :func:`attribution` from its reflected bootstrap replicates
+    (:func:`lib.stats.basic_replicates`; columns: named posteriors, then the L controls, then
+    temperature scaling), whose percentile intervals are basic intervals."""
     P = len(names)
     L = len(tuned[0].columns) - P - 1
     cols = [names.index(f"single {b}") for b in range(L)]
@@ -346,14 +364,13 @@ def shapley(studies: list[SeedStudy], stats: StatsConfig) -> tuple[pd.DataFrame,
     """Exact Shapley values of the blocks for v(S) = ECE_det − ECE_S, and adjacent interactions.
 
     Per seed, v is evaluated for all 2^L subsets on the test set and on R bootstrap replicates
-    that resample its test images, posterior samples and validation images (each subset's κ_S
-    re-tuned on the latter), shared by all subsets (:func:`lib.stages.subsets.subset_predictions`); the
-    values are averaged over seeds. The percentile interval (level 1 − ``stats.alpha``) is over
-    ``stats.n_boot`` replicates of a bootstrap over seeds that, for each drawn seed, takes one of
-    its R stored replicates (:func:`lib.stats.pooled_seed_bootstrap`), so it covers seeds × test
-    images × posterior samples × validation images, like the intervals of :func:`attribution`
-    (there one validation resample serves all seeds of a replicate; here each drawn seed brings
-    its own).
+    (:func:`lib.stages.subsets.subset_predictions`): replicate r resamples the test images and the
+    validation images (each subset's κ_S re-tuned on the latter) with the same multiplicities for
+    every seed, which share both sets, and every subset, so the values are paired. The values and
+    their replicates are averaged over seeds, as in :func:`lib.stats.tuned_bootstrap`; ``lower``/
+    ``upper`` is the basic interval (level 1 − ``stats.alpha``, :func:`lib.stats.basic_interval`)
+    for these seeds, ``seed_lower``/``seed_upper`` the Student-t interval over training runs
+    (:func:`lib.stats.seed_spread_interval`; NaN with one seed).
     """
     vals, inter = [], []
     for s in studies:
@@ -361,17 +378,23 @@ def shapley(studies: list[SeedStudy], stats: StatsConfig) -> tuple[pd.DataFrame,
         v = e[:, :1] - e
         vals.append(shapley_values(v))
         inter.append(shapley_interaction(v))
-    phi, iij = torch.stack(vals), torch.stack(inter)  # (S, R + 1, L), (S, R + 1, L - 1)
-    g = torch.Generator().manual_seed(0)
-    both = pooled_seed_bootstrap(torch.cat([phi[:, 0], iij[:, 0]], 1), torch.cat([phi[:, 1:], iij[:, 1:]], 2),
-                                 stats.n_boot, g)
-    L = phi.shape[2]
-    lo, hi = percentile_interval(both.samples, stats.alpha)
-    est = both.estimate
+    rows = {len(v) for v in vals}
+    if len(rows) != 1:
+        raise ValueError(f"every seed needs the same bootstrap replicates (stats.n_boot_shapley); got {sorted(rows)} rows")
+    both = torch.cat([torch.stack(vals), torch.stack(inter)], 2)  # (S, R + 1, L + L − 1)
+    est, reps = both[:, 0].mean(0), both[:, 1:].mean(0)
+    lo, hi = basic_interval(reps, est, stats.alpha)
+    slo, shi = seed_spread_interval(both[:, 0], reps, stats.alpha)
+    L = vals[0].shape[1]
+
+    def frame(cols: slice) -> dict:
+        return {"lower": lo[cols].numpy(), "upper": hi[cols].numpy(),
+                "seed_lower": slo[cols].numpy(), "seed_upper": shi[cols].numpy()}
+
     values = pd.DataFrame({"layer": [f"block {b}" for b in range(L)], "block": range(L), "phi": est[:L].numpy(),
-                           "lower": lo[:L].numpy(), "upper": hi[:L].numpy()})
+                           **frame(slice(0, L))})
     pairs = pd.DataFrame({"pair": [f"{b}–{b + 1}" for b in range(L - 1)], "interaction": est[L:].numpy(),
-                          "lower": lo[L:].numpy(), "upper": hi[L:].numpy()})
+                          **frame(slice(L, None))})
     return values, pairs
 
 

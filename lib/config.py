@@ -224,21 +224,19 @@ class PredictiveConfig:
 class StatsConfig:
     """Calibration bins, bootstrap sizes and the levels of every interval and test.
 
-    ``n_boot`` replicates for every interval: each resamples seeds, test images, posterior samples
-    and validation images, re-choosing κ_S, the control's σ² and the temperature on the latter
-    (:func:`lib.stats.tuned_bootstrap`); ``n_boot_shapley`` does so per seed for the ECE of all 2^L
-    subsets; ``n_boot_mc`` resamples the predictive's posterior samples for its Monte Carlo error
-    (:func:`lib.stats.mc_error_delta_ece`).
+    ``n_boot`` replicates for every interval: each draws one resample of the test images and one of
+    the validation images, shared by every seed, and re-chooses κ_S, the control's σ² and the
+    temperature on the latter (:func:`lib.stats.tuned_bootstrap`); ``n_boot_shapley`` does the same
+    for the ECE of all 2^L subsets (:mod:`lib.stages.subsets`); ``n_boot_mc`` resamples the
+    predictive's posterior samples for its Monte Carlo error (:func:`lib.stats.mc_error_delta_ece`).
 
-    Every interval is a two-sided percentile interval at level ``1 − alpha``
-    (:func:`lib.stats.percentile_interval`; efron1993introduction), and there is deliberately no
-    option for another type. BCa (efron1987better) would need the jackknife acceleration of the
-    whole procedure — deleting a seed, a test image, a posterior sample or a validation image and
-    re-tuning κ_S each time — which has no closed form and is ill-defined for a statistic that jumps
-    between grid values of κ_S; the percentile interval needs only the replicates, respects monotone
-    transformations and keeps to the statistic's range. Its coverage is checked by simulation in
-    the test suite, and chapter 5 compares it with BCa where BCa is exact (one seed, samples and κ_S
-    fixed) as a check, not as a second interval.
+    Every interval for the models at hand is a two-sided basic interval at level ``1 − alpha``
+    (:func:`lib.stats.basic_interval`; davison1997bootstrap), which subtracts the upward bias of
+    binned ECE that the replicates repeat instead of adding it as the percentile interval does;
+    the interval over training runs is :func:`lib.stats.seed_spread_interval`. BCa
+    (efron1987better) would need the jackknife acceleration of the whole procedure, which is
+    ill-defined for a statistic that jumps between grid values of κ_S. Coverage is checked by
+    simulation (:mod:`lib.coverage`, ``tests/test_coverage.py``, ``benchmarks/bench_coverage.py``).
 
     ``equivalence_margin``: the margin m (a fraction; 0.005 = 0.5 pp of ECE) within which a paired
     difference of ΔECE is called equivalent to zero, by two one-sided tests at level ``alpha``

@@ -115,6 +115,7 @@ def display_rank_table(ranks: pd.DataFrame, top_k: int, alpha: float) -> pd.Data
 READABLE = {
     "block": "Block", "posterior": "Posterior", "seed": "Seed", "pair": "Pair", "check": "Check",
     "delta": "ΔECE", "lower": "lower", "upper": "upper", "seed_sd": "SD over seeds",
+    "seed_lower": "over-runs lower", "seed_upper": "over-runs upper",
     "percentile_lower": "percentile lower", "percentile_upper": "percentile upper",
     "bca_lower": "BCa lower", "bca_upper": "BCa upper",
     "mc_se": "MC SE", "halving": "finite-K bias: Δ(K/2) − Δ(K)", "test_se": "test-set SE", "mc_share": "MC SE / test-set SE",
@@ -128,14 +129,15 @@ READABLE = {
     "own κ_S": "own κ", "shared κ_all": "all-block κ",
     "trace_ratio": "trace ratio", "trace_ratio_min": "min", "trace_ratio_max": "max",
     "frobenius_error": "Frobenius error", "kl": "KL", "logit_variance_ratio": "logit var. ratio",
-    "logit_variance_error": "logit var. error",
+    "logit_variance_error": "logit var. error", "kl_scaled": "KL, scale fitted",
+    "logit_variance_corr": "logit var. correlation",
 }
 """Reader-facing column names of the result tables (units stay in the table captions); table
 cells and headers hold no ``$…$`` math (pandas tables reach Quarto as HTML, where it would stay
 raw text), so the covariance scale of a subset is "own κ" there and κ_S (as math) in the prose."""
 
 QUANTITIES = {
-    **dict.fromkeys(["delta", "lower", "upper", "percentile_lower", "percentile_upper", "bca_lower", "bca_upper",
+    **dict.fromkeys(["delta", "lower", "upper", "seed_lower", "seed_upper", "percentile_lower", "percentile_upper", "bca_lower", "bca_upper",
                      "halving", "interaction", "signed_ece", "phi", "equal-width ECE", "equal-mass ECE",
                      "debiased ℓ2 ECE", "smooth ECE", "own κ_S", "shared κ_all", "κ = 1"], "delta_pp"),
     **dict.fromkeys(["seed_sd", "mc_se", "test_se"], "pp"),

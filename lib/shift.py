@@ -32,7 +32,7 @@ from lib.calibration import accuracy, brier, ece, ece_from_weights, nll, top_lab
 from lib.corruptions import CORRUPTIONS
 from lib.ood import auroc_difference, average_precision, ood_scores, paired_bootstrap_auroc
 from lib.resample import bootstrap_counts
-from lib.stats import kendall_tau_b, percentile_interval
+from lib.stats import basic_interval, kendall_tau_b, percentile_interval
 
 __all__ = [
     "METRICS",
@@ -169,7 +169,7 @@ def gain_intervals(
     chunk_size: int = 256,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ECE gain over a reference, ``ECE_ref − ECE_m``, of M methods, averaged over S training seeds,
-    with paired percentile intervals.
+    with paired basic intervals (:func:`lib.stats.basic_interval`, davison1997bootstrap).
 
     The same (cluster) bootstrap multiplicities of the N test rows (:func:`cluster_counts`) weight
     the reference and every method of every seed (the seeds share the test images), and each
@@ -206,7 +206,7 @@ def gain_intervals(
     estimate = gain(torch.ones(1, n, dtype=conf.dtype, device=conf.device))[0]
     samples = torch.cat([gain(cluster_counts(groups, min(chunk_size, n_resamples - start), generator, conf.dtype))
                          for start in range(0, n_resamples, chunk_size)])
-    lo, hi = percentile_interval(samples, alpha)
+    lo, hi = basic_interval(samples, estimate, alpha)
     return estimate, lo, hi
 
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from scipy.stats import t as student_t
 from torch import Tensor
 
-from lib.calibration import _residual_design, bin_index, top_label, weighted_ece
+from lib.calibration import _residual_design, bin_index, ece_from_weights, top_label, weighted_ece
 from lib.resample import bootstrap_counts
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "paired_bootstrap",
     "SeedSamples",
     "sample_bootstrap",
-    "pooled_seed_bootstrap",
     "TunedColumn",
     "TunedSeed",
     "tuned_bootstrap",
@@ -45,6 +45,9 @@ __all__ = [
     "MonteCarloError",
     "mc_error_delta_ece",
     "percentile_interval",
+    "basic_interval",
+    "basic_replicates",
+    "seed_spread_interval",
     "bca_interval",
     "rank_samples",
     "rank_probabilities",
@@ -66,10 +69,13 @@ class BootstrapResult:
     Attributes:
         estimate: (P,) Delta on the original data.
         samples: (R, P) bootstrap replicates of Delta.
+        seed_estimates: (S, P) Delta of each training seed when the estimate is their mean
+            (:func:`tuned_bootstrap`), else None.
     """
 
     estimate: Tensor
     samples: Tensor
+    seed_estimates: Tensor | None = None
 
 
 def _stack_inputs(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -340,42 +346,46 @@ def tuned_bootstrap(
     generator: torch.Generator,
     validation_generator: torch.Generator,
     n_bins: int = 15,
-    chunk_size: int = 8,
-    row_chunk: int = 64,
+    row_chunk: int = 256,
 ) -> BootstrapResult:
-    """:func:`sample_bootstrap` that also repeats the choice of each predictive's setting on a
-    resample of the validation images :cite:`efron1993introduction`.
+    """Bootstrap of the seed-averaged Delta of predictives whose setting is chosen on validation
+    data, with one test-image and one validation resample per replicate shared by every seed
+    :cite:`efron1993introduction,davison1997bootstrap`.
 
-    The target is the seed-averaged ``Delta_bar(p)`` of the procedure "choose p's setting on the
-    validation images, then predict", so its sampling error includes the selection error as well as
-    the test-set, seed and Monte Carlo errors. Replicate r draws validation multiplicities
-    ``u_r`` (N_val,) from ``validation_generator`` (one draw per replicate, shared by all seeds: they
-    share one validation split) and, from ``generator``, exactly what :func:`sample_bootstrap` draws
-    (seeds with replacement; per drawn copy test-image counts ``w`` and posterior-sample counts
-    ``v``, in chunks of ``chunk_size`` copies). For every copy and predictive p the setting is
-    re-chosen, ``g_r(p) = argmin_g Σ_n u_rn val_loss_p[g, n]``, and
-    ``Delta = ECE_det(w) − ECE_p(w)`` is computed at ``g_r(p)`` from the predictive under ``v / K``.
-    The replicates are paired across predictives (the same ``u``, ``w`` and ``v``), so differences
-    of columns (e.g. ECE_TS − ECE_S = Delta_S − Delta_TS) have the right bootstrap distribution.
-    When every ``val_loss`` picks the same setting on every resample (e.g. a single candidate) the
-    replicates equal :func:`sample_bootstrap`'s under the same ``generator``.
+    The target is ``Delta_bar(p) = (1/S) Σ_s Delta_s(p)`` of the chosen models: these S training
+    runs with their K posterior samples, each predictive at the setting its validation loss picks,
+    scored on the population of test images. Every seed is scored on the *same* test images and
+    tuned on the *same* validation images, so replicate r draws test multiplicities ``w_r`` (N,)
+    from ``generator`` and validation multiplicities ``u_r`` (N_val,) from ``validation_generator``
+    once, and every seed uses both (a per-seed test resample would shrink the shared test-image
+    variance by about 1/S). For every seed and predictive p the setting is re-chosen,
+    ``g_r(p) = argmin_g Σ_n u_rn val_loss_p[g, n]``, and
+    ``Delta*_rs(p) = ECE_det(w_r) − ECE_p(w_r)`` is computed at ``g_r(p)`` from the predictive with
+    uniform weights on its K samples (held fixed: they are part of the chosen model);
+    ``samples[r] = (1/S) Σ_s Delta*_rs``. The replicates are paired across predictives (the same
+    ``w`` and ``u``), so differences of columns (e.g. ECE_TS − ECE_S = Delta_S − Delta_TS) have the
+    right bootstrap distribution. Seeds are not resampled: the spread over training runs enters
+    :func:`seed_spread_interval` through ``seed_estimates``.
 
-    Per predictive and chosen setting, ``probs`` is called once per ``row_chunk`` copies (so a
-    costly per-setting preparation, such as the per-sample softmaxes, can be cached by the caller).
+    Binned ECE is biased upwards by about ``Σ_m |noise of S_m|`` where a bin's residual sum is near
+    zero (a near-calibrated predictive after tuning), and the replicates carry that bias a second
+    time, so use :func:`basic_interval` (reflection around the estimate), not the percentile
+    interval, for these replicates.
+
+    Per predictive and setting, ``probs`` is called once (uniform sample weights); the ECEs of
+    ``row_chunk`` replicates come from one matmul (:func:`lib.calibration.ece_from_weights`).
 
     Args:
-        per_seed: S :class:`TunedSeed` with the same P and N_val. n_resamples: R.
-        generator, validation_generator: seeded, on the data's device. n_bins: M.
-        chunk_size: copies per draw of ``w`` and ``v`` (as in :func:`sample_bootstrap`).
-        row_chunk: copies per call of ``probs`` (memory ``row_chunk * N * C``).
+        per_seed: S :class:`TunedSeed` with the same P, the same test labels and the same N_val.
+        n_resamples: R. generator, validation_generator: seeded, on the data's device. n_bins: M.
+        row_chunk: replicates per matmul (memory ``row_chunk * N``).
 
     Returns:
         :class:`BootstrapResult`: estimate = mean over seeds of Delta at the settings chosen on the
-        whole validation set with uniform sample weights, samples (R, P).
+        whole validation set, samples (R, P), seed_estimates (S, P).
     """
-    if len(per_seed) < 1 or n_resamples < 1 or chunk_size < 1 or row_chunk < 1:
-        raise ValueError(f"need >= 1 seed, n_resamples, chunk_size, row_chunk >= 1; got {len(per_seed)}, "
-                         f"{n_resamples}, {chunk_size}, {row_chunk}")
+    if len(per_seed) < 1 or n_resamples < 1 or row_chunk < 1:
+        raise ValueError(f"need >= 1 seed, n_resamples, row_chunk >= 1; got {len(per_seed)}, {n_resamples}, {row_chunk}")
     device, dtype = per_seed[0].probs_det.device, per_seed[0].probs_det.dtype
     _check_generator(generator, device)
     _check_generator(validation_generator, device)
@@ -383,74 +393,41 @@ def tuned_bootstrap(
     n_val = {c.val_loss.shape[-1] for s in per_seed for c in s.columns}
     if any(len(s.columns) != p for s in per_seed) or len(n_val) != 1 or p < 1:
         raise ValueError("per_seed: every seed needs the same number P >= 1 of columns, all with the same N_val")
-    n_val = n_val.pop()
-    val_weights = bootstrap_counts(n_val, n_resamples, validation_generator, torch.float64, device)
-    n_seeds = len(per_seed)
-    ests = []
-    for s in per_seed:
-        uniform = torch.full((1, s.n_samples), 1.0 / s.n_samples, dtype=dtype, device=device)
-        probs = torch.stack([c.probs(int(c.chosen()), uniform)[0].to(dtype) for c in s.columns])
-        ests.append(delta_ece(s.probs_det, probs, s.labels, n_bins))
-    mult = bootstrap_counts(n_seeds, n_resamples, generator, torch.int64, device)  # (R, S) seed copies
-    total = torch.zeros(n_resamples, p, dtype=dtype, device=device)
-    rows = torch.arange(n_resamples, device=device)
-    for s, seed in enumerate(per_seed):
-        copies = int(mult[:, s].sum())
-        if copies == 0:
-            continue
-        owner = torch.repeat_interleave(rows, mult[:, s])  # (copies,): the replicate of each copy
-        n, k = seed.labels.shape[0], seed.n_samples
-        ws, vs = [], []
-        for start in range(0, copies, chunk_size):
-            c = min(chunk_size, copies - start)
-            ws.append(bootstrap_counts(n, c, generator, dtype, device))
-            vs.append(bootstrap_counts(k, c, generator, dtype, device) / k)
-        w, v = torch.cat(ws), torch.cat(vs)
-        conf_det, corr_det = top_label(seed.probs_det, seed.labels)
-        ece_det = weighted_ece(conf_det.expand(copies, -1), corr_det.expand(copies, -1), w, n_bins)
-        delta = torch.empty(copies, p, dtype=dtype, device=device)
+    labels = per_seed[0].labels
+    if any(s.labels.shape != labels.shape or not torch.equal(s.labels, labels) for s in per_seed):
+        raise ValueError("per_seed: every seed must be scored on the same test images (equal labels)")
+    test_weights = bootstrap_counts(labels.shape[0], n_resamples, generator, dtype, device)
+    val_weights = bootstrap_counts(n_val.pop(), n_resamples, validation_generator, torch.float64, device)
+    ests, reps = [], []
+    for seed in per_seed:
+        uniform = torch.full((1, seed.n_samples), 1.0 / seed.n_samples, dtype=dtype, device=device)
+        conf_det, corr_det = top_label(seed.probs_det.to(dtype), labels)
+        est = torch.empty(p, dtype=dtype, device=device)
+        delta = torch.empty(n_resamples, p, dtype=dtype, device=device)
         for j, col in enumerate(seed.columns):
-            chosen = col.chosen(val_weights[owner])
-            for g in chosen.unique().tolist():
+            chosen, first = col.chosen(val_weights), int(col.chosen())
+            for g in sorted(set(chosen.unique().tolist()) | {first}):
+                conf, pred = col.probs(g, uniform)[0].to(dtype).max(-1)
+                corr = (pred == labels).to(dtype)
+                if torch.equal(conf, conf_det) and torch.equal(corr, corr_det):  # the MAP itself: Delta exactly 0
+                    if g == first:
+                        est[j] = 0.0
+                    delta[chosen == g, j] = 0.0
+                    continue
+                both = (torch.stack([conf_det, conf]), torch.stack([corr_det, corr]))
+                if g == first:
+                    e = ece_from_weights(*both, torch.ones(1, labels.shape[0], dtype=dtype, device=device), n_bins)
+                    est[j] = e[0, 0] - e[0, 1]
                 idx = (chosen == g).nonzero().squeeze(1)
                 for start in range(0, idx.numel(), row_chunk):
                     sel = idx[start : start + row_chunk]
-                    conf, pred = col.probs(g, v[sel]).to(dtype).max(-1)
-                    delta[sel, j] = ece_det[sel] - weighted_ece(conf, (pred == seed.labels).to(dtype), w[sel], n_bins)
-        total.index_add_(0, owner, delta)
-    return BootstrapResult(estimate=torch.stack(ests).mean(0), samples=total / n_seeds)
-
-
-def pooled_seed_bootstrap(estimates: Tensor, replicates: Tensor, n_resamples: int,
-                          generator: torch.Generator) -> BootstrapResult:
-    """Two-level bootstrap of a seed mean from stored within-seed replicates :cite:`davison1997bootstrap`.
-
-    For statistics too costly to recompute per outer replicate (e.g. the Shapley values of all
-    2^L subsets), each seed s carries R within-seed bootstrap replicates ``replicates[s]`` (test
-    examples and posterior samples resampled). Outer replicate b draws S seeds with replacement
-    and, for every drawn copy, one of that seed's R replicates uniformly at random (so two copies
-    of one seed get independent within-seed draws, as in a nested bootstrap), and averages:
-    ``T*_b = (1/S) sum_j replicates[s_bj, r_bj]``. With R = 1 replicate equal to the estimate it
-    is the plain bootstrap over seeds; with one seed it resamples the stored replicates.
-
-    Args:
-        estimates: (S, ...) per-seed statistic on the original data.
-        replicates: (S, R, ...) within-seed bootstrap replicates.
-        n_resamples: B. generator: seeded, on the device of ``replicates``.
-
-    Returns:
-        :class:`BootstrapResult`: estimate = mean over seeds (...), samples (B, ...).
-    """
-    if replicates.ndim < 2 or replicates.shape[0] != estimates.shape[0] or replicates.shape[2:] != estimates.shape[1:]:
-        raise ValueError(f"replicates must be (S, R, ...) for estimates (S, ...); got {tuple(replicates.shape)} "
-                         f"and {tuple(estimates.shape)}")
-    if n_resamples < 1 or replicates.shape[1] < 1:
-        raise ValueError(f"need n_resamples >= 1 and >= 1 replicate per seed; got {n_resamples}, {replicates.shape[1]}")
-    _check_generator(generator, replicates.device)
-    n_seeds, r = replicates.shape[:2]
-    seeds = torch.randint(0, n_seeds, (n_resamples, n_seeds), generator=generator, device=replicates.device)
-    rows = torch.randint(0, r, (n_resamples, n_seeds), generator=generator, device=replicates.device)
-    return BootstrapResult(estimate=estimates.mean(0), samples=replicates[seeds, rows].mean(1))
+                    e = ece_from_weights(*both, test_weights[sel], n_bins)
+                    delta[sel, j] = e[:, 0] - e[:, 1]
+        ests.append(est)
+        reps.append(delta)
+    seed_estimates = torch.stack(ests)
+    return BootstrapResult(estimate=seed_estimates.mean(0), samples=torch.stack(reps).mean(0),
+                           seed_estimates=seed_estimates)
 
 
 def jackknife_delta_ece(probs_det: Tensor, probs_bayes: Tensor, labels: Tensor, n_bins: int = 15) -> Tensor:
@@ -561,6 +538,71 @@ def percentile_interval(samples: Tensor, alpha: float = 0.05) -> tuple[Tensor, T
     q = torch.tensor([alpha / 2, 1 - alpha / 2], dtype=samples.dtype, device=samples.device)
     lo, hi = torch.quantile(samples, q, dim=0)
     return lo, hi
+
+
+def basic_interval(samples: Tensor, estimate: Tensor, alpha: float = 0.05) -> tuple[Tensor, Tensor]:
+    """Two-sided basic bootstrap interval ``[2 θ̂ − q_{1−α/2}, 2 θ̂ − q_{α/2}]`` of each column
+    :cite:`davison1997bootstrap` (Sec. 5.2), ``q`` the quantiles of the replicates θ*.
+
+    It assumes that θ̂ − θ is distributed like θ* − θ̂, so a bias of the estimator that the
+    replicates repeat (binned ECE's upward bias near calibration, see :func:`tuned_bootstrap`) is
+    subtracted once rather than added once as in :func:`percentile_interval`. samples (R, P),
+    estimate (P,) -> (lower (P,), upper (P,)); it equals the percentile interval of
+    :func:`basic_replicates`.
+    """
+    return percentile_interval(basic_replicates(samples, estimate), alpha)
+
+
+def basic_replicates(samples: Tensor, estimate: Tensor) -> Tensor:
+    """The replicates reflected around the estimate, ``2 θ̂ − θ*_r`` (R, P).
+
+    Their percentile interval is :func:`basic_interval`, so the statistics that consume replicates
+    (:func:`bootstrap_pvalues` with :func:`holm`, :func:`rank_confidence_set`,
+    :func:`rank_probabilities`) inherit the basic interval's correction when given these instead of
+    the raw replicates :cite:`davison1997bootstrap`. Differences of columns reflect alike, since
+    ``2(θ̂_a − θ̂_b) − (θ*_a − θ*_b)`` is the difference of the reflected columns.
+    """
+    if samples.ndim != 2 or estimate.shape != samples.shape[1:]:
+        raise ValueError(f"samples must be (R, P) for estimate (P,); got {tuple(samples.shape)}, {tuple(estimate.shape)}")
+    return 2 * estimate[None] - samples
+
+
+def seed_spread_interval(seed_estimates: Tensor, samples: Tensor, alpha: float = 0.05) -> tuple[Tensor, Tensor]:
+    """Student-t interval for the expected Delta over training runs :cite:`satterthwaite1946approximate`.
+
+    The seeds are S draws of the training run (and of its posterior samples); their mean
+    ``θ̄ = (1/S) Σ_s θ̂_s`` estimates the expectation over training runs of the Delta of the whole
+    procedure, and its variance has two parts: the spread between seeds, ``s²/S`` with
+    ``s² = Σ_s (θ̂_s − θ̄)² / (S − 1)`` (S − 1 degrees of freedom), and the test-image (and
+    validation) variance that every seed shares and that cancels from ``s²``, the variance ``v``
+    of the shared-resample replicates of :func:`tuned_bootstrap` (R − 1 degrees of freedom). The
+    interval is ``θ̄ ± t_{1−α/2, ν} sqrt(s²/S + v)`` with the Welch–Satterthwaite degrees of
+    freedom ``ν = (s²/S + v)² / ((s²/S)² / (S − 1) + v² / (R − 1))``.
+
+    Args:
+        seed_estimates: (S, P) per-seed Delta. samples: (R, P) replicates of the seed mean with
+            shared resamples. alpha: 1 − confidence level.
+
+    Returns:
+        (lower (P,), upper (P,)); NaN with one seed, where the spread over training runs cannot be
+        estimated.
+    """
+    _check_alpha(alpha)
+    if seed_estimates.ndim != 2 or samples.ndim != 2 or seed_estimates.shape[1] != samples.shape[1]:
+        raise ValueError(f"seed_estimates (S, P) and samples (R, P) must share P; got "
+                         f"{tuple(seed_estimates.shape)}, {tuple(samples.shape)}")
+    s, r = seed_estimates.shape[0], samples.shape[0]
+    mean = seed_estimates.mean(0)
+    if s < 2:
+        nan = torch.full_like(mean, float("nan"))
+        return nan, nan.clone()
+    a = seed_estimates.var(0) / s
+    b = samples.var(0) if r > 1 else torch.zeros_like(a)
+    den = a.pow(2) / (s - 1) + (b.pow(2) / (r - 1) if r > 1 else 0.0)
+    df = torch.where(den > 0, (a + b).pow(2) / den.clamp_min(torch.finfo(a.dtype).tiny), torch.full_like(a, s - 1.0))
+    t = torch.as_tensor(student_t.ppf(1 - alpha / 2, df.double().cpu().numpy()), dtype=mean.dtype, device=mean.device)
+    half = t * (a + b).sqrt()
+    return mean - half, mean + half
 
 
 def _check_alpha(alpha: float) -> None:

@@ -79,3 +79,19 @@ def test_bench_stats_estimates_equal_peer(tmp_path):
                   out=tmp_path / "stats.json")
     assert res["max_abs_diff_estimate"] <= 1e-6
     assert res["speedup"] > 0
+
+
+def test_bench_coverage_writes_the_table_so_far(tmp_path):
+    """Three tiny studies written in parts of two: the JSON holds the design and the coverage table
+    of all three (4 intervals × 4 blocks), the CSV one row per study × block."""
+    out = tmp_path / "cov"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_coverage.py", "--studies", "3", "--save-every", "2",
+                           "--n-test", "300", "--n-truth", "2000", "--n-boot", "20", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["design"]["n_test"] == 300 and len(record["table"]) == 16
+    assert {r["studies"] for r in record["table"]} == {3}
+    assert len(out.with_suffix(".csv").read_text().splitlines()) == 1 + 3 * 4
+    assert "seed-spread t" in proc.stdout

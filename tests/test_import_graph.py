@@ -13,7 +13,7 @@ The layers, lowest first (a module may import modules of its own layer or of low
 5. Laplace (lib.laplace.*), deployment timing, the baseline table
 6. pipeline (backbone, MAP)
 7. stage modules and analyses (lib.stages.*, attribution, shift, shift study, the shipped backbone,
-   the baseline methods and their run; the answer's findings and the study's scale)
+   the baseline methods and their run; the answer's findings and the study's scale; the coverage simulation)
 8. study (lib.study) and the command that fills its cache on several processes (lib.compute)
 9. figures (drawing only: lib.figures, lib.shift_figures, lib.baseline_figures)
 10. report (result tables)
@@ -42,7 +42,7 @@ LAYERS: list[set[str]] = [
      "lib.stages.attribution", "lib.attribution", "lib.shift", "lib.shift_study", "lib.backbone",
      "lib.baselines.result", "lib.baselines.finetune", "lib.baselines.ensemble", "lib.baselines.importance",
      "lib.baselines.last_layer", "lib.baselines.mc_dropout", "lib.baselines.variational", "lib.baselines.run",
-     "lib.baselines.study", "lib.answer", "lib.study_scale"},
+     "lib.baselines.study", "lib.answer", "lib.study_scale", "lib.coverage"},
     {"lib.study", "lib.compute"},
     {"lib.figures", "lib.shift_figures", "lib.baseline_figures"},
     {"lib.report"},

@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lib.laplace.predictive import (
     Bank,
     block_samples,
-    iter_subset_mixtures,
     iter_subset_probs,
     perturbation_bank,
     standard_subsets,
@@ -234,29 +233,6 @@ def test_sample_mixture_weights_the_bank_samples(method):
     assert torch.allclose(mix(counts)[0], subset_probs(resampled, mask, method=method, scale=kappa), atol=1e-6)
     with pytest.raises(ValueError, match="weights must be"):
         mix(torch.ones(1, 4))
-
-
-@pytest.mark.parametrize("method", ["mc", "probit"])
-def test_iter_subset_mixtures_is_sample_mixture_for_every_subset(method):
-    """All 2^L subsets × weight rows, chunked over subsets and rows: uniform weights give
-    iter_subset_probs at κ_S, any row gives sample_mixture of that subset at κ_S."""
-    g = torch.Generator().manual_seed(4)
-    bank = Bank(map_logits=torch.randn(6, 3, generator=g), labels=torch.randint(0, 3, (6,), generator=g),
-                delta=torch.randn(3, 6, 5, 3, generator=g), blocks=(0, 1, 2))
-    bits = ((torch.arange(8)[:, None] >> torch.arange(3)) & 1).bool()
-    scales = torch.rand(8, generator=g, dtype=torch.float64) * 2
-    w = torch.cat([torch.full((1, 5), 0.2), torch.rand(6, 5, generator=g)])
-    w = w / w.sum(1, keepdim=True)
-    out = torch.full((8, 7, 6, 3), float("nan"))
-    for rows, reps, p in iter_subset_mixtures(bank, bits, w, method=method, scales=scales, max_elements=6 * 5 * 3 * 2):
-        assert p.shape[:2] == (rows.stop - rows.start, reps.stop - reps.start) and p.shape[0] <= 2 and p.shape[1] < 7
-        out[rows, reps] = p
-    ref = torch.stack([sample_mixture(bank, s, method=method, scale=float(k))(w) for s, k in zip(bits, scales)])
-    assert torch.allclose(out, ref, atol=1e-6)
-    probs = torch.cat([p for _, p in iter_subset_probs(bank, bits, method=method, scales=scales)])
-    assert torch.allclose(out[:, 0], probs, atol=1e-6)
-    with pytest.raises(ValueError, match="weights must be"):
-        next(iter_subset_mixtures(bank, bits, torch.ones(2, 4), method=method))
 
 
 def test_mc_on_model_differs_from_logit_averaging(tiny_lora_vit, tiny_batch):

@@ -3,6 +3,7 @@ on the tiny LoRA ViT (exact against itself; the K-FAC-reduce MLP undercount)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +16,9 @@ from lib.laplace.quality import (
     frobenius_error,
     gaussian_kl,
     logit_variance,
+    pearson,
     prepare_curvature_quality,
+    scaled_gaussian_kl,
     summarise_quality,
     trace_ratio,
 )
@@ -42,6 +45,35 @@ def test_metrics_hand_worked_and_torch_distributions():
     assert torch.allclose(logit_variance(jac, p), loop, rtol=1e-12)
 
 
+def test_scaled_kl_minimises_the_kl_over_one_scale():
+    """min_c KL(N(0, c p) ‖ N(0, q)) against a dense grid of c around the closed-form c = P / tr(q⁻¹ p);
+    0 for p = 3 q; never above the unscaled KL. Pearson correlation against numpy."""
+    p, q = _spd(5, 7) + 0.1 * torch.eye(5, dtype=torch.float64), _spd(5, 8) + 0.1 * torch.eye(5, dtype=torch.float64)
+    c_star = 5 / float(torch.trace(torch.linalg.solve(q, p)))
+    grid = [c_star * (1 + x / 1000) for x in range(-300, 301)]
+    brute = min(gaussian_kl(c * p, q) for c in grid)
+    assert scaled_gaussian_kl(p, q) == pytest.approx(brute, rel=1e-6)
+    assert scaled_gaussian_kl(p, q) < gaussian_kl(p, q)
+    assert scaled_gaussian_kl(3 * q, q) == pytest.approx(0.0, abs=1e-12) and gaussian_kl(3 * q, q) > 1.0
+    a, b = torch.tensor([1.0, 2.0, 4.0, 3.0]), torch.tensor([2.0, 1.0, 5.0, 5.0])
+    assert pearson(a, b) == pytest.approx(float(np.corrcoef(a.numpy(), b.numpy())[0, 1]), rel=1e-12)
+
+
+def test_twice_the_exact_covariance_is_perfect_once_scale_free():
+    """An approximation whose posterior covariance is 2Σ (precision (G + δI)/2) has a positive KL
+    and logit-variance ratio 2, but kl_scaled = 0 and logit_variance_corr = 1 for every module and
+    the block: the scale that κ_S tunes away."""
+    g, delta = _spd(10, 9), 0.5
+    eye = torch.eye(10, dtype=torch.float64)
+    half = (g + delta * eye) / 2 - delta * eye
+    jac = torch.randn(6, 3, 10, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    for r in compare_block(g, {"half": half}, {"a": slice(0, 4), "b": slice(4, 10)}, delta, jac):
+        assert r["kl"] > 0.1
+        assert r["kl_scaled"] == pytest.approx(0.0, abs=1e-9)
+        assert r["logit_variance_ratio"] == pytest.approx(2.0, rel=1e-10)
+        assert r["logit_variance_corr"] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_exact_against_itself_is_perfect():
     """Comparing a matrix with itself: trace ratios 1, Frobenius error 0, KL 0, variance ratio 1."""
     g = _spd(10, 3)
@@ -51,9 +83,10 @@ def test_exact_against_itself_is_perfect():
     for r in rows:
         assert r["trace_ratio"] == pytest.approx(1.0, abs=1e-12)
         assert r["frobenius_error"] == pytest.approx(0.0, abs=1e-12)
-        assert r["kl"] == pytest.approx(0.0, abs=1e-9)
+        assert r["kl"] == pytest.approx(0.0, abs=1e-9) and r["kl_scaled"] == pytest.approx(0.0, abs=1e-9)
         assert r["logit_variance_ratio"] == pytest.approx(1.0, abs=1e-10)
         assert r["logit_variance_error"] == pytest.approx(0.0, abs=1e-10)
+        assert r["logit_variance_corr"] == pytest.approx(1.0, abs=1e-12)
 
 
 def test_block_diagonal_approximation_is_detected():
@@ -124,11 +157,12 @@ def test_summary_medians_and_order():
         for a in ("diagonal", "K-FAC-reduce"):
             for m in ("block", "fc1", "qkv"):
                 rows.append({"block": b, "module": m, "approximation": a, "n_params": 1, "prior_precision": 1.0,
-                             "trace_ratio": tr, "frobenius_error": b, "kl": 2 * b, "logit_variance_ratio": 1.0,
-                             "logit_variance_error": 0.0})
+                             "trace_ratio": tr, "frobenius_error": b, "kl": 2 * b, "kl_scaled": b / 2,
+                             "logit_variance_ratio": 1.0, "logit_variance_error": 0.0, "logit_variance_corr": 0.9})
     s = summarise_quality(pd.DataFrame(rows))
     assert list(s.index) == [(a, m) for a in ("K-FAC-reduce", "diagonal") for m in ("qkv", "fc1", "block")]
     assert (s.trace_ratio == 1.0).all() and (s.trace_ratio_min == 0.5).all() and (s.trace_ratio_max == 2.0).all()
-    assert (s.frobenius_error == 1.0).all() and (s.kl == 2.0).all()
+    assert (s.frobenius_error == 1.0).all() and (s.kl == 2.0).all() and (s.kl_scaled == 0.5).all()
+    assert (s.logit_variance_corr == 0.9).all()
     with pytest.raises(ValueError, match="kl"):
         summarise_quality(pd.DataFrame(rows).drop(columns="kl"))

@@ -25,15 +25,15 @@ from lib.report import display_scale_table, scale_table, setup_table
 from lib.scale_findings import scale_findings
 from lib.statistics_findings import decisions, mc_findings
 from lib.resample import bootstrap_counts
-from lib.stats import delta_ece, pareto_front
+from lib.stats import basic_interval, delta_ece, pareto_front, shapley_values
 from lib.data import batches
-from lib.laplace.predictive import Bank, perturbation_bank, sample_mixture, subset_probs
+from lib.laplace.predictive import Bank, perturbation_bank, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales
 from lib.pipeline import map_run
 from lib.stages.attribution import attribution_stage
 from lib.stages.laplace import fit_laplace
 from lib.stages.quality import curvature_quality
-from lib.stages.subsets import VALIDATION_SEED
+from lib.stages.subsets import TEST_SEED, VALIDATION_SEED
 from lib.study import Study
 
 
@@ -71,7 +71,8 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
     t = att.table.set_index("posterior")
     assert len(att.singles()) == 3 and att.samples.shape == (tiny_cfg.stats.n_boot, len(t))
     assert (t.lower <= t.upper).all() and (t.ts_lower <= t.ts_upper).all()
-    assert t.interval.iloc[0].startswith("percentile; seeds × test images × posterior samples × validation images")
+    assert t.interval.iloc[0].startswith("basic; test images × validation images shared by the seeds")
+    assert (t.seed_lower <= t.delta).all() and (t.delta <= t.seed_upper).all()  # the t interval is centred on the seed mean
     mean_delta = sum(float(ece(s.named()["det"], s.named()["labels"], 10) - ece(
         s.named()["probs"][s.named()["names"].index("single 1")], s.named()["labels"], 10)) for s in studies) / 2
     assert abs(t.loc["single 1", "delta"] - mean_delta) < 1e-6  # the whole validation set chooses κ_S again
@@ -143,6 +144,11 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
     assert abs(values.phi.sum() - t.loc["all", "delta"]) < 1e-6  # efficiency: Shapley sums to Δ(all)
     assert (values.lower < values.upper).all() and (pairs.lower < pairs.upper).all()
     assert len(pairs) == 2
+    # the seeds share their resamples: the interval is the basic one of the seed-averaged replicates
+    phi = torch.stack([shapley_values(e[:, :1] - e) for e in (s.subset_ece().double() for s in studies)])
+    lo, hi = basic_interval(phi[:, 1:].mean(0), phi[:, 0].mean(0), tiny_cfg.stats.alpha)
+    assert torch.allclose(torch.tensor(values.lower.to_numpy()), lo) and torch.allclose(torch.tensor(values.upper.to_numpy()), hi)
+    assert ((values.seed_lower <= values.phi) & (values.phi <= values.seed_upper)).all()
     heat, ranks = rank_analysis(att, tiny_cfg.stats)
     assert heat.shape == (3, 3) and torch.allclose(torch.tensor(heat.sum(axis=1).to_numpy(), dtype=torch.float64), torch.ones(3, dtype=torch.float64))
     assert list(cumulative(att).k) == [1, 2, 3] and len(leave_one_out(att)) == 3
@@ -209,21 +215,21 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
     assert choose_set(hand.assign(val_delta=-0.01), pareto) is None
 
 
-def test_subset_bootstrap_rows_resample_images_posterior_samples_and_validation_images(tiny_cfg):
+def test_subset_bootstrap_rows_resample_test_and_validation_images_shared_by_the_seeds(tiny_cfg):
     """Row r of subset_ece.pt, rebuilt from the stage's generator streams: κ_S re-tuned on the
-    validation images repeated by their counts (the grid argmin of their mean NLL), the K posterior
-    samples resampled (sample_mixture at that κ), then the test images repeated by their counts,
-    ECE by lib.calibration.ece."""
+    validation images repeated by their counts (the grid argmin of their mean NLL), the predictive
+    at that κ with the K posterior samples as they are, then the test images repeated by their
+    counts (from TEST_SEED: the same for every training seed), ECE by lib.calibration.ece."""
     cpu = torch.device("cpu")
-    st = Study(tiny_cfg, cpu).seed(0)
+    study = Study(tiny_cfg, cpu)
+    st = study.seed(0)
     bank, val = st.test_bank(), st.validation_bank()
     kappa = torch.load(st.subsets.file("subset_scales.pt"), weights_only=True)
     boot = torch.load(st.subsets.file("subset_scales_boot.pt"), weights_only=True)
     e = st.subset_ece()
     R, (n, K) = tiny_cfg.stats.n_boot_shapley, bank.delta.shape[1:3]
     assert boot.shape == (R + 1, 8) and torch.equal(boot[0], kappa)
-    g = torch.Generator().manual_seed(0)
-    images, samples = bootstrap_counts(n, R, g, torch.float32, cpu), bootstrap_counts(K, R, g, torch.float32, cpu) / K
+    images = bootstrap_counts(n, R, torch.Generator().manual_seed(TEST_SEED), torch.float32, cpu)
     counts = bootstrap_counts(len(val.labels), R, torch.Generator().manual_seed(VALIDATION_SEED), torch.float64, cpu)
     pc = tiny_cfg.predictive
     grid = scale_grid(pc.scale_range[0], pc.scale_range[1], pc.scale_points)
@@ -236,12 +242,20 @@ def test_subset_bootstrap_rows_resample_images_posterior_samples_and_validation_
             k_r = grid[int(torch.tensor(nll).argmin())]
             assert abs(float(boot[r + 1, s]) - float(k_r)) < 1e-12 * float(k_r)
             moved += int(k_r != kappa[s])
-            mix = sample_mixture(bank, s, scale=float(k_r))(samples[r : r + 1])
+            probs = subset_probs(bank, s, scale=float(k_r))
             idx = torch.repeat_interleave(torch.arange(n), images[r].long())
-            ref = ece(mix[0][idx], bank.labels[idx], tiny_cfg.stats.n_bins)
+            ref = ece(probs[idx], bank.labels[idx], tiny_cfg.stats.n_bins)
             assert abs(float(e[r + 1, s]) - float(ref)) < 1e-5
     assert e[1:, 7].std() > 0 and not torch.allclose(e[1:, 0], e[1:, 7])
     assert (boot[1:] != kappa).any()  # the validation resamples do move κ_S for some subset
+    # seed 1 is scored on the same test images, resampled alike: with κ_S fixed at row 0's, its rows
+    # are the ECEs of its own predictive on the same repeated images
+    other = study.seed(1)
+    e1, boot1 = other.subset_ece(), torch.load(other.subsets.file("subset_scales_boot.pt"), weights_only=True)
+    for r in (0, 7, R - 1):
+        idx = torch.repeat_interleave(torch.arange(n), images[r].long())
+        probs = subset_probs(other.test_bank(), 7, scale=float(boot1[r + 1, 7]))
+        assert abs(float(e1[r + 1, 7]) - float(ece(probs[idx], bank.labels[idx], tiny_cfg.stats.n_bins))) < 1e-5
 
 
 def _counted(monkeypatch, module, name: str, fail_at: int | None = None, source=None) -> list:

@@ -19,7 +19,8 @@ The untuned rows stay in the table. Against a reference r (MAP: ``*_map``, tempe
     ΔECE = (1/S) Σ_s [ECE_r,s − ECE_m,s]
     ΔNLL = (1/S) Σ_s (1/N) Σ_n [−log p_r,s(y_n|x_n) + log p_m,s(y_n|x_n)]
 
-positive = m better, with percentile intervals of a paired bootstrap over the test images
+positive = m better, with basic intervals (davison1997bootstrap; :func:`lib.stats.basic_interval`,
+which subtracts binned ECE's upward bias once instead of adding it) of a paired bootstrap over the test images
 (efron1993introduction): each replicate draws one resample of the N test images
 (:func:`lib.resample.bootstrap_counts`) that every seed, method and reference share, and computes
 the ECEs with :func:`lib.calibration.ece_from_weights`. The intervals reflect the test images
@@ -40,7 +41,7 @@ from torch import Tensor
 from lib.calibration import calibration_summary, ece, ece_from_weights, nll, top_label
 from lib.interval import Interval
 from lib.resample import bootstrap_counts
-from lib.stats import pareto_front, percentile_interval
+from lib.stats import basic_interval, pareto_front
 from lib.temperature import apply_temperature, fit_temperature
 
 
@@ -179,7 +180,7 @@ def baseline_table(methods: Mapping[str, MethodPredictions], val_labels: Tensor,
         for metric, boot in (("ece", lambda g: paired_ece_bootstrap(r, test, test_labels, n_resamples, g, n_bins)),
                              ("nll", lambda g: paired_nll_bootstrap(r, test, test_labels, n_resamples, g))):
             est, reps = boot(torch.Generator().manual_seed(seed))
-            lo, hi = percentile_interval(reps, alpha)
+            lo, hi = basic_interval(reps, est, alpha)
             col = f"d_{metric}_{tag}"
             table[col], table[f"{col}_lo"], table[f"{col}_hi"] = est.numpy(), lo.numpy(), hi.numpy()
     extra = torch.tensor(table.extra_ms.to_numpy(), dtype=torch.float64)

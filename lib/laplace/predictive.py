@@ -521,39 +521,6 @@ def iter_subset_probs(
         yield rows, _link(f, pert, method)
 
 
-def iter_subset_mixtures(
-    bank: Bank,
-    subsets: Tensor,
-    weights: Tensor,
-    *,
-    method: Literal["mc", "probit"] = "mc",
-    scales: Tensor | None = None,
-    max_elements: int = 2**27,
-) -> Iterator[tuple[slice, slice, Tensor]]:
-    """Yield ``(rows, reps, probs)``: the predictives (s, r, N, C) of ``subsets[rows]`` under the
-    sample weights ``weights[reps]`` — :func:`sample_mixture` for many subsets and weight rows.
-
-    ``weights``: (R, K) weights on the bank's K posterior samples, rows summing to 1 (uniform
-    ``1/K`` gives :func:`iter_subset_probs`; bootstrap counts / K resample the samples). With
-    ``g_k[n]`` the scaled perturbation of sample k: ``"mc"`` gives
-    ``p_rn = Σ_k w_rk softmax(f_n + g_k[n])``, ``"probit"`` gives
-    ``p_rn = softmax(f_n / sqrt(1 + π/8 · Σ_k w_rk g_k[n]²))`` (immer2021improving). Subsets are
-    chunked so that their perturbations fit in ``max_elements`` floats and weight rows so that
-    ``s · r · N · C`` does.
-    """
-    L, N, K, C = bank.delta.shape
-    if weights.ndim != 2 or weights.shape[1] != K:
-        raise ValueError(f"weights must be (R, {K}) over the bank's samples; got {tuple(weights.shape)}")
-    f = bank.map_logits.to(bank.delta)
-    w = weights.to(bank.delta)
-    for rows, pert in _iter_perts(bank, subsets, scales, None, max_elements):
-        terms = _sample_terms(f, pert, method)  # (s, K, N·C)
-        step = max(1, max_elements // (pert.shape[0] * N * C))
-        for start in range(0, w.shape[0], step):
-            reps = slice(start, min(start + step, w.shape[0]))
-            yield rows, reps, _weighted_link(f, terms, w[reps], method)
-
-
 def standard_subsets(L: int) -> dict[str, Tensor]:
     """The named posteriors of the study as bool masks (L,).
 

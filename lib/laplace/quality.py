@@ -18,6 +18,13 @@ for the diagonal GGN), while ``G_ℓ`` also couples the weights of the block. Pe
   (immer2021improving), as the mean ratio ``v̂_n / v_n`` and the mean relative error
   ``|v̂_n / v_n − 1|`` (for a module: ``J_n[:, m]`` and the marginal ``Σ[m, m]``).
 
+The study tunes one covariance scale κ_S per posterior on validation data, which rescales every
+approximation, so two scale-free columns say how close an approximation comes once its overall
+scale is free: ``kl_scaled = min_c KL(N(0, c Σ̂) ‖ N(0, Σ))``, which with ``t = tr(Σ⁻¹ Σ̂)`` is at
+``c = P / t`` and equals ``½ [P log(t / P) + log det Σ − log det Σ̂]`` (0 iff ``Σ̂ ∝ Σ``), and
+``logit_variance_corr``, the Pearson correlation over validation images of ``v̂_n`` and ``v_n``
+(1 when the approximation orders and spaces the images' predictive variances as the exact one does).
+
 The comparison is in float64 on the curvature's device, one block at a time (one dense
 ``P_ℓ × P_ℓ`` GGN and its approximations in memory, 4.8 GB each for a 24,576-parameter block); the
 exact GGN is kept as its ``N (C − 1)`` rows (:func:`lib.laplace.exact.fit_block_rows`), so the
@@ -45,7 +52,7 @@ APPROXIMATIONS = ("K-FAC-expand", "K-FAC-reduce", "diagonal")
 """Row labels of the approximations :func:`prepare_curvature_quality` compares."""
 
 COLUMNS = ["block", "module", "approximation", "n_params", "prior_precision", "trace_ratio", "frobenius_error",
-           "kl", "logit_variance_ratio", "logit_variance_error"]
+           "kl", "kl_scaled", "logit_variance_ratio", "logit_variance_error", "logit_variance_corr"]
 
 
 def trace_ratio(approx: Tensor, exact: Tensor) -> float:
@@ -63,11 +70,36 @@ def gaussian_kl(cov_p: Tensor, cov_q: Tensor) -> float:
 
     ``cov_p``, ``cov_q``: symmetric positive definite (P, P); computed through Cholesky factors in float64.
     """
+    t, logdet = _kl_terms(cov_p, cov_q)
+    return float(0.5 * (t - cov_p.shape[0] + logdet))
+
+
+def scaled_gaussian_kl(cov_p: Tensor, cov_q: Tensor) -> float:
+    """``min_c KL(N(0, c cov_p) ‖ N(0, cov_q)) = ½ [P log(t / P) + log det cov_q − log det cov_p]``
+    with ``t = tr(cov_q⁻¹ cov_p)``, the minimum at ``c = P / t`` (:func:`gaussian_kl` with the
+    overall scale of ``cov_p`` fitted). 0 iff ``cov_p ∝ cov_q``. Shapes and precision as :func:`gaussian_kl`.
+    """
+    t, logdet = _kl_terms(cov_p, cov_q)
+    return _min_scale_kl(t, logdet, cov_p.shape[0])
+
+
+def _kl_terms(cov_p: Tensor, cov_q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tr(cov_q⁻¹ cov_p), log det cov_q − log det cov_p)`` through Cholesky factors, float64."""
     lp = torch.linalg.cholesky(cov_p.double())
     lq = torch.linalg.cholesky(cov_q.double())
     m = torch.linalg.solve_triangular(lq, lp, upper=False)  # L_q⁻¹ L_p: tr(cov_q⁻¹ cov_p) = ‖m‖_F²
-    logdet = 2 * (lq.diagonal().log().sum() - lp.diagonal().log().sum())
-    return float(0.5 * (m.square().sum() - cov_p.shape[0] + logdet))
+    return m.square().sum(), 2 * (lq.diagonal().log().sum() - lp.diagonal().log().sum())
+
+
+def _min_scale_kl(trace: Tensor, logdet: Tensor, p: int) -> float:
+    """``½ [P log(t / P) + ℓ]``: the Gaussian KL ``½ [c t − P − P log c + ℓ]`` minimised over ``c``."""
+    return float(0.5 * (p * torch.log(trace / p) + logdet))
+
+
+def pearson(a: Tensor, b: Tensor) -> float:
+    """Pearson correlation of two vectors (N,) in float64; NaN when either is constant."""
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return float((a * b).sum() / (a.square().sum() * b.square().sum()).sqrt())
 
 
 def logit_variance(jac: Tensor, cov: Tensor) -> Tensor:
@@ -86,9 +118,10 @@ def compare_block(exact: Tensor, approx: dict[str, Tensor], slices: dict[str, sl
     zero, so that its posterior covariance and log-determinant are computed part by part
     (``Σ P_w³`` instead of ``P³``; None: dense). Rows, per approximation (``approximation``) and
     module (the label, or ``'block'``): ``n_params`` and the metrics of the module docstring
-    (``trace_ratio``, ``frobenius_error``, ``kl``, ``logit_variance_ratio``,
-    ``logit_variance_error``). The block's KL uses the precisions,
-    ``½ [Σ_ij (G + δI)_ij Σ̂_ij − P + log det(Ĝ + δI) − log det(G + δI)]``.
+    (``trace_ratio``, ``frobenius_error``, ``kl``, ``kl_scaled``, ``logit_variance_ratio``,
+    ``logit_variance_error``, ``logit_variance_corr``). The block's KL uses the precisions,
+    ``½ [t − P + log det(Ĝ + δI) − log det(G + δI)]`` with ``t = Σ_ij (G + δI)_ij Σ̂_ij``, and
+    ``kl_scaled`` the same ``t`` (:func:`scaled_gaussian_kl`).
     """
     if exact.ndim != 2 or exact.shape[0] != exact.shape[1]:
         raise ValueError(f"exact {tuple(exact.shape)} must be a square matrix")
@@ -112,9 +145,11 @@ def compare_block(exact: Tensor, approx: dict[str, Tensor], slices: dict[str, sl
             v_a = logit_variance(jac[..., s], cov_a[s, s])
             ratio = v_a / v_e
             if s == full:
-                kl = float(0.5 * ((prec_e * cov_a).sum() - p + logdet_a - logdet_e))
+                t = (prec_e * cov_a).sum()
+                kl = float(0.5 * (t - p + logdet_a - logdet_e))
+                kl_scaled = _min_scale_kl(t, logdet_a - logdet_e, p)
             else:
-                kl = gaussian_kl(cov_a[s, s], cov_e[s, s])
+                kl, kl_scaled = gaussian_kl(cov_a[s, s], cov_e[s, s]), scaled_gaussian_kl(cov_a[s, s], cov_e[s, s])
             rows.append({
                 "approximation": name,
                 "module": label,
@@ -122,8 +157,10 @@ def compare_block(exact: Tensor, approx: dict[str, Tensor], slices: dict[str, sl
                 "trace_ratio": trace_ratio(a[s, s], exact[s, s]),
                 "frobenius_error": frobenius_error(a[s, s], exact[s, s]),
                 "kl": kl,
+                "kl_scaled": kl_scaled,
                 "logit_variance_ratio": float(ratio.mean()),
                 "logit_variance_error": float((ratio - 1).abs().mean()),
+                "logit_variance_corr": pearson(v_a, v_e),
             })
     return rows
 
@@ -220,7 +257,8 @@ def summarise_quality(table: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"table lacks columns {sorted(missing)}; pass the output of prepare_curvature_quality")
     g = table.groupby(["approximation", "module"])
-    out = g[["trace_ratio", "frobenius_error", "kl", "logit_variance_ratio", "logit_variance_error"]].median()
+    out = g[["trace_ratio", "frobenius_error", "kl", "kl_scaled", "logit_variance_ratio", "logit_variance_error",
+             "logit_variance_corr"]].median()
     out.insert(1, "trace_ratio_min", g.trace_ratio.min())
     out.insert(2, "trace_ratio_max", g.trace_ratio.max())
     order = {m: i for i, m in enumerate(("qkv", "proj", "fc1", "fc2", "block"))}

@@ -22,7 +22,9 @@ def curvature_quality(cfg: Config, run: MapRun, device: torch.device) -> tuple[S
     """Curvature-quality table of one seed, cached.
 
     K-FAC-expand, K-FAC-reduce and the diagonal GGN against the exact GGN of every block, all
-    fitted (exact output vectors, float32 forward) on the first ``laplace.quality_images`` images
+    fitted with the Fisher of the profile (``laplace.fisher``: exact output vectors or one Monte
+    Carlo label per image, as the study's posterior is fitted; float32 forward) on the first
+    ``laplace.quality_images`` images
     of the training split and extrapolated to all of it (as :func:`lib.stages.laplace.fit_laplace`
     extrapolates ``fit_size``); the logit variances on the first ``laplace.quality_images``
     validation images. File: ``quality.csv``.
@@ -40,7 +42,7 @@ def curvature_quality(cfg: Config, run: MapRun, device: torch.device) -> tuple[S
         table = prepare_curvature_quality(
             run.model, list(batches(fit, lc.batch_size, preprocess=run.preprocess, device=device)),
             batches(val, lc.batch_size, preprocess=run.preprocess, device=device),
-            device=device, n_data=len(run.splits.train), class_chunk=lc.class_chunk,
+            device=device, n_data=len(run.splits.train), fisher=lc.fisher, class_chunk=lc.class_chunk,
         )
         synchronize(device)
         table.insert(0, "seed", run.seed)
@@ -50,6 +52,7 @@ def curvature_quality(cfg: Config, run: MapRun, device: torch.device) -> tuple[S
             "environment": environment(),
         }, indent=1))
 
-    inputs = {"images": n, "batch_size": lc.batch_size, "class_chunk": lc.class_chunk, "numerics": numerics(device)}
+    inputs = {"images": n, "batch_size": lc.batch_size, "class_chunk": lc.class_chunk, "fisher": lc.fisher,
+              "numerics": numerics(device)}
     st = cached("curvature_quality", inputs, code=__name__, compute=compare, upstream=[run.stage])
     return st, pd.read_csv(st.file("quality.csv"))

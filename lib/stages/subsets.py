@@ -13,9 +13,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lib.artifacts import Stage, cached
-from lib.calibration import calibration_summary, weighted_ece
+from lib.calibration import calibration_summary, ece_from_weights
 from lib.config import Config
-from lib.laplace.predictive import Bank, iter_subset_mixtures, iter_subset_probs, standard_subsets
+from lib.laplace.predictive import Bank, iter_subset_probs, standard_subsets
 from lib.laplace.scale import example_nll, scale_grid, validation_nll
 from lib.pipeline import MapRun, numerics
 from lib.resample import bootstrap_counts
@@ -50,6 +50,11 @@ VALIDATION_SEED = 0
 """Seed of the validation resamples of the ``subsets`` stage: the same for every training seed,
 which share one validation split."""
 
+TEST_SEED = 1
+"""Seed of the test-image resamples of the ``subsets`` stage: the same for every training seed,
+which share one test set, so that the seed average of a replicate resamples the test images once
+(as :func:`lib.stats.tuned_bootstrap` does)."""
+
 
 def subset_predictions(
     cfg: Config, run: MapRun, bank: Bank, bank_stage: Stage, device: torch.device,
@@ -65,12 +70,12 @@ def subset_predictions(
     scaling', with its ``scale``); ``scales.csv`` (per named posterior: κ, validation NLL at κ and
     at κ = 1, test metrics at κ = 1); ``subset_ece.pt`` (R+1, 2^L): ECE of every block subset (bit
     ℓ of the column index ⇔ block ℓ Bayesian) at its κ_S on the test set (row 0) and on R
-    bootstrap replicates (rows 1..R) that resample the test images, independently the K posterior
-    samples of the predictive, and the validation images, on which each subset's κ_S is re-tuned
-    (the replicate's ECE is at that re-tuned κ_S, ``subset_scales_boot.pt`` (R+1, 2^L); with
-    ``predictive.scale: none`` κ = 1 throughout); a replicate's resamples are shared by all
-    subsets, so differences between subsets are paired. :func:`lib.attribution.shapley` adds the
-    seed level.
+    bootstrap replicates (rows 1..R) that resample the test images (from :data:`TEST_SEED`) and the
+    validation images (from :data:`VALIDATION_SEED`), on which each subset's κ_S is re-tuned (the
+    replicate's ECE is at that re-tuned κ_S, ``subset_scales_boot.pt`` (R+1, 2^L); with
+    ``predictive.scale: none`` κ = 1 throughout), the K posterior samples held fixed; a replicate's
+    resamples are shared by all subsets and by all seeds, so differences between subsets are paired
+    and :func:`lib.attribution.shapley` averages the replicates over seeds.
 
     Resumable: κ_S and the bootstrap ECEs are computed in parts of :data:`SUBSET_PART` subsets,
     each saved (``parts/<start>-<stop>.pt``, atomically) as it finishes; the bootstrap resamples
@@ -86,7 +91,7 @@ def subset_predictions(
     # "resample" names what the bootstrap rows of subset_ece.pt resample, so that caches written
     # when they resampled test images only are not reused.
     stats_inputs = {"n_bins": sc.n_bins, "n_boot_shapley": sc.n_boot_shapley,
-                    "resample": "test images, posterior samples, validation images (κ_S re-tuned)"}
+                    "resample": "test images and validation images shared by the seeds (κ_S re-tuned), samples fixed"}
 
     def compute(st: Stage) -> None:
         method = pc.method
@@ -96,12 +101,11 @@ def subset_predictions(
         n, L = len(labels), bank.n_blocks
         bits = ((torch.arange(2**L)[:, None] >> torch.arange(L)) & 1).bool()  # row s: the subset with bitmask s
 
-        g = torch.Generator(device=device).manual_seed(run.seed)
-        R, K = sc.n_boot_shapley, bank.delta.shape[2]
-        # Row 0: the test set and the K samples themselves; rows 1..R: bootstrap multiplicities of the
-        # test images and, independently, of the posterior samples (shared by all subsets).
-        images = torch.cat([torch.ones(1, n, device=device), bootstrap_counts(n, R, g, torch.float32, device)])
-        samples = torch.cat([torch.ones(1, K, device=device), bootstrap_counts(K, R, g, torch.float32, device)]) / K
+        R = sc.n_boot_shapley
+        # Row 0: the test set itself; rows 1..R: bootstrap multiplicities of the test images, from their
+        # own generator, so the same for every seed (which share the test set) and every subset.
+        tg = torch.Generator(device=device).manual_seed(TEST_SEED)
+        images = torch.cat([torch.ones(1, n, device=device), bootstrap_counts(n, R, tg, torch.float32, device)])
         # Validation multiplicities from their own generator (the same for every seed); row 0: the whole set.
         val_weights = None
         if pc.scale != "none":
@@ -125,12 +129,12 @@ def subset_predictions(
             # Per grid value, the subsets that choose it in some replicate; keep the replicates that do.
             for gi in part["chosen"].unique().tolist():
                 cols = (part["chosen"] == gi).any(0).nonzero().squeeze(1)
-                for rows_, reps, p in iter_subset_mixtures(bank_dev, bits[start:stop][cols].to(device), samples,
-                                                           method=method, scales=grid[gi].expand(len(cols))):
-                    conf, pred = p.max(-1)  # (s, r, N)
-                    e = weighted_ece(conf, (pred == labels).to(conf.dtype), images[reps], sc.n_bins).T.cpu()
+                for rows_, p in iter_subset_probs(bank_dev, bits[start:stop][cols].to(device), method=method,
+                                                  scales=grid[gi].expand(len(cols))):
+                    conf, pred = p.max(-1)  # (s, N)
+                    e = ece_from_weights(conf, (pred == labels).to(conf.dtype), images, sc.n_bins).cpu()  # (R+1, s)
                     sub = cols[rows_]
-                    ece_part[reps, sub] = torch.where(part["chosen"][reps][:, sub] == gi, e, ece_part[reps, sub])
+                    ece_part[:, sub] = torch.where(part["chosen"][:, sub] == gi, e, ece_part[:, sub])
             part["ece"] = ece_part
             torch.save(part, path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
