@@ -88,3 +88,36 @@ def test_vit_b16_synthetic_profile_has_the_reference_shapes_and_settings():
     assert same(syn.laplace, ref.laplace, {"fit_size"}) and syn.laplace.fit_size < ref.laplace.fit_size
     assert same(syn.predictive, ref.predictive, {"scale_images"})
     assert same(syn.train, ref.train, {"epochs", "warmup_epochs"}) and syn.train.compile
+
+
+def test_cifar10_cpu_profile_loads_its_shipped_backbone():
+    """``cifar10-cpu`` ships its pre-trained backbone: the safetensors file has the SHA-256 the
+    profile pins, loads into the profile's 12-block ViT (every backbone tensor taken from the file,
+    the head drawn fresh), stays within the 25 MB budget, and its sidecar records the same hash, a
+    clean commit of this repository, the retraining command and the whole pre-training history."""
+    import json
+
+    import safetensors.torch
+
+    from lib.backbone import RETRAIN, checkpoint_path, sidecar_path
+    from lib.model import build_backbone, file_sha256
+
+    cfg = Config.from_dict(load_params(PARAMS / "cifar10-cpu.yml", check_data=False))
+    path = checkpoint_path(cfg)
+    side = json.loads(sidecar_path(path).read_text())
+    assert file_sha256(path) == cfg.model.checkpoint_sha256 == side["sha256"]
+    assert path.stat().st_size == side["bytes"] <= 25 * 2**20
+    assert side["command"] == RETRAIN.format(profile="cifar10-cpu") and side["git_dirty"] is False
+    assert [h["epoch"] for h in side["history"]] == list(range(1, cfg.pretrain.epochs + 1))
+
+    model = build_backbone(cfg.model, cfg.data.num_classes, seed=0, device="cpu")
+    assert len(model.blocks) == 12 and model.head.out_features == cfg.data.num_classes
+    shipped = safetensors.torch.load_file(path)
+    state = model.state_dict()
+    assert not any(k.startswith("head.") for k in shipped)
+    for key, value in shipped.items():
+        assert torch.equal(state[key], value), key
+    with pytest.raises(ValueError, match="checkpoint_sha256"):
+        d = load_params(PARAMS / "cifar10-cpu.yml", check_data=False)
+        d["model"]["checkpoint_sha256"] = "0" * 64
+        build_backbone(Config.from_dict(d).model, 5, seed=0, device="cpu")

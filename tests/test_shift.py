@@ -169,7 +169,8 @@ def test_rank_agreement_cluster_bootstrap_equals_a_loop_over_resampled_groups():
 def test_gain_intervals_equal_a_loop_and_delta_ece():
     """Two seeds, 3 methods, rows = 2 corruptions × 40 images: the estimate is the seed mean of
     lib.stats.delta_ece; replicate r (shared by the seeds) re-evaluates it on the explicitly
-    repeated rows of the drawn images; the percentile interval is over those replicates."""
+    repeated rows of the drawn images; the basic interval reflects those replicates' quantiles about
+    the estimate, [2θ̂ − q_{1−α/2}, 2θ̂ − q_{α/2}]."""
     g = torch.Generator().manual_seed(6)
     n, c = 80, 4
     labels = torch.randint(0, c, (n,), generator=g)
@@ -188,7 +189,7 @@ def test_gain_intervals_equal_a_loop_and_delta_ece():
         reps.append(sum(delta_ece(det[s][rows], probs[s][:, rows], labels[rows], 6) for s in range(2)) / 2)
     reps = torch.stack(reps)
     q = torch.quantile(reps, torch.tensor([0.1, 0.9], dtype=torch.float64), dim=0)
-    assert torch.allclose(lo, q[0], atol=1e-12) and torch.allclose(hi, q[1], atol=1e-12)
+    assert torch.allclose(lo, 2 * est - q[1], atol=1e-12) and torch.allclose(hi, 2 * est - q[0], atol=1e-12)
     one, _, _ = gain_intervals(det[0], probs[0], labels, n_resamples=3, generator=torch.Generator(), n_bins=6)
     assert torch.allclose(one, delta_ece(det[0], probs[0], labels, 6), atol=1e-12)
     with pytest.raises(ValueError, match="groups"):
