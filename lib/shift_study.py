@@ -342,9 +342,9 @@ def evaluate_shift(
                 ranks.append({"seed": study.seed, "severity": severity, "tau": res.tau, "lower": res.lower,
                               "upper": res.upper})
         pooled.append(seed_pooled)
-        for ood_set in ood_sets:
-            ood.append(ood_table(on_device(clean_methods[i]), on_device(methods(i, [o[ood_set] for o in oods])),
-                                 ood_set=ood_set, n_resamples=st.n_boot, generator=generator(study.seed),
+        for set_name in ood_sets:
+            ood.append(ood_table(on_device(clean_methods[i]), on_device(methods(i, [o[set_name] for o in oods])),
+                                 ood_set=set_name, n_resamples=st.n_boot, generator=generator(study.seed),
                                  alpha=st.alpha, reference="MAP").assign(seed=study.seed))
 
     gains = []
