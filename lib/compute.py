@@ -38,9 +38,9 @@ Every stage goes through :func:`lib.artifacts.cached` with the keys a single pro
 cache a G-rank run fills is the one :class:`lib.study.Study` opens, and the one that
 :func:`lib.baselines.study.baseline_study`, :func:`lib.baselines.study.importance_study` and
 :func:`lib.shift_study.study_shift` read (they call the same stage functions with the same
-arguments: the shift stages without ``extra`` subsets, as the shift chapter asks for them). A rerun skips the stages that
-are done and the bank parts that are saved; nothing partial is marked done (a bank is marked done
-only once joined from all its parts). A task that raises stops its rank's phase; at the next sync
+arguments: the shift stages without ``extra`` subsets, as the shift chapter asks for them). A
+rerun skips the stages that are done and the bank parts that are saved; nothing partial is marked
+done (a bank is marked done only once joined from all its parts). A task that raises stops its rank's phase; at the next sync
 every rank raises :class:`ComputeError` naming the rank and the stage that failed, so the command
 exits non-zero and torchrun's summary shows each rank's error. A rank that dies without raising (killed, out
 of host memory) is detected by torchrun, which stops the others and names it.
@@ -206,7 +206,8 @@ def _baseline_tasks(study: Study, ranks: Ranks) -> list[Task]:
     for seed in ranks.mine(cfg.seeds):
         for name, method in METHODS.items():
             tasks.append(Task(f"{name} seed {seed}", lambda s=seed, m=method: m(cfg, study.run(s), device)))
-        tasks.append(Task(f"importance scores seed {seed}", lambda s=seed: importance_scores(cfg, study.run(s), device)))
+        tasks.append(Task(f"importance scores seed {seed}",
+                          lambda s=seed: importance_scores(cfg, study.run(s), device)))
     return tasks
 
 
@@ -233,7 +234,8 @@ def _shift_tasks(study: Study, ranks: Ranks) -> list[Task]:
     """Phase 8 on this rank: its share of the ``shift_probs`` stages, one task per (seed, image set),
     seeds outer, dealt over the ranks in turn."""
     cfg, device = study.cfg, ranks.device
-    tasks = [Task(f"shift_probs seed {seed} {label}", lambda s=seed, g=get, f=predict: f(cfg, study.seed(s), g(), device))
+    tasks = [Task(f"shift_probs seed {seed} {label}",
+                  lambda s=seed, g=get, f=predict: f(cfg, study.seed(s), g(), device))
              for seed in cfg.seeds for label, get, predict in _shift_sets(study)]
     return ranks.mine(tasks)
 
