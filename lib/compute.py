@@ -6,8 +6,8 @@
 
 ``torchrun`` starts the G processes and sets their ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
 rendezvous address; :func:`init_ranks` joins them into one process group (NCCL on CUDA, gloo on
-the CPU), process ``r`` on GPU ``LOCAL_RANK``. Rank ``r`` of ``W`` runs five phases, each ended by
-a :meth:`Ranks.sync` (a barrier) because the next one reads what it wrote:
+the CPU), process ``r`` on GPU ``LOCAL_RANK``. Rank ``r`` of ``W`` runs up to nine phases, each
+ended by a :meth:`Ranks.sync` (a barrier) because the next one reads what it wrote:
 
 0. rank 0: the data splits (a download happens once) and the ``backbone`` stage;
 1. seed ``i`` of ``cfg.seeds`` on rank ``i mod W``: ``map`` and ``laplace``;
@@ -16,12 +16,31 @@ a :meth:`Ranks.sync` (a barrier) because the next one reads what it wrote:
    ``curvature_quality`` (first seed) on the last rank;
 3. seed ``i`` on rank ``i mod W``: its four banks joined from the parts (:func:`~lib.stages.banks.build_bank`,
    which marks each done) and its ``subsets`` stage;
-4. rank 0: the ``attribution`` stage over all seeds.
+4. rank 0: the ``attribution`` stage over all seeds;
+5. rank 0 alone (the others wait, so that nothing else runs beside the measurement): the
+   ``latency`` stage of the priced block choices (:func:`lib.baselines.study.priced_latency`),
+   which the baselines, shift and deployment chapters read;
+6. with a ``baselines`` section, seed ``i`` on rank ``i mod W``: every method of
+   :data:`lib.baselines.run.METHODS` (last-layer Laplace, the LoRA ensembles of the seeds' MAP
+   models, MC dropout, the variational LoRA, continued MAP; each its own cached stage) and the
+   ``baseline_importance`` scores;
+7. with a ``shift`` section, the image sets that the seeds share, dealt over the ranks in turn:
+   every corruption × severity of the test split (``corrupt`` stages) and the far-OOD sets
+   (``ood_images`` stages);
+8. with a ``shift`` section, the ``shift_probs`` stage of every (seed, image set), dealt over the
+   ranks in turn (seeds outer): one task per corrupted or OOD set of a seed. These are dealt as
+   whole tasks, not sharded by image like the banks: a ``shift_probs`` stage is one perturbation
+   bank that is not saved by parts, and a profile has seeds × (corruptions × severities + OOD
+   sets) of them (the smoke profile 2 × 15, ``vit-b16-cifar100`` 3 × 53), enough to keep 8 ranks
+   busy.
 
 Every stage goes through :func:`lib.artifacts.cached` with the keys a single process gives, so the
-cache a G-rank run fills is the one :class:`lib.study.Study` opens. A rerun skips the stages that
-are done and the bank parts that are saved; nothing partial is marked done (a bank is marked done
-only once joined from all its parts). A task that raises stops its rank's phase; at the next sync
+cache a G-rank run fills is the one :class:`lib.study.Study` opens, and the one that
+:func:`lib.baselines.study.baseline_study`, :func:`lib.baselines.study.importance_study` and
+:func:`lib.shift_study.study_shift` read (they call the same stage functions with the same
+arguments: the shift stages without ``extra`` subsets, as the shift chapter asks for them). A
+rerun skips the stages that are done and the bank parts that are saved; nothing partial is marked
+done (a bank is marked done only once joined from all its parts). A task that raises stops its rank's phase; at the next sync
 every rank raises :class:`ComputeError` naming the rank and the stage that failed, so the command
 exits non-zero and torchrun's summary shows each rank's error. A rank that dies without raising (killed, out
 of host memory) is detected by torchrun, which stops the others and names it.
@@ -46,9 +65,14 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
+from lib.baselines.importance import importance_scores
+from lib.baselines.run import METHODS
+from lib.baselines.study import priced_latency
 from lib.config import Config, ParamsError, load_params, params_path, parse_override
 from lib.data import splits_for
 from lib.pipeline import backbone_stage, resolve_device
+from lib.shift_study import (corrupted_predictions, corrupted_test_set, ood_predictions, ood_set, ood_set_names,
+                             shift_config)
 from lib.stages.banks import bank_parts, open_bank, save_part
 from lib.study import Study
 
@@ -175,6 +199,47 @@ def _part_tasks(study: Study, ranks: Ranks) -> list[Task]:
     return mine
 
 
+def _baseline_tasks(study: Study, ranks: Ranks) -> list[Task]:
+    """Phase 6 on this rank: every baseline method of :data:`lib.baselines.run.METHODS` and the
+    importance scores of its seeds (each a cached stage of the seed's MAP run)."""
+    cfg, device, tasks = study.cfg, ranks.device, []
+    for seed in ranks.mine(cfg.seeds):
+        for name, method in METHODS.items():
+            tasks.append(Task(f"{name} seed {seed}", lambda s=seed, m=method: m(cfg, study.run(s), device)))
+        tasks.append(Task(f"importance scores seed {seed}",
+                          lambda s=seed: importance_scores(cfg, study.run(s), device)))
+    return tasks
+
+
+def _shift_sets(study: Study) -> list[tuple[str, Callable[[], object], Callable[..., object]]]:
+    """The image sets of the shift study as ``(label, open, predict)``: every corruption × severity
+    of the test split (``open()`` computes or loads its ``corrupt`` stage) and every OOD set (a
+    far-OOD set's ``open()`` its ``ood_images`` stage), with the function of :mod:`lib.shift_study`
+    that gives a seed's ``shift_probs`` stage on it, ``predict(cfg, seed_study, open(), device)``."""
+    cfg = study.cfg
+    sc, test = shift_config(cfg), study.run(cfg.seeds[0]).splits.test
+    sets = [(f"{name} severity {severity}", lambda n=name, v=severity: corrupted_test_set(cfg, test, n, v),
+             corrupted_predictions) for name in sc.corruptions for severity in sc.severities]
+    size = test.x.shape[-1]
+    return sets + [(f"OOD set {name}", lambda n=name: ood_set(cfg, n, size), ood_predictions)
+                   for name in ood_set_names(cfg)]
+
+
+def _shift_set_tasks(study: Study, ranks: Ranks) -> list[Task]:
+    """Phase 7 on this rank: its share of the shift study's image sets (stages that the seeds share)."""
+    return ranks.mine([Task(label, get) for label, get, _ in _shift_sets(study)])
+
+
+def _shift_tasks(study: Study, ranks: Ranks) -> list[Task]:
+    """Phase 8 on this rank: its share of the ``shift_probs`` stages, one task per (seed, image set),
+    seeds outer, dealt over the ranks in turn."""
+    cfg, device = study.cfg, ranks.device
+    tasks = [Task(f"shift_probs seed {seed} {label}",
+                  lambda s=seed, g=get, f=predict: f(cfg, study.seed(s), g(), device))
+             for seed in cfg.seeds for label, get, predict in _shift_sets(study)]
+    return ranks.mine(tasks)
+
+
 def compute(cfg: Config, ranks: Ranks) -> dict[str, float]:
     """Fill the cache of ``cfg``'s study (the phases of the module docstring) as rank ``ranks.rank``;
     returns each phase's wall time on this rank (seconds, the sync included)."""
@@ -194,6 +259,13 @@ def compute(cfg: Config, ranks: Ranks) -> dict[str, float]:
     times["banks+subsets"] = _run_phase(ranks, "banks+subsets", lambda: mine)
     last = [Task("attribution", lambda: study.attribution_tables)] if ranks.rank == 0 else []
     times["attribution"] = _run_phase(ranks, "attribution", lambda: last)
+    timed = [Task(f"latency seed {cfg.seeds[0]}", lambda: priced_latency(study))] if ranks.rank == 0 else []
+    times["latency"] = _run_phase(ranks, "latency", lambda: timed)
+    if cfg.baselines is not None:
+        times["baselines"] = _run_phase(ranks, "baselines", lambda: _baseline_tasks(study, ranks))
+    if cfg.shift is not None:
+        times["shift sets"] = _run_phase(ranks, "shift sets", lambda: _shift_set_tasks(study, ranks))
+        times["shift predictions"] = _run_phase(ranks, "shift predictions", lambda: _shift_tasks(study, ranks))
     return times
 
 

@@ -40,10 +40,15 @@ from lib.train import amp_dtype
 
 __all__ = [
     "shift_config",
+    "corrupted_test_set",
     "corrupted_test_sets",
+    "ood_set_names",
+    "ood_set",
     "ShiftPredictions",
     "clean_predictions",
     "shift_predictions",
+    "corrupted_predictions",
+    "ood_predictions",
     "ShiftResults",
     "evaluate_shift",
     "study_shift",
@@ -57,16 +62,43 @@ def shift_config(cfg: Config) -> ShiftConfig:
     return cfg.shift
 
 
-def corrupted_test_sets(cfg: Config, test: Split) -> Iterator[CorruptedSplit]:
-    """Every corruption × severity of ``cfg.shift`` applied to the test split, each a cached
-    ``corrupt`` stage keyed by the data section (without its root folder) and the shift settings;
-    all share the same ``shift.max_images`` subset of test images (:func:`lib.corruptions.subsample_index`)."""
+def corrupted_test_set(cfg: Config, test: Split, name: str, severity: int) -> CorruptedSplit:
+    """Corruption ``name`` at ``severity`` applied to the test split, a cached ``corrupt`` stage
+    keyed by the data section (without its root folder) and the shift settings, on the
+    ``shift.max_images`` subset of test images that every corruption shares
+    (:func:`lib.corruptions.subsample_index`)."""
     sc = shift_config(cfg)
     data = {k: v for k, v in cfg.section("data")["data"].items() if k != "root"}
     inputs = {"data": data, "split": "test", "images": len(test)}
+    return cached_corrupt_split(test, inputs, name, severity, seed=sc.seed, max_images=sc.max_images)
+
+
+def corrupted_test_sets(cfg: Config, test: Split) -> Iterator[CorruptedSplit]:
+    """:func:`corrupted_test_set` of every corruption × severity of ``cfg.shift``, in that order."""
+    sc = shift_config(cfg)
     for name in sc.corruptions:
         for severity in sc.severities:
-            yield cached_corrupt_split(test, inputs, name, severity, seed=sc.seed, max_images=sc.max_images)
+            yield corrupted_test_set(cfg, test, name, severity)
+
+
+def ood_set_names(cfg: Config) -> list[str]:
+    """The OOD sets of the profile: ``'near'`` (the held-out classes, when the profile fine-tunes
+    on some classes of a real dataset), then the far-OOD sets of ``shift.far_ood_sets``."""
+    near = cfg.data.name != "synthetic" and cfg.data.classes is not None
+    return (["near"] if near else []) + list(shift_config(cfg).far_ood_sets)
+
+
+def ood_set(cfg: Config, name: str, size: int) -> tuple[Tensor, dict, list[Stage]]:
+    """The images of OOD set ``name`` (:func:`ood_set_names`) at ``size`` px, uint8 (N, 3, size, size),
+    the key that names them in a ``shift_probs`` stage and their upstream stages: the near-OOD
+    images (:func:`lib.ood_sets.near_ood_images`, not a stage) or a far-OOD ``ood_images`` stage."""
+    sc = shift_config(cfg)
+    if name == "near":
+        return (near_ood_images(cfg, max_images=sc.near_ood_images, seed=sc.seed),
+                {"set": "near", "data": cfg.data.name, "classes": list(cfg.data.classes), "n": sc.near_ood_images,
+                 "seed": sc.seed}, [])
+    far = cached_ood_images(name, sc.far_ood_images, seed=sc.seed, size=size)
+    return far.images, {"ood_images": far.stage.key}, [far.stage]
 
 
 @dataclass(frozen=True)
@@ -180,6 +212,21 @@ def shift_predictions(
     return ShiftPredictions(tuple(d["names"]), d["probs"], d["det"], d["ts"], d["labels"])
 
 
+def corrupted_predictions(cfg: Config, study: SeedStudy, cs: CorruptedSplit, device: torch.device,
+                          extra: Mapping[str, Tensor] | None = None) -> ShiftPredictions:
+    """:func:`shift_predictions` of ``study`` on the corrupted test set ``cs`` (:func:`corrupted_test_set`),
+    downstream of its ``corrupt`` stage."""
+    return shift_predictions(cfg, study, cs.split.x, cs.split.y, {"corrupt": cs.stage.key}, device,
+                             upstream=[cs.stage], extra=extra)
+
+
+def ood_predictions(cfg: Config, study: SeedStudy, images_key_upstream: tuple[Tensor, dict, list[Stage]],
+                    device: torch.device, extra: Mapping[str, Tensor] | None = None) -> ShiftPredictions:
+    """:func:`shift_predictions` of ``study`` on an OOD set, given as :func:`ood_set` returns it (no labels)."""
+    images, key, upstream = images_key_upstream
+    return shift_predictions(cfg, study, images, None, key, device, upstream=upstream, extra=extra)
+
+
 @dataclass(frozen=True)
 class ShiftResults:
     """Tables of :func:`evaluate_shift`.
@@ -243,25 +290,17 @@ def evaluate_shift(
         return {k: v.to(device) for k, v in probs.items()}
 
     size = studies[0].run.splits.test.x.shape[-1]
-    ood_sets = {}
-    if cfg.data.name != "synthetic" and cfg.data.classes is not None:
-        ood_sets["near"] = (near_ood_images(cfg, max_images=sc.near_ood_images, seed=sc.seed),
-                            {"set": "near", "data": cfg.data.name, "classes": list(cfg.data.classes),
-                             "n": sc.near_ood_images, "seed": sc.seed}, [])
-    for name in sc.far_ood_sets:
-        far = cached_ood_images(name, sc.far_ood_images, seed=sc.seed, size=size)
-        ood_sets[name] = (far.images, {"ood_images": far.stage.key}, [far.stage])
+    ood_sets = {name: ood_set(cfg, name, size) for name in ood_set_names(cfg)}
 
     # Phase 1: every seed's predictions on the clean, corrupted and OOD images (cached stages).
     cleans, shifted, oods = [], [], []
     for study in studies:
         cleans.append(clean_predictions(cfg, study, device, extra))
-        shifted.append([(cs, shift_predictions(cfg, study, cs.split.x, cs.split.y, {"corrupt": cs.stage.key}, device,
-                                               upstream=[cs.stage], extra=extra))
+        shifted.append([(cs, corrupted_predictions(cfg, study, cs, device, extra))
                         for cs in tqdm(list(corrupted_test_sets(cfg, study.run.splits.test)),
                                        desc=f"shift (seed {study.seed})", disable=None)])
-        oods.append({ood_set: shift_predictions(cfg, study, images, None, key, device, upstream=upstream, extra=extra)
-                     for ood_set, (images, key, upstream) in ood_sets.items()})
+        oods.append({name: ood_predictions(cfg, study, images_key_upstream, device, extra)
+                     for name, images_key_upstream in ood_sets.items()})
     labels = cleans[0].labels
     if any(not torch.equal(c.labels, labels) for c in cleans):
         raise ValueError("the studies' test sets differ; the seeds of one profile must share data.split_seed")
@@ -303,9 +342,9 @@ def evaluate_shift(
                 ranks.append({"seed": study.seed, "severity": severity, "tau": res.tau, "lower": res.lower,
                               "upper": res.upper})
         pooled.append(seed_pooled)
-        for ood_set in ood_sets:
-            ood.append(ood_table(on_device(clean_methods[i]), on_device(methods(i, [o[ood_set] for o in oods])),
-                                 ood_set=ood_set, n_resamples=st.n_boot, generator=generator(study.seed),
+        for set_name in ood_sets:
+            ood.append(ood_table(on_device(clean_methods[i]), on_device(methods(i, [o[set_name] for o in oods])),
+                                 ood_set=set_name, n_resamples=st.n_boot, generator=generator(study.seed),
                                  alpha=st.alpha, reference="MAP").assign(seed=study.seed))
 
     gains = []
