@@ -150,3 +150,17 @@ def write_fake_cifar10(root, per_batch: int = 40, n_test: int = 30, *, bytes_key
     }, bytes_keys)
     dump_cifar_pickle(folder / "batches.meta", {"label_names": CIFAR10_NAMES, "num_cases_per_batch": per_batch, "num_vis": 3072}, bytes_keys)
     return {"train": np.concatenate(xs), "train_labels": np.array(ys), "test": test, "test_labels": np.array(test_labels)}
+
+
+def selection_frame(sel_se: list[float], boot_se: list[float], stable: list[float]):
+    """A ``kappa_selection`` table (the columns of lib.attribution.scale_selection) of len(sel_se) - 1
+    single blocks and the all-block posterior, with the given selection and bootstrap SEs and the
+    share of resamples that select the same κ."""
+    import pandas as pd
+
+    n = len(sel_se)
+    return pd.DataFrame({"posterior": [f"single {i}" for i in range(n - 1)] + ["all"], "kappa": [0.5] * n,
+                         "stable": stable, "delta": [0.01] * n, "sel_lower": [0.0] * n, "sel_upper": [0.02] * n,
+                         "sel_se": sel_se, "boot_se": boot_se,
+                         "sel_share": [a / b for a, b in zip(sel_se, boot_se)], "lower": [-0.01] * n,
+                         "upper": [0.03] * n, "n_val": [1000] * n})

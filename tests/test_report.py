@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import selection_frame
 from lib.report import (baseline_table, block_table, book_table, deterministic_table, display_control_table,
                         display_layer_table, display_rank_table, display_selection_table, in_pp, laplace_fit_table,
                         readable)
@@ -202,17 +203,8 @@ def test_display_layer_table_formats_in_pp_with_typographic_minus():
     assert list(display_layer_table(table, 0.1).columns)[2] == "ΔECE, pp [90% CI]"
 
 
-def _selection(sel_se: list[float], boot_se: list[float], stable: list[float]) -> pd.DataFrame:
-    n = len(sel_se)
-    return pd.DataFrame({"posterior": [f"single {i}" for i in range(n - 1)] + ["all"], "kappa": [0.5] * n,
-                         "stable": stable, "delta": [0.01] * n, "sel_lower": [0.0] * n, "sel_upper": [0.02] * n,
-                         "sel_se": sel_se, "boot_se": boot_se,
-                         "sel_share": [a / b for a, b in zip(sel_se, boot_se)], "lower": [-0.01] * n,
-                         "upper": [0.03] * n, "n_val": [1000] * n})
-
-
 def test_display_selection_table_in_pp():
-    out = display_selection_table(_selection([0.001, 0.002], [0.01, 0.01], [0.9, 0.6]), alpha=0.1)
+    out = display_selection_table(selection_frame([0.001, 0.002], [0.01, 0.01], [0.9, 0.6]), alpha=0.1)
     assert list(out.columns) == ["Posterior", "tuned κ (median)", "same κ selected",
                                  "ΔECE, pp [90% range, re-tuned κ]", "SD, re-tuned κ (pp)", "SD, bootstrap (pp)",
                                  "ratio"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from conftest import selection_frame
 from lib.statistics_findings import (MATERIAL, agreement_findings, decisions, interval_check, mc_findings,
                                      selection_findings)
 
@@ -57,22 +58,13 @@ def test_mc_findings_noisy_posteriors_drift_and_no_share_of_a_gain_within_its_er
         mc_findings(_mc([0.1] * 3, [0.0] * 3).iloc[:0], 0.05)
 
 
-def _selection(sel_se: list[float], boot_se: list[float], stable: list[float]) -> pd.DataFrame:
-    n = len(sel_se)
-    return pd.DataFrame({"posterior": [f"single {i}" for i in range(n - 1)] + ["all"], "kappa": [0.5] * n,
-                         "stable": stable, "delta": [0.01] * n, "sel_lower": [0.0] * n, "sel_upper": [0.02] * n,
-                         "sel_se": sel_se, "boot_se": boot_se,
-                         "sel_share": [a / b for a, b in zip(sel_se, boot_se)], "lower": [-0.01] * n,
-                         "upper": [0.03] * n, "n_val": [1000] * n})
-
-
 def test_selection_findings():
-    small = selection_findings(_selection([0.001, 0.002, 0.0005], [0.01, 0.01, 0.008], [0.9, 0.6, 0.95]))
+    small = selection_findings(selection_frame([0.001, 0.002, 0.0005], [0.01, 0.01, 0.008], [0.9, 0.6, 0.95]))
     assert small.validation_images == 1000 and small.stable == (0.6, 0.95) and small.max_se == 0.002
     assert small.worst == "single 1" and small.worst_share == pytest.approx(0.2) and small.material == ()
-    material = selection_findings(_selection([0.008, 0.002, 0.006], [0.01, 0.01, 0.008], [0.3, 0.6, 0.4]))
+    material = selection_findings(selection_frame([0.008, 0.002, 0.006], [0.01, 0.01, 0.008], [0.3, 0.6, 0.4]))
     assert material.material == ("single 0", "all") and material.worst_share > MATERIAL
-    assert selection_findings(_selection([0.001], [0.01], [0.9]).iloc[0:0]) is None
+    assert selection_findings(selection_frame([0.001], [0.01], [0.9]).iloc[0:0]) is None
 
 
 def test_interval_check_largest_shift_and_changed_verdicts():
