@@ -17,7 +17,7 @@ import pandas as pd
 from lib.attribution import choose_single
 from lib.attribution_findings import Shape, shape_verdict
 from lib.config import Config
-from lib.interval import Interval
+from lib.interval import Interval, blocks_of
 from lib.statistics_findings import MATERIAL
 
 
@@ -71,10 +71,6 @@ class Answer:
         return bool(self.above or self.below)
 
 
-def _blocks(rows: pd.DataFrame) -> tuple[int, ...]:
-    return tuple(sorted(int(b) for b in rows.block))
-
-
 def answer(table: pd.DataFrame, ranks: pd.DataFrame, validation: pd.DataFrame, control: pd.DataFrame, cfg: Config,
            mc: pd.DataFrame | None = None, agreement: pd.DataFrame | None = None, scale: pd.DataFrame | None = None,
            selection: pd.DataFrame | None = None) -> Answer:
@@ -105,8 +101,8 @@ def answer(table: pd.DataFrame, ranks: pd.DataFrame, validation: pd.DataFrame, c
     return Answer(
         all_blocks=Interval.from_row(full, alpha), all_blocks_accuracy=float(full.d_acc), all_kappa_at_floor=floor,
         best_block=best, best=Interval.from_row(top, alpha),
-        above=_blocks(singles[singles.lower > 0]), below=_blocks(singles[singles.upper < 0]),
-        holm=_blocks(singles[singles.improves.astype(bool)]), certified=_blocks(ranks[ranks.surely_top_k.astype(bool)]),
+        above=blocks_of(singles[singles.lower > 0]), below=blocks_of(singles[singles.upper < 0]),
+        holm=blocks_of(singles[singles.improves.astype(bool)]), certified=blocks_of(ranks[ranks.surely_top_k.astype(bool)]),
         shape=Interval.from_row(shape, alpha, estimate="diff", lower="diff_lower", upper="diff_upper"),
         shape_verdict=shape_verdict(shape, alpha, cfg.stats.equivalence_margin),
         leader=leader, estimators=estimators, differing=differing, mc_noisy=noisy, mc_checked=0 if mc is None else len(mc),

@@ -18,11 +18,7 @@ from typing import Literal
 import pandas as pd
 
 from lib.equivalence import equivalence_verdict
-from lib.interval import Interval
-
-
-def _blocks(rows: pd.DataFrame) -> tuple[int, ...]:
-    return tuple(sorted(int(b) for b in rows.block))
+from lib.interval import Interval, blocks_of
 
 
 @dataclass(frozen=True)
@@ -91,9 +87,9 @@ def attribution_findings(table: pd.DataFrame, ranks: pd.DataFrame, shapley: pd.D
     return AttributionFindings(
         all_blocks=Interval.from_row(full, alpha), all_accuracy=float(full.d_acc), best_block=int(best),
         best=Interval.from_row(singles.set_index("block").loc[best], alpha),
-        above=_blocks(singles[singles.lower > 0]), below=_blocks(singles[singles.upper < 0]),
-        holm=_blocks(singles[singles.improves.astype(bool)]),
-        candidates=_blocks(ranks[ranks.top_k_candidate.astype(bool)]), certified=_blocks(ranks[ranks.surely_top_k.astype(bool)]),
+        above=blocks_of(singles[singles.lower > 0]), below=blocks_of(singles[singles.upper < 0]),
+        holm=blocks_of(singles[singles.improves.astype(bool)]),
+        candidates=blocks_of(ranks[ranks.top_k_candidate.astype(bool)]), certified=blocks_of(ranks[ranks.surely_top_k.astype(bool)]),
         top_k=top_k, shapley=values, shapley_leader=certified_leader(values), shapley_total=float(shapley.phi.sum()),
     )
 
@@ -141,5 +137,5 @@ def control_findings(control: pd.DataFrame, alpha: float, margin: float) -> Cont
         shape={int(r.block): shape_verdict(r, alpha, margin) for _, r in rows.iterrows()},
         diff={int(r.block): Interval.from_row(r, alpha, estimate="diff", lower="diff_lower", upper="diff_upper")
               for _, r in rows.iterrows()},
-        margin=margin, lower_edge=_blocks(rows[edge == "lower"]), upper_edge=_blocks(rows[edge == "upper"]),
+        margin=margin, lower_edge=blocks_of(rows[edge == "lower"]), upper_edge=blocks_of(rows[edge == "upper"]),
     )

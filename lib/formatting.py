@@ -27,7 +27,7 @@ def pp(x: float) -> str:
 
 def ci(delta: float, lower: float, upper: float) -> str:
     """``+1.23 [+0.80, +1.70]`` (pp)."""
-    return f"{pp(delta)} [{pp(lower)}, {pp(upper)}]"
+    return bracket(PP * delta, PP * lower, PP * upper, 2)
 
 
 def pp_interval(iv: Interval) -> str:

@@ -74,3 +74,9 @@ class Interval:
         if any(math.isnan(v) for v in values[1:]) and not all(math.isnan(v) for v in values[1:]):
             raise ValueError(f"row has one NaN bound ({lower}={values[1]}, {upper}={values[2]}); both or neither")
         return cls(*values, alpha=alpha)
+
+
+def blocks_of(rows: Any) -> tuple[int, ...]:
+    """The block numbers of a result table's rows (its ``block`` column), sorted: the block sets
+    that findings state beside their intervals (e.g. the single blocks whose interval lies above zero)."""
+    return tuple(sorted(int(b) for b in rows.block))

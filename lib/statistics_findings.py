@@ -19,13 +19,11 @@ from statistics import NormalDist
 
 import pandas as pd
 
+from lib.interval import blocks_of
+
 MATERIAL = 0.5
 """An extra error (Monte Carlo, κ_S selection) is called material when its standard deviation
 exceeds this fraction of the intervals' one: added in variance it widens them by more than ~12%."""
-
-
-def _blocks(rows: pd.DataFrame) -> tuple[int, ...]:
-    return tuple(sorted(int(b) for b in rows.block))
 
 
 @dataclass(frozen=True)
@@ -63,10 +61,10 @@ def decisions(table: pd.DataFrame, ranks: pd.DataFrame, top_k: int) -> Decisions
     improves = singles.improves.astype(bool)
     return Decisions(
         blocks=len(singles), median_width=float((singles.upper - singles.lower).median()),
-        holm=_blocks(singles[improves]), above=_blocks(singles[singles.lower > 0]),
-        uncorrected=_blocks(singles[(singles.lower > 0) & ~improves]),
-        below=_blocks(singles[singles.upper < 0]), unclear=_blocks(singles[(singles.lower <= 0) & (singles.upper >= 0)]),
-        certified=_blocks(ranks[ranks.surely_top_k.astype(bool)]), top_k=top_k,
+        holm=blocks_of(singles[improves]), above=blocks_of(singles[singles.lower > 0]),
+        uncorrected=blocks_of(singles[(singles.lower > 0) & ~improves]),
+        below=blocks_of(singles[singles.upper < 0]), unclear=blocks_of(singles[(singles.lower <= 0) & (singles.upper >= 0)]),
+        certified=blocks_of(ranks[ranks.surely_top_k.astype(bool)]), top_k=top_k,
     )
 
 
@@ -182,7 +180,7 @@ def interval_check(intervals: pd.DataFrame) -> IntervalCheck:
 
     differ = intervals[excludes(intervals.percentile_lower, intervals.percentile_upper)
                        != excludes(intervals.bca_lower, intervals.bca_upper)]
-    return IntervalCheck(float(shift.max()), float(share.iloc[i]), int(intervals.block.iloc[i]), _blocks(differ))
+    return IntervalCheck(float(shift.max()), float(share.iloc[i]), int(intervals.block.iloc[i]), blocks_of(differ))
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 The layers, lowest first (a module may import modules of its own layer or of lower ones):
 
 0. leaf: import nothing from lib (paths, display names, style, corruption names, resampling,
-   calibration metrics, temperature scaling, the evidence formula, the fitted models', the statistics' and the
+   calibration metrics, temperature scaling, the evidence formula, the fitted models' and the
    covariance scale's findings; empty packages)
 1. infrastructure and statistics: provenance, code hashes, artifacts, stored result tables; stats, OOD metrics,
-   the equivalence test, the attribution's findings and the number formatting
+   the equivalence test, the attribution's and the statistics' findings and the number formatting
 2. config
 3. data and model (corruptions and OOD image sets included)
 4. training
@@ -28,9 +28,9 @@ from lib.paths import ROOT
 LAYERS: list[set[str]] = [
     {"lib", "lib.paths", "lib.names", "lib.style", "lib.corruption_names", "lib.resample", "lib.calibration", "lib.interval",
      "lib.temperature", "lib.laplace.marglik", "lib.stages", "lib.baselines", "lib.fit_findings",
-     "lib.statistics_findings", "lib.scale_findings"},
+     "lib.scale_findings"},
     {"lib.provenance", "lib.codehash", "lib.artifacts", "lib.results", "lib.stats", "lib.ood", "lib.equivalence",
-     "lib.attribution_findings", "lib.formatting"},
+     "lib.attribution_findings", "lib.statistics_findings", "lib.formatting"},
     {"lib.config"},
     {"lib.data", "lib.model", "lib.corruptions", "lib.ood_sets"},
     {"lib.train"},

@@ -38,3 +38,13 @@ def test_bad_intervals_are_named():
         Interval.from_row({"delta": 0.0, "lower": 0.0}, 0.05)
     with pytest.raises(ValueError, match="one NaN bound"):
         Interval.from_row({"delta": 0.0, "lower": math.nan, "upper": 1.0}, 0.05)
+
+
+def test_blocks_of_gives_the_sorted_block_numbers_of_the_rows():
+    import pandas as pd
+
+    from lib.interval import blocks_of
+
+    assert blocks_of(pd.DataFrame({"block": [3, 1, 2]})) == (1, 2, 3)
+    assert blocks_of(pd.DataFrame({"block": []})) == ()
+    assert all(type(b) is int for b in blocks_of(pd.DataFrame({"block": [2.0, 0.0]})))
