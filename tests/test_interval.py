@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from lib.interval import Interval
+from lib.interval import Interval, blocks_of
 
 
 @pytest.mark.parametrize("lower, upper, side", [
@@ -41,10 +41,6 @@ def test_bad_intervals_are_named():
 
 
 def test_blocks_of_gives_the_sorted_block_numbers_of_the_rows():
-    import pandas as pd
-
-    from lib.interval import blocks_of
-
     assert blocks_of(pd.DataFrame({"block": [3, 1, 2]})) == (1, 2, 3)
     assert blocks_of(pd.DataFrame({"block": []})) == ()
     assert all(type(b) is int for b in blocks_of(pd.DataFrame({"block": [2.0, 0.0]})))

@@ -14,14 +14,21 @@ from lib.laplace.quality import (
     APPROXIMATIONS,
     compare_block,
     frobenius_error,
-    gaussian_kl,
+    gaussian_kls,
     logit_variance,
     pearson,
     prepare_curvature_quality,
-    scaled_gaussian_kl,
     summarise_quality,
     trace_ratio,
 )
+
+
+def gaussian_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return gaussian_kls(p, q)[0]
+
+
+def scaled_gaussian_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return gaussian_kls(p, q)[1]
 
 
 def _spd(p: int, seed: int) -> torch.Tensor:

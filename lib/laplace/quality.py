@@ -65,35 +65,26 @@ def frobenius_error(approx: Tensor, exact: Tensor) -> float:
     return float(torch.linalg.matrix_norm(approx.double() - exact.double()) / torch.linalg.matrix_norm(exact.double()))
 
 
-def gaussian_kl(cov_p: Tensor, cov_q: Tensor) -> float:
-    """``KL(N(0, cov_p) ‖ N(0, cov_q)) = ½ [tr(cov_q⁻¹ cov_p) − P + log det cov_q − log det cov_p]``.
+def gaussian_kls(cov_p: Tensor, cov_q: Tensor) -> tuple[float, float]:
+    """``(KL, scaled KL)`` of two zero-mean Gaussians from one pair of Cholesky factors (float64):
 
-    ``cov_p``, ``cov_q``: symmetric positive definite (P, P); computed through Cholesky factors in float64.
+    - ``KL(N(0, cov_p) ‖ N(0, cov_q)) = ½ [t − P + log det cov_q − log det cov_p]``;
+    - ``min_c KL(N(0, c cov_p) ‖ N(0, cov_q)) = ½ [P log(t / P) + log det cov_q − log det cov_p]``,
+      the minimum at ``c = P / t`` (the KL with the overall scale of ``cov_p`` fitted; 0 iff
+      ``cov_p ∝ cov_q``),
+
+    with ``t = tr(cov_q⁻¹ cov_p)``. ``cov_p``, ``cov_q``: symmetric positive definite (P, P).
     """
-    t, logdet = _kl_terms(cov_p, cov_q)
-    return float(0.5 * (t - cov_p.shape[0] + logdet))
-
-
-def scaled_gaussian_kl(cov_p: Tensor, cov_q: Tensor) -> float:
-    """``min_c KL(N(0, c cov_p) ‖ N(0, cov_q)) = ½ [P log(t / P) + log det cov_q − log det cov_p]``
-    with ``t = tr(cov_q⁻¹ cov_p)``, the minimum at ``c = P / t`` (:func:`gaussian_kl` with the
-    overall scale of ``cov_p`` fitted). 0 iff ``cov_p ∝ cov_q``. Shapes and precision as :func:`gaussian_kl`.
-    """
-    t, logdet = _kl_terms(cov_p, cov_q)
-    return _min_scale_kl(t, logdet, cov_p.shape[0])
-
-
-def _kl_terms(cov_p: Tensor, cov_q: Tensor) -> tuple[Tensor, Tensor]:
-    """``(tr(cov_q⁻¹ cov_p), log det cov_q − log det cov_p)`` through Cholesky factors, float64."""
     lp = torch.linalg.cholesky(cov_p.double())
     lq = torch.linalg.cholesky(cov_q.double())
     m = torch.linalg.solve_triangular(lq, lp, upper=False)  # L_q⁻¹ L_p: tr(cov_q⁻¹ cov_p) = ‖m‖_F²
-    return m.square().sum(), 2 * (lq.diagonal().log().sum() - lp.diagonal().log().sum())
+    return _kls(m.square().sum(), 2 * (lq.diagonal().log().sum() - lp.diagonal().log().sum()), cov_p.shape[0])
 
 
-def _min_scale_kl(trace: Tensor, logdet: Tensor, p: int) -> float:
-    """``½ [P log(t / P) + ℓ]``: the Gaussian KL ``½ [c t − P − P log c + ℓ]`` minimised over ``c``."""
-    return float(0.5 * (p * torch.log(trace / p) + logdet))
+def _kls(trace: Tensor, logdet: Tensor, p: int) -> tuple[float, float]:
+    """:func:`gaussian_kls` from ``t`` and ``ℓ = log det cov_q − log det cov_p``: ``½ [t − P + ℓ]``
+    and its minimum over the scale ``c`` of ``½ [c t − P − P log c + ℓ]``, ``½ [P log(t / P) + ℓ]``."""
+    return float(0.5 * (trace - p + logdet)), float(0.5 * (p * torch.log(trace / p) + logdet))
 
 
 def pearson(a: Tensor, b: Tensor) -> float:
@@ -121,7 +112,7 @@ def compare_block(exact: Tensor, approx: dict[str, Tensor], slices: dict[str, sl
     (``trace_ratio``, ``frobenius_error``, ``kl``, ``kl_scaled``, ``logit_variance_ratio``,
     ``logit_variance_error``, ``logit_variance_corr``). The block's KL uses the precisions,
     ``½ [t − P + log det(Ĝ + δI) − log det(G + δI)]`` with ``t = Σ_ij (G + δI)_ij Σ̂_ij``, and
-    ``kl_scaled`` the same ``t`` (:func:`scaled_gaussian_kl`).
+    ``kl_scaled`` the same ``t`` (:func:`gaussian_kls`); a module's both come from :func:`gaussian_kls`.
     """
     if exact.ndim != 2 or exact.shape[0] != exact.shape[1]:
         raise ValueError(f"exact {tuple(exact.shape)} must be a square matrix")
@@ -144,12 +135,8 @@ def compare_block(exact: Tensor, approx: dict[str, Tensor], slices: dict[str, sl
             v_e = logit_variance(jac[..., s], cov_e[s, s])
             v_a = logit_variance(jac[..., s], cov_a[s, s])
             ratio = v_a / v_e
-            if s == full:
-                t = (prec_e * cov_a).sum()
-                kl = float(0.5 * (t - p + logdet_a - logdet_e))
-                kl_scaled = _min_scale_kl(t, logdet_a - logdet_e, p)
-            else:
-                kl, kl_scaled = gaussian_kl(cov_a[s, s], cov_e[s, s]), scaled_gaussian_kl(cov_a[s, s], cov_e[s, s])
+            kl, kl_scaled = (_kls((prec_e * cov_a).sum(), logdet_a - logdet_e, p) if s == full
+                             else gaussian_kls(cov_a[s, s], cov_e[s, s]))
             rows.append({
                 "approximation": name,
                 "module": label,
