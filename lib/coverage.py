@@ -55,6 +55,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lib.calibration import ece, top_label, weighted_ece
+from lib.laplace.scale import scale_grid
 from lib.paths import ROOT
 from lib.resample import bootstrap_counts
 from lib.stats import (
@@ -107,9 +108,9 @@ class CoverageDesign:
             raise ValueError("ranks and amplitudes need one entry per block, and n_seeds >= 2, n_samples >= 1")
 
     def kappas(self) -> Tensor:
-        """The κ grid (G,), log-spaced from ``grid[0]`` to ``grid[1]``."""
+        """The κ grid (G,), log-spaced from ``grid[0]`` to ``grid[1]`` as the study's (:func:`lib.laplace.scale.scale_grid`)."""
         lo, hi, g = self.grid
-        return torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), int(g), dtype=torch.float64)
+        return scale_grid(lo, hi, int(g))
 
 
 @dataclass(frozen=True)
@@ -320,31 +321,35 @@ GOAL = 0.93
 """Coverage at nominal 95% that every block must reach for the target its interval is for (issue 22)."""
 
 
-def coverage_summary(table: pd.DataFrame) -> str:
-    """The sentence next to the coverage table: per target, the range over blocks of the coverage
-    of the interval meant for it, the blocks below :data:`GOAL`, and what the pre-issue-22 interval
-    covered."""
+@dataclass(frozen=True)
+class CoverageFindings:
+    """What the coverage table says, for the sentence next to it: ``studies`` per block; per target,
+    the (lowest, highest) coverage over blocks of the interval meant for it (``basic``: the shared
+    basic interval for the chosen models; ``seed_spread``: the seed-spread t interval for the
+    expected ΔECE) and the blocks below :data:`GOAL` (``basic_short``, ``seed_spread_short``); and
+    what the pre-issue-22 interval (per-seed resamples, percentile) covered of the chosen models
+    (``old_chosen``) and of the expected ΔECE (``old_expected``). Coverages are fractions."""
 
-    def span(method: str, target: str) -> tuple[str, list[int]]:
+    studies: int
+    basic: tuple[float, float]
+    basic_short: tuple[int, ...]
+    seed_spread: tuple[float, float]
+    seed_spread_short: tuple[int, ...]
+    old_chosen: tuple[float, float]
+    old_expected: tuple[float, float]
+
+
+def coverage_findings(table: pd.DataFrame) -> CoverageFindings:
+    """:class:`CoverageFindings` of a :func:`coverage_table`."""
+
+    def span(method: str, target: str) -> tuple[tuple[float, float], tuple[int, ...]]:
         sub = table[table.method == method].sort_values("block")
         cov = sub[target].to_numpy()
-        short = [int(b) for b, c in zip(sub.block, cov) if c < GOAL]
-        return f"{100 * cov.min():.1f}–{100 * cov.max():.1f}%", short
+        return (float(cov.min()), float(cov.max())), tuple(int(b) for b, c in zip(sub.block, cov) if c < GOAL)
 
-    n = int(table.studies.iloc[0])
     basic, basic_short = span("shared basic", "chosen")
     seed, seed_short = span("seed-spread t", "expected")
-    old, _ = span("per-seed percentile", "chosen")
-    old_exp, _ = span("per-seed percentile", "expected")
-
-    def verdict(short: list[int]) -> str:
-        if not short:
-            return f"every block at or above {100 * GOAL:.0f}%"
-        return (f"short of the {100 * GOAL:.0f}% goal for block{'s' if len(short) > 1 else ''} "
-                f"{', '.join(map(str, short))}")
-
-    return (f"In {n} simulated studies per block, the basic interval with shared resamples covered the ΔECE of "
-            f"the chosen models (these seeds, the tuned κ) in {basic} of studies ({verdict(basic_short)}), and "
-            f"the seed-spread t interval covered the expected ΔECE over training runs in {seed} "
-            f"({verdict(seed_short)}). The interval the book used before (per-seed resamples, percentile) "
-            f"covered the chosen models in only {old} and the expected ΔECE in {old_exp}.")
+    return CoverageFindings(studies=int(table.studies.iloc[0]), basic=basic, basic_short=basic_short,
+                            seed_spread=seed, seed_spread_short=seed_short,
+                            old_chosen=span("per-seed percentile", "chosen")[0],
+                            old_expected=span("per-seed percentile", "expected")[0])

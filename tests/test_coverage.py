@@ -8,7 +8,7 @@ import pytest
 from lib.coverage import (
     METHODS,
     CoverageDesign,
-    coverage_summary,
+    coverage_findings,
     coverage_table,
     display_coverage,
     load_coverage,
@@ -69,5 +69,6 @@ def test_coverage_table_hand_worked(tmp_path):
     pd.testing.assert_frame_equal(loaded, table)
     shown = display_coverage(loaded)
     assert shown["block 0"].tolist() == ["100.0 / 50.0"] * 4 and shown["width (pp)"].tolist() == ["175.00"] * 4
-    text = coverage_summary(loaded)
-    assert "2 simulated studies" in text and "short of the 93% goal for block 0" in text
+    found = coverage_findings(loaded)
+    assert found.studies == 2 and found.basic_short == () and found.seed_spread_short == (0,)
+    assert found.basic == (1.0, 1.0) and found.seed_spread == (0.5, 0.5) and found.old_expected == (0.5, 0.5)
