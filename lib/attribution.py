@@ -41,10 +41,9 @@ from lib.stats import (
     rank_confidence_set,
     rank_probabilities,
     seed_spread_interval,
-    shapley_interaction,
-    shapley_values,
     tuned_bootstrap,
 )
+from lib.shapley import antithetic_permutations, antithetic_standard_error, permutation_contributions, shapley_values, widen
 from lib.stages.seed import SeedStudy
 
 
@@ -360,42 +359,56 @@ def rank_analysis(att: Attribution, stats: StatsConfig) -> tuple[pd.DataFrame, p
     return heat, ranks
 
 
-def shapley(studies: list[SeedStudy], stats: StatsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Exact Shapley values of the blocks for v(S) = ECE_det − ECE_S, and adjacent interactions.
+def shapley(studies: list[SeedStudy], stats: StatsConfig) -> pd.DataFrame:
+    """Shapley values of the blocks for v(S) = ECE_det − ECE_S, with intervals.
 
-    Per seed, v is evaluated for all 2^L subsets on the test set and on R bootstrap replicates
+    Per seed, v is evaluated on the test set and on R bootstrap replicates
     (:func:`lib.stages.subsets.subset_predictions`): replicate r resamples the test images and the
     validation images (each subset's κ_S re-tuned on the latter) with the same multiplicities for
-    every seed, which share both sets, and every subset, so the values are paired. The values and
-    their replicates are averaged over seeds, as in :func:`lib.stats.tuned_bootstrap`; ``lower``/
-    ``upper`` is the basic interval (level 1 − ``stats.alpha``, :func:`lib.stats.basic_interval`)
-    for these seeds, ``seed_lower``/``seed_upper`` the Student-t interval over training runs
-    (:func:`lib.stats.seed_spread_interval`; NaN with one seed).
+    every seed, which share both sets, and every subset, so the values are paired. The values are
+    exact over all 2^L subsets (:func:`lib.shapley.shapley_values`) when
+    ``stats.shapley_permutations`` is None, else means of the marginal contributions over that many
+    sampled antithetic orderings of the blocks (:func:`lib.shapley.permutation_contributions`,
+    the same orderings for every seed and replicate). The values and their replicates are averaged
+    over seeds, as in :func:`lib.stats.tuned_bootstrap`; ``lower``/``upper`` is the basic interval
+    (level 1 − ``stats.alpha``, :func:`lib.stats.basic_interval`) for these seeds,
+    ``seed_lower``/``seed_upper`` the Student-t interval over training runs
+    (:func:`lib.stats.seed_spread_interval`; NaN with one seed). With sampled orderings both are
+    widened by the Monte Carlo error ``mc_se`` of the seed-averaged contributions
+    (:func:`lib.shapley.antithetic_standard_error`, :func:`lib.shapley.widen`); exact values have
+    ``mc_se`` 0.
+
+    Returns: one row per block: ``layer``, ``block``, ``phi``, ``lower``, ``upper``,
+    ``seed_lower``, ``seed_upper``, ``mc_se``.
     """
-    vals, inter = [], []
+    rows = {s.subset_ece().shape[0] for s in studies}
+    if len(rows) != 1:
+        raise ValueError(f"every seed needs the same bootstrap replicates (stats.n_boot_shapley); got {sorted(rows)} rows")
+    n = stats.shapley_permutations
+    per_seed, contributions = [], []
     for s in studies:
         e = s.subset_ece().double()
         v = e[:, :1] - e
-        vals.append(shapley_values(v))
-        inter.append(shapley_interaction(v))
-    rows = {len(v) for v in vals}
-    if len(rows) != 1:
-        raise ValueError(f"every seed needs the same bootstrap replicates (stats.n_boot_shapley); got {sorted(rows)} rows")
-    both = torch.cat([torch.stack(vals), torch.stack(inter)], 2)  # (S, R + 1, L + L − 1)
+        if n is None:
+            per_seed.append(shapley_values(v))  # (R + 1, L)
+        else:
+            c = permutation_contributions(v, antithetic_permutations(v.shape[-1].bit_length() - 1, n))
+            contributions.append(c)  # (R + 1, n, L)
+            per_seed.append(c.mean(-2))
+    both = torch.stack(per_seed)  # (S, R + 1, L)
     est, reps = both[:, 0].mean(0), both[:, 1:].mean(0)
     lo, hi = basic_interval(reps, est, stats.alpha)
     slo, shi = seed_spread_interval(both[:, 0], reps, stats.alpha)
-    L = vals[0].shape[1]
-
-    def frame(cols: slice) -> dict:
-        return {"lower": lo[cols].numpy(), "upper": hi[cols].numpy(),
-                "seed_lower": slo[cols].numpy(), "seed_upper": shi[cols].numpy()}
-
-    values = pd.DataFrame({"layer": [f"block {b}" for b in range(L)], "block": range(L), "phi": est[:L].numpy(),
-                           **frame(slice(0, L))})
-    pairs = pd.DataFrame({"pair": [f"{b}–{b + 1}" for b in range(L - 1)], "interaction": est[L:].numpy(),
-                          **frame(slice(L, None))})
-    return values, pairs
+    mc_se = torch.zeros_like(est)
+    if n is not None:
+        mc_se = antithetic_standard_error(torch.stack(contributions)[:, 0].mean(0))
+        lo, hi = widen(est, lo, hi, mc_se, stats.alpha, n // 2 - 1)
+        if len(studies) > 1:
+            slo, shi = widen(est, slo, shi, mc_se, stats.alpha, n // 2 - 1)
+    L = est.shape[0]
+    return pd.DataFrame({"layer": [f"block {b}" for b in range(L)], "block": range(L), "phi": est.numpy(),
+                         "lower": lo.numpy(), "upper": hi.numpy(), "seed_lower": slo.numpy(),
+                         "seed_upper": shi.numpy(), "mc_se": mc_se.numpy()})
 
 
 def cumulative(att: Attribution) -> pd.DataFrame:

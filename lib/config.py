@@ -227,7 +227,10 @@ class StatsConfig:
     ``n_boot`` replicates for every interval: each draws one resample of the test images and one of
     the validation images, shared by every seed, and re-chooses κ_S, the control's σ² and the
     temperature on the latter (:func:`lib.stats.tuned_bootstrap`); ``n_boot_shapley`` does the same
-    for the ECE of all 2^L subsets (:mod:`lib.stages.subsets`); ``n_boot_mc`` resamples the
+    for the ECE of the block subsets behind the Shapley values (:mod:`lib.stages.subsets`): all
+    2^L of them when ``shapley_permutations`` is None (exact values), else the prefixes of that many
+    sampled block orderings, in antithetic pairs, whose Monte Carlo error widens the intervals
+    (:mod:`lib.shapley`); ``n_boot_mc`` resamples the
     predictive's posterior samples for its Monte Carlo error (:func:`lib.stats.mc_error_delta_ece`).
 
     Every interval for the models at hand is a two-sided basic interval at level ``1 − alpha``
@@ -248,6 +251,7 @@ class StatsConfig:
     n_boot: int = _at_least(2000, 1)
     n_boot_shapley: int = _at_least(200, 1)
     n_boot_mc: int = _at_least(200, 1)
+    shapley_permutations: int | None = _at_least(None, 4)
     alpha: float = _above(0.05, 0.0, 1.0)
     top_k: int = _at_least(3, 1)
     equivalence_margin: float = _above(0.005, 0.0, 1.0)
@@ -598,6 +602,13 @@ def _check_predictive(cfg: PredictiveConfig, source: str, prefix: str) -> None:
             raise ParamsError(f"{source}: '{prefix}{key}' is {list(r)}; give two numbers [low, high] with 0 < low < high")
 
 
+def _check_stats(cfg: StatsConfig, source: str, prefix: str) -> None:
+    n = cfg.shapley_permutations
+    if n is not None and n % 2:
+        raise ParamsError(f"{source}: '{prefix}shapley_permutations' is {n}; the orderings come in antithetic pairs, "
+                          "so give an even number (or null for exact Shapley values over all 2^L subsets)")
+
+
 def _check_shift(cfg: ShiftConfig, source: str, prefix: str) -> None:
     unknown = [c for c in cfg.corruptions if c not in CORRUPTION_NAMES]
     if unknown or not cfg.corruptions:
@@ -657,7 +668,7 @@ def _check_config(cfg: "Config", source: str, prefix: str) -> None:
     )
 
 
-_CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive,
+_CHECKS = {DataConfig: _check_data, ModelConfig: _check_model, PredictiveConfig: _check_predictive, StatsConfig: _check_stats,
            ShiftConfig: _check_shift, EnsembleConfig: _check_ensemble, Config: _check_config}
 
 

@@ -119,7 +119,7 @@ READABLE = {
     "percentile_lower": "percentile lower", "percentile_upper": "percentile upper",
     "bca_lower": "BCa lower", "bca_upper": "BCa upper",
     "mc_se": "MC SE", "halving": "finite-K bias: Δ(K/2) − Δ(K)", "test_se": "test-set SE", "mc_share": "MC SE / test-set SE",
-    "p_holm": "Holm p", "improves": "improves", "interaction": "interaction",
+    "p_holm": "Holm p", "improves": "improves",
     "accuracy": "accuracy", "ece": "ECE", "signed_ece": "signed ECE", "nll": "NLL", "brier": "Brier",
     "val_accuracy": "val. accuracy", "train_seconds": "train s",
     "fit_images": "fit images", "fit_seconds": "fit s", "fit_images_per_s": "images / s",
@@ -138,7 +138,7 @@ raw text), so the covariance scale of a subset is "own κ" there and κ_S (as ma
 
 QUANTITIES = {
     **dict.fromkeys(["delta", "lower", "upper", "seed_lower", "seed_upper", "percentile_lower", "percentile_upper", "bca_lower", "bca_upper",
-                     "halving", "interaction", "signed_ece", "phi", "equal-width ECE", "equal-mass ECE",
+                     "halving", "signed_ece", "phi", "equal-width ECE", "equal-mass ECE",
                      "debiased ℓ2 ECE", "smooth ECE", "own κ_S", "shared κ_all", "κ = 1"], "delta_pp"),
     **dict.fromkeys(["seed_sd", "mc_se", "test_se"], "pp"),
     **dict.fromkeys(["accuracy", "ece", "val_accuracy"], "percent"),

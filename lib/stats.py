@@ -21,7 +21,6 @@ jackknife is needed even for large N.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -55,8 +54,6 @@ __all__ = [
     "rank_confidence_set",
     "bootstrap_pvalues",
     "holm",
-    "shapley_values",
-    "shapley_interaction",
     "pareto_front",
     "kendall_tau_b",
 ]
@@ -770,83 +767,6 @@ def holm(pvalues: Tensor, alpha: float = 0.05) -> tuple[Tensor, Tensor]:
     adjusted = torch.empty_like(pvalues)
     adjusted[order] = adj_sorted
     return adjusted, adjusted <= alpha
-
-
-def _popcount(masks: Tensor, n_players: int) -> Tensor:
-    bits = (masks[:, None] >> torch.arange(n_players, device=masks.device)) & 1
-    return bits.sum(1)
-
-
-def _check_table(v: Tensor) -> int:
-    size = v.shape[-1]
-    n = size.bit_length() - 1
-    if size < 2 or 1 << n != size:
-        raise ValueError(f"v must have last dimension 2^L (indexed by bitmask); got {size}")
-    if n > 20:
-        raise ValueError(f"v has L={n} players; exact Shapley is supported for L <= 20")
-    return n
-
-
-def shapley_values(v: Tensor) -> Tensor:
-    """Exact Shapley values of L players from a table of coalition values :cite:`shapley1953value`.
-
-    ``phi_l = sum_{S not containing l} |S|! (L - |S| - 1)! / L! * (v(S + l) - v(S))``, written as
-    one matmul ``v @ A`` with ``A[S, l] = w(|S| - 1)`` if l in S else ``-w(|S|)``,
-    ``w(s) = s! (L - s - 1)! / L!``. Use ``v(S) = ECE_det - ECE(S)``.
-
-    Args:
-        v: (..., 2^L) coalition values, index = bitmask (bit l set iff block l in S); leading
-            dims (e.g. bootstrap resamples) are vectorised over.
-
-    Returns:
-        (..., L) Shapley values; they sum to ``v(all) - v(empty)``.
-    """
-    n = _check_table(v)
-    masks = torch.arange(1 << n, device=v.device)
-    size = _popcount(masks, n)
-    member = ((masks[:, None] >> torch.arange(n, device=v.device)) & 1).bool()  # (2^L, L)
-    lw = torch.tensor([math.lgamma(s + 1) + math.lgamma(n - s) - math.lgamma(n + 1) for s in range(n)],
-                      dtype=torch.float64, device=v.device).exp()
-    w_in = lw[(size - 1).clamp(min=0)]
-    w_out = lw[size.clamp(max=n - 1)]
-    a = torch.where(member, w_in[:, None], -w_out[:, None]).to(v.dtype)
-    return v @ a
-
-
-def shapley_interaction(v: Tensor, pairs: Sequence[tuple[int, int]] | None = None) -> Tensor:
-    """Shapley interaction index of player pairs :cite:`grabisch1999axiomatic`.
-
-    ``I_ij = sum_{S subset N - {i,j}} |S|! (L - |S| - 2)! / (L - 1)! *
-    (v(S+ij) - v(S+i) - v(S+j) + v(S))``; positive = complementary, negative = redundant.
-    Computed as one matmul: coalition T contributes ``w2(|T - {i,j}|) (-1)^{2 - |T cap {i,j}|} v(T)``.
-
-    Args:
-        v: (..., 2^L) as in :func:`shapley_values` (L >= 2).
-        pairs: list of (i, j) with i != j; default adjacent layers ``(l, l + 1)``, l = 0..L-2.
-
-    Returns:
-        (..., len(pairs)).
-    """
-    n = _check_table(v)
-    if n < 2:
-        raise ValueError("shapley_interaction needs L >= 2 players")
-    if pairs is None:
-        pairs = [(i, i + 1) for i in range(n - 1)]
-    if any(not (0 <= i < n and 0 <= j < n and i != j) for i, j in pairs):
-        raise ValueError(f"pairs must hold distinct player indices in 0..{n - 1}; got {list(pairs)}")
-    masks = torch.arange(1 << n, device=v.device)
-    size = _popcount(masks, n)
-    pi = torch.tensor([i for i, _ in pairs], device=v.device)
-    pj = torch.tensor([j for _, j in pairs], device=v.device)
-    has_i = (masks[:, None] >> pi) & 1
-    has_j = (masks[:, None] >> pj) & 1
-    inside = has_i + has_j  # (2^L, K)
-    rest = size[:, None] - inside
-    lw = torch.tensor([math.lgamma(s + 1) + math.lgamma(n - s - 1) - math.lgamma(n) for s in range(n - 1)],
-                      dtype=torch.float64, device=v.device).exp()
-    sign = torch.where(inside == 1, -1.0, 1.0).to(torch.float64)
-    b = (lw[rest] * sign).to(v.dtype)
-    return v @ b
 
 
 def pareto_front(cost: Tensor, value: Tensor) -> Tensor:

@@ -129,9 +129,9 @@ class Study:
         return self.attribution_tables.heat, self.attribution_tables.ranks
 
     @property
-    def shapley(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Shapley values of the blocks and adjacent interactions (:func:`lib.attribution.shapley`)."""
-        return self.attribution_tables.shapley, self.attribution_tables.interactions
+    def shapley(self) -> pd.DataFrame:
+        """Shapley values of the blocks with their intervals (:func:`lib.attribution.shapley`)."""
+        return self.attribution_tables.shapley
 
     @property
     def validation(self) -> pd.DataFrame:

@@ -17,10 +17,12 @@ from scipy.stats import norm
 
 from lib.attribution import (SET_SHARE, Attribution, choose_set, choose_single, control_grid, interval_comparison,
                              prepare_ranked, prepare_reliability_panels, prepare_scatter_panels, scale_selection,
-                             temperature_grid, tuned_seed, validation_table)
+                             shapley, temperature_grid, tuned_seed, validation_table)
 from lib.config import PredictiveConfig, StatsConfig
 from lib.laplace.predictive import Bank
 from lib.resample import bootstrap_counts
+from lib.shapley import antithetic_permutations, antithetic_standard_error, coalitions, permutation_contributions, widen
+from lib.stats import basic_interval
 
 L, N, K, C = 2, 12, 3, 3
 N_VAL = 10
@@ -320,3 +322,47 @@ def test_scale_selection_is_empty_without_tuning(study):
                       samples=torch.zeros(5, 1))
     out = scale_selection([study], att, StatsConfig(), PredictiveConfig(scale="none"), torch.device("cpu"), seed=0)
     assert out.empty and "sel_share" in out.columns
+
+
+class _SubsetStudy:
+    """A seed whose subsets stage saved the ECE table ``e`` (R+1, 2^L)."""
+
+    def __init__(self, e: torch.Tensor):
+        self._e = e
+
+    def subset_ece(self) -> torch.Tensor:
+        return self._e
+
+
+def test_shapley_from_sampled_orderings_by_hand():
+    """With stats.shapley_permutations the values are the seed-averaged mean contributions over the
+    antithetic orderings, read only where the orderings visit (NaN elsewhere), the basic interval is
+    widened by their Monte Carlo error, and the values still sum to the all-block gain."""
+    n_blocks, n_perms, R = 6, 8, 30
+    gen = torch.Generator().manual_seed(5)
+    perms = antithetic_permutations(n_blocks, n_perms)
+    visited = coalitions(perms)
+    seeds = []
+    for _ in range(3):
+        e = 0.05 + 0.01 * torch.rand(R + 1, 2**n_blocks, generator=gen, dtype=torch.float64)
+        hole = torch.ones(2**n_blocks, dtype=torch.bool)
+        hole[visited] = False
+        e[:, hole] = float("nan")
+        seeds.append(_SubsetStudy(e))
+    stats = StatsConfig(shapley_permutations=n_perms, alpha=0.1)
+    got = shapley(seeds, stats)
+    c = torch.stack([permutation_contributions(s.subset_ece()[:, :1] - s.subset_ece(), perms) for s in seeds])
+    phi = c.mean(-2)  # (S, R + 1, L)
+    est = phi[:, 0].mean(0)
+    assert torch.allclose(torch.tensor(got.phi.to_numpy()), est)
+    mean_e = torch.stack([s.subset_ece()[0] for s in seeds]).mean(0)
+    assert got.phi.sum() == pytest.approx(float(mean_e[0] - mean_e[-1]))  # efficiency, ordering by ordering
+    se = antithetic_standard_error(c[:, 0].mean(0))
+    assert torch.allclose(torch.tensor(got.mc_se.to_numpy()), se) and (se > 0).all()
+    lo, hi = widen(est, *basic_interval(phi[:, 1:].mean(0), est, 0.1), se, 0.1, n_perms // 2 - 1)
+    assert torch.allclose(torch.tensor(got.lower.to_numpy()), lo) and torch.allclose(torch.tensor(got.upper.to_numpy()), hi)
+    blo, bhi = basic_interval(phi[:, 1:].mean(0), est, 0.1)
+    assert (lo < blo).all() and (hi > bhi).all()
+    seeds[1].subset_ece()[:, visited[3]] = float("nan")  # a visited subset left unevaluated
+    with pytest.raises(ValueError, match="coalitions"):
+        shapley(seeds, stats)

@@ -26,7 +26,7 @@ from lib.codehash import imported_modules
 from lib.paths import ROOT
 
 LAYERS: list[set[str]] = [
-    {"lib", "lib.paths", "lib.names", "lib.style", "lib.corruption_names", "lib.resample", "lib.calibration", "lib.interval",
+    {"lib", "lib.paths", "lib.names", "lib.style", "lib.corruption_names", "lib.resample", "lib.shapley", "lib.calibration", "lib.interval",
      "lib.temperature", "lib.laplace.marglik", "lib.stages", "lib.baselines", "lib.fit_findings",
      "lib.scale_findings"},
     {"lib.provenance", "lib.codehash", "lib.artifacts", "lib.results", "lib.stats", "lib.ood", "lib.equivalence",

@@ -1,7 +1,6 @@
 """Tests for lib.stats: exact references, hand-worked cases and coverage simulations."""
 
 import dataclasses
-import itertools
 import math
 
 import numpy as np
@@ -33,8 +32,6 @@ from lib.stats import (
     rank_samples,
     sample_bootstrap,
     seed_spread_interval,
-    shapley_interaction,
-    shapley_values,
     tuned_bootstrap,
 )
 
@@ -460,71 +457,6 @@ def test_bootstrap_pvalues_and_holm_hand_worked():
     assert torch.allclose(adjusted, torch.tensor([1.0, 1.0]))
 
 
-def _brute_force_shapley(v, n):
-    phi = torch.zeros(n, dtype=torch.float64)
-    perms = list(itertools.permutations(range(n)))
-    for perm in perms:
-        mask = 0
-        for player in perm:
-            phi[player] += v[mask | (1 << player)] - v[mask]
-            mask |= 1 << player
-    return phi / len(perms)
-
-
-def test_shapley_matches_permutations_and_axioms():
-    gen = torch.Generator().manual_seed(12)
-    n = 4
-    v = torch.randn(1 << n, generator=gen, dtype=torch.float64)
-    v[0] = 0.0
-    phi = shapley_values(v)
-    assert torch.allclose(phi, _brute_force_shapley(v, n), atol=1e-12)
-    assert torch.allclose(phi.sum(), v[-1] - v[0], atol=1e-12)  # efficiency
-    # null player 2 and symmetric players 0, 1 in a structured game
-    masks = torch.arange(1 << n)
-    bit = lambda k: ((masks >> k) & 1).double()  # noqa: E731
-    game = 0.3 * (bit(0) + bit(1)) + 0.5 * bit(0) * bit(1) * bit(3) + 0.1 * bit(3)
-    phi_g = shapley_values(game)
-    assert abs(float(phi_g[2])) < 1e-12
-    assert torch.allclose(phi_g[0], phi_g[1], atol=1e-12)
-    assert torch.allclose(phi_g, _brute_force_shapley(game, n), atol=1e-12)
-    # vectorised over leading dims (bootstrap resamples)
-    vb = torch.randn(5, 3, 1 << n, generator=gen, dtype=torch.float64)
-    phib = shapley_values(vb)
-    assert phib.shape == (5, 3, n)
-    assert torch.allclose(phib[2, 1], _brute_force_shapley(vb[2, 1], n), atol=1e-12)
-
-
-def test_shapley_twelve_players_additive_game():
-    n = 12
-    w = torch.linspace(-1, 1, n, dtype=torch.float64)
-    masks = torch.arange(1 << n)
-    bits = ((masks[:, None] >> torch.arange(n)) & 1).double()
-    v = bits @ w
-    assert torch.allclose(shapley_values(v), w, atol=1e-10)
-    assert torch.allclose(shapley_interaction(v), torch.zeros(n - 1, dtype=torch.float64), atol=1e-10)
-
-
-def test_shapley_interaction_matches_definition():
-    gen = torch.Generator().manual_seed(13)
-    n = 4
-    v = torch.randn(1 << n, generator=gen, dtype=torch.float64)
-    ref = []
-    for i, j in [(0, 1), (1, 2), (2, 3)]:
-        others = [k for k in range(n) if k not in (i, j)]
-        total = 0.0
-        for r in range(len(others) + 1):
-            for sub in itertools.combinations(others, r):
-                s = sum(1 << k for k in sub)
-                w = math.factorial(r) * math.factorial(n - r - 2) / math.factorial(n - 1)
-                total += w * (v[s | 1 << i | 1 << j] - v[s | 1 << i] - v[s | 1 << j] + v[s])
-        ref.append(total)
-    assert torch.allclose(shapley_interaction(v), torch.tensor(ref, dtype=torch.float64), atol=1e-12)
-    # pure pairwise synergy between players 1 and 2 only
-    masks = torch.arange(1 << n)
-    game = (((masks >> 1) & 1) * ((masks >> 2) & 1)).double()
-    assert torch.allclose(shapley_interaction(game), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), atol=1e-12)
-
-
 def test_pareto_front_hand_worked():
     cost = torch.tensor([1.0, 2.0, 3.0, 2.0, 4.0])
     value = torch.tensor([0.1, 0.3, 0.2, 0.3, 0.5])
@@ -535,8 +467,6 @@ def test_bad_input_raises():
     det = torch.full((4, 3), 1 / 3)
     with pytest.raises(ValueError, match="probs_bayes"):
         delta_ece(det, det, torch.zeros(4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="2\\^L"):
-        shapley_values(torch.zeros(6))
     with pytest.raises(ValueError, match="generator"):
         paired_bootstrap(det, det[None], torch.zeros(4, dtype=torch.int64), 10, None)
 
@@ -550,8 +480,6 @@ def test_cuda_bootstrap_matches_cpu_estimate():
     assert torch.allclose(res.estimate.cpu(), delta_ece(det, bayes, labels), atol=1e-12)
     jk = jackknife_delta_ece(det.cuda(), bayes.cuda(), labels.cuda())
     assert torch.allclose(jk.cpu(), jackknife_delta_ece(det, bayes, labels), atol=1e-12)
-    v = torch.randn(64, 1 << 10, device="cuda", dtype=torch.float64)
-    assert torch.allclose(shapley_values(v).cpu(), shapley_values(v.cpu()), atol=1e-10)
 
 
 def _tuned_seed(det, tables_by_g, labels, val_loss):

@@ -25,15 +25,17 @@ from lib.report import display_scale_table, scale_table, setup_table
 from lib.scale_findings import scale_findings
 from lib.statistics_findings import decisions, mc_findings
 from lib.resample import bootstrap_counts
-from lib.stats import basic_interval, delta_ece, pareto_front, shapley_values
+from lib.shapley import shapley_values
+from lib.stats import basic_interval, delta_ece, pareto_front
 from lib.data import batches
-from lib.laplace.predictive import Bank, perturbation_bank, subset_probs
+from lib.laplace.predictive import Bank, perturbation_bank, standard_subsets, subset_probs
 from lib.laplace.scale import scale_grid, tune_scales
 from lib.pipeline import map_run
 from lib.stages.attribution import attribution_stage
 from lib.stages.laplace import fit_laplace
 from lib.stages.quality import curvature_quality
-from lib.stages.subsets import TEST_SEED, VALIDATION_SEED
+from lib.shapley import antithetic_permutations, coalitions
+from lib.stages.subsets import TEST_SEED, VALIDATION_SEED, evaluated_subsets
 from lib.study import Study
 
 
@@ -140,10 +142,9 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
     own = pd.concat([s.scales().set_index("posterior").scale for s in studies], axis=1).median(axis=1)
     assert torch.allclose(torch.tensor(sens.kappa_own.to_numpy()), torch.tensor(own.loc[sens.index].to_numpy()), rtol=1e-6)
 
-    values, pairs = shapley(studies, tiny_cfg.stats)
+    values = shapley(studies, tiny_cfg.stats)
     assert abs(values.phi.sum() - t.loc["all", "delta"]) < 1e-6  # efficiency: Shapley sums to Δ(all)
-    assert (values.lower < values.upper).all() and (pairs.lower < pairs.upper).all()
-    assert len(pairs) == 2
+    assert (values.lower < values.upper).all() and (values.mc_se == 0).all()
     # the seeds share their resamples: the interval is the basic one of the seed-averaged replicates
     phi = torch.stack([shapley_values(e[:, :1] - e) for e in (s.subset_ece().double() for s in studies)])
     lo, hi = basic_interval(phi[:, 1:].mean(0), phi[:, 0].mean(0), tiny_cfg.stats.alpha)
@@ -165,7 +166,7 @@ def test_stages_cached_and_tables_consistent(tiny_cfg, monkeypatch):
         pd.testing.assert_frame_equal(tables.attribution.control, att.control)
         assert torch.equal(tables.attribution.samples, att.samples)
         for got, ref in ((tables.heat, heat), (tables.ranks, ranks), (tables.shapley, values),
-                         (tables.interactions, pairs), (tables.validation, validation)):
+                         (tables.validation, validation)):
             pd.testing.assert_frame_equal(got, ref)
     keyed = json.loads((attribution_stage(tiny_cfg, studies, cpu).path / "inputs.json").read_text())["inputs"]["code"]
     assert keyed["modules"] == stage_code(["lib.stages.attribution"])["modules"]
@@ -570,3 +571,14 @@ def test_open_study_validates_the_params_and_resolves_the_device():
         open_study("smoke", d)
     with pytest.raises(ValueError, match="cfg must be a lib.config.Config"):
         Study(d, "cpu")
+
+
+def test_evaluated_subsets_are_all_or_the_visited_ones_and_the_named(tiny_cfg):
+    """Exact Shapley values evaluate all 2^L subsets; sampled orderings evaluate only the subsets
+    they visit and the named posteriors, every one once, by bitmask."""
+    assert torch.equal(evaluated_subsets(tiny_cfg, 12), torch.arange(2**12))
+    cfg = dataclasses.replace(tiny_cfg, stats=dataclasses.replace(tiny_cfg.stats, shapley_permutations=24))
+    got = evaluated_subsets(cfg, 12)
+    named = (torch.stack(list(standard_subsets(12).values())).long() << torch.arange(12)).sum(1)
+    want = set(coalitions(antithetic_permutations(12, 24)).tolist()) | set(named.tolist())
+    assert got.tolist() == sorted(want) and len(got) < 2**12 // 8

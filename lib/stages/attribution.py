@@ -2,7 +2,7 @@
 
 From all seeds' stages (:class:`lib.stages.seed.SeedStudy`): Δ_ECE of every named posterior with
 its tuned bootstrap, the isotropic control (:func:`lib.attribution.attribution`), the rank
-analysis (:func:`lib.attribution.rank_analysis`), the Shapley values and interactions
+analysis (:func:`lib.attribution.rank_analysis`), the Shapley values
 (:func:`lib.attribution.shapley`) and the validation gains that choose blocks
 (:func:`lib.attribution.validation_table`). Everything is saved in one file, ``tables.pt``: each
 table column by column (numbers as tensors of their own dtype, so float32 columns stay float32;
@@ -23,7 +23,7 @@ from lib.config import Config
 from lib.pipeline import numerics
 from lib.stages.seed import SeedStudy
 
-FRAMES = ("table", "control", "heat", "ranks", "shapley", "interactions", "validation")
+FRAMES = ("table", "control", "heat", "ranks", "shapley", "validation")
 """The tables of the stage, in ``tables.pt`` (``heat`` with its block names as the column ``block``)."""
 
 
@@ -31,15 +31,14 @@ FRAMES = ("table", "control", "heat", "ranks", "shapley", "interactions", "valid
 class AttributionTables:
     """What the ``attribution`` stage holds: the :class:`~lib.attribution.Attribution` (table,
     bootstrap samples (R, P), control), the rank probabilities ``heat`` (blocks × ranks) and
-    ``ranks`` of :func:`~lib.attribution.rank_analysis`, the Shapley ``shapley`` values and adjacent
-    ``interactions`` of :func:`~lib.attribution.shapley`, and the ``validation`` gains of
+    ``ranks`` of :func:`~lib.attribution.rank_analysis`, the Shapley ``shapley`` values of
+    :func:`~lib.attribution.shapley`, and the ``validation`` gains of
     :func:`~lib.attribution.validation_table`."""
 
     attribution: Attribution
     heat: pd.DataFrame
     ranks: pd.DataFrame
     shapley: pd.DataFrame
-    interactions: pd.DataFrame
     validation: pd.DataFrame
 
 
@@ -82,10 +81,10 @@ def attribution_stage(cfg: Config, seeds: list[SeedStudy], device: torch.device)
     def compute(st: Stage) -> None:
         att = attribution(seeds, sc, pc, device)
         heat, ranks = rank_analysis(att, sc)
-        values, pairs = shapley(seeds, sc)
+        values = shapley(seeds, sc)
         validation = validation_table(seeds, pc, sc.n_bins, device)
         frames = {"table": att.table, "control": att.control, "heat": heat.rename_axis("block").reset_index(),
-                  "ranks": ranks, "shapley": values, "interactions": pairs, "validation": validation}
+                  "ranks": ranks, "shapley": values, "validation": validation}
         torch.save({"frames": {name: _columns(frames[name]) for name in FRAMES}, "samples": att.samples},
                    st.file("tables.pt"))
 
@@ -100,4 +99,4 @@ def load_attribution(st: Stage) -> AttributionTables:
     heat.columns = heat.columns.astype("int64")  # the ranks 1..L
     att = Attribution(table=frames["table"], samples=saved["samples"], control=frames["control"])
     return AttributionTables(attribution=att, heat=heat, ranks=frames["ranks"], shapley=frames["shapley"],
-                             interactions=frames["interactions"], validation=frames["validation"])
+                             validation=frames["validation"])

@@ -19,10 +19,24 @@ from lib.laplace.predictive import Bank, iter_subset_probs, standard_subsets
 from lib.laplace.scale import example_nll, scale_grid, validation_nll
 from lib.pipeline import MapRun, numerics
 from lib.resample import bootstrap_counts
+from lib.shapley import antithetic_permutations, coalitions
 from lib.temperature import apply_temperature, fit_temperature
 
 SUBSET_PART = 256
 """Block subsets per resumable part of the ``subsets`` stage (κ tuning and bootstrap ECEs)."""
+
+
+def evaluated_subsets(cfg: Config, n_blocks: int) -> Tensor:
+    """Bitmasks (sorted, long) of the block subsets whose κ_S and bootstrap ECEs the stage computes:
+    all 2^L when ``stats.shapley_permutations`` is None (exact Shapley values), else the prefixes of
+    the sampled orderings (:func:`lib.shapley.coalitions`) and the named posteriors
+    (:func:`lib.laplace.predictive.standard_subsets`)."""
+    n = cfg.stats.shapley_permutations
+    if n is None:
+        return torch.arange(2**n_blocks)
+    masks = torch.stack(list(standard_subsets(n_blocks).values()))
+    named = (masks.long() << torch.arange(n_blocks)).sum(1)
+    return torch.cat([coalitions(antithetic_permutations(n_blocks, n)), named]).unique()
 
 
 def _scales(cfg: Config, val_bank: Bank | None, subsets: Tensor, val_weights: Tensor | None) -> dict[str, Tensor]:
@@ -64,6 +78,8 @@ def subset_predictions(
 
     ``val``: the validation bank (stage, bank), needed when ``predictive.scale`` is ``'val_nll'``;
     every subset then predicts with its own covariance scale ``κ_S`` (:mod:`lib.laplace.scale`).
+    The subsets evaluated are :func:`evaluated_subsets` (all 2^L, or those that sampled orderings
+    of the blocks visit); the columns of the others are NaN.
 
     Files: ``named.pt`` {names, masks (P, L), scales (P,), probs (P, N, C), labels, det (N, C),
     ts (N, C), temperature}; ``metrics.csv`` (one row per named posterior and 'temperature
@@ -73,7 +89,7 @@ def subset_predictions(
     bootstrap replicates (rows 1..R) that resample the test images (from :data:`TEST_SEED`) and the
     validation images (from :data:`VALIDATION_SEED`), on which each subset's κ_S is re-tuned (the
     replicate's ECE is at that re-tuned κ_S, ``subset_scales_boot.pt`` (R+1, 2^L); with
-    ``predictive.scale: none`` κ = 1 throughout), the K posterior samples held fixed; a replicate's
+    ``predictive.scale: none`` κ = 1 throughout; ``subset_scales.pt`` (2^L): κ_S), the K posterior samples held fixed; a replicate's
     resamples are shared by all subsets and by all seeds, so differences between subsets are paired
     and :func:`lib.attribution.shapley` averages the replicates over seeds.
 
@@ -90,7 +106,7 @@ def subset_predictions(
     # chapters apply later must not recompute the predictions of all 2^L subsets.
     # "resample" names what the bootstrap rows of subset_ece.pt resample, so that caches written
     # when they resampled test images only are not reused.
-    stats_inputs = {"n_bins": sc.n_bins, "n_boot_shapley": sc.n_boot_shapley,
+    stats_inputs = {"n_bins": sc.n_bins, "n_boot_shapley": sc.n_boot_shapley, "shapley_permutations": sc.shapley_permutations,
                     "resample": "test images and validation images shared by the seeds (κ_S re-tuned), samples fixed"}
 
     def compute(st: Stage) -> None:
@@ -99,7 +115,8 @@ def subset_predictions(
         val_dev = val[1].to(device) if val is not None else None
         labels = bank_dev.labels
         n, L = len(labels), bank.n_blocks
-        bits = ((torch.arange(2**L)[:, None] >> torch.arange(L)) & 1).bool()  # row s: the subset with bitmask s
+        todo = evaluated_subsets(cfg, L)
+        bits = ((todo[:, None] >> torch.arange(L)) & 1).bool()  # row i: the subset with bitmask todo[i]
 
         R = sc.n_boot_shapley
         # Row 0: the test set itself; rows 1..R: bootstrap multiplicities of the test images, from their
@@ -118,8 +135,8 @@ def subset_predictions(
         # Every subset's κ_S and bootstrap ECEs, in parts of SUBSET_PART subsets saved as they finish
         # (an interrupted stage resumes from the first missing part).
         parts = []
-        for start in tqdm(range(0, 2**L, SUBSET_PART), desc="subset parts", disable=None):
-            stop = min(start + SUBSET_PART, 2**L)
+        for start in tqdm(range(0, len(todo), SUBSET_PART), desc="subset parts", disable=None):
+            stop = min(start + SUBSET_PART, len(todo))
             path = st.file(f"parts/{start:05d}-{stop:05d}.pt")
             if path.is_file():
                 parts.append(torch.load(path, weights_only=True))
@@ -139,9 +156,16 @@ def subset_predictions(
             torch.save(part, path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
             parts.append(part)
-        all_scales, all_nll, all_unit = (torch.cat([p[k] for p in parts]) for k in ("scale", "nll", "unit"))
-        torch.save(grid[torch.cat([p["chosen"] for p in parts], dim=1)], st.file("subset_scales_boot.pt"))
-        out = torch.cat([p["ece"] for p in parts], dim=1)
+        def table(values: Tensor) -> Tensor:  # (..., len(todo)) → (..., 2^L) indexed by bitmask, NaN where not evaluated
+            full = torch.full((*values.shape[:-1], 2**L), float("nan"), dtype=values.dtype)
+            full[..., todo] = values
+            return full
+
+        all_scales = table(torch.cat([p["scale"] for p in parts]))
+        all_nll = table(torch.cat([p["nll"] for p in parts]).T).T
+        all_unit = table(torch.cat([p["unit"] for p in parts]))
+        torch.save(table(grid[torch.cat([p["chosen"] for p in parts], dim=1)]), st.file("subset_scales_boot.pt"))
+        out = table(torch.cat([p["ece"] for p in parts], dim=1))
 
         named = standard_subsets(L)
         masks = torch.stack(list(named.values()))
