@@ -66,6 +66,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from lib.baselines.importance import importance_scores
+from lib.baselines.result import baseline_seeds
 from lib.baselines.run import METHODS
 from lib.baselines.study import priced_latency
 from lib.config import Config, ParamsError, load_params, params_path, parse_override
@@ -204,8 +205,9 @@ def _baseline_tasks(study: Study, ranks: Ranks) -> list[Task]:
     importance scores of its seeds (each a cached stage of the seed's MAP run)."""
     cfg, device, tasks = study.cfg, ranks.device, []
     for seed in ranks.mine(cfg.seeds):
-        for name, method in METHODS.items():
-            tasks.append(Task(f"{name} seed {seed}", lambda s=seed, m=method: m(cfg, study.run(s), device)))
+        if seed in baseline_seeds(cfg):
+            for name, method in METHODS.items():
+                tasks.append(Task(f"{name} seed {seed}", lambda s=seed, m=method: m(cfg, study.run(s), device)))
         tasks.append(Task(f"importance scores seed {seed}",
                           lambda s=seed: importance_scores(cfg, study.run(s), device)))
     return tasks

@@ -367,7 +367,9 @@ class VariationalConfig:
 @dataclass(frozen=True)
 class BaselinesConfig:
     """The baselines of the study (:mod:`lib.baselines`): the brief ``finetune`` of the trained
-    ones, each method's own section, the timing batch (first ``timing_batch`` test images,
+    ones, each method's own section, ``seeds``: on how many of the study's seeds (the first ones in
+    ``seeds`` order; None: all) the baselines are run and compared with the Laplace posteriors
+    (the ensembles still draw their members from all of the study's seeds), the timing batch (first ``timing_batch`` test images,
     ``timing_iters`` timed calls) and the importance scores' data (the first ``importance_batches``
     training minibatches of ``importance_batch_size`` images; the Fisher trace on the first
     ``fisher_examples`` of their images)."""
@@ -382,6 +384,7 @@ class BaselinesConfig:
     importance_batches: int = _at_least(64, 1)
     importance_batch_size: int = _at_least(32, 1)
     fisher_examples: int = _at_least(512, 1)
+    seeds: int | None = _at_least(None, 1)
 
 
 @dataclass(frozen=True)
@@ -646,6 +649,9 @@ def lora_block_params(model: ModelConfig, lora: LoraConfig) -> int:
 
 
 def _check_config(cfg: "Config", source: str, prefix: str) -> None:
+    if cfg.baselines is not None and cfg.baselines.seeds is not None and cfg.baselines.seeds > len(cfg.seeds):
+        raise ParamsError(f"{source}: '{prefix}baselines.seeds' is {cfg.baselines.seeds}, but '{prefix}seeds' has "
+                          f"{len(cfg.seeds)}; use at most {len(cfg.seeds)} (or null for all of them)")
     if cfg.baselines is not None and max(cfg.baselines.ensemble.sizes) > len(cfg.seeds):
         raise ParamsError(
             f"{source}: '{prefix}baselines.ensemble.sizes' is {list(cfg.baselines.ensemble.sizes)}, but the ensembles' "

@@ -407,6 +407,9 @@ def test_baselines_section():
                                                             "last_layer": {"structure": "full"}}}).baselines
     assert b.ensemble.sizes == (2, 3) and b.mc_dropout.samples == 8 and b.last_layer.structure == "full"
     assert b.variational.kl_scale == 0.1 and b.finetune.epochs == 6 and b.variational.min_ranks == 2
+    from lib.baselines.result import baseline_seeds
+    few = Config.from_dict({"seeds": [4, 1, 2], "baselines": {"seeds": 2, "ensemble": {"sizes": [3]}}})
+    assert baseline_seeds(few) == [4, 1] and baseline_seeds(Config.from_dict({"seeds": [4, 1], "baselines": {"ensemble": {"sizes": [2]}}})) == [4, 1]
     bad = [({"baselines": {"ensemble": {"size": [3]}}}, "unknown key 'baselines.ensemble.size'"),
            ({"baselines": {"ensembles": {}}}, "unknown key 'baselines.ensembles'"),
            ({"baselines": {"finetune": {"epoch": 3}}}, "unknown key 'baselines.finetune.epoch'"),
@@ -415,7 +418,9 @@ def test_baselines_section():
            ({"baselines": {"mc_dropout": {"rate": 1.0}}}, "baselines.mc_dropout.rate"),
            ({"baselines": {"variational": {"kl_scale": 0.0}}}, "baselines.variational.kl_scale"),
            ({"baselines": {"ensemble": {"sizes": [0]}}}, "distinct ensemble sizes"),
-           ({"seeds": [0, 1], "baselines": {"ensemble": {"sizes": [3]}}}, "'seeds' has 2")]
+           ({"seeds": [0, 1], "baselines": {"ensemble": {"sizes": [3]}}}, "'seeds' has 2"),
+           ({"seeds": [0, 1], "baselines": {"seeds": 3, "ensemble": {"sizes": [2]}}}, "'baselines.seeds' is 3"),
+           ({"baselines": {"seeds": 0}}, "baselines.seeds")]
     for d, match in bad:
         with pytest.raises(ParamsError, match=match):
             Config.from_dict(d, source="p.yml")

@@ -63,6 +63,12 @@ def baselines_config(cfg: Config) -> BaselinesConfig:
     return cfg.baselines
 
 
+def baseline_seeds(cfg: Config) -> list[int]:
+    """The study's seeds on which the baselines run: the first ``baselines.seeds`` of ``cfg.seeds`` (all when None)."""
+    n = baselines_config(cfg).seeds
+    return list(cfg.seeds if n is None else cfg.seeds[:n])
+
+
 def timing_key(bc: BaselinesConfig) -> dict:
     """The timing settings as stage inputs."""
     return {"batch": bc.timing_batch, "iters": bc.timing_iters}

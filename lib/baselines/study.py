@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from lib.attribution import block_subsets, choose_set, choose_single
 from lib.baselines.importance import importance_scores, importance_table
-from lib.baselines.result import BaselineResult, baselines_config
+from lib.baselines.result import BaselineResult, baseline_seeds, baselines_config
 from lib.baselines.run import METHODS, method_predictions
 from lib.baselines.table import TS_SUFFIX, MethodPredictions, baseline_table, with_temperature
 from lib.baselines.variational import pruning_table
@@ -161,14 +161,15 @@ def baseline_study(study: Any, posteriors: Mapping[str, str], latency: pd.DataFr
         raise ValueError(f"posteriors {missing} are not priced in latency; pass priced_latency(study) and priced choices")
     per_seed: list[dict[str, MethodPredictions]] = []
     results: list[list[BaselineResult]] = []
-    jobs = [(s, name) for s in cfg.seeds for name in METHODS]
+    seeds = baseline_seeds(cfg)
+    jobs = [(s, name) for s in seeds for name in METHODS]
     done: dict[int, list[BaselineResult]] = {}
     for s, name in tqdm(jobs, desc="baselines (seed, method)", disable=None):
         done.setdefault(s, []).append(METHODS[name](cfg, study.seed(s).run, device))
-    ranks = _ranks(done, cfg.seeds)
+    ranks = _ranks(done, seeds)
     honest = {} if (ranks.ranks_before > ranks.ranks_after).any() else {VARIATIONAL: UNPRUNED}
     val_y = test_y = None
-    for s in cfg.seeds:
+    for s in seeds:
         seed: SeedStudy = study.seed(s)
         named = seed.named()
         val_logits, val_y = seed.validation_logits()
@@ -199,8 +200,8 @@ def baseline_study(study: Any, posteriors: Mapping[str, str], latency: pd.DataFr
                for name in per_seed[0]}
     table = baseline_table(methods, val_y, test_y, n_bins=cfg.stats.n_bins, n_resamples=cfg.stats.n_boot,
                            seed=cfg.seeds[0], alpha=cfg.stats.alpha)
-    return BaselineStudy(table, results, _training(results, honest), _pruning(results, cfg.seeds), ranks,
-                         _ensemble(results, cfg.seeds))
+    return BaselineStudy(table, results, _training(results, honest), _pruning(results, seeds), ranks,
+                         _ensemble(results, seeds))
 
 
 def _renamed(name: str, honest: Mapping[str, str]) -> str:
