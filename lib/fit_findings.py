@@ -3,6 +3,8 @@
 * :func:`map_calibration`: the MAP model's test accuracy and calibration over the seeds (setup chapter);
 * :func:`prior_finding`: the evidence-tuned prior precisions against the prior the training L2 term
   implies, and where the posterior is widest (posterior chapter);
+* :func:`width_finding`: how much of its prior variance each block's posterior keeps, which is
+  why a covariance scale κ is tuned for prediction (posterior chapter);
 * :func:`curvature_choice`: which curvature structure is closest to the exact block GGN on the
   profile, next to the one it uses (posterior chapter).
 
@@ -101,6 +103,30 @@ def prior_finding(blocks: pd.DataFrame, training: float) -> PriorFinding:
     delta, var = b.prior_precision, b.variance_trace
     return PriorFinding(float(training), int(delta.idxmin()), float(delta.min()), int(delta.idxmax()), float(delta.max()),
                         int(var.idxmax()), float(var.max()), int(var.idxmin()), float(var.min()))
+
+
+@dataclass(frozen=True)
+class WidthFinding:
+    """How wide the evidence-tuned block posteriors are: the range over blocks of the share of its
+    prior variance that each keeps, ``tr Σ_ℓ / (P_ℓ/δ_ℓ)`` (``prior_share``), and of its effective
+    number of parameters ``γ_ℓ = Σ_i λ_i/(λ_i + δ_ℓ)`` (``effective``, mackay1992practical), with
+    ``n_params`` = P_ℓ (the largest block's)."""
+
+    prior_share: tuple[float, float]
+    effective: tuple[float, float]
+    n_params: int
+
+
+def width_finding(blocks: pd.DataFrame) -> WidthFinding:
+    """From :func:`lib.report.block_table` (``prior_precision``, ``variance_trace``,
+    ``effective_params``, ``n_params``; means over seeds)."""
+    missing = {"prior_precision", "variance_trace", "effective_params", "n_params"} - set(blocks.columns)
+    if missing or blocks.empty:
+        raise ValueError(f"blocks needs rows with columns {sorted(missing)}; pass lib.report.block_table's output")
+    share = blocks.variance_trace * blocks.prior_precision / blocks.n_params
+    return WidthFinding((float(share.min()), float(share.max())),
+                        (float(blocks.effective_params.min()), float(blocks.effective_params.max())),
+                        int(blocks.n_params.max()))
 
 
 Closeness = Literal["closest", "closest in the predictive", "closest in the posterior", "not closest"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from lib.fit_findings import Range, curvature_choice, map_calibration, prior_finding
+from lib.fit_findings import Range, curvature_choice, map_calibration, prior_finding, width_finding
 
 
 def test_map_calibration_means_ranges_and_direction_over_seeds():
@@ -61,3 +61,14 @@ def test_curvature_choice_medians_over_blocks_and_the_closest_structure():
         curvature_choice(q2, "dense block")
     with pytest.raises(ValueError, match="'block' rows"):
         curvature_choice(q2[q2.module != "block"], "K-FAC-reduce")
+
+
+def test_width_finding_by_hand():
+    """Shares of the prior variance P/δ kept: 1360·17.7/24576 ≈ 0.98 and 5193·4.71/24576 ≈ 0.995."""
+    blocks = pd.DataFrame({"block": [0, 1], "prior_precision": [17.7, 4.71], "variance_trace": [1360.0, 5193.0],
+                           "effective_params": [490.8, 125.3], "n_params": [24576, 24576]})
+    w = width_finding(blocks)
+    assert w.prior_share == pytest.approx((1360 * 17.7 / 24576, 5193 * 4.71 / 24576))
+    assert w.effective == (125.3, 490.8) and w.n_params == 24576
+    with pytest.raises(ValueError, match="block_table"):
+        width_finding(blocks.drop(columns="n_params"))
