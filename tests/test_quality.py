@@ -20,7 +20,7 @@ from lib.laplace.quality import (
     pearson,
     prepare_curvature_quality,
     summarise_quality,
-    weight_ggns,
+    weight_ggn,
 )
 
 # -- the dense reference: lib.laplace.quality.compare_block before the low-rank rewrite ------------------
@@ -162,7 +162,7 @@ def test_twice_the_exact_covariance_is_perfect_once_scale_free():
     half = [(g[s, s] + delta * torch.eye(s.stop - s.start, dtype=torch.float64)) / 2
             - delta * torch.eye(s.stop - s.start, dtype=torch.float64) for s in parts]
     jac = torch.randn(6, 3, 10, generator=_gen(10), dtype=torch.float64)
-    rows = compare_block(r, {"half": half}, {"a": parts[0], "b": parts[1]}, delta, jac, parts)
+    rows = compare_block(r, {"half": half.__getitem__}, {"a": parts[0], "b": parts[1]}, delta, jac, parts)
     assert [x["module"] for x in rows] == ["a", "b", "block"]
     for x in rows:
         assert x["kl"] > 0.1
@@ -179,7 +179,8 @@ def test_exact_against_itself_is_perfect():
         r = _block_diagonal_rows([4, 6], n_rows, 3)
         g = r.T @ r
         jac = torch.randn(4, 3, 10, generator=_gen(4), dtype=torch.float64)
-        rows = compare_block(r, {"self": [g[s, s] for s in parts]}, {"a": parts[0], "b": parts[1]}, 0.5, jac, parts)
+        rows = compare_block(r, {"self": [g[s, s] for s in parts].__getitem__}, {"a": parts[0], "b": parts[1]}, 0.5,
+                             jac, parts)
         assert [x["module"] for x in rows] == ["a", "b", "block"] and [x["n_params"] for x in rows] == [4, 6, 10]
         for x in rows:
             assert x["trace_ratio"] == pytest.approx(1.0, abs=1e-12)
@@ -200,7 +201,7 @@ def test_block_diagonal_approximation_is_detected():
     s = {"a": parts[0], "b": parts[1]}
     approx = torch.block_diag(g[parts[0], parts[0]], g[parts[1], parts[1]])
     jac = torch.randn(4, 2, 8, generator=_gen(6), dtype=torch.float64)
-    rows = {x["module"]: x for x in compare_block(r, {"bd": [g[w, w] for w in parts]}, s, 1.0, jac, parts)}
+    rows = {x["module"]: x for x in compare_block(r, {"bd": [g[w, w] for w in parts].__getitem__}, s, 1.0, jac, parts)}
     off = torch.linalg.matrix_norm(g - approx) / torch.linalg.matrix_norm(g)
     assert rows["block"]["trace_ratio"] == pytest.approx(1.0, abs=1e-12)
     assert rows["block"]["frobenius_error"] == pytest.approx(float(off), rel=1e-10) and float(off) > 0.1
@@ -211,10 +212,10 @@ def test_block_diagonal_approximation_is_detected():
 
 
 def _random_part(o: int, i: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """A part's approximate GGN (o i, o i) as the posteriors give it: K-FAC from float32 eigenpairs
-    (orthonormal to float32 only), or diagonal."""
+    """A part's approximate GGN as the posteriors give it: K-FAC (o i, o i) from float32 eigenpairs
+    (orthonormal to float32 only), or the diagonal (o i,)."""
     if kind == "diag":
-        return torch.diag(torch.rand(o * i, generator=gen, dtype=torch.float64) * 3)
+        return torch.rand(o * i, generator=gen, dtype=torch.float64) * 3
     ug = torch.linalg.qr(torch.randn(o, o, generator=gen, dtype=torch.float64))[0].float().double()
     ux = torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0].float().double()
     lam = torch.outer(torch.rand(o, generator=gen) * 4, torch.rand(i, generator=gen)).reshape(-1).double()
@@ -225,7 +226,7 @@ def _random_part(o: int, i: int, kind: str, gen: torch.Generator) -> torch.Tenso
 @pytest.mark.parametrize("n_rows", [30, 64, 150])
 def test_low_rank_equals_the_dense_computation(n_rows):
     """On random blocks (P = 112 in six parts, three modules of two; fewer and more rows than
-    parameters; K-FAC-like and diagonal parts), every column equals the dense P × P computation
+    parameters; K-FAC-like parts and diagonal ones, given as their diagonal), every column equals the dense P × P computation
     (exact GGN ``rowsᵀ rows``, Cholesky inverses) to 1e-9 relative."""
     shapes = [(2, 8), (12, 2), (2, 6), (6, 2), (2, 12), (12, 2)]
     sizes = [o * i for o, i in shapes]
@@ -238,9 +239,9 @@ def test_low_rank_equals_the_dense_computation(n_rows):
               "diagonal": [_random_part(o, i, "diag", gen) for o, i in shapes],
               "mixed": [_random_part(o, i, k, gen) for (o, i), k in zip(shapes, ["kron", "diag"] * 3)]}
     for delta in (0.3, 7.0):
-        new = compare_block(r, approx, slices, delta, jac, parts)
-        ref = dense_compare_block(r.T @ r, {k: torch.block_diag(*v) for k, v in approx.items()}, slices, delta, jac,
-                                  parts)
+        new = compare_block(r, {k: v.__getitem__ for k, v in approx.items()}, slices, delta, jac, parts)
+        dense = {k: torch.block_diag(*[a if a.ndim == 2 else torch.diag(a) for a in v]) for k, v in approx.items()}
+        ref = dense_compare_block(r.T @ r, dense, slices, delta, jac, parts)
         assert len(new) == len(ref) == 12
         for x, y in zip(new, ref):
             assert x.keys() == y.keys()
@@ -250,12 +251,15 @@ def test_low_rank_equals_the_dense_computation(n_rows):
 
 
 def test_weight_ggns_are_the_posteriors_dense_blocks(tiny_lora_vit, tiny_batch, one_thread):
-    """The per-weight GGNs of a K-FAC and a diagonal posterior tile ``dense_precision − δ I``."""
+    """The per-weight GGNs of a K-FAC and a diagonal posterior (the diagonal as a vector) tile
+    ``dense_precision − δ I``."""
     x, y = tiny_batch
     posts = [KronPosterior(fit_kron(tiny_lora_vit, [(x, y)], device="cpu", kfac="expand"), prior_precision=2.0),
              DiagPosterior(fit_diag(tiny_lora_vit, [(x, y)], device="cpu"), prior_precision=2.0)]
     for post in posts:
-        mats = weight_ggns(post, 1)
+        n = len(weight_slices(tiny_lora_vit, 1))
+        mats = [weight_ggn(post, 1, i) for i in range(n)]
+        mats = [m if m.ndim == 2 else torch.diag(m) for m in mats]
         assert [m.shape[0] for m in mats] == [s.stop - s.start for s in weight_slices(tiny_lora_vit, 1)]
         dense = post.dense_precision([1])
         ref = dense - 2.0 * torch.eye(dense.shape[0], dtype=torch.float64)
@@ -290,10 +294,9 @@ def test_bad_arguments():
     r = torch.randn(3, 4, dtype=torch.float64, generator=_gen(0))
     jac = torch.zeros(2, 2, 4, dtype=torch.float64)
     parts = _tiles([2, 2])
-    ok = {"x": [torch.eye(2, dtype=torch.float64)] * 2}
-    with pytest.raises(ValueError, match="one square matrix per part"):
-        compare_block(r, {"x": [torch.eye(2, dtype=torch.float64), torch.eye(3, dtype=torch.float64)]}, {}, 1.0, jac,
-                      parts)
+    ok = {"x": lambda i: torch.eye(2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="square matrix or as its diagonal"):
+        compare_block(r, {"x": lambda i: torch.eye(2 + i, dtype=torch.float64)}, {}, 1.0, jac, parts)
     with pytest.raises(ValueError, match="jac has 3"):
         compare_block(r, ok, {}, 1.0, jac[..., :3], parts)
     with pytest.raises(ValueError, match="delta"):

@@ -36,7 +36,8 @@ spectrum behind ``δ_ℓ`` comes from the small Gram matrix when there are fewer
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from functools import partial
+from typing import Callable, Iterable
 
 import pandas as pd
 import torch
@@ -75,14 +76,15 @@ def logit_variance(jac: Tensor, cov: Tensor) -> Tensor:
     return torch.einsum("ncp,ncp->n", j @ cov.double(), j)
 
 
-def compare_block(rows: Tensor, approx: dict[str, list[Tensor]], slices: dict[str, slice], delta: float,
+def compare_block(rows: Tensor, approx: dict[str, Callable[[int], Tensor]], slices: dict[str, slice], delta: float,
                   jac: Tensor, parts: list[slice]) -> list[dict]:
     """Quality of every approximation ``approx[name]`` against the exact block GGN ``G = rowsᵀ rows``.
 
     ``rows`` (M, P): the exact GGN's rows (:func:`lib.laplace.exact.fit_block_rows`); ``parts``:
     the LoRA weights, contiguous slices that tile ``0..P``, outside whose diagonal blocks every
-    approximation is zero; ``approx[name]``: its GGN on each part, ``Ĝ_w`` (P_w, P_w), in the order
-    of ``parts``; ``slices``: module label → its positions, each a union of parts; ``delta``: the
+    approximation is zero; ``approx[name]``: part index → the approximation's GGN on that part,
+    ``Ĝ_w`` (P_w, P_w), or its diagonal (P_w,) when it is diagonal (called once per part, so that
+    only one part is in memory; :func:`weight_ggn`); ``slices``: module label → its positions, each a union of parts; ``delta``: the
     prior precision of all posteriors; ``jac`` (N, C, P): logit Jacobians on validation images.
     Rows, per approximation (``approximation``) and module (the label, or ``'block'``):
     ``n_params`` and the metrics of the module docstring (``trace_ratio``, ``frobenius_error``,
@@ -111,9 +113,6 @@ def compare_block(rows: Tensor, approx: dict[str, list[Tensor]], slices: dict[st
         raise ValueError(f"delta is {delta}; the prior precision must be positive")
     if [s.start for s in parts] != [0, *[s.stop for s in parts[:-1]]] or (parts[-1].stop if parts else 0) != p:
         raise ValueError(f"parts {parts} must be contiguous slices that tile 0..{p}")
-    for name, mats in approx.items():
-        if [tuple(a.shape) for a in mats] != [(s.stop - s.start,) * 2 for s in parts]:
-            raise ValueError(f"approx[{name!r}] must hold one square matrix per part, of the part's size")
     groups = {}
     for label, s in slices.items():
         idx = [i for i, w in enumerate(parts) if s.start <= w.start and w.stop <= s.stop]
@@ -146,24 +145,40 @@ def compare_block(rows: Tensor, approx: dict[str, list[Tensor]], slices: dict[st
     del wj, jsq
     stats = {name: [] for name in approx}
     for i, s in enumerate(parts):
-        size = s.stop - s.start
-        eye = torch.eye(size, dtype=torch.float64, device=r.device)
         g_ww = r[:, s].T @ r[:, s]
+        g_diag = g_ww.diagonal()
+        g_off = g_ww.square().fill_diagonal_(0).sum()  # ‖G_ww − diag G_ww‖_F², for diagonal approximations
         inv_ww = None  # Σ[s', s']⁻¹ on this part, s' its module
         if chol_q[i] is not None:
             v = torch.linalg.solve_triangular(chol_q[i], w[:, s], upper=False)
-            inv_ww = torch.addmm(eye, v.T, v, alpha=delta, beta=delta)
-        for name, mats in approx.items():
-            a = mats[i].double()
-            chol = torch.linalg.cholesky(a + delta * eye)
-            cov = torch.cholesky_inverse(chol)
-            stats[name].append({
-                "trace": a.diagonal().sum(), "frobenius": (a - g_ww).square().sum(),
-                "logdet": 2 * chol.diagonal().log().sum(), "t": delta * cov.diagonal().sum() + (g_ww * cov).sum(),
-                "t_module": None if inv_ww is None else (inv_ww * cov).sum(), "var": logit_variance(j[..., s], cov),
-            })
-            del a, chol, cov
-        del g_ww, inv_ww
+            inv_ww = (v.T @ v).mul_(delta)
+            inv_ww.diagonal().add_(delta)
+            del v
+        for name, part in approx.items():
+            a = part(i).double()
+            if a.shape not in ((s.stop - s.start,), (s.stop - s.start,) * 2):
+                raise ValueError(f"approx[{name!r}]({i}) is {tuple(a.shape)}; give part {s}'s GGN as a square "
+                                 f"matrix or as its diagonal ({s.stop - s.start},)")
+            st = {"trace": a.sum() if a.ndim == 1 else a.diagonal().sum()}
+            if a.ndim == 1:  # Ĝ_w = diag(a): Σ̂_w = diag(1 / (a + δ))
+                cov = 1 / (a + delta)
+                st.update(frobenius=(a - g_diag).square().sum() + g_off, logdet=(a + delta).log().sum(),
+                          t=delta * cov.sum() + torch.dot(g_diag, cov),
+                          t_module=None if inv_ww is None else torch.dot(inv_ww.diagonal(), cov),
+                          var=torch.einsum("ncp,p->n", j[..., s].square(), cov))
+            else:
+                st["frobenius"] = (a - g_ww).square().sum()
+                chol = torch.linalg.cholesky(a.diagonal_scatter(a.diagonal() + delta))
+                del a
+                cov = torch.cholesky_inverse(chol)
+                st.update(logdet=2 * chol.diagonal().log().sum(),
+                          t=delta * cov.diagonal().sum() + torch.dot(g_ww.flatten(), cov.flatten()),
+                          t_module=None if inv_ww is None else torch.dot(inv_ww.flatten(), cov.flatten()),
+                          var=logit_variance(j[..., s], cov))
+                del chol
+            stats[name].append(st)
+            del cov
+        del g_ww, g_diag, inv_ww
     out = []
     for name in approx:
         st = stats[name]
@@ -193,32 +208,29 @@ def compare_block(rows: Tensor, approx: dict[str, list[Tensor]], slices: dict[st
     return out
 
 
-def weight_ggns(post: KronPosterior | DiagPosterior, block: int) -> list[Tensor]:
-    """The approximate GGN ``Ĝ_w`` of each LoRA weight of ``block`` (P_w × P_w float64, parameter
-    order): the diagonal blocks of ``post.dense_precision([block]) − δ I``, outside which it is zero.
+def weight_ggn(post: KronPosterior | DiagPosterior, block: int, index: int) -> Tensor:
+    """The approximate GGN ``Ĝ_w`` of the ``index``-th LoRA weight ``w`` of ``block`` (parameter
+    order), float64: a diagonal block of ``post.dense_precision([block]) − δ I``, which is zero outside them.
 
-    K-FAC (martens2015optimizing): ``Ĝ_w = (U_G ⊗ U_X) diag(vec(λ_G λ_Xᵀ)) (U_G ⊗ U_X)ᵀ`` from the
-    posterior's eigenpairs, entry ``[(k, j), (l, m)] = Σ_a U_G[k, a] U_G[l, a] Σ_b λ_G[a] λ_X[b]
-    U_X[j, b] U_X[m, b]``, summed over the longer factor first (``P_w² min(o, i)`` operations for an
-    ``o × i`` weight instead of ``P_w³``); diagonal GGN: ``diag(vec d)``.
+    K-FAC (martens2015optimizing), (P_w, P_w): ``Ĝ_w = (U_G ⊗ U_X) diag(vec(λ_G λ_Xᵀ)) (U_G ⊗ U_X)ᵀ``
+    from the posterior's eigenpairs, entry ``[(k, j), (l, m)] = Σ_a U_G[k, a] U_G[l, a] Σ_b λ_G[a]
+    λ_X[b] U_X[j, b] U_X[m, b]``, summed over the longer factor first (``P_w² min(o, i)``
+    operations for an ``o × i`` weight instead of ``P_w³``). Diagonal GGN: its diagonal ``d`` (P_w,).
     """
-    out = []
-    for e in post.block_entries(block):
-        if isinstance(post, DiagPosterior):
-            out.append(torch.diag(e["d"].reshape(-1).double()))
-            continue
-        ug, ux, lam = e["UG"].double(), e["UX"].double(), torch.outer(e["lG"], e["lX"]).double()
-        o, i = lam.shape
-        if o >= i:  # Σ_a first: t[k, l, b] = Σ_a U_G[k, a] λ[a, b] U_G[l, a]
-            t = torch.einsum("ka,ab,la->bkl", ug, lam, ug).reshape(i, o * o)
-            pair = torch.einsum("jb,mb->jmb", ux, ux).reshape(i * i, i)
-            dense = (pair @ t).reshape(i, i, o, o).permute(2, 0, 3, 1)  # [k, j, l, m]
-        else:  # Σ_b first: t[j, m, a] = Σ_b U_X[j, b] λ[a, b] U_X[m, b]
-            t = torch.einsum("jb,ab,mb->ajm", ux, lam, ux).reshape(o, i * i)
-            pair = torch.einsum("ka,la->kla", ug, ug).reshape(o * o, o)
-            dense = (pair @ t).reshape(o, o, i, i).permute(0, 2, 1, 3)  # [k, j, l, m]
-        out.append(dense.reshape(o * i, o * i))
-    return out
+    e = post.block_entries(block)[index]
+    if isinstance(post, DiagPosterior):
+        return e["d"].reshape(-1).double()
+    ug, ux, lam = e["UG"].double(), e["UX"].double(), torch.outer(e["lG"], e["lX"]).double()
+    o, i = lam.shape
+    if o >= i:  # Σ_a first: t[b, k, l] = Σ_a U_G[k, a] λ[a, b] U_G[l, a]
+        t = torch.einsum("ka,ab,la->bkl", ug, lam, ug).reshape(i, o * o)
+        pair = torch.einsum("jb,mb->jmb", ux, ux).reshape(i * i, i)
+        dense = (pair @ t).reshape(i, i, o, o).permute(2, 0, 3, 1)  # [k, j, l, m]
+    else:  # Σ_b first: t[a, j, m] = Σ_b U_X[j, b] λ[a, b] U_X[m, b]
+        t = torch.einsum("jb,ab,mb->ajm", ux, lam, ux).reshape(o, i * i)
+        pair = torch.einsum("ka,la->kla", ug, ug).reshape(o * o, o)
+        dense = (pair @ t).reshape(o, o, i, i).permute(0, 2, 1, 3)  # [k, j, l, m]
+    return dense.reshape(o * i, o * i)
 
 
 def prepare_curvature_quality(
@@ -273,7 +285,7 @@ def prepare_curvature_quality(
         delta = float(optimal_prior([gram_eigenvalues(r)], sq.reshape(1))[0])
         j = torch.cat([torch.cat(chunks, dim=1) for chunks in jac.pop(b)])  # (N, C, P)
         slices = {kinds[n]: s for n, s in block_slices(model, b).items()}
-        approx_ggn = {name: weight_ggns(post, b) for name, post in posts.items()}
+        approx_ggn = {name: partial(weight_ggn, post, b) for name, post in posts.items()}
         for row in compare_block(r, approx_ggn, slices, delta, j, parts=weight_slices(model, b)):
             out.append({"block": b, "prior_precision": delta, **row})
         del r, approx_ggn, j
