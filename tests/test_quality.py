@@ -106,7 +106,8 @@ def _spd(p: int, seed: int) -> torch.Tensor:
 
 
 def test_metrics_hand_worked_and_torch_distributions():
-    """trace ratio and Frobenius error of diag(2, 4) against diag(1, 3); KL against torch.distributions;
+    """The dense reference's trace ratio and Frobenius error of diag(2, 4) against diag(1, 3) and its KL
+    against torch.distributions; lib's
     logit variance against a loop over images."""
     a, e = torch.diag(torch.tensor([2.0, 4.0])), torch.diag(torch.tensor([1.0, 3.0]))
     assert trace_ratio(a, e) == pytest.approx(6 / 4, rel=1e-12)
@@ -226,8 +227,9 @@ def _random_part(o: int, i: int, kind: str, gen: torch.Generator) -> torch.Tenso
 @pytest.mark.parametrize("n_rows", [30, 64, 150])
 def test_low_rank_equals_the_dense_computation(n_rows):
     """On random blocks (P = 112 in six parts, three modules of two; fewer and more rows than
-    parameters; K-FAC-like parts and diagonal ones, given as their diagonal), every column equals the dense P × P computation
-    (exact GGN ``rowsᵀ rows``, Cholesky inverses) to 1e-9 relative."""
+    parameters; K-FAC-like parts and diagonal ones, given as their diagonal; two prior precisions),
+    every column equals the dense P × P computation that the low-rank one replaced (exact GGN
+    ``rowsᵀ rows``, Cholesky inverses of P × P precisions) to 1e-9 relative."""
     shapes = [(2, 8), (12, 2), (2, 6), (6, 2), (2, 12), (12, 2)]
     sizes = [o * i for o, i in shapes]
     parts, p = _tiles(sizes), sum(sizes)
