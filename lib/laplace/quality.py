@@ -253,48 +253,48 @@ def prepare_curvature_quality(
 ) -> pd.DataFrame:
     """Curvature-quality table of K-FAC-expand, K-FAC-reduce and the diagonal GGN against the exact block GGN.
 
-    All four curvatures are fitted on ``fit_batches`` (a list of (images, labels), iterated four
-    times) and extrapolated to ``n_data`` examples as the study does (``scaled``; None: as seen);
+    All four curvatures are fitted on ``fit_batches`` (a list of (images, labels), iterated three
+    times and once more per block for the exact GGN's rows, so that only one block's rows and
+    validation Jacobians are in memory at a time) and extrapolated to ``n_data`` examples as the study does (``scaled``; None: as seen);
     ``δ_ℓ`` maximises the evidence of the exact block posterior; ``val_batches`` give the logit
     Jacobians of the logit-variance columns. ``blocks``: the blocks to compare (default all).
     Returns one row per block, module (``qkv``, ``proj``, ``fc1``, ``fc2``, ``block``) and
     approximation, columns :data:`COLUMNS` (see :func:`compare_block`).
     """
     device = torch.device(device)
-    fit_batches = list(fit_batches)
+    fit_batches, val_batches = list(fit_batches), list(val_batches)
     blocks = sorted({m.block for m in lora_modules(model)} if blocks is None else set(blocks))
     kw = dict(device=device, fisher=fisher, class_chunk=class_chunk, progress=progress)
-    rows = fit_block_rows(model, fit_batches, blocks=blocks, **kw)
     approx = {
         "K-FAC-expand": fit_kron(model, fit_batches, kfac="expand", **kw),
         "K-FAC-reduce": fit_kron(model, fit_batches, kfac="reduce", **kw),
         "diagonal": fit_diag(model, fit_batches, **kw),
     }
-    scale = 1.0
     if n_data is not None:
-        scale = n_data / rows.n_data
         approx = {k: c.scaled(n_data) for k, c in approx.items()}
     posts = {k: (KronPosterior(c) if k.startswith("K-FAC") else DiagPosterior(c)) for k, c in approx.items()}
-    jac: dict[int, list[list[Tensor]]] = {b: [] for b in blocks}
-    for logits, _, val_rows in block_rows(model, val_batches, blocks, device=device, fisher=None,
-                                          class_chunk=class_chunk, progress=progress):
-        for b, r in val_rows.items():
-            if logits is not None:  # the first chunk of a new batch
-                jac[b].append([])
-            jac[b][-1].append(r.transpose(0, 1))  # (N, k, P)
     kinds = {m.name: m.kind for m in lora_modules(model)}
     out = []
-    for b in blocks:
+    for b in blocks:  # one block's rows and Jacobians in memory at a time
+        rows = fit_block_rows(model, fit_batches, blocks=[b], **kw)
+        scale = 1.0 if n_data is None else n_data / rows.n_data
         r = rows.rows.pop(b) * math.sqrt(scale)  # (N (C − 1), P_ℓ) float64: G_ℓ = rᵀ r
         sq = sum(a.double().square().sum() + w.double().square().sum()
                  for n, (a, w) in rows.mean.items() if rows.blocks[n] == b)
         delta = float(optimal_prior([gram_eigenvalues(r)], sq.reshape(1))[0])
-        j = torch.cat([torch.cat(chunks, dim=1) for chunks in jac.pop(b)])  # (N, C, P)
+        jac: list[list[Tensor]] = []
+        for logits, _, val_rows in block_rows(model, val_batches, [b], device=device, fisher=None,
+                                              class_chunk=class_chunk, progress=progress):
+            if logits is not None:  # the first chunk of a new batch
+                jac.append([])
+            jac[-1].append(val_rows[b].transpose(0, 1))  # (N, k, P)
+        j = torch.cat([torch.cat(chunks, dim=1) for chunks in jac])  # (N, C, P)
+        del jac
         slices = {kinds[n]: s for n, s in block_slices(model, b).items()}
         approx_ggn = {name: partial(weight_ggn, post, b) for name, post in posts.items()}
         for row in compare_block(r, approx_ggn, slices, delta, j, parts=weight_slices(model, b)):
             out.append({"block": b, "prior_precision": delta, **row})
-        del r, approx_ggn, j
+        del rows, r, approx_ggn, j
     return pd.DataFrame(out, columns=COLUMNS)
 
 
