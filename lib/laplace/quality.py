@@ -34,8 +34,10 @@ approximation, zero outside the diagonal blocks of the LoRA weights, is inverted
 (:func:`weight_ggn`; at most 6,144 parameters on cifar10-cpu). Measured on cifar10-cpu (blocks of
 24,576 parameters, 200 fit and 200 validation images, ``M = 800``; one thread of a busy 2-core
 CPU): a block's comparison takes about 46 s and adds about 1 GB to the 3.7 GB peak of the four
-curvature fits (4.6 GB peak for one block, 72 s with the fits), where the dense comparison needed
-4.8 GB for each ``P_ℓ × P_ℓ`` matrix (more than 30 GB) and ``P_ℓ³ ≈ 1.5·10¹³`` operations per inverse.
+curvature fits (one block: 72 s with the fits, 4.6 GB peak), and :func:`prepare_curvature_quality`
+holds the exact GGN's rows and the validation Jacobians of one block at a time; the dense
+comparison needed 4.8 GB for each ``P_ℓ × P_ℓ`` matrix (more than 30 GB) and about
+``1.5·10¹³`` operations for each inverse.
 """
 
 from __future__ import annotations
