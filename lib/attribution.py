@@ -381,18 +381,21 @@ def shapley(studies: list[SeedStudy], stats: StatsConfig) -> pd.DataFrame:
     Returns: one row per block: ``layer``, ``block``, ``phi``, ``lower``, ``upper``,
     ``seed_lower``, ``seed_upper``, ``mc_se``.
     """
-    rows = {s.subset_ece().shape[0] for s in studies}
-    if len(rows) != 1:
-        raise ValueError(f"every seed needs the same bootstrap replicates (stats.n_boot_shapley); got {sorted(rows)} rows")
+    shapes = {tuple(s.subset_ece().shape) for s in studies}
+    if len(shapes) != 1:
+        raise ValueError("every seed needs the same bootstrap replicates (stats.n_boot_shapley) and blocks; got "
+                         f"ECE tables (R + 1, 2^L) of shapes {sorted(shapes)}")
+    (_, n_subsets), = shapes
     n = stats.shapley_permutations
+    perms = None if n is None else antithetic_permutations(n_subsets.bit_length() - 1, n)  # (n, L), for every seed
     per_seed, contributions = [], []
     for s in studies:
         e = s.subset_ece().double()
         v = e[:, :1] - e
-        if n is None:
+        if perms is None:
             per_seed.append(shapley_values(v))  # (R + 1, L)
         else:
-            c = permutation_contributions(v, antithetic_permutations(v.shape[-1].bit_length() - 1, n))
+            c = permutation_contributions(v, perms)
             contributions.append(c)  # (R + 1, n, L)
             per_seed.append(c.mean(-2))
     both = torch.stack(per_seed)  # (S, R + 1, L)

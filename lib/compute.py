@@ -12,7 +12,8 @@ ended by a :meth:`Ranks.sync` (a barrier) because the next one reads what it wro
 0. rank 0: the data splits (a download happens once) and the ``backbone`` stage;
 1. seed ``i`` of ``cfg.seeds`` on rank ``i mod W``: ``map`` and ``laplace``;
 2. the parts of every bank of every seed (:func:`lib.stages.banks.bank_parts`), dealt over the
-   ranks in turn: the bank sharded by image, each part saved by the rank that computed it; and
+   ranks in turn: the bank sharded by image, a Laplace bank's part and its control's computed in
+   one pass (:func:`lib.stages.banks.save_parts`) and saved by the rank that computed them; and
    ``curvature_quality`` (first seed) on the last rank;
 3. seed ``i`` on rank ``i mod W``: its four banks joined from the parts (:func:`~lib.stages.banks.build_bank`,
    which marks each done) and its ``subsets`` stage;
@@ -38,7 +39,7 @@ Every stage goes through :func:`lib.artifacts.cached` with the keys a single pro
 cache a G-rank run fills is the one :class:`lib.study.Study` opens, and the one that
 :func:`lib.baselines.study.baseline_study`, :func:`lib.baselines.study.importance_study` and
 :func:`lib.shift_study.study_shift` read (they call the same stage functions with the same
-arguments: the shift stages without ``extra`` subsets, as the shift chapter asks for them). A
+arguments). A
 rerun skips the stages that are done and the bank parts that are saved; nothing partial is marked
 done (a bank is marked done only once joined from all its parts). A task that raises stops its rank's phase; at the next sync
 every rank raises :class:`ComputeError` naming the rank and the stage that failed, so the command
@@ -74,12 +75,8 @@ from lib.data import splits_for
 from lib.pipeline import backbone_stage, resolve_device
 from lib.shift_study import (corrupted_predictions, corrupted_test_set, ood_predictions, ood_set, ood_set_names,
                              shift_config)
-from lib.stages.banks import bank_parts, open_bank, save_part
+from lib.stages.banks import bank_parts, open_bank, save_parts
 from lib.study import Study
-
-BANKS = (("test", False), ("val", False), ("test", True), ("val", True))
-"""The four banks of a seed as ``(split, control)`` (stages ``bank``, ``bank_val``, ``bank_iso``, ``bank_iso_val``)."""
-
 
 BARRIER_TIMEOUT = timedelta(hours=12)
 """How long a rank waits at a phase's barrier for the others."""
@@ -187,13 +184,15 @@ def _part_tasks(study: Study, ranks: Ranks) -> list[Task]:
     for seed in cfg.seeds:
         run = study.run(seed)
         lap, post = study.fit(seed)
-        for split, control in BANKS:
-            plan = open_bank(cfg, run, post, lap, device, split, control)
-            if plan.stage.done:
+        for split in ("test", "val"):
+            plans = [plan for control in (False, True)
+                     if not (plan := open_bank(cfg, run, post, lap, device, split, control)).stage.done]
+            if not plans:
                 continue
-            for start, stop in bank_parts(len(plan.data), cfg.predictive.batch_size):
-                tasks.append(Task(f"{plan.stage.name} seed {seed} images {start}-{stop}",
-                                  lambda r=run, p=plan, a=start, b=stop: save_part(cfg, r, p, a, b, device)))
+            names = "+".join(plan.stage.name for plan in plans)
+            for start, stop in bank_parts(len(plans[0].data), cfg.predictive.batch_size):
+                tasks.append(Task(f"{names} seed {seed} images {start}-{stop}",
+                                  lambda r=run, p=plans, a=start, b=stop: save_parts(cfg, r, p, a, b, device)))
     mine = ranks.mine(tasks)
     if ranks.rank == ranks.world - 1 and cfg.laplace.quality_images > 0:
         mine.insert(0, Task(f"curvature_quality seed {cfg.seeds[0]}", lambda: study.curvature_quality))
@@ -204,8 +203,9 @@ def _baseline_tasks(study: Study, ranks: Ranks) -> list[Task]:
     """Phase 6 on this rank: every baseline method of :data:`lib.baselines.run.METHODS` and the
     importance scores of its seeds (each a cached stage of the seed's MAP run)."""
     cfg, device, tasks = study.cfg, ranks.device, []
+    trained = baseline_seeds(cfg)
     for seed in ranks.mine(cfg.seeds):
-        if seed in baseline_seeds(cfg):
+        if seed in trained:
             for name, method in METHODS.items():
                 tasks.append(Task(f"{name} seed {seed}", lambda s=seed, m=method: m(cfg, study.run(s), device)))
         tasks.append(Task(f"importance scores seed {seed}",

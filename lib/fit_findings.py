@@ -8,7 +8,7 @@
 * :func:`curvature_choice`: which curvature structure is closest to the exact block GGN on the
   profile, next to the one it uses (posterior chapter).
 
-Each is a small frozen dataclass computed from a result table; the wording is the chapters'.
+Each is a small frozen dataclass computed from result tables; the wording is the chapters'.
 """
 
 from __future__ import annotations
@@ -108,25 +108,35 @@ def prior_finding(blocks: pd.DataFrame, training: float) -> PriorFinding:
 @dataclass(frozen=True)
 class WidthFinding:
     """How wide the evidence-tuned block posteriors are: the range over blocks of the share of its
-    prior variance that each keeps, ``tr Σ_ℓ / (P_ℓ/δ_ℓ)`` (``prior_share``), and of its effective
-    number of parameters ``γ_ℓ = Σ_i λ_i/(λ_i + δ_ℓ)`` (``effective``, mackay1992practical), with
-    ``n_params`` = P_ℓ (the largest block's)."""
+    prior variance that each keeps, ``tr Σ_ℓ / (P_ℓ/δ_ℓ)`` (``prior_share``; per seed, then the mean
+    over seeds), and of its effective number of parameters ``γ_ℓ = Σ_i λ_i/(λ_i + δ_ℓ)``
+    (``effective``, mean over seeds, mackay1992practical), with ``n_params`` = P_ℓ (the largest
+    block's)."""
 
     prior_share: tuple[float, float]
     effective: tuple[float, float]
     n_params: int
 
 
-def width_finding(blocks: pd.DataFrame) -> WidthFinding:
-    """From :func:`lib.report.block_table` (``prior_precision``, ``variance_trace``,
-    ``effective_params``, ``n_params``; means over seeds)."""
-    missing = {"prior_precision", "variance_trace", "effective_params", "n_params"} - set(blocks.columns)
-    if missing or blocks.empty:
-        raise ValueError(f"blocks needs rows with columns {sorted(missing)}; pass lib.report.block_table's output")
-    share = blocks.variance_trace * blocks.prior_precision / blocks.n_params
-    return WidthFinding((float(share.min()), float(share.max())),
-                        (float(blocks.effective_params.min()), float(blocks.effective_params.max())),
-                        int(blocks.n_params.max()))
+def width_finding(summaries: list[pd.DataFrame]) -> WidthFinding:
+    """From each seed's per-block summary (its ``laplace`` stage's ``blocks.csv``:
+    ``block``, ``prior_precision``, ``variance_trace``, ``effective_params``, ``n_params``).
+
+    The share of block ℓ is ``tr Σ_ℓ · δ_ℓ / P_ℓ`` within each seed, averaged over seeds: a ratio of
+    seed means would pair one seed's variance with another's precision (and can exceed 100%,
+    which no single posterior does, since ``tr Σ_ℓ ≤ P_ℓ/δ_ℓ``)."""
+    cols = {"block", "prior_precision", "variance_trace", "effective_params", "n_params"}
+    bad = [i for i, s in enumerate(summaries) if s.empty or not cols <= set(s.columns)]
+    if not summaries or bad:
+        raise ValueError(f"width_finding needs one summary per seed, each with rows and columns {sorted(cols)} "
+                         f"(got {len(summaries)} summaries, unusable: {bad}); pass "
+                         "[pd.read_csv(stage.file('blocks.csv')) for stage, _ in study.fits]")
+    stacked = pd.concat(summaries)
+    per_block = stacked.assign(share=stacked.variance_trace * stacked.prior_precision / stacked.n_params
+                               ).groupby("block")[["share", "effective_params"]].mean()
+    return WidthFinding((float(per_block.share.min()), float(per_block.share.max())),
+                        (float(per_block.effective_params.min()), float(per_block.effective_params.max())),
+                        int(stacked.n_params.max()))
 
 
 Closeness = Literal["closest", "closest in the predictive", "closest in the posterior", "not closest"]

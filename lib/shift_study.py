@@ -106,7 +106,7 @@ class ShiftPredictions:
     """Predictive probabilities of every method of one seed on one image set.
 
     Attributes:
-        names: the posteriors: the study's named ones, then the ``extra`` subsets.
+        names: the study's named posteriors.
         probs: (P, N, C) their GLM predictive, each at its covariance scale κ_S of the study.
         det: (N, C) MAP softmax. ts: (N, C) temperature-scaled MAP (the study's temperature).
         labels: (N,) int64 (zeros for OOD images without labels).
@@ -129,25 +129,10 @@ class ShiftPredictions:
         return out
 
 
-def _posteriors(study: SeedStudy, extra: Mapping[str, Tensor] | None) -> tuple[list[str], Tensor, Tensor, float]:
-    """Names, bool masks (P, L), scales κ_S (P,) and temperature: the study's named posteriors and
-    the ``extra`` block subsets (their κ_S from the study's ``subset_scales.pt``, indexed by bitmask)."""
+def _posteriors(study: SeedStudy) -> tuple[list[str], Tensor, Tensor, float]:
+    """Names, bool masks (P, L), scales κ_S (P,) and temperature of the study's named posteriors."""
     named = study.named()
-    names, masks, scales = list(named["names"]), named["masks"], named["scales"]
-    if extra:
-        L = masks.shape[1]
-        clash = [n for n in extra if n in names]
-        if clash:
-            raise ValueError(f"extra subsets {clash} reuse names of the study's named posteriors; rename them")
-        extra_masks = torch.stack([torch.as_tensor(m, dtype=torch.bool) for m in extra.values()])
-        if extra_masks.shape[1] != L:
-            raise ValueError(f"extra subsets must be bool masks of the {L} blocks; got shape {tuple(extra_masks.shape)}")
-        all_scales = torch.load(study.subsets.file("subset_scales.pt"), weights_only=True)
-        index = (extra_masks.long() << torch.arange(L)).sum(1)
-        names += list(extra)
-        masks = torch.cat([masks, extra_masks])
-        scales = torch.cat([scales, all_scales[index].to(scales)])
-    return names, masks, scales, float(named["temperature"])
+    return list(named["names"]), named["masks"], named["scales"], float(named["temperature"])
 
 
 def _predict(bank: Bank, names: list[str], masks: Tensor, scales: Tensor, temperature: float, method: str,
@@ -158,10 +143,9 @@ def _predict(bank: Bank, names: list[str], masks: Tensor, scales: Tensor, temper
             "ts": apply_temperature(bank.map_logits, temperature), "labels": bank.labels}
 
 
-def clean_predictions(cfg: Config, study: SeedStudy, device: torch.device,
-                      extra: Mapping[str, Tensor] | None = None) -> ShiftPredictions:
+def clean_predictions(cfg: Config, study: SeedStudy, device: torch.device) -> ShiftPredictions:
     """:class:`ShiftPredictions` on the study's own test set, from its cached test bank (no new bank)."""
-    names, masks, scales, temperature = _posteriors(study, extra)
+    names, masks, scales, temperature = _posteriors(study)
     d = _predict(study.test_bank(), names, masks, scales, temperature, cfg.predictive.method, device)
     return ShiftPredictions(tuple(d["names"]), d["probs"], d["det"], d["ts"], d["labels"])
 
@@ -174,17 +158,16 @@ def shift_predictions(
     key: Mapping,
     device: torch.device,
     upstream: Sequence[Stage] = (),
-    extra: Mapping[str, Tensor] | None = None,
 ) -> ShiftPredictions:
     """Probabilities of MAP, temperature scaling and the study's posteriors on new ``images``.
 
     A perturbation bank of the images (:func:`lib.laplace.predictive.perturbation_bank`, the
-    study's seed, samples and batching) gives each named posterior and each ``extra`` block subset
-    (name → bool mask (L,), e.g. a recommended set) its GLM predictive at the study's κ_S; MAP and
-    temperature scaling use the MAP logits and the study's temperature. Cached as a ``shift_probs``
-    stage downstream of the study's ``subsets`` stage and ``upstream`` (e.g. the images' ``corrupt``
-    stage); ``key`` (JSON-able) names the image set. On the study's test images it reproduces the
-    study's probabilities. The stage is keyed by this module's code (:func:`lib.artifacts.cached`).
+    study's seed, samples and batching) gives each named posterior its GLM predictive at the
+    study's κ_S; MAP and temperature scaling use the MAP logits and the study's temperature.
+    Cached as a ``shift_probs`` stage downstream of the study's ``subsets`` stage and ``upstream``
+    (e.g. the images' ``corrupt`` stage); ``key`` (JSON-able) names the image set. On the study's
+    test images it reproduces the study's probabilities. The stage is keyed by this module's code
+    (:func:`lib.artifacts.cached`).
 
     Args:
         images: uint8 (N, 3, H, W). labels: (N,) int64, or None for OOD images (stored as zeros).
@@ -194,10 +177,9 @@ def shift_predictions(
         labels = torch.zeros(images.shape[0], dtype=torch.int64)
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must be (N,) = ({images.shape[0]},); got {tuple(labels.shape)}")
-    extra_key = {n: torch.as_tensor(m, dtype=torch.bool).tolist() for n, m in (extra or {}).items()}
 
     def compute(st: Stage) -> None:
-        names, masks, scales, temperature = _posteriors(study, extra)
+        names, masks, scales, temperature = _posteriors(study)
         bank = perturbation_bank(
             study.run.model, study.posterior,
             batches(Split(images, labels), pc.batch_size, preprocess=study.run.preprocess, device=device),
@@ -205,26 +187,25 @@ def shift_predictions(
         )
         torch.save(_predict(bank, names, masks, scales, temperature, pc.method, device), st.file("probs.pt"))
 
-    st = cached("shift_probs", {"images": dict(key), "extra": extra_key, "n_samples": pc.n_samples,
+    st = cached("shift_probs", {"images": dict(key), "n_samples": pc.n_samples,
                                 "batch_size": pc.batch_size, "method": pc.method, "numerics": numerics(device)},
                 code=__name__, compute=compute, upstream=[study.subsets, *upstream])
     d = torch.load(st.file("probs.pt"), weights_only=True)
     return ShiftPredictions(tuple(d["names"]), d["probs"], d["det"], d["ts"], d["labels"])
 
 
-def corrupted_predictions(cfg: Config, study: SeedStudy, cs: CorruptedSplit, device: torch.device,
-                          extra: Mapping[str, Tensor] | None = None) -> ShiftPredictions:
+def corrupted_predictions(cfg: Config, study: SeedStudy, cs: CorruptedSplit, device: torch.device) -> ShiftPredictions:
     """:func:`shift_predictions` of ``study`` on the corrupted test set ``cs`` (:func:`corrupted_test_set`),
     downstream of its ``corrupt`` stage."""
     return shift_predictions(cfg, study, cs.split.x, cs.split.y, {"corrupt": cs.stage.key}, device,
-                             upstream=[cs.stage], extra=extra)
+                             upstream=[cs.stage])
 
 
 def ood_predictions(cfg: Config, study: SeedStudy, images_key_upstream: tuple[Tensor, dict, list[Stage]],
-                    device: torch.device, extra: Mapping[str, Tensor] | None = None) -> ShiftPredictions:
+                    device: torch.device) -> ShiftPredictions:
     """:func:`shift_predictions` of ``study`` on an OOD set, given as :func:`ood_set` returns it (no labels)."""
     images, key, upstream = images_key_upstream
-    return shift_predictions(cfg, study, images, None, key, device, upstream=upstream, extra=extra)
+    return shift_predictions(cfg, study, images, None, key, device, upstream=upstream)
 
 
 @dataclass(frozen=True)
@@ -258,14 +239,13 @@ def evaluate_shift(
     studies: Sequence[SeedStudy],
     device: torch.device,
     posteriors: Sequence[str],
-    extra: Mapping[str, Tensor] | None = None,
 ) -> ShiftResults:
     """Calibration under shift, OOD detection and the per-block ranking under shift.
 
-    ``posteriors``: named posteriors (and ``extra`` names) reported next to MAP and temperature
-    scaling; with a ``baselines`` section in the profile, also the LoRA ensembles of its
-    ``ensemble.sizes`` (rows ``'LoRA ensemble, M = m'``: the mean of the softmax of the studied
-    seeds' MAP models, the members of :mod:`lib.baselines.ensemble`, which costs no new stage).
+    ``posteriors``: named posteriors reported next to MAP and temperature scaling; with a
+    ``baselines`` section in the profile, also the LoRA ensembles of its ``ensemble.sizes`` (rows
+    ``'LoRA ensemble, M = m'``: the mean of the softmax of the studied seeds' MAP models, the
+    members of :mod:`lib.baselines.ensemble`, which costs no new stage).
     The rank agreement uses every ``'single ℓ'`` posterior and pools the corruptions of a
     severity; its bootstrap (like that of ``gains``) resamples test images, each with all its
     corrupted copies (cluster bootstrap, :func:`lib.shift.cluster_counts`). Intervals:
@@ -295,11 +275,11 @@ def evaluate_shift(
     # Phase 1: every seed's predictions on the clean, corrupted and OOD images (cached stages).
     cleans, shifted, oods = [], [], []
     for study in studies:
-        cleans.append(clean_predictions(cfg, study, device, extra))
-        shifted.append([(cs, corrupted_predictions(cfg, study, cs, device, extra))
+        cleans.append(clean_predictions(cfg, study, device))
+        shifted.append([(cs, corrupted_predictions(cfg, study, cs, device))
                         for cs in tqdm(list(corrupted_test_sets(cfg, study.run.splits.test)),
                                        desc=f"shift (seed {study.seed})", disable=None)])
-        oods.append({name: ood_predictions(cfg, study, images_key_upstream, device, extra)
+        oods.append({name: ood_predictions(cfg, study, images_key_upstream, device)
                      for name, images_key_upstream in ood_sets.items()})
     labels = cleans[0].labels
     if any(not torch.equal(c.labels, labels) for c in cleans):
@@ -367,8 +347,8 @@ def evaluate_shift(
                         pd.DataFrame(ranks, columns=["seed", "severity", "tau", "lower", "upper"]))
 
 
-def study_shift(study: Any, posteriors: Sequence[str], extra: Mapping[str, Tensor] | None = None) -> ShiftResults:
+def study_shift(study: Any, posteriors: Sequence[str]) -> ShiftResults:
     """:func:`evaluate_shift` of every seed of ``study`` (a :class:`lib.study.Study` whose profile
     has a ``shift`` section) on its device: the analysis behind the chapter "Shift and
     out-of-distribution". Its stages take the per-seed records (``study.seeds``), not the study."""
-    return evaluate_shift(study.cfg, study.seeds, study.device, posteriors, extra)
+    return evaluate_shift(study.cfg, study.seeds, study.device, posteriors)

@@ -366,3 +366,26 @@ def test_shapley_from_sampled_orderings_by_hand():
     seeds[1].subset_ece()[:, visited[3]] = float("nan")  # a visited subset left unevaluated
     with pytest.raises(ValueError, match="coalitions"):
         shapley(seeds, stats)
+
+
+def test_shapley_draws_the_orderings_once_for_all_seeds(monkeypatch):
+    """One draw of the antithetic orderings serves every seed (the values are those of the shared
+    orderings), and seeds whose ECE tables differ in shape are refused."""
+    n_blocks, n_perms, R = 4, 6, 5
+    gen = torch.Generator().manual_seed(7)
+    seeds = [_SubsetStudy(torch.rand(R + 1, 2**n_blocks, generator=gen, dtype=torch.float64)) for _ in range(3)]
+    calls = []
+
+    def counted(n_players: int, n: int) -> torch.Tensor:
+        calls.append((n_players, n))
+        return antithetic_permutations(n_players, n)
+
+    monkeypatch.setattr("lib.attribution.antithetic_permutations", counted)
+    got = shapley(seeds, StatsConfig(shapley_permutations=n_perms))
+    assert calls == [(n_blocks, n_perms)]
+    perms = antithetic_permutations(n_blocks, n_perms)
+    c = torch.stack([permutation_contributions(s.subset_ece()[:, :1] - s.subset_ece(), perms) for s in seeds])
+    assert torch.allclose(torch.tensor(got.phi.to_numpy()), c[:, 0].mean(-2).mean(0))
+    with pytest.raises(ValueError, match="same bootstrap replicates"):
+        shapley([*seeds, _SubsetStudy(torch.zeros(R + 1, 2 ** (n_blocks + 1), dtype=torch.float64))],
+                StatsConfig(shapley_permutations=n_perms))

@@ -84,23 +84,27 @@ def test_bank_parts_dealt_over_two_ranks_join_into_the_single_pass_bank(tiny_cfg
     study = Study(cfg, CPU)
     shares = [_part_tasks(study, Ranks(r, 2, CPU, group=False)) for r in (0, 1)]
     labels = [{t.label for t in share} for share in shares]
-    assert not labels[0] & labels[1] and len(labels[0] | labels[1]) == 2 * (3 + 2) + 1
+    assert not labels[0] & labels[1] and len(labels[0] | labels[1]) == (3 + 2) + 1
     assert [t.label for t in shares[1]][0] == "curvature_quality seed 0"  # the last rank's, first
-    assert "bank seed 0 images 0-24" in labels[0] and "bank seed 0 images 24-48" in labels[1]
+    assert "bank+bank_iso seed 0 images 0-24" in labels[0] and "bank+bank_iso seed 0 images 24-48" in labels[1]
     for task in shares[0]:
         task.run()
     run, (lap, post) = study.run(0), study.fit(0)
     plan = banks.open_bank(cfg, run, post, lap, CPU)
-    assert not plan.stage.done and len(list((plan.stage.path / "parts").glob("*.pt"))) == 2  # parts 0-24, 48-64
+    control = banks.open_bank(cfg, run, post, lap, CPU, control=True)
+    for p in (plan, control):  # one pass saved both banks' parts 0-24 and 48-64
+        assert not p.stage.done and len(list((p.stage.path / "parts").glob("*.pt"))) == 2
     calls = []
-    real = banks.perturbation_bank
-    monkeypatch.setattr(banks, "perturbation_bank", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = banks.perturbation_banks
+    monkeypatch.setattr(banks, "perturbation_banks", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     st, bank = banks.build_bank(cfg, run, post, lap, CPU)
-    assert len(calls) == 1 and st.path == plan.stage.path and st.done
+    assert calls == [2] and st.path == plan.stage.path and st.done  # part 24-48 of both banks in one pass
     assert json.loads(st.file("info.json").read_text())["parts_resumed"] == 2
-    one_pass = real(run.model, post, batches(run.splits.test, 8, preprocess=run.preprocess, device=CPU),
-                    n_samples=cfg.predictive.n_samples, seed=0, device=CPU)
-    assert torch.equal(bank.delta, one_pass.delta) and torch.equal(bank.labels, one_pass.labels)
+    iso_st, _ = banks.build_bank(cfg, run, post, lap, CPU, control=True)
+    assert calls == [2] and json.loads(iso_st.file("info.json").read_text())["parts_resumed"] == 3
+    one_pass = perturbation_bank(run.model, post, batches(run.splits.test, 8, preprocess=run.preprocess, device=CPU),
+                                 n_samples=cfg.predictive.n_samples, seed=0, device=CPU)
+    assert torch.allclose(bank.delta, one_pass.delta, atol=1e-6, rtol=1e-5) and torch.equal(bank.labels, one_pass.labels)
 
 
 def _same(a, b, where: str) -> None:

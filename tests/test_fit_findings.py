@@ -63,12 +63,32 @@ def test_curvature_choice_medians_over_blocks_and_the_closest_structure():
         curvature_choice(q2[q2.module != "block"], "K-FAC-reduce")
 
 
+def _summary(delta: list[float], trace: list[float], gamma: list[float], n_params: int) -> pd.DataFrame:
+    """One seed's ``blocks.csv`` of two blocks."""
+    return pd.DataFrame({"block": [0, 1], "in_posterior": [True, True], "n_params": [n_params, n_params],
+                         "prior_precision": delta, "curvature_trace": [1.0, 1.0], "variance_trace": trace,
+                         "effective_params": gamma})
+
+
 def test_width_finding_by_hand():
     """Shares of the prior variance P/δ kept: 1360·17.7/24576 ≈ 0.98 and 5193·4.71/24576 ≈ 0.995."""
-    blocks = pd.DataFrame({"block": [0, 1], "prior_precision": [17.7, 4.71], "variance_trace": [1360.0, 5193.0],
-                           "effective_params": [490.8, 125.3], "n_params": [24576, 24576]})
-    w = width_finding(blocks)
+    one = _summary([17.7, 4.71], [1360.0, 5193.0], [490.8, 125.3], 24576)
+    w = width_finding([one])
     assert w.prior_share == pytest.approx((1360 * 17.7 / 24576, 5193 * 4.71 / 24576))
     assert w.effective == (125.3, 490.8) and w.n_params == 24576
-    with pytest.raises(ValueError, match="block_table"):
-        width_finding(blocks.drop(columns="n_params"))
+    with pytest.raises(ValueError, match="blocks.csv"):
+        width_finding([one, one.drop(columns="n_params")])
+    with pytest.raises(ValueError, match="blocks.csv"):
+        width_finding([])
+
+
+def test_width_finding_averages_each_seeds_share_not_a_ratio_of_seed_means():
+    """P = 100. Block 0: seed a δ = 1, tr Σ = 90 (share 0.9), seed b δ = 9, tr Σ = 10 (share 0.9):
+    mean share 0.9, whereas the ratio of seed means 50 · 5 / 100 = 2.5 would claim 250% of the prior
+    variance. Block 1: shares 25 · 2 / 100 = 0.5 and 17.5 · 4 / 100 = 0.7, mean 0.6 (ratio of seed
+    means 21.25 · 3 / 100 = 0.6375)."""
+    a = _summary([1.0, 2.0], [90.0, 25.0], [10.0, 4.0], 100)
+    b = _summary([9.0, 4.0], [10.0, 17.5], [30.0, 8.0], 100)
+    w = width_finding([a, b])
+    assert w.prior_share == pytest.approx((0.6, 0.9))
+    assert w.effective == (6.0, 20.0) and w.n_params == 100

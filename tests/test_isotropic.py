@@ -8,7 +8,7 @@ import torch
 from lib.laplace.curvature import fit_curvature
 from lib.laplace.isotropic import IsotropicPosterior
 from lib.laplace.posterior import DiagPosterior, build_posterior
-from lib.laplace.predictive import block_samples, perturbation_bank, subset_probs
+from lib.laplace.predictive import block_samples, perturbation_bank, perturbation_banks, subset_probs
 
 
 def _posterior(model, batch, structure):
@@ -70,3 +70,26 @@ def test_rejects_unknown_blocks(tiny_lora_vit, tiny_batch):
         iso.sample_block(7, 2, torch.Generator())
     with pytest.raises(ValueError, match="blocks"):
         IsotropicPosterior(iso.shapes, [0, 9])
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_one_pass_banks_equal_each_posteriors_own_bank(tiny_lora_vit, tiny_batch, mode):
+    """:func:`perturbation_banks` of the Laplace posterior and its control gives each the bank it
+    gets alone (same samples; equal up to rounding), in both modes; mismatched members are refused."""
+    x, y = tiny_batch
+    lap = _posterior(tiny_lora_vit, tiny_batch, "diag")
+    iso = IsotropicPosterior.like(lap)
+    kw = dict(n_samples=5, seed=13, device="cpu", mode=mode)
+    both = perturbation_banks(tiny_lora_vit, [lap, iso], batches_of(x, y, 4), **kw)
+    for post, bank in zip((lap, iso), both):
+        alone = perturbation_bank(tiny_lora_vit, post, batches_of(x, y, 4), **kw)
+        assert bank.delta.shape == alone.delta.shape and bank.blocks == alone.blocks
+        assert torch.allclose(bank.delta, alone.delta, atol=1e-6, rtol=1e-5)
+        assert torch.equal(bank.labels, alone.labels)
+    assert not torch.allclose(both[0].delta, both[1].delta, atol=1e-3)  # two different posteriors
+    with pytest.raises(ValueError, match="same blocks"):
+        perturbation_banks(tiny_lora_vit, [lap, iso.__class__(iso.shapes, [0], iso.device)], [(x, y)], **kw)
+
+
+def batches_of(x, y, size):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]

@@ -1,9 +1,10 @@
 """lib.shift_study on the tiny synthetic study of tests/test_study.py: predictions on new images
-reproduce the study on its own test set, extra block subsets equal the named posterior with the same
-mask, corrupted sets are cached and paired, and evaluate_shift's tables agree with the metric
-functions applied by hand."""
+reproduce the study on its own test set and are those of its named posteriors only, corrupted sets
+are cached and paired, and evaluate_shift's tables agree with the metric functions applied by hand."""
 
 from __future__ import annotations
+
+import inspect
 
 import pandas as pd
 import pytest
@@ -15,7 +16,8 @@ from lib.config import Config, ParamsError
 from lib.data import Split
 from lib.ood_sets import synthetic_ood_images
 from lib.shift import shift_metrics
-from lib.shift_study import clean_predictions, corrupted_test_sets, evaluate_shift, shift_predictions
+from lib.shift_study import (clean_predictions, corrupted_predictions, corrupted_test_sets, evaluate_shift,
+                             ood_predictions, shift_predictions, study_shift)
 from lib.stats import delta_ece, kendall_tau_b
 from lib.study import Study
 
@@ -50,19 +52,19 @@ def test_predictions_reproduce_the_study_on_its_test_set(tiny):
     assert torch.equal(again.probs, new.probs)
 
 
-def test_extra_subset_equals_the_named_posterior_with_its_mask(tiny):
+def test_only_the_named_posteriors_predict_under_shift(tiny):
+    """The methods are MAP, temperature scaling and named posteriors in the order asked for; no
+    entry point takes other block subsets, whose κ_S the subsets stage leaves NaN unless their
+    ordering visits them (stats.shapley_permutations)."""
     cfg, study = tiny
-    cpu = torch.device("cpu")
-    extra = {"blocks 0+2": torch.tensor([True, False, True])}
-    pred = clean_predictions(cfg, study, cpu, extra)
-    assert pred.names[-1] == "blocks 0+2"
-    assert torch.allclose(pred.probs[-1], pred.probs[pred.names.index("all but 1")], atol=1e-6)
-    methods = pred.methods(["blocks 0+2", "single 1"])
-    assert list(methods) == ["MAP", "temperature scaling", "Laplace, blocks 0+2", "Laplace, single 1"]
-    with pytest.raises(ValueError, match="reuse names"):
-        clean_predictions(cfg, study, cpu, {"all": torch.ones(3, dtype=torch.bool)})
+    pred = clean_predictions(cfg, study, torch.device("cpu"))
+    methods = pred.methods(["all but 1", "single 1"])
+    assert list(methods) == ["MAP", "temperature scaling", "Laplace, all but 1", "Laplace, single 1"]
+    assert torch.equal(methods["Laplace, single 1"], pred.probs[pred.names.index("single 1")])
     with pytest.raises(ValueError, match="named posteriors"):
         pred.methods(["single 7"])
+    for f in (clean_predictions, shift_predictions, corrupted_predictions, ood_predictions, evaluate_shift, study_shift):
+        assert "extra" not in inspect.signature(f).parameters, f.__name__
 
 
 def test_corrupted_sets_are_cached_paired_and_change_predictions(tiny):

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import TINY_VIT, make_lora_vit
 from scipy import integrate
 
@@ -24,9 +25,11 @@ from lib.baselines.variational import (
     sampling,
     variational_probs,
 )
-from lib.config import LoraConfig, VariationalConfig
+from lib.baselines.finetune import finetune_spec
+from lib.config import Config, DataConfig, LoraConfig, VariationalConfig, load_params
 from lib.data import Preprocess, Split, synthetic_images
 from lib.model import add_lora, build_backbone, data_config, lora_modules
+from lib.paths import PARAMS
 from lib.train import FitSpec, fit, lr_factor
 
 EULER_GAMMA = 0.5772156649015329
@@ -168,6 +171,38 @@ def test_pruning_cannot_act_with_adams_step_bound():
     assert check_pruning_can_act(spec, dataclasses.replace(slow, log_alpha_lr=0.05), n_train=5000) == 158
     with pytest.raises(ValueError, match="never prunes"):
         check_pruning_can_act(spec, dataclasses.replace(slow, prune_every=3), n_train=5000)
+
+
+CIFAR_TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500}
+"""Training images per class of the CIFAR training sets (torchvision)."""
+
+BASELINE_PROFILES = sorted(p.stem for p in PARAMS.glob("*.yml") if "baselines" in (yaml.safe_load(p.read_text()) or {}))
+
+
+def training_images(data: DataConfig) -> int:
+    """A lower bound on the images of the fine-tuning split (:func:`lib.data.load_splits`), from
+    the config alone: ``synthetic.n_train``; for CIFAR the k classes' training images less
+    ``val_size``, or with ``train_per_class`` p at least ``k · min(p, per class − val_size)`` (each
+    class loses at most ``val_size`` images to validation). Fewer images mean fewer steps, so a
+    schedule that can prune with this many can prune with the real split."""
+    if data.name == "synthetic":
+        return data.synthetic.n_train
+    k, per = data.num_classes, CIFAR_TRAIN_PER_CLASS[data.name]
+    if data.train_per_class is None:
+        return k * per - data.val_size
+    return k * min(data.train_per_class, per - data.val_size)
+
+
+@pytest.mark.parametrize("profile", BASELINE_PROFILES)
+def test_every_profiles_variational_schedule_can_prune(profile):
+    """The refusal of :func:`lib.baselines.variational.fit_variational`, checked on every shipped
+    profile with a ``baselines`` section, so that a schedule that cannot prune fails here and not
+    after the MAP, Laplace and baseline stages of a compute."""
+    cfg = Config.from_dict(load_params(PARAMS / f"{profile}.yml", check_data=False))
+    bc = cfg.baselines
+    n = training_images(cfg.data)
+    assert n > 0, f"{profile}: no training images left after data.val_size {cfg.data.val_size}"
+    assert check_pruning_can_act(finetune_spec(cfg.train, bc.finetune), bc.variational, n) > 0
 
 
 def test_a_rank_without_signal_is_pruned_and_a_live_one_kept():

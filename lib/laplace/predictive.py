@@ -101,6 +101,62 @@ def block_samples(posterior: BlockPosterior, block: int, n_samples: int, seed: i
     return posterior.sample_block(block, n_samples, block_generator(seed, block, device))
 
 
+class StackedPosterior:
+    """Several posteriors over the same blocks, drawn as one so that one bank pass serves them all
+    (:func:`perturbation_banks`).
+
+    :meth:`sample_block` ``(block, M·K, g)`` concatenates along the sample axis the ``K`` draws of
+    each of the ``M`` members, every member drawing from a copy of ``g`` in the state it was handed
+    over in: member ``i``'s samples are exactly those :func:`block_samples` gives it alone.
+    """
+
+    def __init__(self, members: list[BlockPosterior]):
+        if not members:
+            raise ValueError("StackedPosterior needs at least one member posterior")
+        blocks = [sorted(m.blocks) for m in members]
+        if any(b != blocks[0] for b in blocks):
+            raise ValueError(f"the stacked posteriors must cover the same blocks; got {blocks}")
+        self.members = list(members)
+        self.blocks = list(members[0].blocks)
+        self.device = getattr(members[0], "device", "cpu")
+
+    def sample_block(self, block: int, n_samples: int, generator: torch.Generator) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{module name: (dA (M·K, r, in), dB (M·K, out, r))}``, member by member, ``K = n_samples / M``."""
+        m = len(self.members)
+        if n_samples % m:
+            raise ValueError(f"n_samples {n_samples} must be a multiple of the {m} stacked posteriors")
+        state = generator.get_state()
+        draws = []
+        for member in self.members:
+            g = torch.Generator(device=generator.device)
+            g.set_state(state)
+            draws.append(member.sample_block(block, n_samples // m, g))
+        names = [sorted(d) for d in draws]
+        if any(n != names[0] for n in names):
+            raise ValueError(f"the stacked posteriors sample different modules for block {block}: {names}")
+        return {name: (torch.cat([d[name][0] for d in draws]), torch.cat([d[name][1] for d in draws]))
+                for name in draws[0]}
+
+
+def perturbation_banks(model: nn.Module, posteriors: list[BlockPosterior], batches: Iterable, *, n_samples: int,
+                       **kwargs) -> list[Bank]:
+    """:func:`perturbation_bank` of each of ``posteriors`` (same blocks), from one pass over ``batches``.
+
+    The members' ``n_samples`` samples are stacked along the sample axis (:class:`StackedPosterior`),
+    so each returned bank holds the samples, and up to rounding the numbers, that its posterior's own
+    bank would (``delta[:, :, i·K:(i+1)·K]`` is member ``i``'s). In reverse mode the backward
+    passes, the bank's main cost, are shared: measured on the 2-core CPU with the 12-block
+    ``cifar10-cpu`` ViT, 5.46 s per batch of 256 images for ``K = 128`` against 5.08 s for ``K = 64``.
+    ``kwargs``: those of :func:`perturbation_bank`; ``mode='auto'`` decides as for one member's ``K``.
+    """
+    # the mode each member's own bank would take (``'auto'`` decides on its K, not on M·K)
+    kwargs["mode"] = "reverse" if uses_reverse_mode(model, n_samples, kwargs.get("mode", "auto")) else "forward"
+    stacked = perturbation_bank(model, StackedPosterior(posteriors), batches, n_samples=n_samples * len(posteriors),
+                                **kwargs)
+    return [Bank(stacked.map_logits, stacked.labels, part.contiguous(), stacked.blocks)
+            for part in stacked.delta.split(n_samples, dim=2)]
+
+
 CLASS_CHUNK = 10
 """Output vectors per batched backward pass in reverse mode (a speed knob: same numbers; memory
 grows with it)."""

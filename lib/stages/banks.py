@@ -8,7 +8,9 @@ and the choice of blocks on validation data (:func:`lib.attribution.validation_t
 control's banks do the same for its noise variance. Every bank is computed in resumable parts of
 about :data:`BANK_PART_IMAGES` images (:func:`bank_parts`, :func:`compute_part`), each saved as
 soon as it is done; several processes can fill one bank's parts (:func:`open_bank`,
-:func:`save_part`, as :mod:`lib.compute` does) before :func:`build_bank` joins them.
+:func:`save_parts`, as :mod:`lib.compute` does) before :func:`build_bank` joins them. A Laplace
+bank and its control's bank of the same images are computed in one pass where both are missing
+(:func:`lib.laplace.predictive.perturbation_banks`: the backward passes are shared).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lib.config import Config
 from lib.data import Split, batches
 from lib.laplace.isotropic import IsotropicPosterior
 from lib.laplace.posterior import LaplacePosterior
-from lib.laplace.predictive import Bank, BlockPosterior, perturbation_bank
+from lib.laplace.predictive import Bank, BlockPosterior, perturbation_banks
 from lib.pipeline import MapRun, numerics
 from lib.provenance import environment
 from lib.train import amp_dtype, synchronize
@@ -50,22 +52,25 @@ def bank_parts(n_images: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + per_part, n_images)) for start in range(0, n_images, per_part)]
 
 
-def compute_part(cfg: Config, run: MapRun, post: BlockPosterior, data: Split, start: int, stop: int,
-                 device: torch.device) -> dict:
-    """The bank of images ``start:stop`` of ``data`` and its compute time: ``{"bank":
-    dataclasses.asdict(Bank), "seconds": float}``. Every part draws the same posterior samples
-    (they depend on the seed and the block only, :func:`lib.laplace.predictive.block_generator`)
-    and batches its images as one pass over ``data`` would, so joined parts equal a single pass."""
+def compute_part(cfg: Config, run: MapRun, posteriors: list[BlockPosterior], data: Split, start: int, stop: int,
+                 device: torch.device) -> list[dict]:
+    """The banks of images ``start:stop`` of ``data``, one per posterior of ``posteriors`` (same
+    blocks), from one pass (:func:`lib.laplace.predictive.perturbation_banks`), each with its share
+    of the compute time: ``[{"bank": dataclasses.asdict(Bank), "seconds": float}]``. Every part
+    draws the same posterior samples (they depend on the seed and the block only,
+    :func:`lib.laplace.predictive.block_generator`) and batches its images as one pass over ``data``
+    would, so joined parts equal a single pass."""
     pc = cfg.predictive
     chunk = Split(data.x[start:stop], data.y[start:stop])
     synchronize(device)
     t0 = time.perf_counter()
-    bank = perturbation_bank(
-        run.model, post, batches(chunk, pc.batch_size, preprocess=run.preprocess, device=device),
+    banks = perturbation_banks(
+        run.model, posteriors, batches(chunk, pc.batch_size, preprocess=run.preprocess, device=device),
         n_samples=pc.n_samples, seed=run.seed, device=device, dtype=amp_dtype(device) or torch.float32,
     )
     synchronize(device)
-    return {"bank": dataclasses.asdict(bank), "seconds": time.perf_counter() - t0}
+    seconds = (time.perf_counter() - t0) / len(banks)
+    return [{"bank": dataclasses.asdict(bank), "seconds": seconds} for bank in banks]
 
 
 @dataclass(frozen=True)
@@ -78,17 +83,27 @@ class BankPlan:
     posterior: BlockPosterior
 
 
-def save_part(cfg: Config, run: MapRun, plan: BankPlan, start: int, stop: int, device: torch.device) -> tuple[dict, bool]:
-    """The part of images ``start:stop`` of ``plan``'s bank (:func:`compute_part`) and whether it
-    was saved before: loaded from ``parts/<start>-<stop>.pt`` if that file exists, else computed
-    and saved there atomically (a temporary file renamed), so that a part file is always whole."""
-    path = plan.stage.file(f"parts/{start:07d}-{stop:07d}.pt")
-    if path.is_file():
-        return torch.load(path, weights_only=True), True
-    part = compute_part(cfg, run, plan.posterior, plan.data, start, stop, device)
-    torch.save(part, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
-    return part, False
+def save_parts(cfg: Config, run: MapRun, plans: list[BankPlan], start: int, stop: int,
+               device: torch.device) -> list[tuple[dict, bool]]:
+    """The part of images ``start:stop`` of each of ``plans``' banks (same images, same blocks) and
+    whether it was saved before: loaded from ``parts/<start>-<stop>.pt`` where that file exists;
+    the missing ones computed in one pass (:func:`compute_part`) and each saved atomically (a
+    temporary file renamed), so that a part file is always whole."""
+    paths = [plan.stage.file(f"parts/{start:07d}-{stop:07d}.pt") for plan in plans]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    if any(len(plan.data) != len(plans[0].data) for plan in plans):
+        raise ValueError(f"the banks {[p.stage.name for p in plans]} do not cover the same images")
+    computed = dict(zip(missing, compute_part(cfg, run, [plans[i].posterior for i in missing], plans[0].data,
+                                              start, stop, device) if missing else []))
+    out = []
+    for i, path in enumerate(paths):
+        if i in computed:
+            torch.save(computed[i], path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            out.append((computed[i], False))
+        else:
+            out.append((torch.load(path, weights_only=True), True))
+    return out
 
 
 def _bank_spec(cfg: Config, run: MapRun, post: LaplacePosterior, device: torch.device, split: str,
@@ -128,7 +143,8 @@ def build_bank(
     enters as a scale.
 
     Resumable: each part (:func:`bank_parts`) is saved as ``parts/<start>-<stop>.pt``, named by its
-    image range and written atomically; an interrupted stage resumes from the missing parts, and a
+    image range and written atomically; while the partner bank (the control's for a Laplace bank
+    and back) is not done, its parts are computed in the same pass and saved in its own stage; an interrupted stage resumes from the missing parts, and a
     part whose range no longer matches (another part size) is never joined. Files: ``bank.pt``
     (:class:`Bank` as a dict; ``map_logits`` are the MAP stage's, :func:`_map_logits`), ``info.json``.
     """
@@ -137,9 +153,11 @@ def build_bank(
 
     def compute(st: Stage) -> None:
         ranges = bank_parts(len(data), pc.batch_size)
+        partner = open_bank(cfg, run, post, lap, device, split, not control)
+        plans = [BankPlan(st, data, posterior)] + ([] if partner.stage.done else [partner])
         parts, seconds, resumed = [], 0.0, 0
         for start, stop in tqdm(ranges, desc=f"{split} bank parts", disable=None):
-            part, saved = save_part(cfg, run, BankPlan(st, data, posterior), start, stop, device)
+            (part, saved), *_ = save_parts(cfg, run, plans, start, stop, device)
             resumed += saved
             parts.append(Bank(**part["bank"]))
             seconds += part["seconds"]
