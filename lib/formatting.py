@@ -58,6 +58,16 @@ def words(items: list[str]) -> str:
     return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1] if items else ""
 
 
+def severities_text(pairs) -> str:
+    """``*a* at severities 1, 3 and 5; *b* at severity 5`` from ``(method, severity)`` pairs, one
+    clause per method in the order of first appearance, severities ascending."""
+    by_method: dict[str, list[int]] = {}
+    for method, severity in pairs:
+        by_method.setdefault(str(method), []).append(int(severity))
+    return "; ".join(f"*{m}* at severit{'ies' if len(set(s)) > 1 else 'y'} {words([str(v) for v in sorted(set(s))])}"
+                     for m, s in by_method.items())
+
+
 def blocks_text(blocks) -> str:
     """Block numbers for prose: ``no block``, ``block 3``, ``blocks 1 and 4``, ``blocks 0–3`` (a run of three or more)."""
     blocks = sorted(int(b) for b in blocks)

@@ -174,3 +174,8 @@ def test_recommend_leads_with_what_the_paired_intervals_support():
     assert tie.method == "temperature scaling" and tie.beat_ts == () and tie.lose_to_ts == ("MAP",)
     nothing = recommend(_verdict_table(-0.01, (0.01, -0.002, 0.02)), 0.05)
     assert nothing.method == "MAP" and nothing.basis == "none"
+    # where nothing is supported, temperature scaling's own gain is still the one to quote, not MAP's zero
+    assert nothing.versus_map.estimate == 0.0
+    gain = nothing.temperature_gain
+    assert (gain.estimate, gain.lower, gain.upper, gain.side) == (0.02, -0.01, 0.03, "includes")
+    assert better.temperature_gain.estimate == 0.02 and better.temperature_gain.side == "above"

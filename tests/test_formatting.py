@@ -35,3 +35,13 @@ def test_bracket_and_interval_text_keep_the_units_they_are_given():
 def test_posterior_text():
     assert [posterior_text(n) for n in ("all", "single 3", "last 2")] == ["the all-block posterior", "block 3 only",
                                                                           "last 2 blocks"]
+
+
+def test_severities_text_groups_the_severities_of_each_method():
+    from lib.formatting import severities_text
+
+    pairs = [("LoRA ensemble, M = 3", 3), ("Laplace, all blocks", 5), ("LoRA ensemble, M = 3", 1),
+             ("LoRA ensemble, M = 3", 5), ("LoRA ensemble, M = 3", 5)]
+    assert severities_text(pairs) == ("*LoRA ensemble, M = 3* at severities 1, 3 and 5; "
+                                      "*Laplace, all blocks* at severity 5")
+    assert severities_text([]) == ""

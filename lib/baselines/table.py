@@ -201,6 +201,8 @@ class Recommendation:
         basis: which of the three cases holds.
         versus_map: ECE_MAP − ECE_method with its paired interval (:class:`lib.interval.Interval`).
         versus_ts: ECE_TS − ECE_method (zero-width for temperature scaling itself).
+        temperature_gain: ECE_MAP − ECE_TS, temperature scaling's own gain (what the ``'none'``
+            case rests on: there ``versus_map`` is the MAP row's, zero-width).
         nll_versus_ts: NLL_TS − NLL_method.
         extra_ms, train_seconds, extra_params: the method's cost over the MAP model.
         beat_ts: every row significantly better calibrated than temperature scaling (ECE), cheapest first.
@@ -211,6 +213,7 @@ class Recommendation:
     basis: str
     versus_map: Interval
     versus_ts: Interval
+    temperature_gain: Interval
     nll_versus_ts: Interval
     extra_ms: float
     train_seconds: float
@@ -242,6 +245,7 @@ def recommend(table: pd.DataFrame, alpha: float, reference: str = "MAP",
     else:
         method, basis = reference, "none"
     row = t.loc[method]
-    return Recommendation(method, basis, iv(method, "d_ece_map"), iv(method, "d_ece_ts"), iv(method, "d_nll_ts"),
+    return Recommendation(method, basis, iv(method, "d_ece_map"), iv(method, "d_ece_ts"), iv(temperature, "d_ece_map"),
+                          iv(method, "d_nll_ts"),
                           float(row.extra_ms), float(row.train_seconds), int(row.extra_params),
                           tuple(map(str, beat.index)), tuple(map(str, lose.index)))
