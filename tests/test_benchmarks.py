@@ -42,6 +42,8 @@ def test_bench_laplace_sweep_agrees(tmp_path):
     res, stdout = _run("bench_laplace.py", "--tiny", "--parts", "sweep", "--n-test", "16", "--batch-size", "8",
                        "--peer-budget-s", "1", "--check-samples", "64", "--fit-n", "8", out=tmp_path / "sweep.json")
     assert res["bank_reverse_max_abs_diff"] <= 1e-3  # same samples, forward vs reverse mode
+    assert res["bank_pair_max_abs_diff"] <= 1e-5 and res["bank_two_passes_over_pair"] > 0  # one pass, same banks
+    assert "two passes / one shared pass" in stdout
     assert res["max_abs_dp_probit_check"] <= 0.05  # K = 64 samples vs laplace-torch's exact variance
     assert res["sweep_ratio"] > 0 and math.isfinite(res["peer_sweep_extrapolated_s"])
     assert "sweep speed-up vs laplace-torch" in stdout
